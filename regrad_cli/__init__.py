@@ -1,0 +1,11 @@
+"""regrad: Retrievable Gradients (ReGrad) as a command-line toolkit and a Python library.
+
+Importing this package is cheap: torch, transformers, sentence-transformers and lancedb are
+imported inside the functions that need them, so ``regrad --help`` stays fast in shell pipelines.
+"""
+
+__version__ = "0.1.0"
+
+from regrad_cli.errors import RegradError  # noqa: E402
+
+__all__ = ["__version__", "RegradError"]

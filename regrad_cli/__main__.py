@@ -1,0 +1,3 @@
+from regrad_cli.cli import main
+
+main()

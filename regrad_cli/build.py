@@ -1,0 +1,158 @@
+"""build-bank: the offline half of ReGrad.
+
+For every ingested document without a bank row for its (doc id, content hash), compute g_d under
+the current learner checkpoint, encode it and append it. Each appended batch is one atomic LanceDB
+commit, so a build killed at any moment leaves only whole rows; a rerun lists the keys already
+present and does only the missing work. One bank per learner checkpoint (workspace/banks/bank-<id>):
+a bank is never mixed across checkpoints. A lock file keeps two builds off the same bank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from bank_format import BankMeta, CodecSpec, GradientBank, TensorSpec
+from regrad_cli.config import Workspace
+from regrad_cli.engine import Engine, producer
+from regrad_cli.errors import RegradError
+
+log = logging.getLogger("regrad")
+
+
+@dataclass
+class BuildSummary:
+    built: int = 0
+    skipped: int = 0
+    removed_stale: int = 0
+    failed: list = field(default_factory=list)
+    docs_per_s: float = 0.0
+    bank: str = ""
+    rows: int = 0
+    checkpoint_id: str = ""
+
+    def to_dict(self) -> dict:
+        return {"built": self.built, "skipped": self.skipped, "removed_stale": self.removed_stale,
+                "failed": self.failed, "docs_per_s": round(self.docs_per_s, 3), "bank": self.bank,
+                "rows": self.rows, "checkpoint_id": self.checkpoint_id}
+
+
+def bank_meta(engine: Engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
+    fps = engine.fingerprints(embedder_fp)
+    layout = [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]
+    return BankMeta(producer=producer(), model=fps["model"], learner=fps["learner"],
+                    embedder=fps["embedder"], layout=layout, codec=codec)
+
+
+def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:
+    fps = engine.fingerprints(embedder_fp)
+    return {"model": fps["model"], "learner": {"checkpoint_id": fps["learner"]["checkpoint_id"]},
+            "embedder": fps["embedder"]}
+
+
+def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec) -> GradientBank:
+    path = ws.bank_path(engine.learner.checkpoint_id())
+    if GradientBank.exists(path):
+        return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return GradientBank.create(path, bank_meta(engine, embedder_fp, codec))
+
+
+def build_bank(
+    ws: Workspace,
+    engine: Engine,
+    *,
+    codec: CodecSpec | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> BuildSummary:
+    """Compute and store the gradient of every document that lacks one."""
+    from filelock import FileLock, Timeout
+
+    from regrad_cli.documents import DocumentStore
+    from regrad_cli.gradients import document_gradients
+
+    bcfg = ws.config.bank
+    codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
+    batch_size = batch_size or bcfg.batch_size
+    max_tokens = max_tokens or bcfg.max_doc_tokens
+    store = DocumentStore(ws)
+    if store.count() == 0:
+        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
+    embedder_fp = store.embedder_fingerprint
+    bank = open_or_create_bank(ws, engine, embedder_fp, codec)
+    summary = BuildSummary(bank=str(bank.path), checkpoint_id=engine.learner.checkpoint_id())
+    lock = FileLock(str(bank.path) + ".build.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RegradError(f"another `regrad build-bank` is running on {bank.path}; wait for it to finish") from None
+    try:
+        docs = store.all(columns=["id", "content_hash", "text", "embedding", "source"])
+        current = {(d["id"], d["content_hash"]) for d in docs}
+        existing = bank.keys()
+        stale = existing - current
+        if stale:
+            # Changed or deleted documents: their old gradients must not be retrieved any more.
+            bank.delete(keep_keys=current)
+            summary.removed_stale = len(stale)
+            existing = existing & current
+        todo = [d for d in docs if (d["id"], d["content_hash"]) not in existing]
+        summary.skipped = len(docs) - len(todo)
+        if limit is not None:
+            todo = todo[: max(0, limit)]
+        # Similar lengths in a batch waste less compute on padding.
+        todo.sort(key=lambda d: len(d["text"]))
+        layout = [name for name, _ in engine.stored_tensors()]
+        if [t.name for t in bank.meta.layout] != layout:
+            raise RegradError(f"bank {bank.path} stores another tensor layout than this learner; "
+                              "remove it or use a fresh workspace")
+        t0 = time.time()
+        if progress:
+            progress(0, len(todo), 0.0)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            try:
+                grads, n_tokens = document_gradients(engine.model, engine.learner, engine.tokenizer,
+                                                     [d["text"] for d in batch], max_tokens)
+            except RuntimeError as exc:  # e.g. out of memory on one huge batch
+                log.warning("batch failed (%s); retrying its documents one by one", exc)
+                grads, n_tokens, ok_batch = [], [], []
+                for d in batch:
+                    try:
+                        g, n = document_gradients(engine.model, engine.learner, engine.tokenizer,
+                                                  [d["text"]], max_tokens)
+                        grads += g
+                        n_tokens += n
+                        ok_batch.append(d)
+                    except RuntimeError as exc1:
+                        summary.failed.append({"doc_id": d["id"], "error": str(exc1)[:200]})
+                batch = ok_batch
+            rows = []
+            for d, g, n in zip(batch, grads, n_tokens):
+                tensors = [g[name].numpy().astype(np.float32, copy=False) for name in layout]
+                if not all(np.isfinite(t).all() for t in tensors):
+                    summary.failed.append({"doc_id": d["id"], "error": "non-finite gradient"})
+                    continue
+                rows.append({"doc_id": d["id"], "content_hash": d["content_hash"],
+                             "embedding": np.asarray(d["embedding"], dtype=np.float32),
+                             "tensors": tensors, "n_tokens": int(n), "source": d.get("source") or ""})
+            if rows:
+                bank.append(rows)
+                summary.built += len(rows)
+            elapsed = time.time() - t0
+            if progress:
+                progress(min(start + batch_size, len(todo)), len(todo),
+                         summary.built / elapsed if elapsed > 0 else 0.0)
+        elapsed = time.time() - t0
+        summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
+        summary.rows = bank.count()
+    finally:
+        lock.release()
+    return summary

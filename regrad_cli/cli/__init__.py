@@ -1,0 +1,80 @@
+"""The ``regrad`` command line: one module per command, heavy imports inside the commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from regrad_cli import __version__
+
+app = typer.Typer(
+    name="regrad",
+    help="ReGrad: keep a language model up to date with retrievable per-document gradients.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"regrad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """ReGrad: keep a language model up to date with retrievable per-document gradients."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Quiet third-party chatter on stderr unless asked for.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+from regrad_cli.cli import bank as _bank  # noqa: E402
+from regrad_cli.cli import build_bank as _build_bank  # noqa: E402,F401
+from regrad_cli.cli import eval as _eval  # noqa: E402,F401
+from regrad_cli.cli import ingest as _ingest  # noqa: E402,F401
+from regrad_cli.cli import meta_train as _meta_train  # noqa: E402,F401
+from regrad_cli.cli import query as _query  # noqa: E402,F401
+
+app.add_typer(_bank.bank_app, name="bank")
+
+
+def main() -> None:
+    """Entry point: domain errors become one line on stderr and exit status 1."""
+    from regrad_cli.errors import RegradError
+
+    try:
+        from bank_format import BankFormatError
+    except ImportError:  # pragma: no cover
+        BankFormatError = RegradError  # type: ignore[misc,assignment]
+    try:
+        app(standalone_mode=False)
+    except (RegradError, BankFormatError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,73 @@
+"""`regrad meta-train`: bi-level meta-learning of phi and alpha."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from regrad_cli.cli import app
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar
+
+
+@app.command("meta-train")
+def meta_train_cmd(
+    train: Annotated[list[str], typer.Option("--train", help="Training data FORMAT:PATH[@train|dev|all] (repeatable).")],
+    dev: Annotated[Optional[list[str]], typer.Option("--dev", help="Dev data FORMAT:PATH[@split] (repeatable).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for checkpoints, log and plot.")] = Path("runs/meta"),
+    k: Annotated[int, typer.Option("--k", help="Documents per inner step (supporting + retrieved distractors).")] = 3,
+    steps: Annotated[int, typer.Option("--steps", help="Meta-steps.")] = 100,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs over the training questions (overrides --steps).")] = None,
+    meta_batch: Annotated[int, typer.Option("--meta-batch", help="Questions per meta-step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of phi (AdamW).")] = 4e-4,
+    alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="Learning rate of log-alpha.")] = 5e-2,
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up fraction, then linear decay.")] = 0.1,
+    clip: Annotated[float, typer.Option("--clip", help="Gradient-norm clip.")] = 0.5,
+    first_order: Annotated[bool, typer.Option("--first-order", help="Drop second-order terms (cheaper).")] = False,
+    with_context: Annotated[bool, typer.Option("--with-context", help="Train the parameter + in-context variant.")] = False,
+    locality: Annotated[float, typer.Option("--locality", help="Weight of a KL term keeping general text unchanged.")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Truncate documents to this many tokens.")] = 256,
+    dev_limit: Annotated[int, typer.Option("--dev-limit", help="Dev questions per evaluation.")] = 48,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on dev and save state every N steps.")] = 25,
+    alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha.")] = 0.1,
+    mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
+    init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="Language model (default: workspace config).")] = None,
+    device: DeviceOpt = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer."""
+    from regrad_cli.config import Workspace
+    from regrad_cli.metatrain import MetaTrainConfig, meta_train
+    from regrad_cli.models import Embedder, load_language_model
+
+    ws = Workspace.open(workspace, create=False) if workspace else None
+    mcfg = ws.config.model if ws else None
+    lm = load_language_model(model or (mcfg.id if mcfg else "bundled:smollm2-135m-instruct"),
+                             device=device or (mcfg.device if mcfg else "cpu"),
+                             dtype=mcfg.dtype if mcfg else "float32")
+    emb = Embedder(ws.config.embedder.id if ws else "bundled:all-minilm-l6-v2", device=device or "cpu")
+    cfg = MetaTrainConfig(
+        train=list(train), dev=list(dev or []), out=str(out), k=k, steps=steps, epochs=epochs,
+        meta_batch=meta_batch, lr=lr, alpha_lr=alpha_lr, warmup=warmup, clip=clip,
+        first_order=first_order, with_context=with_context, locality=locality, seed=seed,
+        max_doc_tokens=max_doc_tokens, dev_limit=dev_limit, eval_every=eval_every,
+        alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
+        mix_weights=[float(x) for x in mix.split(",")] if mix else None,
+    )
+    from importlib.resources import files
+
+    general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
+    with progress_bar("meta-train", total=steps, enabled=not json_out) as update:
+        summary = meta_train(cfg, lm.model, lm.tokenizer, emb, resume=resume, general_text=general,
+                             progress=lambda s, n, r: update(s, n, f"loss {r['loss']:.3f} alpha {r['alpha_mean']:.3g}"))
+    summary["model"] = lm.fingerprint
+    if json_out:
+        print_json(summary)
+    else:
+        typer.echo(f"best dev F1 {summary['best_dev_f1']:.3f}; checkpoints in {out}/best and {out}/last "
+                   f"({summary['wall_s']:.0f} s)")

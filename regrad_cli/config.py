@@ -1,0 +1,216 @@
+"""Workspace and its ``regrad.toml``.
+
+A workspace is one directory (default ``./.regrad``, or ``--workspace`` / ``REGRAD_WORKSPACE``)
+holding everything a corpus needs: the LanceDB ``documents`` table, gradient banks (one per learner
+checkpoint), learner checkpoints, and ``regrad.toml``. The toml is written on first use and read by
+every later command, so ``regrad query`` uses the same model and embedder as ``regrad ingest``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from regrad_cli.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_WORKSPACE = ".regrad"
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
+BUNDLED_CHECKPOINT = "bundled"
+
+
+@dataclass
+class ModelConfig:
+    id: str = BUNDLED_MODEL
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class EmbedderConfig:
+    id: str = BUNDLED_EMBEDDER
+    batch_size: int = 32
+
+
+@dataclass
+class ChunkingConfig:
+    # 256 tokens: SmolLM2 documents' gradients are computed on whole chunks, and the meta-learner
+    # was trained on passages truncated to 256 tokens.
+    max_tokens: int = 256
+    overlap: int = 32
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings used when a learner is initialised here (the bundled checkpoint has its own)."""
+
+    rank: int = 8
+    lora_alpha: float = 16.0
+    # "upper-half" or an explicit list of layer indices.
+    layers: str | list[int] = "upper-half"
+    modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    init_b_std: float = 1e-3
+    alpha_init: float = 0.01
+    per_element_alpha: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LearnerConfig:
+    # "bundled" (the shipped meta-trained checkpoint for the default model), "init" (untrained,
+    # seeded init from [lora]) or a checkpoint directory.
+    checkpoint: str = BUNDLED_CHECKPOINT
+
+
+@dataclass
+class BankConfig:
+    codec: str = "int8"
+    zstd_level: int = 3
+    group_size: int = 64
+    batch_size: int = 8
+    max_doc_tokens: int = 256
+
+
+@dataclass
+class QueryConfig:
+    top_k: int = 3
+    gamma: float = 1.0
+    combine: str = "sum"
+    retriever: str = "dense"
+    max_new_tokens: int = 20
+
+
+@dataclass
+class RegradConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "RegradConfig":
+        cfg = cls()
+        for section in fields(cls):
+            values = data.get(section.name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{section.name}] must be a table")
+            target = getattr(cfg, section.name)
+            known = {f.name for f in fields(target)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(
+                        f"{source}: unknown key {section.name}.{key} (known: {', '.join(sorted(known))})"
+                    )
+                setattr(target, key, value)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
+        return cfg
+
+
+def resolve_workspace(path: str | os.PathLike | None = None) -> Path:
+    """The workspace directory: explicit path, else $REGRAD_WORKSPACE, else ./.regrad."""
+    if path is None:
+        path = os.environ.get("REGRAD_WORKSPACE") or DEFAULT_WORKSPACE
+    return Path(path).expanduser().absolute()
+
+
+class Workspace:
+    """A regrad workspace directory and its configuration."""
+
+    CONFIG_NAME = "regrad.toml"
+
+    def __init__(self, root: Path, config: RegradConfig):
+        self.root = root
+        self.config = config
+
+    # Layout -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / self.CONFIG_NAME
+
+    @property
+    def db_path(self) -> Path:
+        """LanceDB database holding the ``documents`` table."""
+        return self.root / "db"
+
+    @property
+    def banks_dir(self) -> Path:
+        return self.root / "banks"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def bank_path(self, checkpoint_id: str) -> Path:
+        # One bank per learner checkpoint: gradients depend on phi, so a bank made with one
+        # checkpoint must never be mixed with another (method.md §1.4).
+        return self.banks_dir / f"bank-{checkpoint_id[:16]}"
+
+    # Creation -----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        create: bool = True,
+        overrides: dict | None = None,
+    ) -> "Workspace":
+        """Open (and on first use create) a workspace.
+
+        ``overrides`` maps "section.key" to a value given on the command line; on first use they
+        are written into regrad.toml, later they apply to this run only.
+        """
+        root = resolve_workspace(path)
+        cfg_path = root / cls.CONFIG_NAME
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if cfg_path.exists():
+            try:
+                data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read {cfg_path}: {exc}") from exc
+            config = RegradConfig.from_dict(data, source=str(cfg_path))
+            _apply_overrides(config, overrides)
+            return cls(root, config)
+        if not create:
+            raise ConfigError(
+                f"no regrad workspace at {root} (run `regrad ingest PATH` first, or pass --workspace)"
+            )
+        config = RegradConfig()
+        _apply_overrides(config, overrides)
+        ws = cls(root, config)
+        ws.save()
+        return ws
+
+    def save(self) -> None:
+        import tomli_w
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.config_path.with_suffix(".toml.tmp")
+            tmp.write_text(tomli_w.dumps(self.config.to_dict()), encoding="utf-8")
+            os.replace(tmp, self.config_path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write workspace config {self.config_path}: {exc}") from exc
+
+
+def _apply_overrides(config: RegradConfig, overrides: dict) -> None:
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        target = getattr(config, section, None)
+        if target is None or not hasattr(target, key):
+            raise ConfigError(f"unknown setting {dotted}")
+        setattr(target, key, value)

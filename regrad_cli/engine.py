@@ -1,0 +1,102 @@
+"""The loaded pieces of a workspace: language model + attached learner, and their fingerprints.
+
+Also resolves which learner checkpoint to use: the shipped meta-trained checkpoint for the
+bundled model ("bundled"), an untrained seeded init ("init"), or a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from regrad_cli import __version__
+from regrad_cli.config import BUNDLED_CHECKPOINT, BUNDLED_MODEL, Workspace
+from regrad_cli.errors import RegradError
+from regrad_cli.lora import Learner, target_shapes
+from regrad_cli.models import LoadedModel, load_language_model
+
+log = logging.getLogger("regrad")
+
+# Step sizes below this contribute nothing measurable: their tensors are not stored in banks.
+NEGLIGIBLE_ALPHA = 1e-8
+
+
+def bundled_checkpoint_dir() -> Path:
+    return Path(str(files("regrad_cli") / "data" / "checkpoints" / "smollm2-135m-instruct"))
+
+
+def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoint: str | None) -> Learner:
+    """The learner for ``model``: from ``checkpoint`` ('bundled', 'init' or a directory)."""
+    lcfg = ws_or_none.config.lora if ws_or_none else None
+    choice = checkpoint or (ws_or_none.config.learner.checkpoint if ws_or_none else BUNDLED_CHECKPOINT)
+    if choice == BUNDLED_CHECKPOINT:
+        path = bundled_checkpoint_dir()
+        if model_id == BUNDLED_MODEL and (path / "learner.json").exists():
+            return Learner.load(path)
+        log.info("no shipped checkpoint for %s: using the untrained init", model_id)
+        choice = "init"
+    if choice == "init":
+        kw = {}
+        if lcfg is not None:
+            kw = dict(rank=lcfg.rank, lora_alpha=lcfg.lora_alpha, layers=lcfg.layers,
+                      modules=lcfg.modules, per_element_alpha=lcfg.per_element_alpha)
+        learner = Learner.for_model(model, **kw)
+        return learner.init_(seed=lcfg.seed if lcfg else 0, b_std=lcfg.init_b_std if lcfg else 1e-3,
+                             alpha_init=lcfg.alpha_init if lcfg else 0.01)
+    path = Path(choice).expanduser()
+    if (path / "best" / "learner.json").exists():
+        path = path / "best"  # a meta-train output directory
+    if not (path / "learner.json").exists():
+        raise RegradError(f"no learner checkpoint at {path} (expected learner.json and learner.safetensors)")
+    return Learner.load(path)
+
+
+@dataclass
+class Engine:
+    """A language model with its learner attached."""
+
+    lm: LoadedModel
+    learner: Learner
+    model_id: str
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @classmethod
+    def load(cls, ws: Workspace | None = None, *, model_id: str | None = None, checkpoint: str | None = None,
+             device: str | None = None, dtype: str | None = None) -> "Engine":
+        mcfg = ws.config.model if ws else None
+        model_id = model_id or (mcfg.id if mcfg else BUNDLED_MODEL)
+        lm = load_language_model(model_id, device=device or (mcfg.device if mcfg else "cpu"),
+                                 dtype=dtype or (mcfg.dtype if mcfg else "float32"))
+        learner = resolve_learner(ws, lm.model, model_id, checkpoint)
+        expected = target_shapes(lm.model, learner.spec)
+        if expected != dict(learner.layout):
+            raise RegradError(
+                f"learner checkpoint does not fit model {model_id}: its LoRA tensors have other "
+                "names or shapes (was it trained for another model?)"
+            )
+        learner.to(next(lm.model.parameters()).device)
+        learner.attach(lm.model)
+        return cls(lm, learner, model_id)
+
+    def stored_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Layout of what a bank stores: every LoRA tensor whose step size is not negligible."""
+        keep = [(n, s) for n, s in self.learner.layout
+                if float(self.learner.alpha(n).detach().abs().max()) > NEGLIGIBLE_ALPHA]
+        return keep or self.learner.layout
+
+    def fingerprints(self, embedder_fp: dict) -> dict:
+        return {"model": dict(self.lm.fingerprint), "learner": self.learner.fingerprint(),
+                "embedder": dict(embedder_fp)}
+
+
+def producer() -> str:
+    return f"regrad {__version__}"

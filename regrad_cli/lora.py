@@ -1,0 +1,373 @@
+"""The learner: a LoRA side path on the model's MLPs, plus one learned step size per LoRA tensor.
+
+Maths only (no I/O beyond checkpoint files). The base weights are never modified: each target
+``nn.Linear`` is wrapped by ``LoRALinear``, whose output is ``base(x) + s * (x A^T) B^T``. The
+tensors (A, B) the side path uses are *active weights* set by the learner: normally phi itself,
+temporarily phi' = phi - gamma * alpha * g during a query, or a per-sample stack [N, ...] during
+batched gradient computation and meta-training. Because phi is never written to, restoring after a
+query is exact by construction: the active weights simply point back at phi.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from regrad_cli.errors import RegradError
+
+CHECKPOINT_TENSORS = "learner.safetensors"
+CHECKPOINT_CONFIG = "learner.json"
+
+
+@dataclass
+class LearnerSpec:
+    """Shape of the learner: which modules carry LoRA, rank, scaling, step-size form."""
+
+    rank: int = 8
+    lora_alpha: float = 16.0
+    layers: list[int] = field(default_factory=list)
+    modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    per_element_alpha: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+def default_lora(n_layers: int, hidden_size: int) -> tuple[int, float]:
+    """(rank, lora_alpha) per model size, following the reference code (method.md §1.1)."""
+    if hidden_size >= 4096:
+        return 4, 8.0
+    if hidden_size >= 3072:
+        return 8, 16.0
+    if hidden_size >= 2048:
+        return 16, 32.0
+    return 8, 16.0
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    if layers in (None, "upper-half", "upper"):
+        return list(range(n_layers // 2, n_layers))
+    if layers == "all":
+        return list(range(n_layers))
+    if isinstance(layers, str):
+        raise RegradError(f"unknown layer selection {layers!r} (use 'upper-half', 'all' or a list)")
+    out = sorted({int(i) for i in layers})
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise RegradError(f"layer indices {bad} out of range for a {n_layers}-layer model")
+    return out
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * (x @ A^T) @ B^T`` with externally set A [r, in], B [out, r].
+
+    A and B may also carry a leading per-sample dimension N (then x must be [N, T, in]): every
+    sample uses its own adapter, which is how per-document gradients come out of one backward.
+    """
+
+    def __init__(self, base: nn.Linear, scale: float):
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+
+    def set_active(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
+        # Plain attributes, not registered parameters: phi belongs to the learner, and the
+        # model's state_dict must stay exactly the base model's.
+        object.__setattr__(self, "A", A)
+        object.__setattr__(self, "B", B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        A, B = self.A, self.B
+        if A is None:
+            return y
+        if A.dim() == 2:
+            h = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+        else:
+            if A.shape[0] != x.shape[0]:
+                raise RegradError(
+                    f"per-sample adapter batch {A.shape[0]} != input batch {x.shape[0]}"
+                )
+            h = torch.bmm(torch.bmm(x, A.to(x.dtype).transpose(1, 2)), B.to(x.dtype).transpose(1, 2))
+        return y + self.scale * h
+
+
+def _key(name: str) -> str:
+    # ParameterDict keys may not contain dots.
+    return name.replace(".", "__")
+
+
+class Learner(nn.Module):
+    """phi (every LoRA A and B) and the step sizes alpha, attached to one model."""
+
+    def __init__(self, spec: LearnerSpec, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.spec = spec
+        self.names: list[str] = list(shapes)
+        self.phi = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(s)) for n, s in shapes.items()})
+        alpha_shape = lambda s: s if spec.per_element_alpha else ()  # noqa: E731
+        self.log_alpha = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.zeros(alpha_shape(s))) for n, s in shapes.items()}
+        )
+        # Temperature of score-weighted combination (combine="score"): each retrieved document's
+        # gradient is weighted by k * softmax(score / T); T is meta-learned with phi and alpha.
+        self.log_temp = nn.Parameter(torch.tensor(math.log(0.05)))
+        self._wrappers: dict[str, LoRALinear] = {}
+        self.meta: dict = {}
+
+    # Construction ---------------------------------------------------------------------------
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        *,
+        rank: int | None = None,
+        lora_alpha: float | None = None,
+        layers="upper-half",
+        modules=("gate_proj", "up_proj", "down_proj"),
+        per_element_alpha: bool = False,
+    ) -> "Learner":
+        """An untrained learner shaped for ``model`` (call ``init_`` then ``attach``)."""
+        cfg = model.config
+        n_layers = cfg.num_hidden_layers
+        d_rank, d_alpha = default_lora(n_layers, cfg.hidden_size)
+        spec = LearnerSpec(
+            rank=rank or d_rank,
+            lora_alpha=float(lora_alpha or d_alpha),
+            layers=resolve_layers(layers, n_layers),
+            modules=list(modules),
+            per_element_alpha=per_element_alpha,
+        )
+        return cls(spec, target_shapes(model, spec))
+
+    def init_(self, *, seed: int = 0, b_std: float = 1e-3, alpha_init: float = 0.01) -> "Learner":
+        """Seeded, deterministic init. B is small and random, not zero: with B = 0 the gradient
+        with respect to A is identically zero and only half of phi would carry the document."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n in self.names:
+                p = self.phi[_key(n)]
+                if n.endswith(".A"):
+                    # Kaiming-uniform like peft's A init.
+                    bound = 1.0 / math.sqrt(p.shape[1])
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            for n in self.names:
+                self.log_alpha[_key(n)].fill_(math.log(alpha_init))
+        return self
+
+    # Access ------------------------------------------------------------------------------
+    def tensor(self, name: str) -> nn.Parameter:
+        return self.phi[_key(name)]
+
+    def alpha(self, name: str) -> torch.Tensor:
+        return self.log_alpha[_key(name)].exp()
+
+    def combine_weights(self, scores: torch.Tensor, combine: str) -> torch.Tensor:
+        """Weights of k documents' gradients from their retrieval scores [k] (cosine)."""
+        k = scores.shape[-1]
+        if combine == "sum":
+            return torch.ones_like(scores)
+        if combine == "mean":
+            return torch.full_like(scores, 1.0 / k)
+        if combine == "score":
+            return k * torch.softmax(scores / self.log_temp.exp(), dim=-1)
+        raise RegradError(f"unknown combine {combine!r} (use sum, mean or score)")
+
+    @property
+    def trained_combine(self) -> str:
+        """The combination the learner was meta-trained with ('sum' for an untrained learner)."""
+        return self.meta.get("combine", "sum")
+
+    def phi_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self.phi[_key(n)] for n in self.names}
+
+    @property
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(self.phi[_key(n)].shape)) for n in self.names]
+
+    @property
+    def n_values(self) -> int:
+        return sum(self.phi[_key(n)].numel() for n in self.names)
+
+    # Attaching to a model ---------------------------------------------------------------
+    def attach(self, model: nn.Module) -> "Learner":
+        """Wrap the target modules of ``model`` with LoRA side paths using phi.
+
+        Only the module tree changes; every base parameter object stays the same tensor."""
+        if self._wrappers:
+            raise RegradError("learner is already attached to a model")
+        modules = dict(model.named_modules())
+        for mod_name in module_names(self.spec, model):
+            base = modules[mod_name]
+            if isinstance(base, LoRALinear):
+                raise RegradError(f"{mod_name} already carries a LoRA side path")
+            wrapper = LoRALinear(base, self.spec.scale)
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(modules[parent_name], child, wrapper)
+            self._wrappers[mod_name] = wrapper
+        device = next(model.parameters()).device
+        self.to(device)
+        self.use(None)
+        return self
+
+    def detach_from(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for mod_name, wrapper in self._wrappers.items():
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(modules[parent_name], child, wrapper.base)
+        self._wrappers = {}
+
+    def use(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Point the side paths at ``weights`` (name -> tensor); None means phi itself."""
+        if not self._wrappers:
+            raise RegradError("learner is not attached to a model")
+        src = self.phi_dict() if weights is None else weights
+        for mod_name, wrapper in self._wrappers.items():
+            wrapper.set_active(src[mod_name + ".A"], src[mod_name + ".B"])
+
+    def disable(self) -> None:
+        """Run the bare base model (no side path at all): the 'closed-book' base system."""
+        for wrapper in self._wrappers.values():
+            wrapper.set_active(None, None)
+
+    @contextmanager
+    def using(self, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Temporarily use ``weights``; phi is restored on exit, also on exceptions."""
+        self.use(weights)
+        try:
+            yield
+        finally:
+            self.use(None)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        self.disable()
+        try:
+            yield
+        finally:
+            self.use(None)
+
+    def adapted_weights(
+        self, grad: dict[str, torch.Tensor], gamma: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """phi' = phi - gamma * alpha (.) g for every tensor (missing tensors: phi unchanged).
+
+        A new dict of new tensors; phi is read, never written."""
+        out = {}
+        with torch.no_grad():
+            for n in self.names:
+                p = self.phi[_key(n)]
+                g = grad.get(n)
+                if g is None:
+                    out[n] = p
+                else:
+                    out[n] = p - gamma * self.alpha(n) * g.to(p.device, p.dtype)
+        return out
+
+    # Identity and persistence ------------------------------------------------------------
+    def checkpoint_id(self) -> str:
+        """Content id: sha256 over the spec and every tensor of phi and alpha."""
+        h = hashlib.sha256()
+        h.update(json.dumps(asdict(self.spec), sort_keys=True).encode())
+        for n in self.names:
+            h.update(n.encode())
+            h.update(self.phi[_key(n)].detach().cpu().contiguous().numpy().tobytes())
+            h.update(self.log_alpha[_key(n)].detach().cpu().contiguous().numpy().tobytes())
+        h.update(self.log_temp.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def fingerprint(self) -> dict:
+        return {"checkpoint_id": self.checkpoint_id(), "lora": asdict(self.spec)}
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> str:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for n in self.names:
+            tensors["phi." + n] = self.phi[_key(n)].detach().cpu().contiguous()
+            tensors["log_alpha." + n] = self.log_alpha[_key(n)].detach().cpu().contiguous()
+        tensors["combine.log_temp"] = self.log_temp.detach().cpu().reshape(())
+        cid = self.checkpoint_id()
+        meta = {"format": "regrad-learner/1", "checkpoint_id": cid, "spec": asdict(self.spec),
+                "names": self.names, **self.meta, **(extra or {})}
+        tmp_t = directory / (CHECKPOINT_TENSORS + ".tmp")
+        tmp_c = directory / (CHECKPOINT_CONFIG + ".tmp")
+        save_file(tensors, str(tmp_t))
+        tmp_c.write_text(json.dumps(meta, indent=2))
+        tmp_t.replace(directory / CHECKPOINT_TENSORS)
+        tmp_c.replace(directory / CHECKPOINT_CONFIG)
+        return cid
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Learner":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / CHECKPOINT_CONFIG).read_text())
+            tensors = load_file(str(directory / CHECKPOINT_TENSORS))
+        except (OSError, ValueError) as exc:
+            raise RegradError(f"cannot read learner checkpoint {directory}: {exc}") from exc
+        spec = LearnerSpec(**meta["spec"])
+        shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
+        learner = cls(spec, shapes)
+        with torch.no_grad():
+            for n in learner.names:
+                learner.phi[_key(n)].copy_(tensors["phi." + n])
+                learner.log_alpha[_key(n)].copy_(tensors["log_alpha." + n])
+            if "combine.log_temp" in tensors:
+                learner.log_temp.copy_(tensors["combine.log_temp"])
+        learner.meta = {k: v for k, v in meta.items()
+                        if k not in ("format", "checkpoint_id", "spec", "names")}
+        if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
+            raise RegradError(
+                f"learner checkpoint {directory} is corrupt: content id {learner.checkpoint_id()[:16]} "
+                f"!= recorded {meta['checkpoint_id'][:16]}"
+            )
+        return learner
+
+
+def module_names(spec: LearnerSpec, model: nn.Module) -> list[str]:
+    """Names of the target nn.Linear modules, in layer then module order."""
+    names = []
+    all_modules = dict(model.named_modules())
+    for layer in spec.layers:
+        for mod in spec.modules:
+            hits = [n for n in all_modules
+                    if n.endswith(f"layers.{layer}.mlp.{mod}") or n.endswith(f"layers.{layer}.self_attn.{mod}")]
+            if len(hits) != 1:
+                raise RegradError(f"cannot find module {mod!r} in layer {layer} of this model")
+            base = all_modules[hits[0]]
+            if isinstance(base, LoRALinear):
+                base = base.base
+            if not isinstance(base, nn.Linear):
+                raise RegradError(f"{hits[0]} is not a Linear layer")
+            names.append(hits[0])
+    return names
+
+
+def target_shapes(model: nn.Module, spec: LearnerSpec) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    modules = dict(model.named_modules())
+    for name in module_names(spec, model):
+        base = modules[name]
+        if isinstance(base, LoRALinear):
+            base = base.base
+        shapes[name + ".A"] = (spec.rank, base.in_features)
+        shapes[name + ".B"] = (base.out_features, spec.rank)
+    return shapes

@@ -1,0 +1,123 @@
+"""Shared fixtures: user state in tmp dirs, a tiny random Llama, a deterministic fake embedder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_DIR = REPO / "regrad_cli" / "data" / "demo"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_state(tmp_path, monkeypatch):
+    """Every test gets its own workspace; the converted-model cache stays shared (it is keyed by
+    the GGUF's sha256 and written atomically, so sharing it is safe and saves 20 s per test)."""
+    monkeypatch.setenv("REGRAD_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    yield
+
+
+def require_shared_data():
+    if not SHARED_DATA.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED_DATA} is missing in CI")
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+def make_tiny_llama(seed: int = 0, n_layers: int = 4, vocab: int = 64):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class FakeTokenizer:
+    """Byte-level tokenizer for the tiny model: deterministic, no files."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token_id = 0
+    unk_token_id = 3
+    eos_token = "</s>"
+    pad_token = "<pad>"
+
+    def __init__(self, vocab: int = 64):
+        self.vocab = vocab
+
+    def _ids(self, text):
+        return [4 + (b % (self.vocab - 4)) for b in text.encode("utf-8")]
+
+    def __call__(self, text, add_special_tokens=True):
+        class _Enc:
+            pass
+
+        enc = _Enc()
+        enc.input_ids = ([self.bos_token_id] if add_special_tokens else []) + self._ids(text)
+        return enc
+
+    def convert_tokens_to_ids(self, token):
+        return self.unk_token_id
+
+
+class FakeEmbedder:
+    """Deterministic bag-of-words hashing embedder (unit tests only)."""
+
+    name = "fake-embedder"
+    model_id = "fake-embedder"
+
+    def __init__(self, dim: int = 32):
+        self.dim_ = dim
+
+    @property
+    def dim(self):
+        return self.dim_
+
+    @property
+    def fingerprint(self):
+        return {"id": self.name, "dim": self.dim_}
+
+    def embed(self, texts):
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dim_), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
+                out[i, h % self.dim_] += 1.0
+            n = np.linalg.norm(out[i])
+            out[i] = out[i] / n if n else out[i]
+            if not n:
+                out[i, 0] = 1.0
+        return out
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def fake_tokenizer():
+    return FakeTokenizer()
+
+
+@pytest.fixture
+def fake_embedder():
+    return FakeEmbedder()
