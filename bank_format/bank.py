@@ -1,0 +1,733 @@
+"""GradientBank: reader and writer of a Gradient Bank directory (docs/bank-format.md, 1, 3, 7, 8).
+
+A bank is a LanceDB database directory with one table, ``gradients``; the bank metadata is the
+table's Arrow schema metadata. lancedb does the appends, searches and index builds; pylance (the
+``lance`` module, which lancedb's ``to_lance()`` also uses) does the scans, deletes, compaction and
+cleanup, because only it exposes the options unlearning needs (section 8).
+
+lancedb and lance are imported inside the methods: ``import bank_format`` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import operator
+import os
+import statistics
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .blob import decode_blob, encode_blob, read_header
+from .errors import BankFormatError, BankMismatchError, CorruptBlobError
+from .schema import (
+    CODECS,
+    FORMAT_VERSION,
+    META_KEY,
+    TABLE_NAME,
+    BankMeta,
+    arrow_schema,
+    check_table_schema,
+)
+
+log = logging.getLogger("bank_format")
+
+LOCK_NAME = ".regrad-bank.lock"
+LOCK_TIMEOUT_S = 600.0
+# Rows per read when every blob is visited (verify, stats). They are read with fragment.take()
+# in chunks of this many rows, not with a scan: measured with pylance 14, a scan's memory grows
+# with the fragment (about 2x its bytes: 1.3 GB for a 600 MB fragment), while chunked take stays
+# near 120 MB whatever the fragment size.
+SCAN_BATCH_ROWS = 8
+# Rows per batch inside compaction.
+PURGE_BATCH_ROWS = 16
+# Measured with pylance 14: the peak memory of compaction (and of a scan) grows with the bytes of
+# the fragments it rewrites, about 1.5-2x, whatever batch_size or io_buffer_size say, because a
+# fragment's blob column is read in large pages. So what bounds memory is fragment size:
+# compaction never writes a fragment bigger than this (rows per fragment derived from the mean
+# row size), and callers should append in batches no bigger than this either.
+COMPACT_TARGET_BYTES = 256 * 1024 * 1024
+# doc ids per filtered scan in fetch: keeps the SQL predicate short.
+_FETCH_CHUNK = 256
+
+_ROW_KEYS = {"doc_id", "content_hash", "embedding", "tensors", "blob", "n_tokens", "source"}
+_CHECK_COLUMNS = ["doc_id", "content_hash", "codec", "checksum", "blob"]
+# create_index names -> lancedb.index config classes
+_INDEX_TYPES = {
+    "IVF_FLAT": "IvfFlat", "IVF_PQ": "IvfPq", "IVF_SQ": "IvfSq", "IVF_RQ": "IvfRq",
+    "IVF_HNSW_FLAT": "IvfHnswFlat", "IVF_HNSW_SQ": "IvfHnswSq", "IVF_HNSW_PQ": "IvfHnswPq",
+}
+
+
+def _sql_str(s: str) -> str:
+    # SQL string literal: a quote is doubled; nothing else is special (checked with ', \ and \n).
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _table_dir(path: Path) -> Path:
+    return path / f"{TABLE_NAME}.lance"
+
+
+@contextlib.contextmanager
+def _lance_errors(what: str) -> Iterator[None]:
+    """Turn lance/lancedb/arrow failures into one BankFormatError naming what was being done."""
+    try:
+        yield
+    except BankFormatError:
+        raise
+    except Exception as e:  # lance raises OSError, ValueError, RuntimeError, pyarrow errors...
+        raise BankFormatError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+class GradientBank:
+    """One Gradient Bank on disk. Make one with ``create`` or ``open``, not the constructor."""
+
+    def __init__(self, path: Path, meta: BankMeta, db: Any, table: Any, read_only: str | None):
+        self._path = path
+        self._meta = meta
+        self._db = db
+        self._table = table
+        self._read_only = read_only  # None, or the reason writes are refused
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def meta(self) -> BankMeta:
+        return self._meta
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only is not None
+
+    def __repr__(self) -> str:
+        return f"GradientBank({str(self._path)!r}, codec={self._meta.codec.name})"
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """True when ``path`` holds a bank's table (it may still turn out damaged on open)."""
+        return _table_dir(Path(path)).is_dir()
+
+    @staticmethod
+    def _connect(path: Path):
+        import lancedb
+
+        # Interval 0: every call checks for the latest committed version, so a bank open in one
+        # process sees rows appended by another; each call still reads one version (a snapshot).
+        return lancedb.connect(str(path), read_consistency_interval=timedelta(0))
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: BankMeta) -> "GradientBank":
+        """Create an empty bank in directory ``path``; refuse if a bank is already there."""
+        if not isinstance(meta, BankMeta):
+            raise BankFormatError(f"meta must be a BankMeta, got {type(meta).__name__}")
+        if meta.format_version != FORMAT_VERSION:
+            raise BankFormatError(
+                f"this regrad writes bank format {FORMAT_VERSION}, not {meta.format_version}"
+            )
+        meta = BankMeta.from_json(meta.to_json())  # exactly what a reader will see
+        path = Path(path)
+        with _lance_errors(f"cannot create bank directory {path}"):
+            path.mkdir(parents=True, exist_ok=True)
+        with cls._lock(path):
+            if cls.exists(path):
+                raise BankFormatError(
+                    f"a bank already exists at {path}; open it, or delete the directory to start over"
+                )
+            with _lance_errors(f"cannot create bank at {path}"):
+                db = cls._connect(path)
+                table = db.create_table(TABLE_NAME, schema=arrow_schema(meta.dim, meta), mode="create")
+        log.info("created bank at %s (codec %s)", path, meta.codec.name)
+        return cls(path, meta, db, table, None)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *, read_only: bool = False
+    ) -> "GradientBank":
+        """Open the bank at ``path``, checking its version, schema and (if given) fingerprints.
+
+        ``expect`` may hold "model", "learner", "embedder", "layout", "codec"; only what is given
+        is compared, and every difference is reported in one ``BankMismatchError``.
+        """
+        path = Path(path)
+        if not cls.exists(path):
+            raise BankFormatError(f"no bank at {path}")
+        with _lance_errors(f"cannot open bank at {path}"):
+            db = cls._connect(path)
+            table = db.open_table(TABLE_NAME)
+            schema = table.schema
+        raw = (schema.metadata or {}).get(META_KEY.encode())
+        if raw is None:
+            raise BankFormatError(
+                f"{path} holds a LanceDB table {TABLE_NAME!r} but no {META_KEY!r} metadata: "
+                f"not a regrad bank"
+            )
+        try:
+            meta = BankMeta.from_json(raw)
+        except BankFormatError as e:
+            raise BankFormatError(f"bank at {path}: {e}") from None
+        check_table_schema(schema, meta, f"bank at {path}")
+        if expect:
+            diffs = meta.differences(expect)
+            if diffs:
+                lines = "\n".join(f"  {f}: expected {e!r}, found {g!r}" for f, e, g in diffs)
+                raise BankMismatchError(
+                    f"bank at {path} was built for a different setup:\n{lines}\n"
+                    f"Rebuild the bank, or use the model/learner/embedder it was built with.",
+                    diffs,
+                )
+        reason = None
+        if meta.is_newer_minor:
+            reason = (
+                f"bank at {path} has format {meta.format_version}, newer than this regrad's "
+                f"{FORMAT_VERSION}: it can be read but not written; upgrade regrad to write to it"
+            )
+        elif read_only:
+            reason = f"bank at {path} was opened read-only"
+        return cls(path, meta, db, table, reason)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _lock(path: Path) -> Iterator[None]:
+        import filelock
+
+        lock = filelock.FileLock(str(path / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise BankFormatError(
+                f"another process has been writing to the bank at {path} for {LOCK_TIMEOUT_S:.0f} s "
+                f"(lock {path / LOCK_NAME}); try again later"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _writing(self):
+        if self._read_only is not None:
+            raise BankFormatError(self._read_only)
+        return self._lock(self._path)
+
+    def _dataset(self):
+        """The latest committed version as a lance dataset: one consistent snapshot."""
+        import lance
+
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            return lance.dataset(str(_table_dir(self._path)))
+
+    def _check_row(self, doc_id: str | None, blob: Any, checksum: Any, codec: Any) -> list[np.ndarray]:
+        """Decode one stored row, or raise CorruptBlobError naming it (section 7)."""
+        if blob is None:
+            raise CorruptBlobError("blob is missing", doc_id=doc_id)
+        actual = hashlib.sha256(blob).hexdigest()
+        if checksum != actual:
+            raise CorruptBlobError(
+                f"checksum mismatch: stored {checksum}, blob hashes to {actual}", doc_id=doc_id
+            )
+        want = self._meta.codec
+        if codec != want.name:
+            what = "unknown codec" if codec not in CODECS else "codec"
+            raise CorruptBlobError(f"row has {what} {codec!r}, the bank uses {want.name!r}", doc_id=doc_id)
+        try:
+            header = read_header(blob)
+            if header.codec != want.name or (want.name == "int4" and header.group_size != want.group_size):
+                raise CorruptBlobError(
+                    f"blob is {header.codec} (group {header.group_size}), the bank uses "
+                    f"{want.name} (group {want.group_size})"
+                )
+            return decode_blob(blob, self._meta.layout)
+        except BankFormatError as e:
+            raise CorruptBlobError(str(e), doc_id=doc_id) from None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _prepare_row(self, i: int, row: Any) -> dict:
+        if not isinstance(row, Mapping):
+            raise BankFormatError(f"row {i} must be a dict, got {type(row).__name__}")
+        unknown = sorted(set(row) - _ROW_KEYS)
+        if unknown:
+            raise BankFormatError(f"row {i} has unknown keys {unknown}; allowed: {sorted(_ROW_KEYS)}")
+        doc_id = row.get("doc_id")
+        if not isinstance(doc_id, str) or not doc_id or "\x00" in doc_id:
+            raise BankFormatError(f"row {i}: doc_id must be a non-empty string without NUL, got {doc_id!r}")
+        where = f"row {i} (doc_id {doc_id!r})"
+        content_hash = row.get("content_hash")
+        if not isinstance(content_hash, str) or not content_hash:
+            raise BankFormatError(f"{where}: content_hash must be a non-empty string, got {content_hash!r}")
+        source = row.get("source")
+        if source is not None and not isinstance(source, str):
+            raise BankFormatError(f"{where}: source must be a string or None, got {source!r}")
+        try:
+            n_tokens = operator.index(row.get("n_tokens"))
+        except TypeError:
+            n_tokens = None
+        if n_tokens is None or isinstance(row.get("n_tokens"), bool) or not 0 <= n_tokens < 2**31:
+            raise BankFormatError(f"{where}: n_tokens must be an integer in [0, 2^31), got {row.get('n_tokens')!r}")
+        try:
+            emb = np.asarray(row.get("embedding"), dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BankFormatError(f"{where}: embedding is not a vector of numbers") from None
+        if emb.shape != (self._meta.dim,):
+            raise BankFormatError(
+                f"{where}: embedding has shape {emb.shape}, the bank's embedder has dim {self._meta.dim}"
+            )
+        if not np.isfinite(emb).all() or not np.any(emb):
+            # Cosine similarity of a zero vector is undefined: such a row could never be found.
+            raise BankFormatError(f"{where}: embedding must be finite with a non-zero norm")
+        has_t, has_b = row.get("tensors") is not None, row.get("blob") is not None
+        if has_t == has_b:
+            raise BankFormatError(f"{where}: give exactly one of 'tensors' or 'blob'")
+        if has_t:
+            try:
+                blob = encode_blob(row["tensors"], self._meta.layout, self._meta.codec)
+            except BankFormatError as e:
+                raise BankFormatError(f"{where}: {e}") from None
+        else:
+            blob = row["blob"]
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                raise BankFormatError(f"{where}: blob must be bytes, got {type(blob).__name__}")
+            blob = bytes(blob)
+            checksum = hashlib.sha256(blob).hexdigest()
+            try:
+                self._check_row(doc_id, blob, checksum, self._meta.codec.name)
+            except CorruptBlobError as e:
+                raise CorruptBlobError(f"{where}: refusing to append: {e}", doc_id=doc_id) from None
+        return {
+            "doc_id": doc_id,
+            "content_hash": content_hash,
+            "source": source,
+            "embedding": emb,
+            "blob": blob,
+            "n_tokens": n_tokens,
+        }
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Validate, encode and append ``rows`` as ONE commit; return the number written.
+
+        Each row: ``doc_id``, ``content_hash``, ``embedding`` (dim floats), ``n_tokens``, optional
+        ``source``, and either ``tensors`` (arrays in layout order) or ``blob`` (encoded bytes,
+        checked against the layout and codec before it is written).
+        """
+        import pyarrow as pa
+
+        if self._read_only is not None:
+            raise BankFormatError(self._read_only)
+        if isinstance(rows, Mapping):
+            raise BankFormatError("append takes a list of row dicts, not one dict")
+        prepared = [self._prepare_row(i, r) for i, r in enumerate(rows)]
+        if not prepared:
+            return 0
+        seen = Counter((r["doc_id"], r["content_hash"]) for r in prepared)
+        dup = [k for k, c in seen.items() if c > 1]
+        if dup:
+            raise BankFormatError(f"the batch repeats (doc_id, content_hash) keys: {dup[:5]}")
+        now = datetime.now(timezone.utc)
+        dim = self._meta.dim
+        schema = arrow_schema(dim)  # no metadata: an append must never touch the bank's metadata
+        embeddings = np.stack([r["embedding"] for r in prepared]).reshape(-1)
+        data = pa.table(
+            {
+                "doc_id": pa.array([r["doc_id"] for r in prepared], pa.string()),
+                "content_hash": pa.array([r["content_hash"] for r in prepared], pa.string()),
+                "source": pa.array([r["source"] for r in prepared], pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings, pa.float32()), dim),
+                "blob": pa.array([r["blob"] for r in prepared], pa.large_binary()),
+                "codec": pa.array([self._meta.codec.name] * len(prepared), pa.string()),
+                "n_tokens": pa.array([r["n_tokens"] for r in prepared], pa.int32()),
+                "checksum": pa.array([hashlib.sha256(r["blob"]).hexdigest() for r in prepared], pa.string()),
+                "created_at": pa.array([now] * len(prepared), pa.timestamp("us", tz="UTC")),
+            },
+            schema=schema,
+        )
+        with self._writing(), _lance_errors(f"cannot append to bank at {self._path}"):
+            self._table.add(data)
+        log.debug("appended %d rows to %s", len(prepared), self._path)
+        return len(prepared)
+
+    def delete(
+        self,
+        doc_ids: Sequence[str] | None = None,
+        *,
+        where_sources: Sequence[str] | None = None,
+        keep_keys: set[tuple[str, str]] | None = None,
+    ) -> int:
+        """Delete rows whose doc_id is in ``doc_ids``, or whose source is in ``where_sources``,
+        or whose (doc_id, content_hash) is not in ``keep_keys``; return the number deleted.
+
+        One commit. The rows stay on disk (marked deleted) until ``purge()``.
+        """
+        if doc_ids is None and where_sources is None and keep_keys is None:
+            raise BankFormatError("delete needs doc_ids, where_sources or keep_keys")
+        if isinstance(doc_ids, str) or isinstance(where_sources, str):
+            raise BankFormatError("doc_ids and where_sources must be lists of strings, not a string")
+        ids = set(doc_ids or ())
+        sources = set(where_sources or ())
+        keep = None if keep_keys is None else {tuple(k) for k in keep_keys}
+        with self._writing(), _lance_errors(f"cannot delete from bank at {self._path}"):
+            ds = self._dataset()
+            t = ds.to_table(columns=["doc_id", "content_hash", "source"], with_row_id=True)
+            doc, hsh, src = (t.column(c).to_pylist() for c in ("doc_id", "content_hash", "source"))
+            rowid = t.column("_rowid").to_pylist()
+            chosen = [
+                r
+                for r, d, h, s in zip(rowid, doc, hsh, src)
+                if d in ids or (s is not None and s in sources) or (keep is not None and (d, h) not in keep)
+            ]
+            if not chosen:
+                return 0
+            # By row id, at the version just read (we hold the writer lock): the predicate Lance
+            # records in _transactions/ then holds numbers, not the document ids being unlearned.
+            ds.delete(f"_rowid IN ({','.join(map(str, chosen))})")
+        log.info("deleted %d rows from %s", len(chosen), self._path)
+        return len(chosen)
+
+    def _compact(self, *, all_deletions: bool) -> dict:
+        with self._writing(), _lance_errors(f"cannot compact bank at {self._path}"):
+            ds = self._dataset()
+            options: dict[str, Any] = {
+                "materialize_deletions": True,
+                "batch_size": PURGE_BATCH_ROWS,
+                "num_threads": 1,  # one rewrite task at a time, not one per core
+                "target_rows_per_fragment": _target_rows(ds),
+                "max_bytes_per_file": COMPACT_TARGET_BYTES,
+            }
+            if all_deletions:
+                # Default threshold (10 % of a fragment deleted) would leave a lone deleted row's
+                # bytes in place; 0 rewrites every fragment that has any deletion.
+                options["materialize_deletions_threshold"] = 0.0
+            m = ds.optimize.compact_files(**options)
+            ds = self._dataset()
+            if all_deletions:
+                left = [f.fragment_id for f in ds.get_fragments() if f.metadata.deletion_file is not None]
+                if left:
+                    raise BankFormatError(
+                        f"compaction left deleted rows in fragments {left} of {self._path}; "
+                        f"their bytes are still on disk"
+                    )
+                self._rebuild_indices()
+                ds = self._dataset()
+            try:
+                cleanup = ds.cleanup_old_versions(
+                    older_than=timedelta(0), delete_unverified=True, error_if_tagged_old_versions=True
+                )
+            except Exception as e:
+                if "tag" in str(e).lower():
+                    raise BankFormatError(
+                        f"bank at {self._path} has tagged versions, which keep their files (and any "
+                        f"deleted rows) on disk; delete the tags and run purge again ({e})"
+                    ) from e
+                raise
+        return {
+            "fragments_removed": m.fragments_removed,
+            "fragments_added": m.fragments_added,
+            "files_removed": m.files_removed,
+            "files_added": m.files_added,
+            "versions_removed": cleanup.old_versions,
+            "bytes_removed": cleanup.bytes_removed,
+        }
+
+    def _rebuild_indices(self) -> None:
+        # An ANN index keeps its own copy of the vectors (IVF_FLAT stores them normalised) or
+        # codes of them: after a delete, those of deleted rows would survive compaction. So the
+        # index is trained again from the remaining rows, with the same index type.
+        for idx in self._table.list_indices():
+            if "embedding" not in idx.columns:
+                continue
+            log.info("rebuilding %s index on embedding after purge", idx.index_type)
+            try:
+                self._build_index(idx.index_type, None)
+            except Exception as e:  # e.g. too few rows left to train it: searches go exact
+                log.warning("could not rebuild index %s (%s); dropping it", idx.name, e)
+                self._table.drop_index(idx.name)
+
+    def _build_index(self, class_name: str, num_partitions: int | None, **params: Any) -> None:
+        import lancedb.index
+
+        config_cls = getattr(lancedb.index, class_name, None)
+        if config_cls is None or not class_name.startswith("Ivf"):
+            raise BankFormatError(f"unsupported index type {class_name!r}; use one of {sorted(_INDEX_TYPES)}")
+        n = self._table.count_rows()
+        config = config_cls(distance_type="cosine", num_partitions=num_partitions or _default_partitions(n), **params)
+        # With a config, lancedb reads the first argument as the column name (0.40).
+        self._table.create_index("embedding", config=config, replace=True)
+
+    def purge(self) -> dict:
+        """Remove deleted rows' bytes from disk for good ("unlearning"): compaction rewriting every
+        fragment with deletions, then removal of every older version. Needs exclusive use."""
+        return self._compact(all_deletions=True)
+
+    def compact(self) -> dict:
+        """Merge the small fragments left by many appends and remove older versions.
+
+        Memory follows fragment size, which compaction keeps near ``COMPACT_TARGET_BYTES``.
+        Needs exclusive use, like ``purge``."""
+        return self._compact(all_deletions=False)
+
+    def create_index(self, index_type: str = "IVF_FLAT", *, num_partitions: int | None = None, **params: Any) -> None:
+        """Build an ANN index on ``embedding`` (cosine) for large banks; ``search`` then uses it.
+
+        ``index_type`` is one of IVF_FLAT (default: exact vectors, coarse partitions), IVF_PQ,
+        IVF_SQ, IVF_RQ, IVF_HNSW_FLAT, IVF_HNSW_SQ, IVF_HNSW_PQ; ``params`` go to the matching
+        ``lancedb.index`` config. ``purge`` rebuilds the index so deleted vectors leave it too.
+        """
+        if index_type not in _INDEX_TYPES:
+            raise BankFormatError(f"unknown index type {index_type!r}; use one of {sorted(_INDEX_TYPES)}")
+        with self._writing(), _lance_errors(f"cannot index bank at {self._path}"):
+            self._build_index(_INDEX_TYPES[index_type], num_partitions, **params)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            return self._dataset().count_rows()
+
+    def keys(self) -> set[tuple[str, str]]:
+        """All (doc_id, content_hash) pairs; reads only those two columns."""
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            t = self._dataset().to_table(columns=["doc_id", "content_hash"])
+        return set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
+
+    def _search_query(self, vector: Any, k: int):
+        try:
+            q = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BankFormatError("search vector is not a vector of numbers") from None
+        if q.shape != (self._meta.dim,):
+            raise BankFormatError(f"search vector has shape {q.shape}, the bank's embedder has dim {self._meta.dim}")
+        if not np.isfinite(q).all() or not np.any(q):
+            raise BankFormatError("search vector must be finite with a non-zero norm")
+        return (
+            self._table.search(q, vector_column_name="embedding")
+            .distance_type("cosine")
+            .select(["doc_id", "content_hash", "source", "_distance"])
+            .limit(k)
+        )
+
+    def search(self, vector: Any, k: int) -> list[dict]:
+        """The ``k`` rows nearest to ``vector`` by cosine similarity, best first.
+
+        Returns dicts with doc_id, content_hash, source and score (cosine similarity, higher is
+        better). Reads only those columns and the embeddings, never blobs. Exact unless an ANN
+        index exists.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BankFormatError(f"k must be a non-negative integer, got {k!r}")
+        if k == 0:
+            return []
+        query = self._search_query(vector, k)
+        with _lance_errors(f"cannot search bank at {self._path}"):
+            t = query.to_arrow()
+        cols = {c: t.column(c).to_pylist() for c in ("doc_id", "content_hash", "source", "_distance")}
+        return [
+            {"doc_id": d, "content_hash": h, "source": s, "score": 1.0 - float(dist)}
+            for d, h, s, dist in zip(cols["doc_id"], cols["content_hash"], cols["source"], cols["_distance"])
+        ]
+
+    def _fetch(self, doc_ids: Sequence[str]) -> tuple[dict, dict[str, str], list[str]]:
+        if isinstance(doc_ids, str):
+            raise BankFormatError("doc_ids must be a list of strings, not a string")
+        ids = list(dict.fromkeys(doc_ids))
+        for d in ids:
+            if not isinstance(d, str):
+                raise BankFormatError(f"doc ids must be strings, got {d!r}")
+        rows: dict[str, dict] = {}
+        if ids:
+            ds = self._dataset()  # one snapshot for every chunk
+            for i in range(0, len(ids), _FETCH_CHUNK):
+                chunk = ids[i : i + _FETCH_CHUNK]
+                pred = f"doc_id IN ({', '.join(_sql_str(d) for d in chunk)})"
+                with _lance_errors(f"cannot read bank at {self._path}"):
+                    t = ds.to_table(columns=_CHECK_COLUMNS + ["created_at"], filter=pred)
+                for r in t.to_pylist():
+                    old = rows.get(r["doc_id"])
+                    if old is not None:
+                        log.warning("bank %s holds several rows for doc_id %r; using the latest",
+                                    self._path, r["doc_id"])
+                    if old is None or r["created_at"] >= old["created_at"]:
+                        rows[r["doc_id"]] = r
+        decoded: dict[str, list[np.ndarray]] = {}
+        corrupt: dict[str, str] = {}
+        missing: list[str] = []
+        for d in ids:
+            r = rows.get(d)
+            if r is None:
+                missing.append(d)
+                continue
+            try:
+                decoded[d] = self._check_row(d, r["blob"], r["checksum"], r["codec"])
+            except CorruptBlobError as e:
+                corrupt[d] = str(e)
+        return decoded, corrupt, missing
+
+    def fetch_checked(self, doc_ids: Sequence[str]) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
+        """Decode the blobs of ``doc_ids``; return (decoded, bad) where ``bad`` maps each doc id
+        that is missing or corrupt to the reason. Never raises for a bad row.
+
+        When several rows share a doc_id, the most recently appended one is used.
+        """
+        decoded, corrupt, missing = self._fetch(doc_ids)
+        bad = dict(corrupt)
+        bad.update({d: f"no row with doc_id {d!r} in bank {self._path}" for d in missing})
+        return decoded, bad
+
+    def fetch(self, doc_ids: Sequence[str], *, strict: bool = True) -> dict[str, list[np.ndarray]]:
+        """Decoded tensors (float32, layout order) of each doc id, checksums verified.
+
+        strict=True: a corrupt row raises ``CorruptBlobError`` (``.doc_id`` set) and a missing
+        doc id raises ``BankFormatError``. strict=False: bad or missing ids are left out of the
+        result and logged as warnings on the "bank_format" logger; ``fetch_checked`` returns
+        them as data instead.
+        """
+        decoded, corrupt, missing = self._fetch(doc_ids)
+        if strict and corrupt:
+            d, reason = next(iter(corrupt.items()))
+            more = f" (and {len(corrupt) - 1} more corrupt rows)" if len(corrupt) > 1 else ""
+            raise CorruptBlobError(reason + more, doc_id=d)
+        if strict and missing:
+            raise BankFormatError(
+                f"no row for doc_id {missing[0]!r}"
+                + (f" and {len(missing) - 1} more ids" if len(missing) > 1 else "")
+                + f" in bank {self._path}"
+            )
+        for reason in corrupt.values():
+            log.warning("fetch skips a corrupt row: %s", reason)
+        for d in missing:
+            log.warning("fetch: no row for doc_id %r in bank %s", d, self._path)
+        return decoded
+
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> dict:
+        """Check every row: checksum, codec, decode against the layout; list duplicate keys.
+
+        Reads one fragment at a time, ``SCAN_BATCH_ROWS`` rows per batch. A fragment whose files
+        cannot be read is reported (with its doc ids when that column still reads) and the others
+        are still checked. Returns {"rows", "ok", "bad": [{"doc_id", "reason", ...}],
+        "duplicates": [{"doc_id", "content_hash", "count"}], "fragments", "version"}.
+        """
+        ds = self._dataset()
+        with _lance_errors(f"cannot list the fragments of bank at {self._path}"):
+            fragments = ds.get_fragments()
+            version = ds.version
+        total = sum(_fragment_rows(f) or 0 for f in fragments)
+        rows = ok = 0
+        bad: list[dict] = []
+        keys: Counter = Counter()
+        for frag in fragments:
+            seen = 0
+            try:
+                for batch in _chunks(frag, _CHECK_COLUMNS):
+                    cols = [batch.column(c).to_pylist() for c in _CHECK_COLUMNS]
+                    for doc_id, chash, codec, checksum, blob in zip(*cols):
+                        seen += 1
+                        rows += 1
+                        keys[(doc_id, chash)] += 1
+                        try:
+                            self._check_row(doc_id, blob, checksum, codec)
+                            ok += 1
+                        except CorruptBlobError as e:
+                            bad.append({"doc_id": doc_id, "fragment": frag.fragment_id, "reason": str(e)})
+                    if progress is not None:
+                        progress(rows, total)
+            except BankFormatError:
+                raise
+            except Exception as e:
+                files = [f.path for f in frag.metadata.files]
+                reason = (
+                    f"fragment {frag.fragment_id} (files {files}) cannot be read: "
+                    f"{type(e).__name__}: {e}"
+                )
+                try:
+                    ids = frag.to_table(columns=["doc_id"]).column("doc_id").to_pylist()[seen:]
+                except Exception:
+                    ids = None
+                if ids:
+                    rows += len(ids)
+                    bad.extend({"doc_id": d, "fragment": frag.fragment_id, "reason": reason} for d in ids)
+                else:
+                    n = _fragment_rows(frag)
+                    rows += max(0, (n or 0) - seen)
+                    bad.append({"doc_id": None, "fragment": frag.fragment_id, "rows": n, "reason": reason})
+                log.warning("verify: %s", reason)
+        duplicates = [
+            {"doc_id": d, "content_hash": h, "count": c} for (d, h), c in sorted(keys.items()) if c > 1
+        ]
+        return {"rows": rows, "ok": ok, "bad": bad, "duplicates": duplicates,
+                "fragments": len(fragments), "version": version}
+
+    def stats(self) -> dict:
+        """Sizes, codec and fingerprints of the bank (reads the doc_id and blob columns)."""
+        import pyarrow.compute as pc
+
+        ds = self._dataset()
+        lengths: list[int] = []
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            for batch in (b for frag in ds.get_fragments() for b in _chunks(frag, ["blob"])):
+                lengths.extend(pc.binary_length(batch.column("blob")).to_pylist())
+            documents = len(set(ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()))
+            n_versions = len(ds.versions())
+            version = ds.version
+        bytes_on_disk = 0
+        for root, _dirs, files in os.walk(self._path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    bytes_on_disk += os.path.getsize(os.path.join(root, name))
+        meta = self._meta
+        n_values = sum(t.numel for t in meta.layout)
+        mean = statistics.fmean(lengths) if lengths else 0.0
+        return {
+            "path": str(self._path),
+            "rows": len(lengths),
+            "documents": documents,
+            "bytes_on_disk": bytes_on_disk,
+            "bytes_per_doc": mean,
+            "median_bytes_per_doc": statistics.median(lengths) if lengths else 0.0,
+            "fp32_bytes_per_doc": 4 * n_values,
+            "ratio_vs_fp32": (4 * n_values / mean) if mean else None,
+            "codec": meta.codec.to_dict(),
+            "format_version": meta.format_version,
+            "producer": meta.producer,
+            "created_at": meta.created_at,
+            "version": version,
+            "versions": n_versions,
+            "fingerprints": {"model": meta.model, "learner": meta.learner, "embedder": meta.embedder},
+            "layout": {"n_tensors": len(meta.layout), "n_values": n_values},
+        }
+
+
+def _chunks(frag, columns: list[str]) -> Iterator[Any]:
+    """The live rows of one fragment, SCAN_BATCH_ROWS at a time, read by offset (bounded memory)."""
+    n = frag.count_rows()
+    for start in range(0, n, SCAN_BATCH_ROWS):
+        yield frag.take(list(range(start, min(n, start + SCAN_BATCH_ROWS))), columns=columns)
+
+
+def _fragment_rows(frag) -> int | None:
+    with contextlib.suppress(Exception):
+        return frag.count_rows()
+    return None
+
+
+def _target_rows(ds) -> int:
+    """Rows per compacted fragment so that a fragment holds about COMPACT_TARGET_BYTES."""
+    rows = data_bytes = 0
+    for frag in ds.get_fragments():
+        rows += frag.metadata.physical_rows or 0
+        data_bytes += sum(f.file_size_bytes or 0 for f in frag.metadata.files)
+    per_row = max(1, data_bytes // rows) if rows else 1
+    return int(min(1 << 20, max(1, COMPACT_TARGET_BYTES // per_row)))
+
+
+def _default_partitions(n_rows: int) -> int:
+    # IVF: about sqrt(n) partitions, at least 1, and never more partitions than rows.
+    return max(1, min(n_rows, int(math.sqrt(max(n_rows, 1)))))

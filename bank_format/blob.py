@@ -1,0 +1,220 @@
+"""The blob: one document's gradient tensors as a self-describing byte string.
+
+Byte layout in docs/bank-format.md, section 5. ``decode_blob`` treats its input as untrusted: every
+size is checked before it is used, so malformed bytes raise ``BankFormatError`` (usually
+``CorruptBlobError``) and never another exception or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import zstandard
+
+from .codecs import decode_values, encode_values, section_size
+from .errors import BankFormatError, CorruptBlobError
+from .schema import CODEC_IDS, CODECS, MAX_NDIM, CodecSpec, TensorSpec, coerce_codec, coerce_layout
+
+MAGIC = b"RGRB"
+BLOB_VERSION = 1
+# magic, blob_version u16, codec_id u8, flags u8, n_tensors u32, group_size u32, payload_len u64
+_HEADER = struct.Struct("<4sHBBIIQ")
+HEADER_SIZE = _HEADER.size  # 24
+
+# Compressed input is fed to zstd in pieces of this size, and the output checked against the
+# declared payload_len after each, so a lying header cannot make the reader allocate much more
+# than the blob really holds.
+_FEED = 1 << 16
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    blob_version: int
+    codec: str
+    n_tensors: int
+    group_size: int
+    payload_len: int
+
+
+def _tensor_header(shape: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+
+
+def payload_size(layout: Sequence[TensorSpec], codec: CodecSpec) -> int:
+    """Decompressed payload length a blob of this layout and codec must have."""
+    g = codec.group_size if codec.name == "int4" else 0
+    return sum(1 + 4 * len(t.shape) + section_size(t.shape, codec.name, g) for t in layout)
+
+
+def encode_blob(tensors: Sequence[Any], layout: Sequence[TensorSpec], codec: CodecSpec) -> bytes:
+    """Encode ``tensors`` (in layout order, shapes equal to the layout's) into one blob."""
+    layout = coerce_layout(layout)
+    codec = coerce_codec(codec)
+    if isinstance(tensors, np.ndarray) or not isinstance(tensors, Sequence):
+        raise BankFormatError("tensors must be a list of arrays, one per layout entry")
+    if len(tensors) != len(layout):
+        raise BankFormatError(f"got {len(tensors)} tensors, the layout has {len(layout)}")
+    group_size = codec.group_size if codec.name == "int4" else 0
+    parts: list[bytes] = []
+    for t, spec in zip(tensors, layout):
+        try:
+            a = np.asarray(t)
+        except Exception as e:  # arbitrary objects: one error type for the caller
+            raise BankFormatError(f"tensor {spec.name!r} is not convertible to an array: {e}") from None
+        if a.dtype.kind not in "fiu":
+            raise BankFormatError(f"tensor {spec.name!r} has dtype {a.dtype}, expected a real number type")
+        if a.shape != spec.shape:
+            raise BankFormatError(f"tensor {spec.name!r} has shape {a.shape}, the layout says {spec.shape}")
+        with np.errstate(over="ignore"):
+            a = a.astype(np.float32)  # float64 beyond float32 range becomes inf: refused below
+        try:
+            sections = encode_values(a, codec.name, group_size)
+        except BankFormatError as e:
+            raise BankFormatError(f"tensor {spec.name!r}: {e}") from None
+        parts.append(_tensor_header(spec.shape))
+        parts.extend(sections)
+    payload = b"".join(parts)
+    frame = zstandard.ZstdCompressor(
+        level=codec.zstd_level, write_checksum=True, write_content_size=True
+    ).compress(payload)
+    header = _HEADER.pack(
+        MAGIC, BLOB_VERSION, CODEC_IDS[codec.name], 0, len(layout), group_size, len(payload)
+    )
+    return header + frame
+
+
+def read_header(blob: Any) -> BlobHeader:
+    """Parse and check the fixed 24-byte header without decompressing anything."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise BankFormatError(f"a blob must be bytes, got {type(blob).__name__}")
+    if len(blob) < HEADER_SIZE:
+        raise CorruptBlobError(f"blob is truncated: {len(blob)} bytes, the header alone needs {HEADER_SIZE}")
+    magic, version, codec_id, flags, n_tensors, group_size, payload_len = _HEADER.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise CorruptBlobError(f"not a regrad blob: magic is {bytes(magic)!r}, expected {MAGIC!r}")
+    if version > BLOB_VERSION:
+        raise BankFormatError(
+            f"blob version {version} is newer than this regrad reads ({BLOB_VERSION}); upgrade regrad"
+        )
+    if version != BLOB_VERSION:
+        raise CorruptBlobError(f"blob version {version} is not a valid version")
+    if codec_id >= len(CODECS):
+        raise BankFormatError(
+            f"unknown codec id {codec_id} (this regrad knows 0..{len(CODECS) - 1}: "
+            f"{', '.join(CODECS)}); the blob is corrupt or was written by a newer regrad"
+        )
+    codec = CODECS[codec_id]
+    if flags != 0:
+        raise CorruptBlobError(f"blob flags are {flags:#04x}; no flag is defined in blob version 1")
+    if codec == "int4":
+        if not 2 <= group_size <= 65536 or group_size % 2:
+            raise CorruptBlobError(f"int4 group size {group_size} is not an even number in [2, 65536]")
+    elif group_size != 0:
+        raise CorruptBlobError(f"group size is {group_size} for codec {codec}; it must be 0")
+    if n_tensors > payload_len:  # each tensor takes at least its ndim byte
+        raise CorruptBlobError(f"{n_tensors} tensors cannot fit in a {payload_len}-byte payload")
+    return BlobHeader(version, codec, n_tensors, group_size, payload_len)
+
+
+def _decompress(frame: memoryview, payload_len: int) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(bytes(frame[:18]))  # 18 = max frame header size
+    except zstandard.ZstdError as e:
+        raise CorruptBlobError(f"payload is not a zstd frame: {e}") from None
+    if params.content_size != payload_len:
+        raise CorruptBlobError(
+            f"zstd frame declares {params.content_size} bytes, the header says {payload_len}"
+        )
+    if not params.has_checksum:
+        raise CorruptBlobError("zstd frame has no content checksum; format 1 requires one")
+    # The writer knows the content size, so zstd never needs a window larger than the payload;
+    # capping it stops a damaged window descriptor from making zstd reserve up to 128 MiB.
+    max_window = 1 << max(10, payload_len.bit_length())
+    dobj = zstandard.ZstdDecompressor(max_window_size=max_window).decompressobj()
+    out = bytearray()
+    pos = 0
+    try:
+        while pos < len(frame) and not dobj.eof:
+            out += dobj.decompress(bytes(frame[pos : pos + _FEED]))
+            pos += _FEED
+            if len(out) > payload_len:
+                raise CorruptBlobError(f"payload decompresses past its declared {payload_len} bytes")
+    except zstandard.ZstdError as e:
+        raise CorruptBlobError(f"payload does not decompress: {e}") from None
+    if not dobj.eof:
+        raise CorruptBlobError("blob is truncated: the zstd frame does not end")
+    if dobj.unused_data or pos < len(frame):
+        raise CorruptBlobError("blob has bytes after the end of its zstd frame")
+    if len(out) != payload_len:
+        raise CorruptBlobError(f"payload is {len(out)} bytes, the header says {payload_len}")
+    return bytes(out)
+
+
+def decode_blob(blob: bytes, layout: Sequence[TensorSpec] | None = None) -> list[np.ndarray]:
+    """Decode a blob into float32 arrays; with ``layout``, also check every shape against it.
+
+    Raises ``BankFormatError`` (``CorruptBlobError`` for damage) on any malformed input.
+    """
+    header = read_header(blob)
+    specs = None
+    if layout is not None:
+        specs = coerce_layout(layout)
+        if header.n_tensors != len(specs):
+            raise CorruptBlobError(f"blob holds {header.n_tensors} tensors, the layout has {len(specs)}")
+        expected = payload_size(specs, CodecSpec(header.codec, 3, header.group_size or 64))
+        if expected != header.payload_len:
+            raise CorruptBlobError(
+                f"blob does not match the layout: its payload is {header.payload_len} bytes, the "
+                f"layout implies {expected} (different shapes, or a damaged header)"
+            )
+    payload = _decompress(memoryview(blob)[HEADER_SIZE:], header.payload_len)
+
+    out: list[np.ndarray] = []
+    pos = 0
+    n = len(payload)
+    for i in range(header.n_tensors):
+        if pos >= n:
+            raise CorruptBlobError(f"payload ends before tensor {i}")
+        ndim = payload[pos]
+        pos += 1
+        if ndim > MAX_NDIM:
+            raise CorruptBlobError(f"tensor {i} has {ndim} dimensions, at most {MAX_NDIM} allowed")
+        if pos + 4 * ndim > n:
+            raise CorruptBlobError(f"payload ends inside the shape of tensor {i}")
+        shape = struct.unpack_from(f"<{ndim}I", payload, pos)
+        pos += 4 * ndim
+        if specs is not None and shape != specs[i].shape:
+            raise CorruptBlobError(
+                f"tensor {i} ({specs[i].name}) has shape {shape}, the layout says {specs[i].shape}"
+            )
+        size = section_size(shape, header.codec, header.group_size)
+        if pos + size > n:
+            raise CorruptBlobError(
+                f"tensor {i} of shape {shape} needs {size} bytes, only {n - pos} remain"
+            )
+        try:
+            out.append(decode_values(payload, pos, shape, header.codec, header.group_size))
+        except CorruptBlobError as e:
+            raise CorruptBlobError(f"tensor {i}: {e}") from None
+        pos += size
+    if pos != n:
+        raise CorruptBlobError(f"payload has {n - pos} bytes after its last tensor")
+    return out
+
+
+def blob_info(blob: bytes) -> dict:
+    """Header fields of a blob (codec, group size, tensor count, payload size) without decoding."""
+    h = read_header(blob)
+    return {
+        "blob_version": h.blob_version,
+        "codec": h.codec,
+        "group_size": h.group_size,
+        "n_tensors": h.n_tensors,
+        "payload_len": h.payload_len,
+        "blob_len": len(blob),
+    }
+
+

@@ -1,0 +1,149 @@
+"""The four value codecs, as pure numpy maths (docs/bank-format.md, section 6).
+
+Each codec turns one float32 tensor into its byte sections (scales, then values) and back. The
+blob container (header, shapes, zstd) lives in ``blob.py``; nothing here knows about it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import BankFormatError, CorruptBlobError
+
+# Dequantisation runs in float64 (exact q*scale, one rounding for the division) but in chunks of
+# about this many values, so a large tensor needs no float64 copy of itself.
+_CHUNK_VALUES = 1 << 20
+
+_INT8_QMAX = 127
+_INT4_QMAX = 7
+
+
+def int8_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n_rows, row_len) of the int8 codec: a row is the last axis; a 0-d tensor is one row."""
+    numel = math.prod(shape)
+    row_len = shape[-1] if shape else 1
+    return (numel // row_len if numel else 0), row_len
+
+
+def int4_groups(numel: int, group_size: int) -> int:
+    return -(-numel // group_size)
+
+
+def section_size(shape: tuple[int, ...], codec: str, group_size: int) -> int:
+    """Bytes of the scales and values sections of one tensor."""
+    numel = math.prod(shape)
+    if codec == "fp32":
+        return 4 * numel
+    if codec == "fp16":
+        return 2 * numel
+    if codec == "int8":
+        return 4 * int8_rows(shape)[0] + numel
+    if codec == "int4":
+        n_groups = int4_groups(numel, group_size)
+        return 4 * n_groups + n_groups * group_size // 2
+    raise BankFormatError(f"unknown codec {codec!r}")
+
+
+def _quantize(x2d: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax quantisation of a float32 (rows, L) array -> (int8 q, float32 scales)."""
+    scales = np.abs(x2d).max(axis=1) if x2d.size else np.zeros(x2d.shape[0], np.float32)
+    q = np.empty(x2d.shape, dtype=np.int8)
+    step = max(1, _CHUNK_VALUES // max(1, x2d.shape[1]))
+    for i in range(0, x2d.shape[0], step):
+        s = scales[i : i + step].astype(np.float64)
+        # A zero row divides by 1 instead: its values are all zero, so q is 0 with no 0/0 NaN.
+        safe = np.where(s > 0, s, 1.0)[:, None]
+        r = np.rint(x2d[i : i + step].astype(np.float64) / safe * qmax)
+        np.clip(r, -qmax, qmax, out=r)
+        q[i : i + step] = r
+    return q, scales.astype(np.float32)
+
+
+def _dequantize(q2d: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
+    out = np.empty(q2d.shape, dtype=np.float32)
+    step = max(1, _CHUNK_VALUES // max(1, q2d.shape[1]))
+    for i in range(0, q2d.shape[0], step):
+        s = scales[i : i + step].astype(np.float64)[:, None]
+        out[i : i + step] = q2d[i : i + step].astype(np.float64) * s / qmax
+    return out
+
+
+def encode_values(x: np.ndarray, codec: str, group_size: int) -> list[bytes]:
+    """Byte sections (scales, values) of one finite float32 tensor under ``codec``."""
+    if not np.isfinite(x).all():
+        raise BankFormatError("tensor has non-finite values (NaN or inf); refusing to store it")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if codec == "fp32":
+        return [x.astype("<f4", copy=False).tobytes()]
+    if codec == "fp16":
+        with np.errstate(over="ignore"):
+            h = x.astype("<f2")
+        if not np.isfinite(h).all():
+            raise BankFormatError(
+                "tensor has values beyond float16 range (|x| > 65504); use codec fp32 or int8"
+            )
+        return [h.tobytes()]
+    if codec == "int8":
+        n_rows, row_len = int8_rows(x.shape)
+        q, scales = _quantize(x.reshape(n_rows, row_len if n_rows else 0), _INT8_QMAX)
+        return [scales.astype("<f4").tobytes(), q.tobytes()]
+    if codec == "int4":
+        flat = x.reshape(-1)
+        n_groups = int4_groups(flat.size, group_size)
+        padded = np.zeros(n_groups * group_size, dtype=np.float32)
+        padded[: flat.size] = flat
+        q, scales = _quantize(padded.reshape(n_groups, group_size), _INT4_QMAX)
+        nib = (q.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+        packed = nib[0::2] | (nib[1::2] << 4)
+        return [scales.astype("<f4").tobytes(), packed.tobytes()]
+    raise BankFormatError(f"unknown codec {codec!r}")
+
+
+def _finite(arr: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise CorruptBlobError(f"{what} holds non-finite values")
+    return arr
+
+
+def _scales(buf, offset: int, n: int) -> np.ndarray:
+    s = np.frombuffer(buf, dtype="<f4", count=n, offset=offset).astype(np.float32)
+    _finite(s, "scales")
+    if (s < 0).any():
+        raise CorruptBlobError("scales hold negative values")
+    return s
+
+
+def decode_values(buf, offset: int, shape: tuple[int, ...], codec: str, group_size: int) -> np.ndarray:
+    """Decode one tensor whose sections start at ``offset`` of ``buf`` (sizes already checked)."""
+    numel = math.prod(shape)
+    if codec == "fp32":
+        v = np.frombuffer(buf, dtype="<f4", count=numel, offset=offset).astype(np.float32)
+        return _finite(v, "fp32 values").reshape(shape)
+    if codec == "fp16":
+        v = np.frombuffer(buf, dtype="<f2", count=numel, offset=offset).astype(np.float32)
+        return _finite(v, "fp16 values").reshape(shape)
+    if codec == "int8":
+        n_rows, row_len = int8_rows(shape)
+        scales = _scales(buf, offset, n_rows)
+        q = np.frombuffer(buf, dtype=np.int8, count=numel, offset=offset + 4 * n_rows)
+        if (q == -128).any():
+            raise CorruptBlobError("int8 values hold -128, which the codec never writes")
+        return _dequantize(q.reshape(n_rows, row_len if n_rows else 0), scales, _INT8_QMAX).reshape(shape)
+    if codec == "int4":
+        n_groups = int4_groups(numel, group_size)
+        scales = _scales(buf, offset, n_groups)
+        n_bytes = n_groups * group_size // 2
+        packed = np.frombuffer(buf, dtype=np.uint8, count=n_bytes, offset=offset + 4 * n_groups)
+        nib = np.empty(2 * n_bytes, dtype=np.uint8)
+        nib[0::2] = packed & 0x0F
+        nib[1::2] = packed >> 4
+        if (nib == 0).any():
+            raise CorruptBlobError("int4 values hold nibble 0 (-8), which the codec never writes")
+        if (nib[numel:] != 8).any():
+            raise CorruptBlobError("int4 padding is not zero")
+        q = nib.astype(np.int8) - 8
+        out = _dequantize(q.reshape(n_groups, group_size), scales, _INT4_QMAX)
+        return out.reshape(-1)[:numel].reshape(shape)
+    raise BankFormatError(f"unknown codec {codec!r}")
