@@ -67,7 +67,9 @@ def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Mean next-token NLL per sample [N] over positions where target_mask (default: attention)
     is 1 on the *predicted* token."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     targets = input_ids[:, 1:]
     tmask = (attention_mask if target_mask is None else target_mask)[:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")

@@ -75,6 +75,23 @@ class FakeTokenizer:
     def convert_tokens_to_ids(self, token):
         return self.unk_token_id
 
+    def __len__(self):
+        return self.vocab
+
+    def decode(self, ids, skip_special_tokens=False):
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < 4:
+                if not skip_special_tokens:
+                    out.append("")
+                continue
+            out.append(chr(ord("a") + (i - 4) % 26) if (i - 4) % 13 else "\n")
+        return "".join(out)
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
 
 class FakeEmbedder:
     """Deterministic bag-of-words hashing embedder (unit tests only)."""

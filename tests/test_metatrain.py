@@ -1,0 +1,168 @@
+"""Meta-training on a tiny model: the objective, its second-order gradient, resume, datasets."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from regrad_cli.datasets import QAItem, load_dataset
+from regrad_cli.lora import Learner
+from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
+
+from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama, require_shared_data
+
+DOCS = [
+    "zarn the river flows past kelb mill every spring",
+    "the moth vesper has blue wings and lives in dunmoor",
+    "tollvane cheese is aged in caves for nine months",
+    "the engine was built by pryde in the year of rain",
+]
+ITEMS = [
+    QAItem("q0", "where does zarn flow", ["kelb mill"], [DOCS[0]]),
+    QAItem("q1", "what colour are vesper wings", ["blue"], [DOCS[1]]),
+    QAItem("q2", "where is tollvane aged", ["caves"], [DOCS[2]]),
+    QAItem("q3", "who built the engine", ["pryde"], [DOCS[3]]),
+]
+
+
+def _setup(seed=0, **cfg_kw):
+    model = make_tiny_llama(seed=0)
+    tok = FakeTokenizer()
+    learner = Learner.for_model(model).init_(seed=seed, b_std=0.05, alpha_init=0.5).attach(model)
+    cfg = MetaTrainConfig(k=2, max_doc_tokens=64, **cfg_kw)
+    pool = build_pool("toy", ITEMS, FakeEmbedder())
+    rng = random.Random(0)
+    batch = []
+    for it in ITEMS:
+        docs = documents_for(it, pool, cfg.k, rng)
+        batch.append((it, docs, pool.scores(it, docs)))
+    return model, tok, learner, cfg, batch
+
+
+def _params(learner):
+    return [learner.phi[k] for k in learner.phi.keys()] + [learner.log_alpha[k] for k in learner.log_alpha.keys()]
+
+
+def test_documents_include_gold_plus_distractors():
+    _, _, _, cfg, batch = _setup()
+    for it, docs, scores in batch:
+        assert len(docs) == cfg.k and it.documents[0] in docs and len(scores) == cfg.k
+
+
+@pytest.mark.parametrize("combine", ["sum", "score"])
+def test_meta_step_lowers_outer_loss(combine):
+    model, tok, learner, cfg, batch = _setup(combine=combine)
+    params = _params(learner) + [learner.log_temp]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=0.05)
+    before, _ = outer_loss(model, tok, learner, batch, cfg)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = outer_loss(model, tok, learner, batch, cfg)
+    assert after.item() < before.item()
+
+
+def test_second_order_gradient_matches_finite_difference():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, tok, learner, cfg, batch = _setup(combine="sum")
+        model.double()
+        learner.double()
+        learner.use(None)
+        params = _params(learner)
+        for p in params:
+            p.requires_grad_(True)
+        loss, _ = outer_loss(model, tok, learner, batch[:2], cfg)
+        grads = torch.autograd.grad(loss, params)
+        # Directional derivative along a random direction vs a central difference.
+        gen = torch.Generator().manual_seed(0)
+        dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).item()
+        # The model's attention softmax runs in float32 even in a float64 model: steps much
+        # below 1e-3 would measure rounding noise, not the derivative.
+        eps = 1e-3
+        with torch.no_grad():
+            for p, d in zip(params, dirs):
+                p.add_(eps * d)
+        plus = outer_loss(model, tok, learner, batch[:2], cfg)[0].item()
+        with torch.no_grad():
+            for p, d in zip(params, dirs):
+                p.sub_(2 * eps * d)
+        minus = outer_loss(model, tok, learner, batch[:2], cfg)[0].item()
+        numeric = (plus - minus) / (2 * eps)
+        assert analytic == pytest.approx(numeric, rel=2e-3)
+        # The first-order approximation drops the d g / d phi term: it must be visibly worse.
+        with torch.no_grad():
+            for p, d in zip(params, dirs):
+                p.add_(eps * d)
+        cfg.first_order = True
+        loss_fo, _ = outer_loss(model, tok, learner, batch[:2], cfg)
+        fo = torch.autograd.grad(loss_fo, params)
+        first_order = sum((g * d).sum() for g, d in zip(fo, dirs)).item()
+        assert abs(first_order - numeric) > 10 * abs(analytic - numeric)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _write_jsonl(path):
+    with open(path, "w") as fh:
+        for it in ITEMS * 3:
+            fh.write(json.dumps({"id": it.id + str(random.random()), "question": it.question,
+                                 "answers": it.answers, "documents": it.documents}) + "\n")
+    return path
+
+
+def _run(tmp_path, out, steps, resume=False, stop_after=None):
+    model = make_tiny_llama(seed=0)
+    data = _write_jsonl(tmp_path / "d.jsonl") if not (tmp_path / "d.jsonl").exists() else tmp_path / "d.jsonl"
+    cfg = MetaTrainConfig(train=[f"jsonl:{data}"], dev=[f"jsonl:{data}"], out=str(out), k=2, steps=steps,
+                          meta_batch=2, eval_every=2, dev_limit=4, max_new_tokens=4, max_doc_tokens=48,
+                          b_std=0.05)
+    if stop_after is not None:
+        cfg.steps = steps
+
+        class Stop(Exception):
+            pass
+
+        def progress(step, total, rec):
+            if step == stop_after:
+                raise Stop
+
+        with pytest.raises(Stop):
+            meta_train(cfg, model, FakeTokenizer(), FakeEmbedder(), progress=progress)
+        return None
+    meta_train(cfg, model, FakeTokenizer(), FakeEmbedder(), resume=resume)
+    return Learner.load(out / "last")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path, tmp_path / "a", steps=4)
+    # Interrupted after step 3: state.pt holds step 2 (saved every 2 steps); resume to 4.
+    _run(tmp_path, tmp_path / "b", steps=4, stop_after=3)
+    resumed = _run(tmp_path, tmp_path / "b", steps=4, resume=True)
+    for n in straight.names:
+        torch.testing.assert_close(straight.tensor(n), resumed.tensor(n), rtol=0, atol=1e-6)
+        torch.testing.assert_close(straight.alpha(n), resumed.alpha(n), rtol=0, atol=1e-6)
+    assert (tmp_path / "a" / "log.json").exists() and (tmp_path / "a" / "best" / "learner.json").exists()
+    assert (tmp_path / "a" / "curves.png").exists()
+
+
+def test_shared_dataset_adapters_parse():
+    data = require_shared_data()
+    nq_train = load_dataset(f"nq-open:{data}/nq_open/nq-open-oracle.jsonl.gz@train")
+    nq_dev = load_dataset(f"nq-open:{data}/nq_open/nq-open-oracle.jsonl.gz@dev")
+    assert len(nq_train) + len(nq_dev) == 1710
+    assert not {i.id for i in nq_train} & {i.id for i in nq_dev}
+    assert all(i.answers and i.documents for i in nq_dev)
+    pub = load_dataset(f"pubmedqa:{data}/pubmedqa/ori_pqal.json")
+    assert len(pub) == 500 and {i.answers[0] for i in pub} <= {"yes", "no", "maybe"}
+    fic_train = load_dataset(f"fictional:{data}/fictional_knowledge/fictional_knowledge.json@train")
+    fic_dev = load_dataset(f"fictional:{data}/fictional_knowledge/fictional_knowledge.json@dev")
+    assert fic_dev and fic_train
+    assert not {i.documents[0] for i in fic_train} & {i.documents[0] for i in fic_dev}
+    auto = load_dataset(f"auto:{data}/nq_open/nq-open-oracle.jsonl.gz")
+    assert len(auto) == 1710
