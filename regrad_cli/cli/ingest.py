@@ -1,1 +1,63 @@
-"""placeholder, filled by its issue."""
+"""`regrad ingest`: files and folders into the workspace's documents table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from regrad_cli.cli import app
+from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, err_console, print_json, progress_bar
+
+
+@app.command("ingest")
+def ingest_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories (.txt .md .json .jsonl .jsonl.gz).", show_default=False)],
+    prune: Annotated[bool, typer.Option("--prune", help="Delete documents of files under PATH that no longer exist.")] = False,
+    chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", min=1, help="Max tokens per chunk (default: workspace config, 256).")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option("--chunk-overlap", min=0, help="Tokens shared by consecutive chunks (default: workspace config, 32).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Language model whose tokenizer sizes the chunks (default: workspace config).")] = None,
+    embedder: Annotated[Optional[str], typer.Option("--embedder", help="Sentence embedder (default: workspace config).")] = None,
+    max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this many MB.")] = 20.0,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Ingest text files into the workspace (incremental: unchanged files cost nothing)."""
+    from regrad_cli.config import Workspace
+    from regrad_cli.errors import IngestError
+    from regrad_cli.ingest import ingest
+
+    ws = Workspace.open(workspace, overrides={
+        "chunking.max_tokens": chunk_tokens, "chunking.overlap": chunk_overlap,
+        "model.id": model, "embedder.id": embedder,
+    })
+    with progress_bar("ingest", enabled=not json_out) as update:
+        summary = ingest(ws, list(paths), prune=prune, progress=update, max_file_mb=max_file_mb)
+    if json_out:
+        print_json(summary.to_dict())
+    else:
+        _render(summary, ws.root)
+    if not summary.ok:
+        # Raised, not typer.Exit(1): main() runs the app with standalone_mode=False, where click
+        # returns an Exit's code instead of exiting with it; a RegradError always exits 1.
+        raise IngestError(f"nothing could be ingested ({len(summary.skipped)} path(s) skipped)")
+
+
+def _render(summary, root: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"regrad ingest → {root}", show_header=True)
+    table.add_column("documents", justify="left")
+    table.add_column("count", justify="right")
+    for name in ("added", "updated", "unchanged", "removed", "pruned"):
+        table.add_row(name, str(getattr(summary, name)))
+    table.add_row("skipped paths", str(len(summary.skipped)))
+    table.add_row("total in workspace", str(summary.documents), style="bold")
+    Console().print(table)
+    err = err_console()
+    for item in summary.skipped:
+        err.print(f"skipped {item['path']}: {item['reason']}", markup=False, highlight=False, soft_wrap=True)
+    for warning in summary.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
