@@ -313,6 +313,40 @@ class DocumentStore:
         return n
 
 
+    def delete(self, ids: Iterable[str] = (), sources: Iterable[str] = ()) -> int:
+        """Unlearn documents: delete rows by id and/or source, then rewrite the affected fragments
+        and drop every old version, so the texts leave the disk (also from the FTS index, which
+        is rebuilt). Returns the number of rows deleted."""
+        from datetime import timedelta
+
+        table = self.table()
+        ids, sources = sorted(set(ids)), sorted(set(sources))
+        if table is None or (not ids and not sources):
+            return 0
+        clauses = [f"({_in_filter('id', b)})" for b in _batches(ids)] + \
+                  [f"({_in_filter('source', b)})" for b in _batches(sources)]
+        where = " OR ".join(clauses)
+        n = table.count_rows(where)
+        if not n:
+            return 0
+        try:
+            table.delete(where)
+            if table.count_rows() and self._fts_index() is not None:
+                self.ensure_fts_index()
+            import lance
+
+            ds = lance.dataset(str(self.db_path / f"{TABLE_NAME}.lance"))
+            # Lance rewrites a fragment only past 10 % deleted rows by default: 0 rewrites every
+            # fragment holding a deleted row, so its bytes do not survive.
+            ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
+            lance.dataset(str(self.db_path / f"{TABLE_NAME}.lance")).cleanup_old_versions(
+                older_than=timedelta(0), delete_unverified=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IngestError(f"cannot delete from the documents table in {self.db_path}: {exc}") from exc
+        self._table = None
+        return n
+
+
 def is_within(path: str, root: str) -> bool:
     """True when ``path`` is ``root`` or lies under it (string test: both absolute, normalised)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

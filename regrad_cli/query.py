@@ -81,12 +81,13 @@ class QueryEngine:
             return []
         dense = bm25 = None
         if retriever in ("dense", "hybrid"):
-            hits = self.bank.search(qvec, k * (2 if retriever == "hybrid" else 1)) if self.bank \
-                else self.store.search_vector(qvec, k * (2 if retriever == "hybrid" else 1))
-            dense = [(h.get("doc_id") or h.get("id"), float(h["score"]), h.get("source", "")) for h in hits]
+            n = k * (2 if retriever == "hybrid" else 1)
+            if self.bank is not None:
+                dense = [(h["doc_id"], float(h["score"]), h.get("source", "")) for h in self.bank.search(qvec, n)]
+            else:
+                dense = self._with_sources(self.store.search_vector(qvec, n))
         if retriever in ("bm25", "hybrid"):
-            hits = self.store.search_text(question, k * (2 if retriever == "hybrid" else 1))
-            bm25 = [(h.get("id") or h.get("doc_id"), float(h["score"]), h.get("source", "")) for h in hits]
+            bm25 = self._with_sources(self.store.search_text(question, k * (2 if retriever == "hybrid" else 1)))
         if retriever == "dense":
             ranked = dense
         elif retriever == "bm25":
@@ -101,6 +102,10 @@ class QueryEngine:
         ranked = ranked[:k]
         cos = self._cosines(qvec, [d for d, _, _ in ranked], dense)
         return [Retrieved(d, s, src, cos.get(d, 0.0)) for d, s, src in ranked]
+
+    def _with_sources(self, hits) -> list[tuple[str, float, str]]:
+        rows = self.store.get([d for d, _ in hits], columns=["id", "source"]) if hits else {}
+        return [(d, float(score), rows.get(d, {}).get("source", "")) for d, score in hits]
 
     def _cosines(self, qvec, ids: Sequence[str], dense) -> dict[str, float]:
         import numpy as np

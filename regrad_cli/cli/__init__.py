@@ -59,7 +59,9 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         BankFormatError = RegradError  # type: ignore[misc,assignment]
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns a command's typer.Exit code instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except (RegradError, BankFormatError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
