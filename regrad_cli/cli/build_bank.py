@@ -12,7 +12,7 @@ from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, 
 
 @app.command("build-bank")
 def build_bank_cmd(
-    codec: Annotated[Optional[str], typer.Option("--codec", help="fp32, fp16, int8 or int4 (default: workspace config, int8).")] = None,
+    codec: Annotated[Optional[str], typer.Option("--codec", help="fp32, fp16, int8 or int4 (default: workspace config, int4).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Documents per forward/backward pass.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Build at most N documents this run.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
