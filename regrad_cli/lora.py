@@ -121,7 +121,7 @@ class Learner(nn.Module):
             {_key(n): nn.Parameter(torch.zeros(alpha_shape(s))) for n, s in shapes.items()}
         )
         # Temperature of score-weighted combination (combine="score"): each retrieved document's
-        # gradient is weighted by k * softmax(score / T); T is meta-learned with phi and alpha.
+        # gradient is weighted by softmax(score / T); T is meta-learned with phi and alpha.
         self.log_temp = nn.Parameter(torch.tensor(math.log(0.05)))
         self._wrappers: dict[str, LoRALinear] = {}
         self.meta: dict = {}
@@ -183,7 +183,9 @@ class Learner(nn.Module):
         if combine == "mean":
             return torch.full_like(scores, 1.0 / k)
         if combine == "score":
-            return k * torch.softmax(scores / self.log_temp.exp(), dim=-1)
+            # Weights sum to 1: a clear best match gets the whole step, as if it were the only
+            # document; close scores share it.
+            return torch.softmax(scores / self.log_temp.exp(), dim=-1)
         raise RegradError(f"unknown combine {combine!r} (use sum, mean or score)")
 
     @property
