@@ -261,6 +261,13 @@ def _text_docs(f: _File, limit: int, warnings: list[str]) -> list[_Doc]:
     return [_Doc(f.source, True, title, text, {}, f.display)]
 
 
+def _json_limit(exc: Exception) -> str:
+    """What json.loads hit besides a syntax error: its nesting or integer-length limit."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]
+
+
 def _record_doc(rec: Any, f: _File, n: int, where: str) -> _Doc:
     if not isinstance(rec, dict):
         raise _Skip(f"record is a {type(rec).__name__}, not an object")
@@ -292,6 +299,8 @@ def _json_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Skip(f"invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # nested too deep, or an integer too long
+        raise _Skip(f"invalid JSON ({_json_limit(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("documents"), list):
         records = obj["documents"]
     elif isinstance(obj, dict) and "text" in obj:
@@ -340,6 +349,9 @@ def _jsonl_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
                     summary.skip(where, f"invalid JSON ({exc.msg}, column {exc.colno})")
+                    continue
+                except (ValueError, RecursionError) as exc:
+                    summary.skip(where, f"invalid JSON ({_json_limit(exc)})")
                     continue
                 try:
                     docs.append(_record_doc(rec, f, lineno, where))
