@@ -114,8 +114,15 @@ class GradientBank:
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
-        """True when ``path`` holds a bank's table (it may still turn out damaged on open)."""
-        return _table_dir(Path(path)).is_dir()
+        """True when ``path`` holds a bank's table (it may still turn out damaged on open).
+
+        A table counts once it has a committed version: a process killed inside ``create`` can
+        leave the table directory without one, and ``create`` must then be able to run again."""
+        versions = _table_dir(Path(path)) / "_versions"
+        try:
+            return any(p.name.endswith(".manifest") for p in versions.iterdir())
+        except OSError:
+            return False
 
     @staticmethod
     def _connect(path: Path):

@@ -102,7 +102,7 @@ class DocumentStore:
 
     def table(self, required: bool = False):
         """The LanceDB table, or None when nothing was ingested yet (IngestError if required)."""
-        if self._table is None and (self.db_path / f"{TABLE_NAME}.lance").exists():
+        if self._table is None and _committed(self.db_path / f"{TABLE_NAME}.lance"):
             try:
                 self._table = self._connect().open_table(TABLE_NAME)
             except (ValueError, OSError) as exc:
@@ -345,6 +345,15 @@ class DocumentStore:
             raise IngestError(f"cannot delete from the documents table in {self.db_path}: {exc}") from exc
         self._table = None
         return n
+
+
+def _committed(table_dir: Path) -> bool:
+    """True when a Lance table directory has a committed version. A process killed while
+    creating the table can leave the directory without one: that is no table yet."""
+    try:
+        return any(p.name.endswith(".manifest") for p in (table_dir / "_versions").iterdir())
+    except OSError:
+        return False
 
 
 def is_within(path: str, root: str) -> bool:
