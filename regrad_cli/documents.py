@@ -138,7 +138,17 @@ class DocumentStore:
         if raw is None:
             dim = table.schema.field("embedding").type.list_size
             return {"id": None, "dim": dim}
-        return json.loads(raw)
+        try:
+            fp = json.loads(raw)
+        except ValueError:
+            fp = None
+        if not (isinstance(fp, dict) and isinstance(fp.get("dim"), int) and not isinstance(fp["dim"], bool)
+                and isinstance(fp.get("id"), (str, type(None)))):
+            raise IngestError(
+                f"{self.db_path}/{TABLE_NAME}.lance has a damaged {_EMBEDDER_KEY.decode()} entry "
+                f"({raw[:80]!r}): re-ingest into a new workspace"
+            )
+        return fp
 
     @property
     def version(self) -> int | None:
