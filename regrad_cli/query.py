@@ -64,7 +64,22 @@ class QueryEngine:
                                           read_only=True)
         elif need_bank:
             self._no_bank()
+        self._check_embedder()
         self._layout = [t.name for t in self.bank.meta.layout] if self.bank else []
+
+    def _check_embedder(self) -> None:
+        # Without a bank nothing else compares them, and question vectors from another embedder
+        # would search the document vectors silently wrong (or fail on a dimension mismatch).
+        stored = self.store.embedder_fingerprint
+        if stored is None:
+            return
+        mine = self.embedder.fingerprint
+        if stored.get("id") not in (None, mine["id"]) or stored["dim"] != mine["dim"]:
+            raise RegradError(
+                f"the documents in {self.ws.root} were embedded with {stored.get('id')!r} (dim "
+                f"{stored['dim']}), this query uses {mine['id']!r} (dim {mine['dim']}): use the "
+                f"embedder the workspace was ingested with, or re-ingest into a new workspace"
+            )
 
     def _no_bank(self):
         others = sorted(p.name for p in self.ws.banks_dir.glob("bank-*")) if self.ws.banks_dir.exists() else []
