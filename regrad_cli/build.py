@@ -144,7 +144,13 @@ def build_bank(
                              "embedding": np.asarray(d["embedding"], dtype=np.float32),
                              "tensors": tensors, "n_tokens": int(n), "source": d.get("source") or ""})
             if rows:
-                bank.append(rows)
+                try:
+                    bank.append(rows)
+                except OSError as exc:  # e.g. a full disk; each append is atomic, so the bank is clean
+                    raise RegradError(
+                        f"cannot write to bank {bank.path}: {exc}; every row written before is kept "
+                        f"({summary.built} in this run): run `regrad build-bank` again to continue"
+                    ) from exc
                 summary.built += len(rows)
             elapsed = time.time() - t0
             if progress:
