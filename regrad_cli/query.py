@@ -98,7 +98,13 @@ class QueryEngine:
         if retriever in ("dense", "hybrid"):
             n = k * (2 if retriever == "hybrid" else 1)
             if self.bank is not None:
-                dense = [(h["doc_id"], float(h["score"]), h.get("source", "")) for h in self.bank.search(qvec, n)]
+                from bank_format import BankFormatError
+
+                try:
+                    hits = self.bank.search(qvec, n)
+                except BankFormatError as exc:  # e.g. a data file damaged or deleted on disk
+                    raise RegradError(f"{exc} (is the bank damaged? `regrad bank verify` checks every row)") from exc
+                dense = [(h["doc_id"], float(h["score"]), h.get("source", "")) for h in hits]
             else:
                 dense = self._with_sources(self.store.search_vector(qvec, n))
         if retriever in ("bm25", "hybrid"):
