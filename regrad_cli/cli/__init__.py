@@ -74,9 +74,21 @@ def main() -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(1)
     except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    # typer >= 0.2x raises the exceptions of its own vendored copy of click (typer._click), which
+    # are not click's: check both, or a usage error (a bad option value) ends in a traceback.
+    import importlib
+
+    types = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
