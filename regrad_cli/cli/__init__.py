@@ -65,6 +65,9 @@ def main() -> None:
     except (RegradError, BankFormatError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # the environment, not a bug: a full disk, a read-only or missing path
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
