@@ -95,7 +95,10 @@ def verify_cmd(workspace: WorkspaceOpt = None, bank: BankOpt = None, json_out: J
     else:
         typer.echo(f"{report['ok']}/{report['rows']} rows ok, {len(bad)} bad, {len(dups)} duplicate keys")
         for r in bad:
-            typer.echo(f"bad: {r.get('doc_id')}: {r.get('reason')}", err=True)
+            if r.get("doc_id") is None:  # a fragment whose doc ids cannot be read
+                typer.echo(f"bad: {r.get('reason')} ({r.get('rows')} rows)", err=True)
+            else:
+                typer.echo(f"bad: {r.get('doc_id')}: {r.get('reason')}", err=True)
         for r in dups:
             typer.echo(f"duplicate: {r.get('doc_id')} ({r.get('count')} rows)", err=True)
     if bad or dups:
