@@ -51,3 +51,36 @@ def yes_no_label(prediction: str) -> str | None:
 def yes_no_accuracy(prediction: str, golds: Sequence[str]) -> float:
     label = yes_no_label(prediction)
     return float(label is not None and label in {normalize_answer(g) for g in golds})
+
+
+# Retrieval and resampling helpers for `regrad eval` ---------------------------------------------
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def gold_retrieved(retrieved: Sequence[str], golds: Sequence[str]) -> float | None:
+    """1.0 when any retrieved text is a gold document or a chunk of one (whitespace-insensitive
+    containment: ingest splits long documents into chunks), 0.0 when none is, None without golds."""
+    golds = [_squash(g) for g in golds if g.strip()]
+    if not golds:
+        return None
+    for r in retrieved:
+        r = _squash(r)
+        if r and any(r == g or r in g for g in golds):
+            return 1.0
+    return 0.0
+
+
+def bootstrap_ci(values: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """(std of the mean, lower, upper): percentile bootstrap over items, seeded."""
+    import numpy as np
+
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return 0.0, 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(means.std()), float(lo), float(hi)

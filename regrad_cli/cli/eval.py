@@ -1,1 +1,55 @@
-"""placeholder, filled by its issue."""
+"""`regrad eval`: every system (closed-book, RAG, CPT, ReGrad, controls) on QA datasets, with drift."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from regrad_cli.cli import app
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, print_json, progress_bar
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[list[str], typer.Option("--dataset", help="FORMAT:PATH[@train|dev|all] with FORMAT nq-open, pubmedqa, fictional, jsonl or auto (repeatable).")],
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N questions of each dataset.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Documents retrieved per question.")] = 3,
+    systems: Annotated[Optional[str], typer.Option("--systems", help="Comma-separated: closed-book, closed-book+phi, rag, cpt, cpt+rag, regrad, regrad+context, shifted, random (default: all).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory: results.json, report.md, plots, predictions.")] = Path("runs/eval"),
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Use this workspace's documents and bank (default: a fresh workspace under OUT holding the datasets' supporting documents).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
+    continual: Annotated[int, typer.Option("--continual", help="Feed the corpus in T batches; evaluate after each (forgetting and drift curves).")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random control, CPT data order and the bootstrap.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy generation limit.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call (1 = exactly one query at a time).")] = 8,
+    gamma: Annotated[float, typer.Option("--gamma", help="Test-time step scale of ReGrad systems.")] = 1.0,
+    retriever: Annotated[str, typer.Option("--retriever", help="dense | bm25 | hybrid.")] = "dense",
+    cpt_lr: Annotated[float, typer.Option("--cpt-lr", help="CPT learning rate (AdamW).")] = 5e-5,
+    cpt_epochs: Annotated[int, typer.Option("--cpt-epochs", help="CPT epochs over each batch of documents.")] = 3,
+    cpt_batch_size: Annotated[int, typer.Option("--cpt-batch-size", help="CPT documents per optimiser step.")] = 4,
+    cpt_params: Annotated[str, typer.Option("--cpt-params", help="CPT trains 'all' base parameters or only the 'mlp' projections.")] = "all",
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Evaluate closed-book, RAG, CPT and ReGrad systems on QA datasets, with weight drift."""
+    from regrad_cli.cpt import CPTConfig
+    from regrad_cli.evaluate import EvalConfig, parse_systems, run_eval
+
+    cfg = EvalConfig(
+        datasets=list(dataset), out=str(out), limit=limit, top_k=top_k, systems=parse_systems(systems),
+        workspace=str(workspace) if workspace else None, checkpoint=checkpoint, continual=continual,
+        seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, gamma=gamma, retriever=retriever,
+        device=device,
+        cpt=CPTConfig(lr=cpt_lr, epochs=cpt_epochs, batch_size=cpt_batch_size, params=cpt_params, seed=seed),
+    )
+    with progress_bar("eval", enabled=not json_out) as update:
+        results = run_eval(cfg, progress=lambda d, n, info: update(d, n, info),
+                           command=["regrad", *sys.argv[1:]])
+    if json_out:
+        print_json(results)
+        return
+    typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}/results.json and {out}/report.md ({results['wall_s']['total']:.0f} s)", err=True)
