@@ -373,7 +373,7 @@ def _set_metadata(table_dir: Path, key: str, value: str | None, original: dict) 
         meta.pop(key, None)
     else:
         meta[key] = value
-    ds.replace_schema_metadata(meta)
+    ds.update_schema_metadata(meta, replace=True)
 
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -434,8 +434,8 @@ def test_fuzzed_documents_metadata_only_ingest_error(fuzz_bank, key, value):
             return
         assert isinstance(fp, dict) and isinstance(fp.get("dim"), int)
     finally:
-        lance.dataset(str(table_dir)).replace_schema_metadata(
-            {k.decode(): v.decode() for k, v in original.items()})
+        lance.dataset(str(table_dir)).update_schema_metadata(
+            {k.decode(): v.decode() for k, v in original.items()}, replace=True)
 
 
 # 4. Concurrency -----------------------------------------------------------------------------------
