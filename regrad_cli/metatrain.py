@@ -319,7 +319,7 @@ def meta_train(
         alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
         rec = {"step": step + 1, "loss": float(loss.detach()), **info, "grad_norm": float(gnorm),
                "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
-               "temp": float(learner.log_temp.exp()),
+               "temp": float(learner.log_temp.detach().exp()),
                "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
         history["train"].append(rec)
         if progress:
