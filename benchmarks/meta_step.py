@@ -1,0 +1,160 @@
+"""Meta-step cost: one meta-training step (``metatrain.outer_loss`` + backward) against the plain
+passes it replaces.
+
+A meta-step with meta-batch B and k documents per question does, in two batched passes, what
+(k+1)*B single forward+backward passes do one at a time: k*B document passes (the inner
+gradients) and B outer passes (the answer loss after the step). The baseline runs exactly those
+passes, batch size 1, on the same documents and questions (tokenised beforehand): each a forward
+with the LoRA side path on phi and ``loss.backward()`` into phi. The meta-step is measured second
+order (the default: the inner gradients keep their graph) and first order (``--first-order``).
+
+Demo questions, each with its gold document plus k-1 other demo documents (seeded); the same
+batch in every repetition; repetitions interleaved (baseline, second order, first order) so load
+drift hits all three alike; one warm-up of each excluded. ``ratio_vs_fwd_bwd`` = median second-
+order meta-step time / median baseline time.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+from _common import (
+    PeakRSS,
+    checkpoint_info,
+    demo_questions,
+    emit,
+    load_engine,
+    log,
+    machine,
+    median,
+    parser,
+    print_table,
+    rss_mb,
+    setup,
+    timer,
+)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p.add_argument("--meta-batch", type=int, default=None, help="B (default: 2 quick, 4 full)")
+    p.add_argument("--k", type=int, default=3, help="documents per question (meta-train's default is 3)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 2 quick, 4 full)")
+    p.add_argument("--max-doc-tokens", type=int, default=None, help="default: meta-train's, 256")
+    args = p.parse_args()
+    setup(args)
+
+    import dataclasses
+
+    from regrad_cli.generation import teacher_forced_batch
+    from regrad_cli.gradients import encode_documents, per_sample_nll
+    from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, outer_loss
+    from regrad_cli.prompting import prompt_ids
+
+    B = args.meta_batch or (2 if args.quick else 4)
+    reps = args.reps or (2 if args.quick else 4)
+    cfg2 = MetaTrainConfig(k=args.k, meta_batch=B, first_order=False)
+    if args.max_doc_tokens:
+        cfg2.max_doc_tokens = args.max_doc_tokens
+    cfg1 = dataclasses.replace(cfg2, first_order=True)
+
+    log("loading model and learner")
+    engine = load_engine(args.checkpoint)
+    model, tok, learner = engine.model, engine.tokenizer, engine.learner
+    items = demo_questions()
+    # No embedder: distractors are random other demo documents and scores are equal; the cost of
+    # a step does not depend on which documents they are, only on their lengths.
+    pool = build_pool("demo", items, None)
+    rng = random.Random(args.seed)
+    batch = []
+    for it in rng.sample(items, B):
+        docs = documents_for(it, pool, args.k, rng)
+        batch.append((it, docs, pool.scores(it, docs)))
+
+    params = list(learner.phi.parameters()) + list(learner.log_alpha.parameters()) + [learner.log_temp]
+    for q in params:
+        q.requires_grad_(True)
+    learner.use(None)
+
+    # Baseline inputs, tokenised outside the timed region.
+    doc_inputs = [encode_documents(tok, [d], cfg2.max_doc_tokens) for _, docs, _ in batch for d in docs]
+    qa_inputs = [teacher_forced_batch(tok, [prompt_ids(tok, it.question, (), it.kind, cfg2.max_passage_tokens)],
+                                      [it.answers[0]]) for it, _, _ in batch]
+    doc_tokens = [e.n_tokens[0] for e in doc_inputs]
+
+    def zero():
+        for q in params:
+            q.grad = None
+
+    def baseline() -> float:
+        zero()
+        with timer() as t:
+            for e in doc_inputs:
+                per_sample_nll(model, e.input_ids, e.attention_mask).sum().backward()
+            for ids, mask, tmask in qa_inputs:
+                per_sample_nll(model, ids, mask, tmask).sum().backward()
+        zero()
+        return t["s"]
+
+    def meta(cfg) -> tuple[float, float, float]:
+        zero()
+        with PeakRSS() as mem, timer() as t:
+            loss, _ = outer_loss(model, tok, learner, batch, cfg)
+            loss.backward()
+        zero()
+        return t["s"], mem.peak_mb, float(loss.detach())
+
+    base_rss = rss_mb()
+    log(f"warm-up (excluded): B={B}, k={args.k}, {len(doc_inputs)} documents of {min(doc_tokens)}-{max(doc_tokens)} tokens")
+    baseline()
+    meta(cfg1)
+    meta(cfg2)
+    t_base, t_so, t_fo, m_so, m_fo = [], [], [], [], []
+    for r in range(reps):
+        log(f"repetition {r + 1}/{reps}")
+        t_base.append(baseline())
+        s, m, loss2 = meta(cfg2)
+        t_so.append(s)
+        m_so.append(m)
+        s, m, loss1 = meta(cfg1)
+        t_fo.append(s)
+        m_fo.append(m)
+    info = checkpoint_info(engine)
+
+    base, so, fo = median(t_base), median(t_so), median(t_fo)
+    passes = (args.k + 1) * B
+    print_table(
+        f"One meta-step, B={B} questions x k={args.k} documents (mean {sum(doc_tokens) / len(doc_tokens):.0f} tokens, "
+        f"max {cfg2.max_doc_tokens}); medians of {reps} repetitions",
+        ["what", "seconds", "x baseline", "peak RSS MB", "over base MB"],
+        [[f"baseline: {passes} single fwd+bwd passes", base, 1.0, None, None],
+         ["meta-step, second order", so, so / base, max(m_so), max(m_so) - base_rss],
+         ["meta-step, first order", fo, fo / base, max(m_fo), max(m_fo) - base_rss]],
+    )
+    print(f"\nper pass in the baseline: {base / passes:.3f} s; outer loss {loss2:.3f} (second order), "
+          f"{loss1:.3f} (first order)")
+
+    emit({
+        "benchmark": "meta_step",
+        "quick": args.quick,
+        "ratio_vs_fwd_bwd": so / base,
+        "ratio_vs_fwd_bwd_first_order": fo / base,
+        "meta_step_s": so,
+        "meta_step_first_order_s": fo,
+        "baseline_s": base,
+        "baseline_passes": passes,
+        "runs_s": {"baseline": t_base, "second_order": t_so, "first_order": t_fo},
+        "peak_rss_mb": {"second_order": max(m_so), "first_order": max(m_fo), "process_before": base_rss},
+        "meta_batch": B,
+        "k": args.k,
+        "max_doc_tokens": cfg2.max_doc_tokens,
+        "mean_doc_tokens": sum(doc_tokens) / len(doc_tokens),
+        "learner": info,
+        "machine": machine(),
+    }, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Retrieval at scale: search latency of a Gradient Bank of 10k, 100k and 1M rows, with and
+without an ANN index, plus build time and disk size.
+
+Synthetic banks through ``bank_format.GradientBank`` only (no model, no torch): 384-dim random
+unit embeddings (MiniLM's size) and one tiny blob per row (a 16-value fp16 tensor), so the table
+is dominated by what retrieval reads. Rows are appended in batches of pre-encoded blobs, as
+``build_bank`` would append them (each blob is still checked by ``append``).
+
+Queries are noisy copies of random rows (cosine about 0.9 with their source row), so every query
+has one clear nearest neighbour, as a real question has its passage; recall@1 says whether the
+index still finds it, recall@k compares the indexed top-k with the exact top-k. Random unit
+vectors have no cluster structure: the hardest case for an IVF index's recall.
+
+Banks are written under /tmp and deleted afterwards. ``--quick`` = 10k and 100k rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from _common import (
+    PeakRSS,
+    dir_bytes,
+    emit,
+    log,
+    machine,
+    median,
+    parser,
+    pct,
+    print_table,
+    setup,
+    temp_dir,
+    timer,
+)
+
+DIM = 384
+
+
+def unit_rows(rng, n: int):
+    import numpy as np
+
+    x = rng.standard_normal((n, DIM), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=None, help="comma-separated row counts (default: 10000,100000 quick; +1000000 full)")
+    p.add_argument("--queries", type=int, default=None, help="timed queries per setting (default: 30 quick, 100 full)")
+    p.add_argument("--k", type=int, default=3, help="top-k per search (regrad query's default is 3)")
+    p.add_argument("--index-type", default="IVF_FLAT", help="GradientBank.create_index type (default IVF_FLAT)")
+    p.add_argument("--batch-rows", type=int, default=25_000, help="rows per append (one commit each)")
+    args = p.parse_args()
+    setup(args)
+
+    import numpy as np
+
+    from bank_format import BankMeta, CodecSpec, GradientBank, TensorSpec, encode_blob
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    n_queries = args.queries or (30 if args.quick else 100)
+    warmup = 3
+    layout = [TensorSpec("g", (16,))]
+    codec = CodecSpec(name="fp16")
+    meta_kw = dict(producer="regrad benchmarks/retrieval_scale", model={"id": "synthetic"},
+                   learner={"checkpoint_id": "synthetic"}, embedder={"id": "random-unit", "dim": DIM},
+                   layout=layout, codec=codec)
+    blob = encode_blob([np.linspace(-1, 1, 16, dtype=np.float32)], layout, codec)
+
+    results = []
+    for n in sizes:
+        rng = np.random.default_rng(args.seed)
+        with temp_dir(f"regrad-bench-scale-{n}-") as tmp:
+            bank = GradientBank.create(tmp / "bank", BankMeta(**meta_kw))
+            sources, source_ids = [], []
+            log(f"{n:,} rows: appending in batches of {args.batch_rows:,}")
+            with PeakRSS() as mem_build, timer() as t_build:
+                for start in range(0, n, args.batch_rows):
+                    m = min(args.batch_rows, n - start)
+                    emb = unit_rows(rng, m)
+                    # Keep a few rows per batch as sources of queries (spread over the whole bank).
+                    per_batch = -(-(warmup + n_queries) * m // n) + 1
+                    pick = rng.choice(m, size=min(m, per_batch), replace=False)
+                    sources.extend(emb[pick])
+                    source_ids.extend(f"doc-{start + int(i):08d}" for i in pick)
+                    bank.append([{"doc_id": f"doc-{start + i:08d}", "content_hash": f"h{start + i:x}",
+                                  "embedding": emb[i], "blob": blob, "n_tokens": 128, "source": "synthetic"}
+                                 for i in range(m)])
+                    del emb
+            disk = dir_bytes(tmp / "bank")
+            qrng = np.random.default_rng(args.seed + 1)
+            chosen = qrng.choice(len(sources), size=min(len(sources), warmup + n_queries), replace=False)
+            noise = unit_rows(qrng, len(chosen))
+            queries = [(source_ids[c], (lambda v: v / np.linalg.norm(v))(sources[c] + 0.5 * noise[j]))
+                       for j, c in enumerate(chosen)]
+
+            def timed_search(qs) -> tuple[list[float], list[list[str]]]:
+                lat, hits = [], []
+                for _, q in qs:
+                    t0 = time.perf_counter()
+                    r = bank.search(q, args.k)
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                    hits.append([h["doc_id"] for h in r])
+                return lat, hits
+
+            log(f"{n:,} rows: exact search (no index)")
+            timed_search(queries[:warmup])
+            with PeakRSS() as mem_flat:
+                flat_lat, flat_hits = timed_search(queries[warmup:])
+            log(f"{n:,} rows: building {args.index_type} index")
+            with PeakRSS() as mem_index, timer() as t_index:
+                bank.create_index(args.index_type)
+            disk_indexed = dir_bytes(tmp / "bank")
+            log(f"{n:,} rows: indexed search")
+            timed_search(queries[:warmup])
+            with PeakRSS() as mem_ann:
+                ann_lat, ann_hits = timed_search(queries[warmup:])
+            timed = queries[warmup:]
+            results.append({
+                "rows": n,
+                "timed_queries": len(timed),
+                "build_s": t_build["s"],
+                "rows_per_s": n / t_build["s"],
+                "index_build_s": t_index["s"],
+                "disk_mb": disk / 2**20,
+                "disk_mb_indexed": disk_indexed / 2**20,
+                "exact_p50_ms": median(flat_lat), "exact_p95_ms": pct(flat_lat, 95),
+                "indexed_p50_ms": median(ann_lat), "indexed_p95_ms": pct(ann_lat, 95),
+                "exact_recall_at_1": float(np.mean([h[0] == s for h, (s, _) in zip(flat_hits, timed)])),
+                "indexed_recall_at_1": float(np.mean([h[0] == s for h, (s, _) in zip(ann_hits, timed)])),
+                "indexed_recall_at_k_vs_exact": float(np.mean(
+                    [len(set(a) & set(f)) / max(1, len(f)) for a, f in zip(ann_hits, flat_hits)])),
+                "peak_rss_mb": {"build": mem_build.peak_mb, "exact": mem_flat.peak_mb,
+                                "index": mem_index.peak_mb, "indexed": mem_ann.peak_mb},
+            })
+            del bank
+
+    print_table(
+        f"Bank search, {DIM}-dim random unit embeddings, top-{args.k}, {n_queries} timed queries "
+        f"({warmup} warm-up excluded), index {args.index_type} with default partitions (sqrt(rows))",
+        ["rows", "build s", "rows/s", "disk MB", "exact p50", "exact p95", "index s", "indexed p50",
+         "indexed p95", "R@1 exact", "R@1 indexed", "R@k vs exact", "peak RSS MB"],
+        [[r["rows"], r["build_s"], r["rows_per_s"], r["disk_mb"], r["exact_p50_ms"], r["exact_p95_ms"],
+          r["index_build_s"], r["indexed_p50_ms"], r["indexed_p95_ms"], r["exact_recall_at_1"],
+          r["indexed_recall_at_1"], r["indexed_recall_at_k_vs_exact"], max(r["peak_rss_mb"].values())]
+         for r in results],
+    )
+    by_rows = {r["rows"]: r for r in results}
+
+    def p50(n: int):
+        return by_rows[n]["indexed_p50_ms"] if n in by_rows else None
+
+    emit({
+        "benchmark": "retrieval_scale",
+        "quick": args.quick,
+        "p50_ms_1m_indexed": p50(1_000_000),
+        "p50_ms_100k_indexed": p50(100_000),
+        "goal_p50_ms_1m_indexed": 30,
+        "per_size": {str(r["rows"]): {k: v for k, v in r.items() if k != "rows"} for r in results},
+        "k": args.k,
+        "index_type": args.index_type,
+        "n_queries": n_queries,
+        "dim": DIM,
+        "machine": machine(),
+    }, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
