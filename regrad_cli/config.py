@@ -76,7 +76,9 @@ class BankConfig:
     codec: str = "int4"
     zstd_level: int = 3
     group_size: int = 64
-    batch_size: int = 8
+    # Documents per forward/backward pass: 4 measured best on a 2-core CPU (benchmarks/
+    # build_throughput.py); larger batches pad more and use more memory.
+    batch_size: int = 4
     max_doc_tokens: int = 256
 
 
