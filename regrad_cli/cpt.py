@@ -9,8 +9,10 @@ state carry over from batch to batch, which is what makes drift and forgetting a
 Defaults (chosen for a 135M model on a CPU and a corpus of tens to hundreds of passages):
 full fine-tuning of every base parameter (``params="all"``; ``"mlp"`` trains only the MLP
 projections, where the LoRA learner lives), AdamW lr 5e-5, no weight decay, constant rate,
-3 epochs over the documents in seeded random order, 4 documents per step, documents truncated to
-256 tokens (as in the bank), gradient-norm clip 1.0, in the model's dtype, dropout off (eval mode).
+3 epochs over the documents in seeded random order, 4 documents per step (accumulated one document
+per forward pass, which keeps the activations of a full backward small), documents truncated to 256
+tokens (as in the bank), gradient-norm clip 1.0, in the model's dtype, dropout off (eval mode).
+The loss of a step is the mean over its documents of each document's mean next-token NLL.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class CPTConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0
+    micro_batch: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,18 +110,22 @@ class ContinualPretrainer:
             rng.shuffle(order)
             epoch_losses = []
             for start in range(0, len(order), cfg.batch_size):
-                enc = encode_documents(self.tokenizer, order[start:start + cfg.batch_size], cfg.max_tokens)
-                with torch.enable_grad():
-                    loss = per_sample_nll(self.model, enc.input_ids.to(device),
-                                          enc.attention_mask.to(device)).mean()
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                batch = order[start:start + cfg.batch_size]
+                self.opt.zero_grad(set_to_none=True)
+                loss = 0.0
+                for m in range(0, len(batch), max(1, cfg.micro_batch)):
+                    enc = encode_documents(self.tokenizer, batch[m:m + max(1, cfg.micro_batch)], cfg.max_tokens)
+                    with torch.enable_grad():
+                        part = per_sample_nll(self.model, enc.input_ids.to(device),
+                                              enc.attention_mask.to(device)).sum() / len(batch)
+                        part.backward()
+                    loss += float(part.detach())
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip)
                 self.opt.step()
                 self.steps += 1
                 done += 1
-                epoch_losses.append(float(loss.detach()))
+                epoch_losses.append(loss)
                 if progress:
                     progress(done, total)
             losses.append(epoch_losses)

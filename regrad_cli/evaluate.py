@@ -277,6 +277,12 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
     general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
     with engine.learner.disabled():
         ppl0 = perplexity(engine.model, engine.tokenizer, general, max_tokens=cfg.ppl_max_tokens)
+        # One-off costs (the tokenizer's newline table, first kernels) must not land in the
+        # latency of whichever system happens to run first.
+        from regrad_cli.generation import generate
+        from regrad_cli.prompting import prompt_ids
+
+        generate(engine.model, engine.tokenizer, [prompt_ids(engine.tokenizer, "warm-up")], 2)
     load_s = time.time() - t_load
     total = 0
     for _, _, groups in data:

@@ -165,6 +165,20 @@ def test_cpt_trains_a_copy_only():
     assert changed and all(".mlp." in n for n in changed)
 
 
+def test_cpt_accumulation_equals_one_batch():
+    """One document per forward (the memory-saving default) takes the same step as a batch of 4."""
+    texts = [r["documents"][0] for r in RECORDS[:4]]
+    engine = _engine()
+    runs = []
+    for micro in (1, 4):
+        cpt = ContinualPretrainer(engine.model, engine.tokenizer,
+                                  CPTConfig(lr=1e-3, epochs=1, batch_size=4, micro_batch=micro), engine.learner)
+        cpt.train(texts)
+        runs.append(dict(cpt.model.named_parameters()))
+    for n, p in runs[0].items():
+        torch.testing.assert_close(p, runs[1][n], rtol=1e-4, atol=1e-6)
+
+
 def test_options_are_checked(tmp_path, dataset):
     assert parse_systems(None) == list(SYSTEMS)
     assert parse_systems("regrad, rag,regrad") == ["regrad", "rag"]
