@@ -312,8 +312,12 @@ def test_unlearning_purge_removes_bytes_from_every_file(tmp_path):
         "normalised embedding (index)": unit.tobytes()[:16],
         "doc_id": secret_id.encode(),
     }
-    for what, needle in needles.items():  # positive controls: each is on disk before purging
-        assert files_containing(path, needle), f"{what} not found on disk before deletion"
+    present = {what for what, needle in needles.items() if files_containing(path, needle)}
+    # Positive controls: each is on disk before purging. The index's normalised copy is not
+    # always stored byte-for-byte (its k-means training on 40 rows varies), so it is checked
+    # after the purge only when it was found before.
+    assert present >= {"blob", "embedding", "doc_id"}, f"missing before deletion: {set(needles) - present}"
+    needles = {what: needle for what, needle in needles.items() if what in present}
 
     assert bank.delete([secret_id]) == 1
     assert files_containing(path, blob), "delete alone only marks the row"
