@@ -31,7 +31,7 @@ def meta_train_cmd(
     max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Truncate documents to this many tokens.")] = 256,
     dev_limit: Annotated[int, typer.Option("--dev-limit", help="Dev questions per evaluation.")] = 48,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on dev and save state every N steps.")] = 25,
-    alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha.")] = 0.1,
+    alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha (0.1 stayed too small over a few hundred CPU steps).")] = 1.0,
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
