@@ -12,16 +12,16 @@ import torch
 
 from regrad_cli.prompting import answer_ids, extract_answer
 
-_NEWLINE_IDS: dict[int, torch.Tensor] = {}
-
-
 def _newline_token_ids(tokenizer) -> torch.Tensor:
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
-        vocab = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
-        ids = [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])] if vocab < 300_000 else []
-        _NEWLINE_IDS[key] = torch.tensor(sorted(set(ids)), dtype=torch.long)
-    return _NEWLINE_IDS[key]
+    """Ids of every token whose text contains a newline (generation stops at the first one).
+
+    Computed once per tokenizer and kept on it: decoding the whole vocabulary costs ~0.2 s."""
+    ids = getattr(tokenizer, "_regrad_newline_ids", None)
+    if ids is None:
+        ids = torch.tensor([i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])],
+                           dtype=torch.long)
+        tokenizer._regrad_newline_ids = ids
+    return ids
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
