@@ -9,6 +9,8 @@ sees the same sums of k gradients that queries apply. The inner gradients are ta
 create_graph (second order) unless --first-order. One meta-step handles a meta-batch of questions
 in two passes: one forward/backward over all their documents (per-question gradient sums come out
 of a single backward, see gradients.py), then one batched outer forward with one adapter per row.
+Under torchrun each process takes a shard of every meta-batch and the gradients are summed
+(distributed.py); the result is the single-process step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from regrad_cli import distributed
 from regrad_cli.datasets import QAItem, corpus_of, load_dataset
+from regrad_cli.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.generation import answer_nll, generate
 from regrad_cli.gradients import encode_documents, grouped_gradients, per_sample_nll
@@ -126,13 +130,23 @@ def _flatten(learner: Learner, batch, combine: str):
     for qi, (_, docs, scores) in enumerate(batch):
         texts += docs
         group += [qi] * len(docs)
-        weights.append(learner.combine_weights(torch.tensor(scores, dtype=torch.float32), combine))
+        # Retrieval scores come as floats; the temperature lives on the model's device.
+        scores_t = torch.tensor(scores, dtype=torch.float32, device=learner.log_temp.device)
+        weights.append(learner.combine_weights(scores_t, combine))
     return texts, group, torch.cat(weights)
 
 
 def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple[QAItem, list[str], list[float]]],
-               cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None):
-    """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha)."""
+               cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None, *,
+               share: float = 1.0, general_share: float = 1.0):
+    """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha).
+
+    The loss is the mean over questions of each answer's mean token NLL, plus ``cfg.locality``
+    times the KL averaged over the rows of ``general_ids``. When a meta-batch is split over
+    processes, ``share`` and ``general_share`` are this shard's fractions of the questions and
+    of the general-text rows: the shards' losses, and so their gradients, then sum exactly to
+    the whole batch's (a mean over n questions is the sum of each shard's mean x n_shard / n).
+    """
     texts, group, weights = _flatten(learner, batch, cfg.combine)
     enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
     phi = learner.phi_dict()
@@ -147,25 +161,28 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple[QAItem,
     answers = [it.answers[0] for it, _, _ in batch]
     with learner.using(adapted):
         nll = answer_nll(model, tokenizer, prompts, answers)
-    loss = nll.mean()
+    loss = nll.mean() * share
     kl = torch.zeros(())
-    if cfg.locality > 0 and general_ids is not None:
-        ids = general_ids[: len(batch)].to(nll.device)
+    if cfg.locality > 0 and general_ids is not None and len(general_ids):
+        ids = general_ids.to(nll.device)
         mask = torch.ones_like(ids)
         with torch.no_grad(), learner.disabled():
             base_logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         with learner.using(adapted):
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         kl = (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
-        loss = loss + cfg.locality * kl
+        loss = loss + cfg.locality * general_share * kl
     return loss, {"nll": nll.detach().mean().item(), "doc_nll": doc_losses.mean().item(),
                   "kl": float(kl.detach())}
 
 
 # Evaluation during training --------------------------------------------------------------------
+DEV_MODES = ("param", "closed-book+phi")
+
+
 @torch.no_grad()
 def evaluate_dev(model, tokenizer, learner: Learner, dev: list[tuple[QAItem, list[str]]],
-                 cfg: MetaTrainConfig, batch_size: int = 8, modes=("param", "closed-book+phi")) -> dict:
+                 cfg: MetaTrainConfig, batch_size: int = 8, modes=DEV_MODES) -> dict:
     """Dev F1/EM/NLL with the training construction of documents (gold + distractors)."""
     results = {}
     for mode in modes:
@@ -212,6 +229,41 @@ def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
     return f
 
 
+def _evaluate_dev_sharded(model, tokenizer, learner: Learner, dev: list, cfg: MetaTrainConfig,
+                          dist: Dist, batch_size: int = 8) -> dict:
+    """``evaluate_dev`` with the dev batches split over the processes and the means combined.
+
+    Each rank takes whole batches of the single-process run, so every question is scored with
+    the same padding (and the same numbers) as without torchrun."""
+    if not dist.enabled:
+        return evaluate_dev(model, tokenizer, learner, dev, cfg, batch_size)
+    lo, hi = dist.bounds(-(-len(dev) // batch_size))
+    mine = dev[lo * batch_size: hi * batch_size]
+    res = evaluate_dev(model, tokenizer, learner, mine, cfg, batch_size) if mine else {}
+    keys = ("f1", "em", "nll")
+    sums = torch.tensor([[res[m][k] * res[m]["n"] for k in keys] + [res[m]["n"]] if mine else [0.0] * 4
+                         for m in DEV_MODES], dtype=torch.float64, device=next(learner.parameters()).device)
+    dist.sum_(sums)
+    out = {}
+    for m, row in zip(DEV_MODES, sums.tolist()):
+        out[m] = {**{k: row[i] / row[3] for i, k in enumerate(keys)}, "n": int(row[3])}
+    # Every rank must take the same best/last decision: use rank 0's numbers everywhere.
+    return dist.broadcast_object(out)
+
+
+def _batch_stats(dist: Dist, loss: torch.Tensor, info: dict, shard: list, share: float,
+                 general_share: float) -> tuple[float, dict]:
+    """The logged loss and its parts for the whole meta-batch (a rank saw only its shard)."""
+    if not dist.enabled:
+        return float(loss.detach()), info
+    n_docs = sum(len(docs) for _, docs, _ in shard)
+    t = torch.tensor([float(loss.detach()), info["nll"] * share, info["doc_nll"] * n_docs, n_docs,
+                      info["kl"] * general_share], dtype=torch.float64, device=loss.device)
+    dist.sum_(t)
+    loss_v, nll, doc_sum, docs, kl = t.tolist()
+    return loss_v, {"nll": nll, "doc_nll": doc_sum / docs, "kl": kl}
+
+
 def meta_train(
     cfg: MetaTrainConfig,
     model,
@@ -222,11 +274,22 @@ def meta_train(
     resume: bool = False,
     progress: Callable[[int, int, dict], None] | None = None,
     general_text: str | None = None,
+    dist: Dist | None = None,
 ) -> dict:
     """Run meta-training; returns a summary. Writes into cfg.out:
-    ``best/`` and ``last/`` learner checkpoints, ``state.pt`` (resume), ``log.json``, ``curves.png``."""
+    ``best/`` and ``last/`` learner checkpoints, ``state.pt`` (resume), ``log.json``, ``curves.png``.
+
+    Under torchrun (``dist``, default: the job this process joined, see distributed.py) every
+    process runs this function on its shard of each meta-batch; only rank 0 writes files and
+    calls ``progress``. ``cfg.meta_batch`` stays the global batch, so the run equals the
+    single-process one up to float rounding."""
+    dist = dist or distributed.current()
+    if cfg.meta_batch < dist.world:
+        raise RegradError(f"--meta-batch {cfg.meta_batch} is smaller than the {dist.world} processes: "
+                          "each process needs at least one question per meta-step")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if learner is None:
         if cfg.init_checkpoint:
@@ -236,8 +299,11 @@ def meta_train(
                 seed=cfg.seed, b_std=cfg.b_std, alpha_init=cfg.alpha_init)
         learner.attach(model)
 
-    pools = [build_pool(spec, load_dataset(spec), embedder) for spec in cfg.train]
-    dev_pools = [build_pool(spec, load_dataset(spec), embedder) for spec in cfg.dev]
+    # Rank 0 reads and embeds the data once; every rank gets the same pools, so the same
+    # neighbours and scores, and draws the same meta-batches from them.
+    pools, dev_pools = dist.broadcast_object(
+        ([build_pool(spec, load_dataset(spec), embedder) for spec in cfg.train],
+         [build_pool(spec, load_dataset(spec), embedder) for spec in cfg.dev]) if dist.main else None)
     weights = cfg.mix_weights or [len(p.items) for p in pools]
     if len(weights) != len(pools):
         raise RegradError("--mix needs one weight per --train dataset")
@@ -254,11 +320,15 @@ def meta_train(
     if cfg.epochs:
         steps = max(1, int(math.ceil(cfg.epochs * total_items / cfg.meta_batch)))
 
-    general_ids = None
+    general_ids, general_share = None, 1.0
     if cfg.locality > 0 and general_text:
         ids = tokenizer(general_text).input_ids
         chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
         general_ids = torch.tensor(chunks[: max(1, cfg.meta_batch)])
+        # The rows are split over the processes like the questions.
+        g_lo, g_hi = dist.bounds(len(general_ids))
+        general_share = (g_hi - g_lo) / max(1, len(general_ids))
+        general_ids = general_ids[g_lo:g_hi]
 
     params_phi = [learner.phi[k] for k in learner.phi.keys()]
     params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
@@ -274,13 +344,19 @@ def meta_train(
     history: dict = {"config": asdict(cfg), "train": [], "dev": []}
     start_step, best_f1 = 0, -1.0
     state_path = out / "state.pt"
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+    # Rank 0 reads the state and sends it to the others: OUT need not be shared between nodes.
+    state = dist.broadcast_object(
+        torch.load(state_path, weights_only=False, map_location="cpu")
+        if resume and dist.main and state_path.exists() else None)
+    if state is not None:
         learner.load_state_dict(state["learner"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_step, best_f1, history = state["step"], state["best_f1"], state["history"]
-        log.info("resumed from step %d", start_step)
+        if dist.main:
+            log.info("resumed from step %d", start_step)
+    # Identical by construction (same seed, same checkpoint); the broadcast makes it certain.
+    dist.broadcast_(learner.parameters())
 
     def save_state(step: int) -> None:
         tmp = out / "state.pt.tmp"
@@ -290,19 +366,24 @@ def meta_train(
 
     def run_dev(step: int) -> None:
         nonlocal best_f1
-        res = evaluate_dev(model, tokenizer, learner, dev, cfg)
+        dist.check_in_sync(learner.parameters())
+        res = _evaluate_dev_sharded(model, tokenizer, learner, dev, cfg, dist)
         history["dev"].append({"step": step, **res})
         f1 = res["param"]["f1"]
-        log.info("dev step %d: %s", step, json.dumps(res))
         if f1 > best_f1:
             best_f1 = f1
-            learner.save(out / "best", {"trained": {"step": step, "dev": res, "config": asdict(cfg)}})
+            if dist.main:
+                learner.save(out / "best", {"trained": {"step": step, "dev": res, "config": asdict(cfg)}})
+        if dist.main:
+            log.info("dev step %d: %s", step, json.dumps(res))
 
     t0 = time.time()
     if start_step == 0 and dev:
         run_dev(0)
     for step in range(start_step, steps):
-        # Data order depends only on (seed, step): a resumed run sees the same batches.
+        # Data order depends only on (seed, step): a resumed run sees the same batches. Every
+        # process draws the whole meta-batch (the same random stream as one process) and keeps
+        # its shard.
         rng = random.Random(cfg.seed * 1_000_003 + step)
         batch = []
         for _ in range(cfg.meta_batch):
@@ -310,36 +391,46 @@ def meta_train(
             item = rng.choice(pool.items)
             docs = documents_for(item, pool, cfg.k, rng)
             batch.append((item, docs, pool.scores(item, docs)))
+        lo, hi = dist.bounds(len(batch))
+        share = (hi - lo) / len(batch)
         opt.zero_grad(set_to_none=True)
-        loss, info = outer_loss(model, tokenizer, learner, batch, cfg, general_ids)
+        loss, info = outer_loss(model, tokenizer, learner, batch[lo:hi], cfg, general_ids,
+                                share=share, general_share=general_share)
         loss.backward()
+        # Sum before clipping: every rank then clips the same whole-batch gradient.
+        dist.sum_grads(params_phi + params_alpha)
         gnorm = torch.nn.utils.clip_grad_norm_(params_phi + params_alpha, cfg.clip)
         opt.step()
         sched.step()
+        loss_value, info = _batch_stats(dist, loss, info, batch[lo:hi], share, general_share)
         alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
-        rec = {"step": step + 1, "loss": float(loss.detach()), **info, "grad_norm": float(gnorm),
+        rec = {"step": step + 1, "loss": loss_value, **info, "grad_norm": float(gnorm),
                "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
                "temp": float(learner.log_temp.detach().exp()),
                "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
         history["train"].append(rec)
-        if progress:
+        if progress and dist.main:
             progress(step + 1, steps, rec)
         if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             run_dev(step + 1)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             save_state(step + 1)
             (out / "log.json").write_text(json.dumps(history, indent=1))
     for p in params_phi + params_alpha:
         p.requires_grad_(False)
-    learner.save(out / "last", {"trained": {"step": steps, "config": asdict(cfg)}})
-    if not (out / "best").exists():
-        learner.save(out / "best", {"trained": {"step": steps, "config": asdict(cfg)}})
-    (out / "log.json").write_text(json.dumps(history, indent=1))
-    try:
-        plot_curves(history, out / "curves.png")
-    except Exception as exc:  # a plot must never lose a training run
-        log.warning("could not draw curves: %s", exc)
-    return {"steps": steps, "best_dev_f1": best_f1, "out": str(out),
+    dist.check_in_sync(learner.parameters())
+    if dist.main:
+        learner.save(out / "last", {"trained": {"step": steps, "config": asdict(cfg)}})
+        if not (out / "best").exists():
+            learner.save(out / "best", {"trained": {"step": steps, "config": asdict(cfg)}})
+        (out / "log.json").write_text(json.dumps(history, indent=1))
+        try:
+            plot_curves(history, out / "curves.png")
+        except Exception as exc:  # a plot must never lose a training run
+            log.warning("could not draw curves: %s", exc)
+    # The others wait for rank 0's files: when any process returns, the run is on disk.
+    dist.barrier()
+    return {"steps": steps, "best_dev_f1": best_f1, "out": str(out), "world_size": dist.world,
             "wall_s": round(time.time() - t0, 1), "last": history["train"][-1] if history["train"] else None}
 
 

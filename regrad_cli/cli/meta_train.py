@@ -40,17 +40,16 @@ def meta_train_cmd(
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
-    """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer."""
+    """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer (data-parallel under torchrun)."""
+    from importlib.resources import files
+
+    from regrad_cli import distributed
     from regrad_cli.config import Workspace
     from regrad_cli.metatrain import MetaTrainConfig, meta_train
     from regrad_cli.models import Embedder, load_language_model
 
     ws = Workspace.open(workspace, create=False) if workspace else None
     mcfg = ws.config.model if ws else None
-    lm = load_language_model(model or (mcfg.id if mcfg else "bundled:smollm2-135m-instruct"),
-                             device=device or (mcfg.device if mcfg else "cpu"),
-                             dtype=mcfg.dtype if mcfg else "float32")
-    emb = Embedder(ws.config.embedder.id if ws else "bundled:all-minilm-l6-v2", device=device or "cpu")
     cfg = MetaTrainConfig(
         train=list(train), dev=list(dev or []), out=str(out), k=k, steps=steps, epochs=epochs,
         meta_batch=meta_batch, lr=lr, alpha_lr=alpha_lr, warmup=warmup, clip=clip,
@@ -59,15 +58,28 @@ def meta_train_cmd(
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
     )
-    from importlib.resources import files
-
     general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
-    with progress_bar("meta-train", total=steps, enabled=not json_out) as update:
-        summary = meta_train(cfg, lm.model, lm.tokenizer, emb, resume=resume, general_text=general,
-                             progress=lambda s, n, r: update(s, n, f"loss {r['loss']:.3f} alpha {r['alpha_mean']:.3g}"))
+    # Under torchrun each process joins the job and takes the GPU of its LOCAL_RANK; alone,
+    # nothing is initialised and lm_device is the configured device.
+    dist, lm_device = distributed.init(device or (mcfg.device if mcfg else "cpu"))
+    try:
+        lm = load_language_model(model or (mcfg.id if mcfg else "bundled:smollm2-135m-instruct"),
+                                 device=lm_device, dtype=mcfg.dtype if mcfg else "float32")
+        # Only rank 0 embeds (meta_train sends the pools to the others); the embedder loads lazily.
+        emb = Embedder(ws.config.embedder.id if ws else "bundled:all-minilm-l6-v2",
+                       device=lm_device if device else "cpu")
+        with progress_bar("meta-train", total=steps, enabled=not json_out and dist.main) as update:
+            summary = meta_train(cfg, lm.model, lm.tokenizer, emb, resume=resume, general_text=general,
+                                 dist=dist, progress=lambda s, n, r: update(
+                                     s, n, f"loss {r['loss']:.3f} alpha {r['alpha_mean']:.3g}"))
+    finally:
+        distributed.shutdown()
+    if not dist.main:
+        return
     summary["model"] = lm.fingerprint
     if json_out:
         print_json(summary)
     else:
+        world = f" on {dist.world} processes" if dist.enabled else ""
         typer.echo(f"best dev F1 {summary['best_dev_f1']:.3f}; checkpoints in {out}/best and {out}/last "
-                   f"({summary['wall_s']:.0f} s)")
+                   f"({summary['wall_s']:.0f} s{world})")
