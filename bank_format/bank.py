@@ -74,6 +74,26 @@ def _table_dir(path: Path) -> Path:
     return path / f"{TABLE_NAME}.lance"
 
 
+def is_remote(path: Any) -> bool:
+    """True for an object-store URI such as ``s3://bucket/banks/b1`` (any ``scheme://`` but file)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _location(path: Any) -> "Path | str":
+    """A bank location: a local ``Path``, or the URI string of a remote bank (no trailing /)."""
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://"):]
+    if is_remote(path):
+        return path.rstrip("/")
+    if not isinstance(path, (str, os.PathLike)):
+        raise BankFormatError(f"a bank location must be a path or a URI, got {type(path).__name__}")
+    return Path(path)
+
+
+def _table_uri(loc: "Path | str") -> str:
+    return f"{loc}/{TABLE_NAME}.lance" if isinstance(loc, str) else str(_table_dir(loc))
+
+
 @contextlib.contextmanager
 def _lance_errors(what: str) -> Iterator[None]:
     """Turn lance/lancedb/arrow failures into one BankFormatError naming what was being done."""
@@ -88,8 +108,10 @@ def _lance_errors(what: str) -> Iterator[None]:
 class GradientBank:
     """One Gradient Bank on disk. Make one with ``create`` or ``open``, not the constructor."""
 
-    def __init__(self, path: Path, meta: BankMeta, db: Any, table: Any, read_only: str | None):
+    def __init__(self, path: "Path | str", meta: BankMeta, db: Any, table: Any, read_only: str | None,
+                 storage_options: Mapping[str, str] | None = None):
         self._path = path
+        self._storage = dict(storage_options or {})
         self._meta = meta
         self._db = db
         self._table = table
@@ -98,8 +120,22 @@ class GradientBank:
     # -- opening ------------------------------------------------------------------------------
 
     @property
-    def path(self) -> Path:
+    def path(self) -> "Path | str":
+        """The bank's directory (a ``Path``), or its URI (a ``str``) for an object-store bank."""
         return self._path
+
+    @property
+    def uri(self) -> str:
+        """The bank's location as a string (directory path or object-store URI)."""
+        return str(self._path)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self._path, str)
+
+    @property
+    def storage_options(self) -> dict:
+        return dict(self._storage)
 
     @property
     def meta(self) -> BankMeta:
@@ -113,27 +149,38 @@ class GradientBank:
         return f"GradientBank({str(self._path)!r}, codec={self._meta.codec.name})"
 
     @staticmethod
-    def exists(path: str | os.PathLike) -> bool:
+    def exists(path: str | os.PathLike, storage_options: Mapping[str, str] | None = None) -> bool:
         """True when ``path`` holds a bank's table (it may still turn out damaged on open).
 
         A table counts once it has a committed version: a process killed inside ``create`` can
         leave the table directory without one, and ``create`` must then be able to run again."""
-        versions = _table_dir(Path(path)) / "_versions"
+        loc = _location(path)
+        if isinstance(loc, str):
+            import lance
+
+            try:
+                lance.dataset(_table_uri(loc), storage_options=dict(storage_options or {}) or None)
+                return True
+            except Exception:  # no committed version there (lance raises ValueError/OSError)
+                return False
+        versions = _table_dir(loc) / "_versions"
         try:
             return any(p.name.endswith(".manifest") for p in versions.iterdir())
         except OSError:
             return False
 
     @staticmethod
-    def _connect(path: Path):
+    def _connect(path: "Path | str", storage_options: Mapping[str, str] | None = None):
         import lancedb
 
         # Interval 0: every call checks for the latest committed version, so a bank open in one
         # process sees rows appended by another; each call still reads one version (a snapshot).
-        return lancedb.connect(str(path), read_consistency_interval=timedelta(0))
+        return lancedb.connect(str(path), read_consistency_interval=timedelta(0),
+                               storage_options=dict(storage_options or {}) or None)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, meta: BankMeta) -> "GradientBank":
+    def create(cls, path: str | os.PathLike, meta: BankMeta,
+               storage_options: Mapping[str, str] | None = None) -> "GradientBank":
         """Create an empty bank in directory ``path``; refuse if a bank is already there."""
         if not isinstance(meta, BankMeta):
             raise BankFormatError(f"meta must be a BankMeta, got {type(meta).__name__}")
@@ -142,34 +189,38 @@ class GradientBank:
                 f"this regrad writes bank format {FORMAT_VERSION}, not {meta.format_version}"
             )
         meta = BankMeta.from_json(meta.to_json())  # exactly what a reader will see
-        path = Path(path)
-        with _lance_errors(f"cannot create bank directory {path}"):
-            path.mkdir(parents=True, exist_ok=True)
+        path = _location(path)
+        if isinstance(path, Path):
+            with _lance_errors(f"cannot create bank directory {path}"):
+                path.mkdir(parents=True, exist_ok=True)
         with cls._lock(path):
-            if cls.exists(path):
+            if cls.exists(path, storage_options):
                 raise BankFormatError(
                     f"a bank already exists at {path}; open it, or delete the directory to start over"
                 )
             with _lance_errors(f"cannot create bank at {path}"):
-                db = cls._connect(path)
+                db = cls._connect(path, storage_options)
                 table = db.create_table(TABLE_NAME, schema=arrow_schema(meta.dim, meta), mode="create")
         log.info("created bank at %s (codec %s)", path, meta.codec.name)
-        return cls(path, meta, db, table, None)
+        return cls(path, meta, db, table, None, storage_options)
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *, read_only: bool = False
+        cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *, read_only: bool = False,
+        storage_options: Mapping[str, str] | None = None,
     ) -> "GradientBank":
         """Open the bank at ``path``, checking its version, schema and (if given) fingerprints.
 
         ``expect`` may hold "model", "learner", "embedder", "layout", "codec"; only what is given
         is compared, and every difference is reported in one ``BankMismatchError``.
+        ``path`` may be an object-store URI (``s3://...``); ``storage_options`` then go to Lance
+        (credentials, endpoint, region; the AWS_* environment variables work too).
         """
-        path = Path(path)
-        if not cls.exists(path):
+        path = _location(path)
+        if not cls.exists(path, storage_options):
             raise BankFormatError(f"no bank at {path}")
         with _lance_errors(f"cannot open bank at {path}"):
-            db = cls._connect(path)
+            db = cls._connect(path, storage_options)
             table = db.open_table(TABLE_NAME)
             schema = table.schema
         raw = (schema.metadata or {}).get(META_KEY.encode())
@@ -200,14 +251,20 @@ class GradientBank:
             )
         elif read_only:
             reason = f"bank at {path} was opened read-only"
-        return cls(path, meta, db, table, reason)
+        return cls(path, meta, db, table, reason, storage_options)
 
     # -- internals ----------------------------------------------------------------------------
 
     @staticmethod
     @contextlib.contextmanager
-    def _lock(path: Path) -> Iterator[None]:
+    def _lock(path: "Path | str") -> Iterator[None]:
         import filelock
+
+        if isinstance(path, str):
+            # Object store: no file lock; Lance's commits are conditional writes, so concurrent
+            # writers conflict and retry instead of overwriting each other (docs/scaling.md).
+            yield
+            return
 
         lock = filelock.FileLock(str(path / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
         try:
@@ -232,7 +289,7 @@ class GradientBank:
         import lance
 
         with _lance_errors(f"cannot read bank at {self._path}"):
-            return lance.dataset(str(_table_dir(self._path)))
+            return lance.dataset(_table_uri(self._path), storage_options=self._storage or None)
 
     def _check_row(self, doc_id: str | None, blob: Any, checksum: Any, codec: Any) -> list[np.ndarray]:
         """Decode one stored row, or raise CorruptBlobError naming it (section 7)."""
@@ -320,22 +377,20 @@ class GradientBank:
             "n_tokens": n_tokens,
         }
 
-    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Validate, encode and append ``rows`` as ONE commit; return the number written.
+    def rows_table(self, rows: Sequence[Mapping[str, Any]]) -> Any:
+        """Validate and encode ``rows`` into the Arrow table that ``append`` writes (no I/O).
 
         Each row: ``doc_id``, ``content_hash``, ``embedding`` (dim floats), ``n_tokens``, optional
         ``source``, and either ``tensors`` (arrays in layout order) or ``blob`` (encoded bytes,
-        checked against the layout and codec before it is written).
+        checked against the layout and codec). Returns None for an empty list.
         """
         import pyarrow as pa
 
-        if self._read_only is not None:
-            raise BankFormatError(self._read_only)
         if isinstance(rows, Mapping):
             raise BankFormatError("append takes a list of row dicts, not one dict")
         prepared = [self._prepare_row(i, r) for i, r in enumerate(rows)]
         if not prepared:
-            return 0
+            return None
         seen = Counter((r["doc_id"], r["content_hash"]) for r in prepared)
         dup = [k for k, c in seen.items() if c > 1]
         if dup:
@@ -344,7 +399,7 @@ class GradientBank:
         dim = self._meta.dim
         schema = arrow_schema(dim)  # no metadata: an append must never touch the bank's metadata
         embeddings = np.stack([r["embedding"] for r in prepared]).reshape(-1)
-        data = pa.table(
+        return pa.table(
             {
                 "doc_id": pa.array([r["doc_id"] for r in prepared], pa.string()),
                 "content_hash": pa.array([r["content_hash"] for r in prepared], pa.string()),
@@ -358,10 +413,69 @@ class GradientBank:
             },
             schema=schema,
         )
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Validate, encode and append ``rows`` as ONE commit; return the number written.
+
+        Rows as in ``rows_table``.
+        """
+        if self._read_only is not None:
+            raise BankFormatError(self._read_only)
+        data = self.rows_table(rows)
+        if data is None:
+            return 0
         with self._writing(), _lance_errors(f"cannot append to bank at {self._path}"):
             self._table.add(data)
-        log.debug("appended %d rows to %s", len(prepared), self._path)
-        return len(prepared)
+        log.debug("appended %d rows to %s", data.num_rows, self._path)
+        return data.num_rows
+
+    def fragment_writer(self) -> Any:
+        """A picklable ``FragmentWriter`` for this bank: workers write fragments, the driver
+        commits them all with ``commit_fragments`` (see bank_format/fragments.py)."""
+        from .fragments import FragmentWriter
+
+        if self._read_only is not None:
+            raise BankFormatError(self._read_only)
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            version = self._dataset().data_storage_version
+        return FragmentWriter(self._path, self._meta, self._storage, version)
+
+    def commit_fragments(self, fragments: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> int:
+        """Make fragments written by ``FragmentWriter.write`` visible in ONE atomic commit (an
+        Append: the schema and bank metadata are carried over unchanged); return the rows added.
+
+        ``keys`` are the (doc_id, content_hash) of the new rows: a key already in the bank (say,
+        from a build that ran alongside) refuses the whole commit, so no row is ever doubled.
+        """
+        import lance
+
+        from .fragments import parse_fragments
+
+        if self._read_only is not None:
+            raise BankFormatError(self._read_only)
+        frags = parse_fragments(fragments)
+        if not frags:
+            return 0
+        n = sum(f.num_rows for f in frags)
+        with self._writing(), _lance_errors(f"cannot commit to bank at {self._path}"):
+            ds = self._dataset()
+            if keys is not None:
+                new = Counter(tuple(k) for k in keys)
+                dup = [k for k, c in new.items() if c > 1]
+                if dup:
+                    raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
+                t = ds.to_table(columns=["doc_id", "content_hash"])
+                have = set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
+                clash = sorted(have & set(new))
+                if clash:
+                    raise BankFormatError(
+                        f"{len(clash)} of the rows to commit are already in bank {self._path} (another "
+                        f"build ran alongside?), e.g. {clash[0]}; nothing was committed"
+                    )
+            lance.LanceDataset.commit(_table_uri(self._path), lance.LanceOperation.Append(frags),
+                                      read_version=ds.version, storage_options=self._storage or None)
+        log.info("committed %d fragments (%d rows) to %s", len(frags), n, self._path)
+        return n
 
     def delete(
         self,
@@ -495,6 +609,11 @@ class GradientBank:
             self._build_index(_INDEX_TYPES[index_type], num_partitions, **params)
 
     # -- reading ------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        """The latest committed dataset version (each append, delete or commit adds one)."""
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            return self._dataset().version
 
     def count(self) -> int:
         with _lance_errors(f"cannot read bank at {self._path}"):
@@ -685,7 +804,9 @@ class GradientBank:
             n_versions = len(ds.versions())
             version = ds.version
         bytes_on_disk = 0
-        for root, _dirs, files in os.walk(self._path):
+        if isinstance(self._path, str):  # object store: the data files of the current version
+            bytes_on_disk = sum(f.file_size_bytes or 0 for frag in ds.get_fragments() for f in frag.metadata.files)
+        for root, _dirs, files in os.walk(self._path) if isinstance(self._path, Path) else ():
             for name in files:
                 with contextlib.suppress(OSError):
                     bytes_on_disk += os.path.getsize(os.path.join(root, name))

@@ -56,10 +56,103 @@ def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:
 
 def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec) -> GradientBank:
     path = ws.bank_path(engine.learner.checkpoint_id())
-    if GradientBank.exists(path):
-        return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return GradientBank.create(path, bank_meta(engine, embedder_fp, codec))
+    opts = ws.bank_storage_options()
+    if GradientBank.exists(path, opts):
+        return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp), storage_options=opts)
+    if not isinstance(path, str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return GradientBank.create(path, bank_meta(engine, embedder_fp, codec), storage_options=opts)
+
+
+def build_lock(ws: Workspace, bank: GradientBank):
+    """The lock that keeps two builds off one bank: beside a local bank; for an object-store bank,
+    in the workspace (it then guards this machine only: see docs/scaling.md)."""
+    from filelock import FileLock
+
+    if bank.remote:
+        ws.banks_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(ws.banks_dir / (bank.uri.rsplit("/", 1)[-1] + ".remote.build.lock")))
+    return FileLock(str(bank.path) + ".build.lock")
+
+
+@dataclass
+class BuildPlan:
+    """What a build will do: the bank, the documents to compute, the stale keys to drop."""
+
+    bank: GradientBank
+    todo: list
+    current: set
+    stale: set
+    skipped: int
+    layout: list
+
+
+def open_build_bank(ws: Workspace, engine: Engine, codec: CodecSpec) -> GradientBank:
+    """The bank a build writes to (created on first use); refuses a workspace without documents."""
+    from regrad_cli.documents import DocumentStore
+
+    store = DocumentStore(ws)
+    if store.count() == 0:
+        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
+    return open_or_create_bank(ws, engine, store.embedder_fingerprint, codec)
+
+
+def plan_build(ws: Workspace, engine: Engine, bank: GradientBank, limit: int | None) -> BuildPlan:
+    """List the documents that lack a row in ``bank`` and the rows whose document is gone."""
+    from regrad_cli.documents import DocumentStore
+
+    store = DocumentStore(ws)
+    layout = [name for name, _ in engine.stored_tensors()]
+    if [t.name for t in bank.meta.layout] != layout:
+        raise RegradError(f"bank {bank.path} stores another tensor layout than this learner; "
+                          "remove it or use a fresh workspace")
+    docs = store.all(columns=["id", "content_hash", "text", "embedding", "source"])
+    current = {(d["id"], d["content_hash"]) for d in docs}
+    existing = bank.keys()
+    stale = existing - current
+    existing &= current
+    todo = [d for d in docs if (d["id"], d["content_hash"]) not in existing]
+    skipped = len(docs) - len(todo)
+    if limit is not None:
+        todo = todo[: max(0, limit)]
+    # Similar lengths in a batch waste less compute on padding.
+    todo.sort(key=lambda d: len(d["text"]))
+    return BuildPlan(bank, todo, current, stale, skipped, layout)
+
+
+def compute_rows(engine: Engine, batch: list[dict], layout: list[str], max_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Gradients of one batch of documents as bank rows; returns (rows, failed).
+
+    A batch that fails (out of memory on one huge batch, say) is retried one document at a time;
+    a document whose gradient fails or is not finite is reported in ``failed``, not written."""
+    from regrad_cli.gradients import document_gradients
+
+    failed: list[dict] = []
+    try:
+        grads, n_tokens = document_gradients(engine.model, engine.learner, engine.tokenizer,
+                                             [d["text"] for d in batch], max_tokens)
+    except RuntimeError as exc:
+        log.warning("batch failed (%s); retrying its documents one by one", exc)
+        grads, n_tokens, ok_batch = [], [], []
+        for d in batch:
+            try:
+                g, n = document_gradients(engine.model, engine.learner, engine.tokenizer, [d["text"]], max_tokens)
+                grads += g
+                n_tokens += n
+                ok_batch.append(d)
+            except RuntimeError as exc1:
+                failed.append({"doc_id": d["id"], "error": str(exc1)[:200]})
+        batch = ok_batch
+    rows = []
+    for d, g, n in zip(batch, grads, n_tokens):
+        tensors = [g[name].detach().cpu().numpy().astype(np.float32, copy=False) for name in layout]
+        if not all(np.isfinite(t).all() for t in tensors):
+            failed.append({"doc_id": d["id"], "error": "non-finite gradient"})
+            continue
+        rows.append({"doc_id": d["id"], "content_hash": d["content_hash"],
+                     "embedding": np.asarray(d["embedding"], dtype=np.float32),
+                     "tensors": tensors, "n_tokens": int(n), "source": d.get("source") or ""})
+    return rows, failed
 
 
 def build_bank(
@@ -72,77 +165,34 @@ def build_bank(
     max_tokens: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> BuildSummary:
-    """Compute and store the gradient of every document that lacks one."""
-    from filelock import FileLock, Timeout
-
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.gradients import document_gradients
+    """Compute and store the gradient of every document that lacks one (single process)."""
+    from filelock import Timeout
 
     bcfg = ws.config.bank
     codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
     batch_size = batch_size or bcfg.batch_size
     max_tokens = max_tokens or bcfg.max_doc_tokens
-    store = DocumentStore(ws)
-    if store.count() == 0:
-        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
-    embedder_fp = store.embedder_fingerprint
-    bank = open_or_create_bank(ws, engine, embedder_fp, codec)
-    summary = BuildSummary(bank=str(bank.path), checkpoint_id=engine.learner.checkpoint_id())
-    lock = FileLock(str(bank.path) + ".build.lock")
+    bank = open_build_bank(ws, engine, codec)
+    summary = BuildSummary(bank=bank.uri, checkpoint_id=engine.learner.checkpoint_id())
+    lock = build_lock(ws, bank)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise RegradError(f"another `regrad build-bank` is running on {bank.path}; wait for it to finish") from None
     try:
-        docs = store.all(columns=["id", "content_hash", "text", "embedding", "source"])
-        current = {(d["id"], d["content_hash"]) for d in docs}
-        existing = bank.keys()
-        stale = existing - current
-        if stale:
+        plan = plan_build(ws, engine, bank, limit)
+        if plan.stale:
             # Changed or deleted documents: their old gradients must not be retrieved any more.
-            bank.delete(keep_keys=current)
-            summary.removed_stale = len(stale)
-            existing = existing & current
-        todo = [d for d in docs if (d["id"], d["content_hash"]) not in existing]
-        summary.skipped = len(docs) - len(todo)
-        if limit is not None:
-            todo = todo[: max(0, limit)]
-        # Similar lengths in a batch waste less compute on padding.
-        todo.sort(key=lambda d: len(d["text"]))
-        layout = [name for name, _ in engine.stored_tensors()]
-        if [t.name for t in bank.meta.layout] != layout:
-            raise RegradError(f"bank {bank.path} stores another tensor layout than this learner; "
-                              "remove it or use a fresh workspace")
+            bank.delete(keep_keys=plan.current)
+            summary.removed_stale = len(plan.stale)
+        todo, layout = plan.todo, plan.layout
+        summary.skipped = plan.skipped
         t0 = time.time()
         if progress:
             progress(0, len(todo), 0.0)
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            try:
-                grads, n_tokens = document_gradients(engine.model, engine.learner, engine.tokenizer,
-                                                     [d["text"] for d in batch], max_tokens)
-            except RuntimeError as exc:  # e.g. out of memory on one huge batch
-                log.warning("batch failed (%s); retrying its documents one by one", exc)
-                grads, n_tokens, ok_batch = [], [], []
-                for d in batch:
-                    try:
-                        g, n = document_gradients(engine.model, engine.learner, engine.tokenizer,
-                                                  [d["text"]], max_tokens)
-                        grads += g
-                        n_tokens += n
-                        ok_batch.append(d)
-                    except RuntimeError as exc1:
-                        summary.failed.append({"doc_id": d["id"], "error": str(exc1)[:200]})
-                batch = ok_batch
-            rows = []
-            for d, g, n in zip(batch, grads, n_tokens):
-                tensors = [g[name].numpy().astype(np.float32, copy=False) for name in layout]
-                if not all(np.isfinite(t).all() for t in tensors):
-                    summary.failed.append({"doc_id": d["id"], "error": "non-finite gradient"})
-                    continue
-                rows.append({"doc_id": d["id"], "content_hash": d["content_hash"],
-                             "embedding": np.asarray(d["embedding"], dtype=np.float32),
-                             "tensors": tensors, "n_tokens": int(n), "source": d.get("source") or ""})
+            rows, failed = compute_rows(engine, todo[start:start + batch_size], layout, max_tokens)
+            summary.failed += failed
             if rows:
                 try:
                     bank.append(rows)

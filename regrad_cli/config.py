@@ -80,6 +80,14 @@ class BankConfig:
     # build_throughput.py); larger batches pad more and use more memory.
     batch_size: int = 4
     max_doc_tokens: int = 256
+    # Where banks live: "" = WORKSPACE/banks; or a directory or an object-store URI such as
+    # "s3://bucket/prefix" (one bank per learner checkpoint below it, as bank-<id>).
+    # $REGRAD_BANK_URI overrides it.
+    uri: str = ""
+    # LanceDB/Lance storage options for an object-store uri (aws_endpoint, aws_region,
+    # allow_http, ...); credentials are best left to the environment (AWS_ACCESS_KEY_ID, ...).
+    # REGRAD_BANK_STORAGE_OPTIONS (a JSON object) is merged over this table.
+    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -159,10 +167,48 @@ class Workspace:
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
-    def bank_path(self, checkpoint_id: str) -> Path:
+    @property
+    def banks_location(self) -> "Path | str":
+        """Where this workspace's banks live: WORKSPACE/banks, or [bank] uri (a directory or an
+        object-store URI, kept as a string)."""
+        uri = (os.environ.get("REGRAD_BANK_URI") or self.config.bank.uri or "").strip()
+        if not uri:
+            return self.banks_dir
+        if "://" in uri and not uri.startswith("file://"):
+            return uri.rstrip("/")
+        path = Path(uri.removeprefix("file://")).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def banks_remote(self) -> bool:
+        return isinstance(self.banks_location, str)
+
+    def bank_path(self, checkpoint_id: str) -> "Path | str":
         # One bank per learner checkpoint: gradients depend on phi, so a bank made with one
         # checkpoint must never be mixed with another (method.md §1.4).
-        return self.banks_dir / f"bank-{checkpoint_id[:16]}"
+        loc = self.banks_location
+        name = f"bank-{checkpoint_id[:16]}"
+        return f"{loc}/{name}" if isinstance(loc, str) else loc / name
+
+    def bank_storage_options(self) -> dict:
+        """Storage options for object-store banks: [bank] storage_options, then the JSON object in
+        $REGRAD_BANK_STORAGE_OPTIONS over it. Values are strings, as Lance wants them."""
+        import json
+
+        opts = self.config.bank.storage_options or {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{self.config_path}: [bank] storage_options must be a table")
+        opts = dict(opts)
+        raw = os.environ.get("REGRAD_BANK_STORAGE_OPTIONS")
+        if raw:
+            try:
+                extra = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"REGRAD_BANK_STORAGE_OPTIONS is not valid JSON: {exc}") from None
+            if not isinstance(extra, dict):
+                raise ConfigError("REGRAD_BANK_STORAGE_OPTIONS must be a JSON object")
+            opts.update(extra)
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in opts.items()}
 
     # Creation -----------------------------------------------------------------------------
     @classmethod

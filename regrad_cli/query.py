@@ -59,9 +59,10 @@ class QueryEngine:
         path = ws.bank_path(self.engine.learner.checkpoint_id())
         from bank_format import GradientBank
 
-        if GradientBank.exists(path):
+        opts = ws.bank_storage_options()
+        if GradientBank.exists(path, opts):
             self.bank = GradientBank.open(path, expect=expected_fingerprints(self.engine, self.embedder.fingerprint),
-                                          read_only=True)
+                                          read_only=True, storage_options=opts)
         elif need_bank:
             self._no_bank()
         self._check_embedder()
@@ -82,11 +83,12 @@ class QueryEngine:
             )
 
     def _no_bank(self):
-        others = sorted(p.name for p in self.ws.banks_dir.glob("bank-*")) if self.ws.banks_dir.exists() else []
+        loc = self.ws.banks_location
+        others = sorted(p.name for p in loc.glob("bank-*")) if not isinstance(loc, str) and loc.exists() else []
         hint = (f" (the workspace has banks for other learner checkpoints: {', '.join(others)}; "
                 "gradients depend on the checkpoint, so rebuild)") if others else ""
         raise NoBankError(f"no gradient bank for learner checkpoint {self.engine.learner.checkpoint_id()[:16]} "
-                          f"in {self.ws.root}{hint}: run `regrad build-bank`")
+                          f"in {loc}{hint}: run `regrad build-bank`")
 
     # Retrieval --------------------------------------------------------------------------------
     def retrieve(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:

@@ -104,6 +104,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--flush-rows", type=int, default=3)
     p.add_argument("--pause", type=float, default=0.0, help="sleep after each build batch (s)")
+    p.add_argument("--ray", type=int, default=0, help="build with the Ray engine and this many local workers")
     a = p.parse_args(argv)
     ws = open_ws(a.workspace)
     engine = make_engine()
@@ -116,7 +117,12 @@ def worker_main(argv: list[str]) -> int:
         if a.pause and d:
             time.sleep(a.pause)
 
-    if a.build:
+    if a.build and a.ray:
+        from regrad_cli.ray_build import build_bank_ray
+
+        s = build_bank_ray(ws, engine, loader=make_engine, batch_size=a.batch_size, workers=a.ray, progress=built)
+        _say("summary " + json.dumps(s.to_dict()))
+    elif a.build:
         s = do_build(ws, engine, a.batch_size, progress=built)
         _say("summary " + json.dumps(s.to_dict()))
     _say("done")
@@ -129,7 +135,7 @@ def worker_cmd(ws_root: Path, corpus: Path, *flags: str) -> list[str]:
 
 def worker_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])  # Ray workers too
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["OMP_NUM_THREADS"] = "1"
     return env

@@ -12,40 +12,65 @@ from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, print_json
 bank_app = typer.Typer(help="Inspect and maintain the gradient bank (stats, verify, rm, compact).",
                        no_args_is_help=True)
 
-BankOpt = Annotated[Optional[Path], typer.Option("--bank", help="Bank directory (default: the workspace's bank).")]
+BankOpt = Annotated[Optional[str], typer.Option(
+    "--bank", help="Bank directory or object-store URI such as s3://bucket/banks/bank-ID (default: the workspace's bank).")]
 
 
-def _bank_path(workspace: Path | None, bank: Path | None) -> tuple[Path, object]:
-    """The bank to work on: --bank, else the workspace's only bank, else the current checkpoint's."""
-    from regrad_cli.config import Workspace
-    from regrad_cli.errors import NoBankError
+def _bank_path(workspace: Path | None, bank: str | None) -> tuple["Path | str", object, dict]:
+    """The bank to work on: --bank, else the workspace's only bank, else the current checkpoint's.
+
+    Returns (location, workspace or None, storage options)."""
+    from bank_format import is_remote
+    from regrad_cli.config import RegradConfig, Workspace
+    from regrad_cli.errors import ConfigError, NoBankError
 
     if bank is not None:
-        return bank, None
+        try:  # storage options (and nothing else) come from the workspace when there is one
+            opts = Workspace.open(workspace, create=False).bank_storage_options()
+        except ConfigError:
+            opts = Workspace(Path("."), RegradConfig()).bank_storage_options()
+        return (bank.rstrip("/") if is_remote(bank) else Path(bank)), None, opts
     ws = Workspace.open(workspace, create=False)
-    banks = sorted(p for p in ws.banks_dir.glob("bank-*") if p.is_dir()) if ws.banks_dir.exists() else []
+    opts = ws.bank_storage_options()
+    loc = ws.banks_location
+    if isinstance(loc, str):  # object store: no listing; the current checkpoint's bank
+        return ws.bank_path(_current_checkpoint_id(ws)), ws, opts
+    banks = sorted(p for p in loc.glob("bank-*") if p.is_dir()) if loc.exists() else []
     if not banks:
         raise NoBankError(f"workspace {ws.root} has no gradient bank yet: run `regrad build-bank`")
     if len(banks) == 1:
-        return banks[0], ws
+        return banks[0], ws, opts
+    cid = _current_checkpoint_id(ws, required=False)
+    if cid is not None:
+        path = ws.bank_path(cid)
+        if path.exists():
+            return path, ws, opts
+    raise NoBankError(f"workspace {ws.root} has several banks ({', '.join(b.name for b in banks)}); "
+                      "pass --bank DIR")
+
+
+def _current_checkpoint_id(ws, required: bool = True) -> str | None:
     from regrad_cli.engine import bundled_checkpoint_dir
+    from regrad_cli.errors import NoBankError
     from regrad_cli.lora import Learner
 
     choice = ws.config.learner.checkpoint
-    ck = bundled_checkpoint_dir() if choice == "bundled" else Path(choice)
+    ck = bundled_checkpoint_dir() if choice == "bundled" else Path(choice).expanduser()
+    if (ck / "best" / "learner.json").exists():
+        ck = ck / "best"
     if (ck / "learner.json").exists():
-        path = ws.bank_path(Learner.load(ck).checkpoint_id())
-        if path.exists():
-            return path, ws
-    raise NoBankError(f"workspace {ws.root} has several banks ({', '.join(b.name for b in banks)}); "
-                      "pass --bank DIR")
+        return Learner.load(ck).checkpoint_id()
+    if required:
+        raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
+                          f"{choice!r} not found); pass --bank URI")
+    return None
 
 
 def _open(workspace, bank, read_only=True):
     from bank_format import GradientBank
 
-    path, ws = _bank_path(workspace, bank)
-    return GradientBank.open(path, read_only=read_only), ws
+    path, ws, opts = _bank_path(workspace, bank)
+    return GradientBank.open(path, read_only=read_only, storage_options=opts), ws
 
 
 @bank_app.command("stats")

@@ -16,6 +16,11 @@ def build_bank_cmd(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Documents per forward/backward pass.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Build at most N documents this run.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
+    engine_name: Annotated[str, typer.Option("--engine", help="'local' (one process, default) or 'ray' (a Ray Data actor pool, one atomic commit).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (e.g. ray://head:10001 or 'auto'); default: start a local one.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray actors (each loads the model once).")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", help="CPUs per Ray actor (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (e.g. 1, or 0.5 to share one).")] = 0.0,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
@@ -32,10 +37,24 @@ def build_bank_cmd(
         raise ConfigError(f"unknown codec {codec!r} (use {', '.join(CODECS)})")
     bcfg = ws.config.bank
     spec = CodecSpec(name=codec or bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    engine = Engine.load(ws, checkpoint=checkpoint, device=device)
+    if engine_name not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine_name!r} (use local or ray)")
+    if engine_name == "local" and (ray_address or gpus_per_worker):
+        raise ConfigError("--ray-address and --gpus-per-worker need --engine ray")
+    if engine_name == "ray" and device is None and gpus_per_worker > 0:
+        device = "cuda"
+    engine = Engine.load(ws, checkpoint=checkpoint, device="cpu" if engine_name == "ray" else device)
     with progress_bar("build-bank", enabled=not json_out) as update:
-        summary = build_bank(ws, engine, codec=spec, batch_size=batch_size, limit=limit,
-                             progress=lambda d, n, r: update(d, n, f"{r:.2f} docs/s"))
+        report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731
+        if engine_name == "ray":
+            from regrad_cli.ray_build import EngineLoader, build_bank_ray
+
+            summary = build_bank_ray(ws, engine, loader=EngineLoader.for_workspace(ws, checkpoint, device),
+                                     codec=spec, batch_size=batch_size, limit=limit, workers=workers,
+                                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                     address=ray_address, progress=report)
+        else:
+            summary = build_bank(ws, engine, codec=spec, batch_size=batch_size, limit=limit, progress=report)
     out = summary.to_dict()
     if json_out:
         print_json(out)

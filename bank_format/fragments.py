@@ -1,0 +1,69 @@
+"""Distributed writes: bank rows written as uncommitted Lance fragments by many workers, made
+visible by the driver in ONE commit (``GradientBank.commit_fragments``).
+
+A ``FragmentWriter`` holds only the bank's location, metadata and storage options, so it pickles
+to any worker process or machine (a Ray actor, say). Its ``write`` validates and encodes rows
+exactly as ``GradientBank.append`` does and writes their data files under the bank's table, but
+commits nothing: until the driver commits, readers see the previous version, and a build that
+dies before the commit leaves the bank as it was (the orphaned data files are removed by the next
+``compact``/``purge``, which deletes unreferenced files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .bank import GradientBank, _lance_errors, _location, _table_uri
+from .errors import BankFormatError
+from .schema import BankMeta, arrow_schema
+
+# Rows of one written fragment file at most (a worker's call writes one fragment per call
+# unless it is larger).
+MAX_ROWS_PER_FILE = 1 << 20
+
+
+class FragmentWriter:
+    """Writes rows of one bank as uncommitted fragments; picklable, usable from any process."""
+
+    def __init__(self, path: "Path | str", meta: BankMeta, storage_options: Mapping[str, str] | None = None,
+                 data_storage_version: str | None = None):
+        self.location = _location(path)
+        self.meta_json = meta.to_json()
+        self.storage_options = dict(storage_options or {})
+        self.data_storage_version = data_storage_version
+
+    def _encoder(self) -> GradientBank:
+        # A GradientBank with no connection: rows_table only needs the metadata.
+        return GradientBank(self.location, BankMeta.from_json(self.meta_json), None, None, None,
+                            self.storage_options)
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Validate, encode and write ``rows``; return the new fragments as JSON strings (to pass
+        to ``GradientBank.commit_fragments``). Nothing is visible to readers yet."""
+        import lance.fragment
+
+        encoder = self._encoder()
+        table = encoder.rows_table(rows)
+        if table is None:
+            return []
+        with _lance_errors(f"cannot write fragments of bank at {self.location}"):
+            frags = lance.fragment.write_fragments(
+                table, _table_uri(self.location), schema=arrow_schema(encoder.meta.dim), mode="append",
+                max_rows_per_file=MAX_ROWS_PER_FILE, data_storage_version=self.data_storage_version,
+                storage_options=self.storage_options or None,
+            )
+        return [json.dumps(f.to_json()) for f in frags]
+
+
+def parse_fragments(fragments: Sequence[str]) -> list[Any]:
+    from lance.fragment import FragmentMetadata
+
+    out = []
+    for i, f in enumerate(fragments):
+        try:
+            out.append(FragmentMetadata.from_json(f))
+        except Exception as e:
+            raise BankFormatError(f"fragment {i} is not Lance fragment metadata: {e}") from None
+    return out

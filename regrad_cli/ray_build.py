@@ -1,0 +1,263 @@
+"""build-bank --engine ray: the offline half of ReGrad on a Ray cluster.
+
+The driver lists the documents that still need a row (content hash + learner checkpoint, exactly
+as the single-process build does) and hands them to a Ray Data pipeline: ``map_batches`` on an
+actor pool whose actors load the model and learner once, compute the gradients (the same
+``compute_rows`` as the single-process build), encode them and write them as *uncommitted* Lance
+fragments straight into the bank (``bank_format.FragmentWriter``). The driver gathers the
+fragments' metadata and makes them visible in ONE atomic commit. Until that commit the bank is
+exactly as it was: a build that fails or is killed changes nothing a reader can see, and a rerun
+does all of the missing work again (the data files written before the failure are unreferenced;
+``regrad bank compact`` removes them).
+
+Ray is an optional dependency (``pip install "regrad[scale]"``); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bank_format import CodecSpec
+from regrad_cli.build import BuildSummary, build_lock, compute_rows, open_build_bank, plan_build
+from regrad_cli.config import Workspace
+from regrad_cli.engine import Engine
+from regrad_cli.errors import RegradError
+
+log = logging.getLogger("regrad")
+
+# Documents per actor call (and so per written fragment) at most; a call never gets more than an
+# equal share of the work, so every worker has something to do on a small corpus.
+MAX_DOCS_PER_CALL = 256
+
+
+@dataclass(frozen=True)
+class EngineLoader:
+    """How an actor loads the engine: the workspace's model and learner checkpoint (picklable).
+
+    It carries the workspace's configuration, not its path: a worker on another node needs the
+    model and the checkpoint (bundled, or a directory at the same path), not the workspace."""
+
+    config: dict
+    checkpoint: str | None = None
+    device: str | None = None
+
+    @classmethod
+    def for_workspace(cls, ws: Workspace, checkpoint: str | None = None, device: str | None = None) -> "EngineLoader":
+        from pathlib import Path
+
+        def absolute(p: str | None) -> str | None:
+            # Ray workers run in other directories: relative paths are made absolute here.
+            if p and p not in ("bundled", "init") and Path(p).expanduser().exists():
+                return str(Path(p).expanduser().resolve())
+            return p
+
+        cfg = ws.config.to_dict()
+        cfg["learner"]["checkpoint"] = absolute(cfg["learner"]["checkpoint"])
+        cfg["model"]["id"] = absolute(cfg["model"]["id"])
+        return cls(cfg, absolute(checkpoint), device)
+
+    def __call__(self) -> Engine:
+        from pathlib import Path
+
+        from regrad_cli.config import RegradConfig
+
+        ws = Workspace(Path("."), RegradConfig.from_dict(self.config))
+        return Engine.load(ws, checkpoint=self.checkpoint, device=self.device)
+
+
+class GradientActor:
+    """One Ray actor: loads the engine once, then turns batches of documents into fragments."""
+
+    def __init__(self, loader: Callable[[], Engine], writer: Any, layout: list[str], max_tokens: int,
+                 batch_size: int, checkpoint_id: str, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.engine = loader()
+        got = self.engine.learner.checkpoint_id()
+        if got != checkpoint_id:
+            raise RegradError(f"a Ray worker loaded learner checkpoint {got[:16]}, the driver {checkpoint_id[:16]}: "
+                              "every node must see the same checkpoint and model")
+        self.writer, self.layout = writer, layout
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+
+    def __call__(self, batch) -> dict:
+        docs = batch.to_pylist()
+        rows, failed = [], []
+        for start in range(0, len(docs), self.batch_size):
+            r, f = compute_rows(self.engine, docs[start:start + self.batch_size], self.layout, self.max_tokens)
+            rows += r
+            failed += f
+        fragments = self.writer.write(rows) if rows else []
+        return {
+            "fragments": [json.dumps(fragments)],
+            "keys": [json.dumps([[r["doc_id"], r["content_hash"]] for r in rows])],
+            "failed": [json.dumps(failed)],
+            "docs": [len(docs)],
+        }
+
+
+def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> bool:
+    """Join the cluster at ``address`` or start a local one; True when we started it."""
+    try:
+        import ray
+    except ImportError:
+        raise RegradError('--engine ray needs Ray: pip install "regrad[scale]" (ray[data])') from None
+    if ray.is_initialized():
+        return False
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}
+    for key in ("REGRAD_CACHE_DIR", "REGRAD_BANK_STORAGE_OPTIONS", "REGRAD_BANK_URI", "HF_HUB_OFFLINE"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "include_dashboard": False,
+                    "logging_level": logging.WARNING}
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:
+            raise RegradError(f"cannot join the Ray cluster at {address}: {exc}") from None
+        return True
+    ray.init(num_cpus=max(1, int(round(workers * cpus_per_worker))),
+             num_gpus=int(round(workers * gpus_per_worker)) or None, **kwargs)
+    return True
+
+
+def build_bank_ray(
+    ws: Workspace,
+    engine: Engine,
+    *,
+    loader: Callable[[], Engine] | None = None,
+    codec: CodecSpec | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    workers: int = 2,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    address: str | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> BuildSummary:
+    """Compute the missing gradients on a Ray actor pool; commit them all at once.
+
+    ``engine`` is the driver's copy (fingerprints, layout, checkpoint id); each actor loads its own
+    with ``loader`` (default: the workspace's model and checkpoint, as ``Engine.load``).
+    """
+    from filelock import Timeout
+
+    if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
+        raise RegradError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
+    bcfg = ws.config.bank
+    codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
+    batch_size = batch_size or bcfg.batch_size
+    max_tokens = max_tokens or bcfg.max_doc_tokens
+    loader = loader or EngineLoader.for_workspace(ws)
+    bank = open_build_bank(ws, engine, codec)
+    summary = BuildSummary(bank=bank.uri, checkpoint_id=engine.learner.checkpoint_id())
+    lock = build_lock(ws, bank)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RegradError(f"another `regrad build-bank` is running on {bank.path}; wait for it to finish") from None
+    started = False
+    try:
+        plan = plan_build(ws, engine, bank, limit)
+        summary.skipped = plan.skipped
+        todo = plan.todo
+        fragments: list[str] = []
+        keys: list[tuple[str, str]] = []
+        t0 = time.time()
+        if todo:
+            started = _init_ray(address, workers, cpus_per_worker, gpus_per_worker)
+            fragments, keys, failed = _run_pipeline(
+                todo, loader, bank.fragment_writer(), plan.layout, max_tokens, batch_size,
+                summary.checkpoint_id, workers, cpus_per_worker, gpus_per_worker, progress, t0)
+            summary.failed = failed
+        version = bank.version()
+        try:
+            summary.built = bank.commit_fragments(fragments, keys=keys)
+        except Exception as exc:
+            raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
+                              f"(version {version}): run `regrad build-bank --engine ray` again") from exc
+        if plan.stale:
+            # After the rows are in: a build that dies between the two commits leaves the stale
+            # rows behind (never used for a current document; the rerun removes them).
+            bank.delete(keep_keys=plan.current)
+            summary.removed_stale = len(plan.stale)
+        elapsed = time.time() - t0
+        summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
+        summary.rows = bank.count()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        lock.release()
+    return summary
+
+
+def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoint_id, workers,
+                  cpus_per_worker, gpus_per_worker, progress, t0):
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # regrad's own bar (or --json) reports progress
+    per_call = min(MAX_DOCS_PER_CALL, max(batch_size, -(-len(todo) // workers)))
+    dim = len(todo[0]["embedding"])
+    table = pa.table({
+        "id": [d["id"] for d in todo],
+        "content_hash": [d["content_hash"] for d in todo],
+        "text": [d["text"] for d in todo],
+        "source": [d.get("source") or "" for d in todo],
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray([d["embedding"] for d in todo], dtype=np.float32).reshape(-1)), dim),
+    })
+    # One block per actor call: no repartition step (an all-to-all task would need a CPU that
+    # the actors hold, and wait for ever on a cluster they fill).
+    ds = ray.data.from_arrow([table.slice(i, per_call) for i in range(0, len(todo), per_call)])
+    out = ds.map_batches(
+        GradientActor,
+        fn_constructor_args=(loader, writer, layout, max_tokens, batch_size, checkpoint_id, int(max(1, cpus_per_worker))),
+        batch_size=per_call,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(workers, -(-len(todo) // per_call))),
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+    )
+    fragments: list[str] = []
+    keys: list[tuple[str, str]] = []
+    failed: list[dict] = []
+    done = 0
+    if progress:
+        progress(0, len(todo), 0.0)
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for frag_json, key_json, fail_json, n in zip(*(batch.column(c).to_pylist()
+                                                           for c in ("fragments", "keys", "failed", "docs"))):
+                fragments += json.loads(frag_json)
+                keys += [tuple(k) for k in json.loads(key_json)]
+                failed += json.loads(fail_json)
+                done += n
+            if progress:
+                elapsed = time.time() - t0
+                progress(done, len(todo), len(keys) / elapsed if elapsed > 0 else 0.0)
+    except RegradError:
+        raise
+    except Exception as exc:
+        cause = _root_cause(exc)
+        raise RegradError(f"the Ray build failed before its commit, the bank is unchanged: {cause}") from exc
+    return fragments, keys, failed
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    # Ray wraps a worker's error in several layers; its last line names the original one.
+    return (text[-1] if text else type(exc).__name__)[:500]
