@@ -208,6 +208,7 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
     import ray
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # (ray.data sets its own level on import)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # regrad's own bar (or --json) reports progress
     per_call = min(MAX_DOCS_PER_CALL, max(batch_size, -(-len(todo) // workers)))
