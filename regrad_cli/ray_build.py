@@ -30,9 +30,12 @@ from regrad_cli.errors import RegradError
 
 log = logging.getLogger("regrad")
 
-# Documents per actor call (and so per written fragment) at most; a call never gets more than an
-# equal share of the work, so every worker has something to do on a small corpus.
+# Documents per actor call (and so per written fragment) at most. Calls are also small enough
+# that each worker gets about CALLS_PER_WORKER of them: an actor takes one call at a time, so the
+# work spreads over the actors as they become free (one big call each would leave the pool
+# waiting on whichever actor loaded its model last, or got the longest documents).
 MAX_DOCS_PER_CALL = 256
+CALLS_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # (ray.data sets its own level on import)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # regrad's own bar (or --json) reports progress
-    per_call = min(MAX_DOCS_PER_CALL, max(batch_size, -(-len(todo) // workers)))
+    per_call = min(MAX_DOCS_PER_CALL, max(batch_size, -(-len(todo) // (workers * CALLS_PER_WORKER))))
     dim = len(todo[0]["embedding"])
     table = pa.table({
         "id": [d["id"] for d in todo],
@@ -229,7 +232,8 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
         fn_constructor_args=(loader, writer, layout, max_tokens, batch_size, checkpoint_id, int(max(1, cpus_per_worker))),
         batch_size=per_call,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(workers, -(-len(todo) // per_call))),
+        compute=ray.data.ActorPoolStrategy(size=min(workers, -(-len(todo) // per_call)),
+                                           max_tasks_in_flight_per_actor=1),
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
     )
