@@ -205,6 +205,39 @@ class GradientBank:
         return cls(path, meta, db, table, None, storage_options)
 
     @classmethod
+    def create_from_fragments(cls, path: str | os.PathLike, meta: BankMeta, fragments: Sequence[str],
+                              keys: Sequence[tuple[str, str]] | None = None,
+                              storage_options: Mapping[str, str] | None = None) -> "GradientBank":
+        """Create a bank whose first version holds its metadata AND the rows of ``fragments``
+        (written by ``FragmentWriter`` for this location and ``meta``): one atomic commit, so a
+        build that dies before it leaves no bank at all. Refuses if a bank is already there."""
+        import lance
+
+        from .fragments import parse_fragments
+
+        if not isinstance(meta, BankMeta):
+            raise BankFormatError(f"meta must be a BankMeta, got {type(meta).__name__}")
+        meta = BankMeta.from_json(meta.to_json())
+        loc = _location(path)
+        frags = parse_fragments(fragments)
+        if keys is not None:
+            dup = [k for k, c in Counter(tuple(k) for k in keys).items() if c > 1]
+            if dup:
+                raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
+        if isinstance(loc, Path):
+            with _lance_errors(f"cannot create bank directory {loc}"):
+                loc.mkdir(parents=True, exist_ok=True)
+        with cls._lock(loc):
+            if cls.exists(loc, storage_options):
+                raise BankFormatError(f"a bank already exists at {loc}; commit the fragments to it instead")
+            with _lance_errors(f"cannot create bank at {loc}"):
+                lance.LanceDataset.commit(
+                    _table_uri(loc), lance.LanceOperation.Overwrite(arrow_schema(meta.dim, meta), frags),
+                    storage_options=dict(storage_options or {}) or None)
+        log.info("created bank at %s with %d rows in one commit", loc, sum(f.num_rows for f in frags))
+        return cls.open(loc, storage_options=storage_options)
+
+    @classmethod
     def open(
         cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *, read_only: bool = False,
         storage_options: Mapping[str, str] | None = None,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -54,25 +55,59 @@ def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:
             "embedder": fps["embedder"]}
 
 
-def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec) -> GradientBank:
+def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec,
+                        create: bool = True) -> GradientBank | None:
+    """The bank of this workspace and learner checkpoint; created when missing (else None when
+    ``create`` is False: the Ray engine creates a new bank together with its rows, in one commit)."""
     path = ws.bank_path(engine.learner.checkpoint_id())
     opts = ws.bank_storage_options()
     if GradientBank.exists(path, opts):
         return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp), storage_options=opts)
+    if not create:
+        return None
     if not isinstance(path, str):
         path.parent.mkdir(parents=True, exist_ok=True)
     return GradientBank.create(path, bank_meta(engine, embedder_fp, codec), storage_options=opts)
 
 
-def build_lock(ws: Workspace, bank: GradientBank):
+def build_lock(ws: Workspace, location):
     """The lock that keeps two builds off one bank: beside a local bank; for an object-store bank,
     in the workspace (it then guards this machine only: see docs/scaling.md)."""
     from filelock import FileLock
 
-    if bank.remote:
+    if isinstance(location, str):
         ws.banks_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(ws.banks_dir / (bank.uri.rsplit("/", 1)[-1] + ".remote.build.lock")))
-    return FileLock(str(bank.path) + ".build.lock")
+        return FileLock(str(ws.banks_dir / (location.rsplit("/", 1)[-1] + ".remote.build.lock")))
+    location.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(location) + ".build.lock")
+
+
+def build_settings(ws: Workspace, codec: CodecSpec | None, batch_size: int | None,
+                   max_tokens: int | None) -> tuple[CodecSpec, int, int]:
+    """The codec, batch size and token limit of a build: the arguments, else the workspace's."""
+    bcfg = ws.config.bank
+    codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
+    return codec, batch_size or bcfg.batch_size, max_tokens or bcfg.max_doc_tokens
+
+
+@contextmanager
+def locked_build(ws: Workspace, engine: Engine, codec: CodecSpec,
+                 create: bool = True) -> Iterator[tuple[GradientBank | None, "BuildSummary"]]:
+    """The bank a build writes to (None for a missing bank when ``create`` is False) and a fresh
+    summary, held under the build lock (refused at once when another build holds it)."""
+    from filelock import Timeout
+
+    location = ws.bank_path(engine.learner.checkpoint_id())
+    lock = build_lock(ws, location)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RegradError(f"another `regrad build-bank` is running on {location}; wait for it to finish") from None
+    try:
+        bank = open_build_bank(ws, engine, codec, create=create)
+        yield bank, BuildSummary(bank=str(location), checkpoint_id=engine.learner.checkpoint_id())
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -87,28 +122,30 @@ class BuildPlan:
     layout: list
 
 
-def open_build_bank(ws: Workspace, engine: Engine, codec: CodecSpec) -> GradientBank:
-    """The bank a build writes to (created on first use); refuses a workspace without documents."""
+def open_build_bank(ws: Workspace, engine: Engine, codec: CodecSpec, create: bool = True) -> GradientBank | None:
+    """The bank a build writes to (created on first use unless ``create`` is False); refuses a
+    workspace without documents."""
     from regrad_cli.documents import DocumentStore
 
     store = DocumentStore(ws)
     if store.count() == 0:
         raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
-    return open_or_create_bank(ws, engine, store.embedder_fingerprint, codec)
+    return open_or_create_bank(ws, engine, store.embedder_fingerprint, codec, create=create)
 
 
-def plan_build(ws: Workspace, engine: Engine, bank: GradientBank, limit: int | None) -> BuildPlan:
-    """List the documents that lack a row in ``bank`` and the rows whose document is gone."""
+def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: int | None) -> BuildPlan:
+    """List the documents that lack a row in ``bank`` (all of them for a bank not created yet)
+    and the rows whose document is gone."""
     from regrad_cli.documents import DocumentStore
 
     store = DocumentStore(ws)
     layout = [name for name, _ in engine.stored_tensors()]
-    if [t.name for t in bank.meta.layout] != layout:
+    if bank is not None and [t.name for t in bank.meta.layout] != layout:
         raise RegradError(f"bank {bank.path} stores another tensor layout than this learner; "
                           "remove it or use a fresh workspace")
     docs = store.all(columns=["id", "content_hash", "text", "embedding", "source"])
     current = {(d["id"], d["content_hash"]) for d in docs}
-    existing = bank.keys()
+    existing = bank.keys() if bank is not None else set()
     stale = existing - current
     existing &= current
     todo = [d for d in docs if (d["id"], d["content_hash"]) not in existing]
@@ -166,20 +203,8 @@ def build_bank(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> BuildSummary:
     """Compute and store the gradient of every document that lacks one (single process)."""
-    from filelock import Timeout
-
-    bcfg = ws.config.bank
-    codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    batch_size = batch_size or bcfg.batch_size
-    max_tokens = max_tokens or bcfg.max_doc_tokens
-    bank = open_build_bank(ws, engine, codec)
-    summary = BuildSummary(bank=bank.uri, checkpoint_id=engine.learner.checkpoint_id())
-    lock = build_lock(ws, bank)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RegradError(f"another `regrad build-bank` is running on {bank.path}; wait for it to finish") from None
-    try:
+    codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
+    with locked_build(ws, engine, codec) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)
         if plan.stale:
             # Changed or deleted documents: their old gradients must not be retrieved any more.
@@ -209,6 +234,4 @@ def build_bank(
         elapsed = time.time() - t0
         summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
         summary.rows = bank.count()
-    finally:
-        lock.release()
     return summary

@@ -573,10 +573,10 @@ def render_report(results: dict) -> str:
               f"- model: {fp['model'].get('id')} (weights {str(fp['model'].get('weights_sha256'))[:20]}…), "
               f"learner {fp['learner']['checkpoint_id'][:16]} (combine {results['learner']['combine']}"
               f"{', untrained init' if not results['learner']['trained'] else ''}), embedder {fp['embedder'].get('id')}",
-              f"- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k != "platform"),
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k != "platform"),
               f"- top-k {cfg['top_k']}, gamma {cfg['gamma']}, retriever {cfg['retriever']}, greedy "
               f"{cfg['max_new_tokens']} new tokens, seed {cfg['seed']}, wall time {results['wall_s'].get('total')} s",
-              f"- CPT: " + ", ".join(f"{k} {v}" for k, v in cfg["cpt"].items()),
+              "- CPT: " + ", ".join(f"{k} {v}" for k, v in cfg["cpt"].items()),
               f"- base model: sha256 {results['base_model']['sha256'][:16]}…, general-text perplexity "
               f"{results['base_model']['ppl_general_text']:.3f}", ""]
     for spec, ds in results["datasets"].items():

@@ -32,7 +32,7 @@ from regrad_cli.datasets import QAItem, corpus_of, load_dataset
 from regrad_cli.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.generation import answer_nll, generate
-from regrad_cli.gradients import encode_documents, grouped_gradients, per_sample_nll
+from regrad_cli.gradients import encode_documents, grouped_gradients
 from regrad_cli.lora import Learner
 from regrad_cli.metrics import exact_match, f1_score, yes_no_accuracy
 from regrad_cli.prompting import prompt_ids

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bank_format import CodecSpec
-from regrad_cli.build import BuildSummary, build_lock, compute_rows, open_build_bank, plan_build
+from bank_format import CodecSpec, GradientBank
+from regrad_cli.build import BuildSummary, bank_meta, build_settings, compute_rows, locked_build, plan_build
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.errors import RegradError
@@ -151,42 +151,46 @@ def build_bank_ray(
     ``engine`` is the driver's copy (fingerprints, layout, checkpoint id); each actor loads its own
     with ``loader`` (default: the workspace's model and checkpoint, as ``Engine.load``).
     """
-    from filelock import Timeout
-
     if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
         raise RegradError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
-    bcfg = ws.config.bank
-    codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    batch_size = batch_size or bcfg.batch_size
-    max_tokens = max_tokens or bcfg.max_doc_tokens
+    codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
     loader = loader or EngineLoader.for_workspace(ws)
-    bank = open_build_bank(ws, engine, codec)
-    summary = BuildSummary(bank=bank.uri, checkpoint_id=engine.learner.checkpoint_id())
-    lock = build_lock(ws, bank)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RegradError(f"another `regrad build-bank` is running on {bank.path}; wait for it to finish") from None
-    started = False
-    try:
+    with locked_build(ws, engine, codec, create=False) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)
         summary.skipped = plan.skipped
-        todo = plan.todo
+        if bank is not None:
+            writer = bank.fragment_writer()
+        else:  # a new bank: its metadata and first rows go in one commit, below
+            from bank_format import FragmentWriter
+            from regrad_cli.documents import DocumentStore
+
+            meta = bank_meta(engine, DocumentStore(ws).embedder_fingerprint, codec)
+            writer = FragmentWriter(ws.bank_path(summary.checkpoint_id), meta, ws.bank_storage_options())
         fragments: list[str] = []
         keys: list[tuple[str, str]] = []
         t0 = time.time()
-        if todo:
+        if plan.todo:
             started = _init_ray(address, workers, cpus_per_worker, gpus_per_worker)
-            fragments, keys, failed = _run_pipeline(
-                todo, loader, bank.fragment_writer(), plan.layout, max_tokens, batch_size,
-                summary.checkpoint_id, workers, cpus_per_worker, gpus_per_worker, progress, t0)
-            summary.failed = failed
-        version = bank.version()
-        try:
-            summary.built = bank.commit_fragments(fragments, keys=keys)
-        except Exception as exc:
-            raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
-                              f"(version {version}): run `regrad build-bank --engine ray` again") from exc
+            try:
+                fragments, keys, summary.failed = _run_pipeline(
+                    plan.todo, loader, writer, plan.layout, max_tokens, batch_size,
+                    summary.checkpoint_id, workers, cpus_per_worker, gpus_per_worker, progress, t0)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+        if bank is None:
+            bank = GradientBank.create_from_fragments(writer.location, meta, fragments, keys=keys,
+                                                      storage_options=writer.storage_options)
+            summary.built = len(keys)
+        else:
+            version = bank.version()
+            try:
+                summary.built = bank.commit_fragments(fragments, keys=keys)
+            except Exception as exc:
+                raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
+                                  f"(version {version}): run `regrad build-bank --engine ray` again") from exc
         if plan.stale:
             # After the rows are in: a build that dies between the two commits leaves the stale
             # rows behind (never used for a current document; the rerun removes them).
@@ -195,12 +199,6 @@ def build_bank_ray(
         elapsed = time.time() - t0
         summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
         summary.rows = bank.count()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-        lock.release()
     return summary
 
 

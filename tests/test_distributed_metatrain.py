@@ -21,26 +21,14 @@ import pytest
 import torch
 
 from regrad_cli import distributed
-from regrad_cli.datasets import QAItem
 from regrad_cli.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.lora import Learner
 from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
+from test_metatrain import DOCS, ITEMS  # the same four tiny questions
 
-DOCS = [
-    "zarn the river flows past kelb mill every spring",
-    "the moth vesper has blue wings and lives in dunmoor",
-    "tollvane cheese is aged in caves for nine months",
-    "the engine was built by pryde in the year of rain",
-]
-ITEMS = [
-    QAItem("q0", "where does zarn flow", ["kelb mill"], [DOCS[0]]),
-    QAItem("q1", "what colour are vesper wings", ["blue"], [DOCS[1]]),
-    QAItem("q2", "where is tollvane aged", ["caves"], [DOCS[2]]),
-    QAItem("q3", "who built the engine", ["pryde"], [DOCS[3]]),
-]
 GENERAL = "the weather in the valley was mild and the market opened early on most days " * 8
 
 

@@ -12,7 +12,6 @@ from regrad_cli.build import build_bank
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.errors import NoBankError, RegradError
-from regrad_cli.generation import generate
 from regrad_cli.ingest import ingest
 from regrad_cli.lora import Learner
 from regrad_cli.models import LoadedModel

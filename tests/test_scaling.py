@@ -94,11 +94,11 @@ def test_ray_build_of_demo_corpus_equals_single_process(tmp_path, engine, ray_en
     assert_same_bank(a, b, atol=1e-3)
     report = b.verify()
     assert report["ok"] == report["rows"] == s2["rows"] and not report["bad"] and not report["duplicates"]
-    # All rows arrived in one commit: the bank went from its creation (version 1) to version 2.
-    assert b.version() == 2
+    # The new bank's metadata and all its rows arrived in one commit: version 1.
+    assert b.version() == 1
     # A rerun does nothing and commits nothing.
     again = build_bank_ray(distributed, engine, loader=make_engine, workers=2).to_dict()
-    assert again["built"] == 0 and again["skipped"] == s2["rows"] and b.version() == 2
+    assert again["built"] == 0 and again["skipped"] == s2["rows"] and b.version() == 1
 
 
 def test_ray_build_fp32_gradients_equal_and_stale_rows_replaced(tmp_path, engine, ray_env):
@@ -151,6 +151,23 @@ def test_ray_build_failing_before_commit_leaves_bank_unchanged(tmp_path, engine,
     bank_rw = GradientBank.open(bank.path)
     bank_rw.compact()
     assert len(list(data.iterdir())) < n_files and bank_rw.verify()["ok"] == s["rows"]
+
+
+def test_first_ray_build_failing_before_commit_leaves_no_bank(tmp_path, engine, ray_env, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus", 6)
+    ws = open_ws(tmp_path / "ws")
+    do_ingest(ws, corpus)
+    path = ws.bank_path(engine.learner.checkpoint_id())
+
+    def interrupted(cls, *a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(GradientBank, "create_from_fragments", classmethod(interrupted))
+        build_bank_ray(ws, engine, loader=make_engine, workers=2)
+    assert not GradientBank.exists(path)  # no bank at all, not an empty one
+    s = build_bank_ray(ws, engine, loader=make_engine, workers=2).to_dict()
+    assert s["built"] == s["rows"] > 6 and bank_of(ws, engine).version() == 1
 
 
 def test_ray_build_killed_by_sigkill_before_commit(tmp_path, engine, ray_env):
@@ -272,5 +289,5 @@ def test_ray_build_into_object_store_bank(tmp_path, engine, s3, ray_env, monkeyp
     do_ingest(local, corpus)
     build_bank(local, engine, codec=FP32)
     remote = GradientBank.open(s["bank"], storage_options=ws.bank_storage_options(), read_only=True)
-    assert remote.version() == 2
+    assert remote.version() == 1
     assert_same_bank(bank_of(local, engine), remote, atol=1e-6)
