@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from bank_format import CodecSpec, GradientBank
@@ -51,8 +52,6 @@ class EngineLoader:
 
     @classmethod
     def for_workspace(cls, ws: Workspace, checkpoint: str | None = None, device: str | None = None) -> "EngineLoader":
-        from pathlib import Path
-
         def absolute(p: str | None) -> str | None:
             # Ray workers run in other directories: relative paths are made absolute here.
             if p and p not in ("bundled", "init") and Path(p).expanduser().exists():
@@ -65,8 +64,6 @@ class EngineLoader:
         return cls(cfg, absolute(checkpoint), device)
 
     def __call__(self) -> Engine:
-        from pathlib import Path
-
         from regrad_cli.config import RegradConfig
 
         ws = Workspace(Path("."), RegradConfig.from_dict(self.config))
@@ -107,6 +104,13 @@ class GradientActor:
 
 def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> bool:
     """Join the cluster at ``address`` or start a local one; True when we started it."""
+    if address:
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token.exists()):
+            # Ray 2.60 sends its token to an explicit HOST:PORT only in token mode, read when ray
+            # is first imported (measured: otherwise a token-protected cluster answers
+            # "InvalidAuthToken" for minutes).
+            os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -121,6 +125,7 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
                     "logging_level": logging.WARNING}
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:
@@ -129,6 +134,22 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
     ray.init(num_cpus=max(1, int(round(workers * cpus_per_worker))),
              num_gpus=int(round(workers * gpus_per_worker)) or None, **kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a cluster address nobody answers at (ray.init would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RegradError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RegradError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
 def build_bank_ray(

@@ -104,7 +104,8 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--flush-rows", type=int, default=3)
     p.add_argument("--pause", type=float, default=0.0, help="sleep after each build batch (s)")
-    p.add_argument("--ray", type=int, default=0, help="build with the Ray engine and this many local workers")
+    p.add_argument("--ray", type=int, default=0, help="build with the Ray engine and this many workers")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     a = p.parse_args(argv)
     ws = open_ws(a.workspace)
     engine = make_engine()
@@ -120,7 +121,8 @@ def worker_main(argv: list[str]) -> int:
     if a.build and a.ray:
         from regrad_cli.ray_build import build_bank_ray
 
-        s = build_bank_ray(ws, engine, loader=make_engine, batch_size=a.batch_size, workers=a.ray, progress=built)
+        s = build_bank_ray(ws, engine, loader=make_engine, batch_size=a.batch_size, workers=a.ray,
+                           address=a.ray_address, progress=built)
         _say("summary " + json.dumps(s.to_dict()))
     elif a.build:
         s = do_build(ws, engine, a.batch_size, progress=built)

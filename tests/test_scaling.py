@@ -291,3 +291,41 @@ def test_ray_build_into_object_store_bank(tmp_path, engine, s3, ray_env, monkeyp
     remote = GradientBank.open(s["bank"], storage_options=ws.bank_storage_options(), read_only=True)
     assert remote.version() == 1
     assert_same_bank(bank_of(local, engine), remote, atol=1e-6)
+
+
+def test_ray_build_joins_an_existing_cluster(tmp_path, engine, ray_env):
+    """--ray-address: a cluster started apart (`ray start --head`) runs the build; regrad does
+    not start or stop it."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        ray_cli = shutil.which("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = subprocess.run([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--include-dashboard", "false", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        corpus = write_corpus(tmp_path / "corpus", 6)
+        single, distributed = two_workspaces(tmp_path, corpus)
+        do_build(single, engine)
+        # A fresh process, as the CLI is: Ray reads its authentication mode when first imported.
+        worker = Worker(worker_cmd(distributed.root, corpus, "--build", "--ray", "2",
+                                   "--ray-address", f"127.0.0.1:{port}"))
+        code, err = worker.finish(timeout=300)
+        assert code == 0, err[-3000:]
+        s = json.loads(next(x for x in worker.lines if x.startswith("summary "))[len("summary "):])
+        assert s["built"] == s["rows"] > 6
+        assert_same_bank(bank_of(single, engine), bank_of(distributed, engine), atol=1e-3)
+        status = subprocess.run([str(ray_cli), "status", "--address", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "RAY_AUTH_MODE": "token"})
+        assert status.returncode == 0, status.stderr[-1000:]  # still up: regrad left it running
+    finally:
+        subprocess.run([str(ray_cli), "stop"], capture_output=True, timeout=120)
