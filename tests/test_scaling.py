@@ -27,6 +27,7 @@ from reliability_helpers import (
     make_engine,
     open_ws,
     worker_cmd,
+    worker_env,
     write_corpus,
 )
 
@@ -316,11 +317,11 @@ def test_ray_build_joins_an_existing_cluster(tmp_path, engine, ray_env):
         single, distributed = two_workspaces(tmp_path, corpus)
         do_build(single, engine)
         # A fresh process, as the CLI is: Ray reads its authentication mode when first imported.
-        worker = Worker(worker_cmd(distributed.root, corpus, "--build", "--ray", "2",
-                                   "--ray-address", f"127.0.0.1:{port}"))
-        code, err = worker.finish(timeout=300)
-        assert code == 0, err[-3000:]
-        s = json.loads(next(x for x in worker.lines if x.startswith("summary "))[len("summary "):])
+        run = subprocess.run(worker_cmd(distributed.root, corpus, "--build", "--ray", "2",
+                                        "--ray-address", f"127.0.0.1:{port}"),
+                             cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        s = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("summary "))[len("summary "):])
         assert s["built"] == s["rows"] > 6
         assert_same_bank(bank_of(single, engine), bank_of(distributed, engine), atol=1e-3)
         status = subprocess.run([str(ray_cli), "status", "--address", f"127.0.0.1:{port}"],
