@@ -90,6 +90,11 @@ def _location(path: Any) -> "Path | str":
     return Path(path)
 
 
+def _repeated(keys) -> list:
+    """The keys that occur more than once (in first-seen order)."""
+    return [k for k, c in Counter(tuple(k) for k in keys).items() if c > 1]
+
+
 def _table_uri(loc: "Path | str") -> str:
     return f"{loc}/{TABLE_NAME}.lance" if isinstance(loc, str) else str(_table_dir(loc))
 
@@ -190,19 +195,27 @@ class GradientBank:
             )
         meta = BankMeta.from_json(meta.to_json())  # exactly what a reader will see
         path = _location(path)
-        if isinstance(path, Path):
-            with _lance_errors(f"cannot create bank directory {path}"):
-                path.mkdir(parents=True, exist_ok=True)
-        with cls._lock(path):
-            if cls.exists(path, storage_options):
-                raise BankFormatError(
-                    f"a bank already exists at {path}; open it, or delete the directory to start over"
-                )
+        with cls._new_bank(path, storage_options):
             with _lance_errors(f"cannot create bank at {path}"):
                 db = cls._connect(path, storage_options)
                 table = db.create_table(TABLE_NAME, schema=arrow_schema(meta.dim, meta), mode="create")
         log.info("created bank at %s (codec %s)", path, meta.codec.name)
         return cls(path, meta, db, table, None, storage_options)
+
+    @classmethod
+    @contextlib.contextmanager
+    def _new_bank(cls, loc: "Path | str", storage_options: Mapping[str, str] | None) -> Iterator[None]:
+        """Held while a bank is created at ``loc``: its directory made, the writer lock taken, and
+        no bank there yet."""
+        if isinstance(loc, Path):
+            with _lance_errors(f"cannot create bank directory {loc}"):
+                loc.mkdir(parents=True, exist_ok=True)
+        with cls._lock(loc):
+            if cls.exists(loc, storage_options):
+                raise BankFormatError(
+                    f"a bank already exists at {loc}; open it, or delete the directory to start over"
+                )
+            yield
 
     @classmethod
     def create_from_fragments(cls, path: str | os.PathLike, meta: BankMeta, fragments: Sequence[str],
@@ -220,16 +233,10 @@ class GradientBank:
         meta = BankMeta.from_json(meta.to_json())
         loc = _location(path)
         frags = parse_fragments(fragments)
-        if keys is not None:
-            dup = [k for k, c in Counter(tuple(k) for k in keys).items() if c > 1]
-            if dup:
-                raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
-        if isinstance(loc, Path):
-            with _lance_errors(f"cannot create bank directory {loc}"):
-                loc.mkdir(parents=True, exist_ok=True)
-        with cls._lock(loc):
-            if cls.exists(loc, storage_options):
-                raise BankFormatError(f"a bank already exists at {loc}; commit the fragments to it instead")
+        dup = _repeated(keys or ())
+        if dup:
+            raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
+        with cls._new_bank(loc, storage_options):
             with _lance_errors(f"cannot create bank at {loc}"):
                 lance.LanceDataset.commit(
                     _table_uri(loc), lance.LanceOperation.Overwrite(arrow_schema(meta.dim, meta), frags),
@@ -424,8 +431,7 @@ class GradientBank:
         prepared = [self._prepare_row(i, r) for i, r in enumerate(rows)]
         if not prepared:
             return None
-        seen = Counter((r["doc_id"], r["content_hash"]) for r in prepared)
-        dup = [k for k, c in seen.items() if c > 1]
+        dup = _repeated((r["doc_id"], r["content_hash"]) for r in prepared)
         if dup:
             raise BankFormatError(f"the batch repeats (doc_id, content_hash) keys: {dup[:5]}")
         now = datetime.now(timezone.utc)
@@ -493,13 +499,13 @@ class GradientBank:
         with self._writing(), _lance_errors(f"cannot commit to bank at {self._path}"):
             ds = self._dataset()
             if keys is not None:
-                new = Counter(tuple(k) for k in keys)
-                dup = [k for k, c in new.items() if c > 1]
+                new = {tuple(k) for k in keys}
+                dup = _repeated(keys)
                 if dup:
                     raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
                 t = ds.to_table(columns=["doc_id", "content_hash"])
                 have = set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
-                clash = sorted(have & set(new))
+                clash = sorted(have & new)
                 if clash:
                     raise BankFormatError(
                         f"{len(clash)} of the rows to commit are already in bank {self._path} (another "

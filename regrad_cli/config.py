@@ -171,13 +171,16 @@ class Workspace:
     def banks_location(self) -> "Path | str":
         """Where this workspace's banks live: WORKSPACE/banks, or [bank] uri (a directory or an
         object-store URI, kept as a string)."""
+        from bank_format.bank import _location
+
         uri = (os.environ.get("REGRAD_BANK_URI") or self.config.bank.uri or "").strip()
         if not uri:
             return self.banks_dir
-        if "://" in uri and not uri.startswith("file://"):
-            return uri.rstrip("/")
-        path = Path(uri.removeprefix("file://")).expanduser()
-        return path if path.is_absolute() else self.root / path
+        loc = _location(uri)  # a remote URI string, or a local Path (file:// stripped)
+        if isinstance(loc, str):
+            return loc
+        loc = loc.expanduser()
+        return loc if loc.is_absolute() else self.root / loc
 
     @property
     def banks_remote(self) -> bool:

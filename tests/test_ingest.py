@@ -17,6 +17,7 @@ from regrad_cli.config import Workspace
 from regrad_cli.documents import DocumentStore
 from regrad_cli.errors import IngestError
 from regrad_cli.ingest import chunk_text, ingest
+from reliability_helpers import run_cli
 
 
 class WordTokenizer:
@@ -400,20 +401,6 @@ def fake_models(monkeypatch):
 
     monkeypatch.setattr(models, "Embedder", lambda *a, **k: FakeEmbedder())
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: WordTokenizer())
-
-
-def run_cli(args, capsys, monkeypatch):
-    from regrad_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["regrad", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 def test_cli_hostile_folder(hostile, deny_locked, fake_models, capsys, monkeypatch):
