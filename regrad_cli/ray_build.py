@@ -118,12 +118,13 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
     if ray.is_initialized():
         return False
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}
-    for key in ("REGRAD_CACHE_DIR", "REGRAD_BANK_STORAGE_OPTIONS", "REGRAD_BANK_URI", "HF_HUB_OFFLINE"):
+    # What Engine.load reads on a worker (the bank's location and storage options travel in the
+    # FragmentWriter, resolved on the driver).
+    for key in ("REGRAD_CACHE_DIR", "HF_HUB_OFFLINE"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "include_dashboard": False,
                     "logging_level": logging.WARNING}
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
         _check_reachable(address)
         try:

@@ -20,7 +20,6 @@ def _bank_path(workspace: Path | None, bank: str | None) -> tuple["Path | str", 
     """The bank to work on: --bank, else the workspace's only bank, else the current checkpoint's.
 
     Returns (location, workspace or None, storage options)."""
-    from bank_format import is_remote
     from regrad_cli.config import RegradConfig, Workspace
     from regrad_cli.errors import ConfigError, NoBankError
 
@@ -29,7 +28,7 @@ def _bank_path(workspace: Path | None, bank: str | None) -> tuple["Path | str", 
             opts = Workspace.open(workspace, create=False).bank_storage_options()
         except ConfigError:
             opts = Workspace(Path("."), RegradConfig()).bank_storage_options()
-        return (bank.rstrip("/") if is_remote(bank) else Path(bank)), None, opts
+        return bank, None, opts  # GradientBank.open tells a path from a URI
     ws = Workspace.open(workspace, create=False)
     opts = ws.bank_storage_options()
     loc = ws.banks_location
