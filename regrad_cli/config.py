@@ -8,22 +8,32 @@ every later command, so ``regrad query`` uses the same model and embedder as ``r
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from regrad_cli.errors import ConfigError
+from regrad_cli.errors import ConfigError, RegradError
+from regrad_cli.versions import Migrations, Version
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+log = logging.getLogger("regrad")
+
 DEFAULT_WORKSPACE = ".regrad"
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 BUNDLED_CHECKPOINT = "bundled"
+
+# regrad.toml's top-level format_version. A file without one predates versioning (0.0). A newer
+# major is refused; a newer minor is read, ignoring (with a warning) the keys it added. Older
+# files are upgraded in memory by CONFIG_MIGRATIONS (below) and written back only by save().
+CONFIG_VERSION = Version(1, 0)
+CONFIG_MIGRATIONS = Migrations("workspace config")
 
 
 @dataclass
@@ -53,9 +63,14 @@ class LoraConfig:
 
     rank: int = 8
     lora_alpha: float = 16.0
-    # "upper-half" or an explicit list of layer indices.
+    # "upper-half", "all" or an explicit list of layer indices.
     layers: str | list[int] = "upper-half"
-    modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    # Short module names inside a decoder block ("mlp.c_fc"); empty: the model family's table
+    # (regrad_cli/targets.py: gate/up/down_proj for Llama, Qwen2, Mistral...; c_fc/c_proj for GPT-2).
+    modules: list[str] = field(default_factory=list)
+    # Regular expressions over full module names ('model\.layers\.1[0-9]\.mlp\.fc1', a TOML
+    # literal string); when set they replace layers and modules.
+    target_patterns: list[str] = field(default_factory=list)
     init_b_std: float = 1e-3
     alpha_init: float = 0.01
     per_element_alpha: bool = False
@@ -110,10 +125,12 @@ class RegradConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"format_version": str(CONFIG_VERSION), **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RegradConfig":
+        """Parse (and upgrade: ``upgrade``) a regrad.toml's data; unknown keys are errors."""
+        data, _, newer = upgrade(data, source)
         cfg = cls()
         for section in fields(cls):
             values = data.get(section.name, {})
@@ -122,15 +139,50 @@ class RegradConfig:
             target = getattr(cfg, section.name)
             known = {f.name for f in fields(target)}
             for key, value in values.items():
+                if key not in known and newer:
+                    log.warning("%s: ignoring %s.%s (added by a newer regrad)", source, section.name, key)
+                    continue
                 if key not in known:
                     raise ConfigError(
                         f"{source}: unknown key {section.name}.{key} (known: {', '.join(sorted(known))})"
                     )
                 setattr(target, key, value)
         unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown and newer:
+            log.warning("%s: ignoring section(s) %s (added by a newer regrad)", source, ", ".join(sorted(unknown)))
+        elif unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
         return cfg
+
+
+def upgrade(data: dict, source: str = "config") -> tuple[dict, list[str], bool]:
+    """(data at CONFIG_VERSION without its version key, migrations applied, written by a newer
+    minor?) for a regrad.toml's parsed data. A newer major is a ConfigError."""
+    import copy
+
+    data = copy.deepcopy(data)
+    raw = data.pop("format_version", None)
+    try:
+        found = Version(0, 0) if raw is None else Version.parse(raw, source)
+        data, applied = CONFIG_MIGRATIONS.upgrade(data, found, CONFIG_VERSION, source)
+    except ConfigError:
+        raise
+    except RegradError as exc:
+        raise ConfigError(str(exc)) from None
+    if applied:
+        log.info("%s: upgraded from format %s (%s)", source, found, ", ".join(applied))
+    return data, applied, found > CONFIG_VERSION
+
+
+@CONFIG_MIGRATIONS.register(Version(1, 0))
+def m001_lora_modules_by_family(data: dict) -> dict:
+    """Before 1.0 [lora] modules defaulted to Llama's names and every workspace wrote them out;
+    1.0 looks the targets up by model family when the list is empty. The old default list becomes
+    the empty one: the same targets for Llama-family models, working ones for the others."""
+    lora = data.get("lora")
+    if isinstance(lora, dict) and lora.get("modules") == ["gate_proj", "up_proj", "down_proj"]:
+        lora["modules"] = []
+    return data
 
 
 def resolve_workspace(path: str | os.PathLike | None = None) -> Path:

@@ -7,12 +7,12 @@ bundled model ("bundled"), an untrained seeded init ("init"), or a checkpoint di
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 
 from regrad_cli import __version__
-from regrad_cli.config import BUNDLED_CHECKPOINT, BUNDLED_MODEL, Workspace
+from regrad_cli.config import BUNDLED_CHECKPOINT, BUNDLED_MODEL, LoraConfig, Workspace
 from regrad_cli.errors import RegradError
 from regrad_cli.lora import Learner, target_shapes
 from regrad_cli.models import LoadedModel, load_language_model
@@ -27,6 +27,19 @@ def bundled_checkpoint_dir() -> Path:
     return Path(str(files("regrad_cli") / "data" / "checkpoints" / "smollm2-135m-instruct"))
 
 
+def init_learner(model, lora_cfg: LoraConfig | None = None, **overrides) -> Learner:
+    """An untrained learner for ``model``, shaped and seeded by ``lora_cfg`` ([lora] of
+    regrad.toml; its defaults when None), each keyword overriding the field of the same name.
+
+    The one place a fresh learner is made: ``resolve_learner`` ('init') and meta-training both
+    call it, so they share every default (targets by model family, alpha_init, seed...)."""
+    cfg = replace(lora_cfg or LoraConfig(), **overrides)
+    learner = Learner.for_model(model, rank=cfg.rank, lora_alpha=cfg.lora_alpha, layers=cfg.layers,
+                                modules=cfg.modules, per_element_alpha=cfg.per_element_alpha,
+                                target_patterns=cfg.target_patterns)
+    return learner.init_(seed=cfg.seed, b_std=cfg.init_b_std, alpha_init=cfg.alpha_init)
+
+
 def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoint: str | None) -> Learner:
     """The learner for ``model``: from ``checkpoint`` ('bundled', 'init' or a directory)."""
     lcfg = ws_or_none.config.lora if ws_or_none else None
@@ -38,13 +51,7 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
         log.info("no shipped checkpoint for %s: using the untrained init", model_id)
         choice = "init"
     if choice == "init":
-        kw = {}
-        if lcfg is not None:
-            kw = dict(rank=lcfg.rank, lora_alpha=lcfg.lora_alpha, layers=lcfg.layers,
-                      modules=lcfg.modules, per_element_alpha=lcfg.per_element_alpha)
-        learner = Learner.for_model(model, **kw)
-        return learner.init_(seed=lcfg.seed if lcfg else 0, b_std=lcfg.init_b_std if lcfg else 1e-3,
-                             alpha_init=lcfg.alpha_init if lcfg else 0.01)
+        return init_learner(model, lcfg)
     path = Path(choice).expanduser()
     if (path / "best" / "learner.json").exists():
         path = path / "best"  # a meta-train output directory

