@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, ws_help
 
 
 @app.command("build-bank")
 def build_bank_cmd(
-    codec: Annotated[Optional[str], typer.Option("--codec", help="fp32, fp16, int8 or int4 (default: workspace config, int4).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Documents per forward/backward pass.")] = None,
+    codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8 or int4", "bank.codec"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=ws_help("Documents per forward/backward pass", "bank.batch_size"))] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Build at most N documents this run.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
     engine_name: Annotated[str, typer.Option("--engine", help="'local' (one process, default) or 'ray' (a Ray Data actor pool, one atomic commit).")] = "local",

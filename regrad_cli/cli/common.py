@@ -1,12 +1,17 @@
-"""Shared CLI plumbing: workspace option, JSON output, a rich progress bar on stderr."""
+"""Shared CLI plumbing: workspace option, JSON output, a rich progress bar on stderr, and the one
+source of option defaults (the config dataclasses: ``ws_default``/``ws_help``, ``defaults_of``)."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -15,7 +20,7 @@ WorkspaceOpt = Annotated[
     typer.Option("--workspace", "-w", help="Workspace directory (default: $REGRAD_WORKSPACE or ./.regrad)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: workspace config).")]
+# DeviceOpt is defined below ws_help, which its help uses.
 
 
 def print_json(obj) -> None:
@@ -47,3 +52,55 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
             prog.update(task, completed=done, total=total_ if total_ is not None else total, info=info)
 
         yield update
+
+
+# One source of defaults -----------------------------------------------------------------------
+# An option either overrides a workspace setting (its CLI default is None: regrad.toml decides,
+# and the help names the setting and its default, from RegradConfig) or maps onto a field of a
+# command's config dataclass (its CLI default IS that field's default, via defaults_of).
+def ws_default(setting: str):
+    """Default of a regrad.toml setting ("query.top_k"), from RegradConfig."""
+    from regrad_cli.config import RegradConfig
+
+    section, _, key = setting.partition(".")
+    return getattr(getattr(RegradConfig(), section), key)
+
+
+def ws_help(text: str, setting: str) -> str:
+    """Help for an option that overrides a regrad.toml setting: the text, then where its default
+    comes from and what it is."""
+    # "query.top_k", not "[query] top_k": rich would take the brackets for markup.
+    return f"{text.rstrip('.')} (default: {setting} in regrad.toml, {ws_default(setting)})."
+
+
+@lru_cache(maxsize=None)
+def defaults_of(target: str) -> dict[str, Any]:
+    """{field: default} of the dataclass ``"module:Class"`` (fields without one are left out).
+
+    Read from the module's source, not imported: command modules such as regrad_cli.metatrain
+    import torch, and ``regrad --help`` must stay light. Only literal defaults are read (numbers,
+    strings, booleans, None, tuples/lists of them); a field with another default is left out."""
+    module, _, cls_name = target.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"no module {module}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls_name:
+            out = {}
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+                    try:
+                        out[stmt.target.id] = ast.literal_eval(stmt.value)
+                    except ValueError:
+                        pass  # field(default_factory=...) and other expressions
+            return out
+    raise LookupError(f"no class {cls_name} in {module}")
+
+
+def dataclass_defaults(cls) -> dict[str, Any]:
+    """{field: default} of an imported dataclass (what ``defaults_of`` must agree with)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=ws_help("cpu or cuda", "model.device"))]

@@ -9,28 +9,32 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import DeviceOpt, JsonOpt, print_json, progress_bar
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, defaults_of, print_json, progress_bar
+
+# The options' defaults are EvalConfig's and CPTConfig's (read without importing torch).
+EVAL = defaults_of("regrad_cli.evaluate:EvalConfig")
+CPT = defaults_of("regrad_cli.cpt:CPTConfig")
 
 
 @app.command("eval")
 def eval_cmd(
     dataset: Annotated[list[str], typer.Option("--dataset", help="FORMAT:PATH[@train|dev|all] with FORMAT nq-open, pubmedqa, fictional, jsonl or auto (repeatable).")],
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N questions of each dataset.")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Documents retrieved per question.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Documents retrieved per question.")] = EVAL["top_k"],
     systems: Annotated[Optional[str], typer.Option("--systems", help="Comma-separated: closed-book, closed-book+phi, rag, cpt, cpt+rag, regrad, regrad+context, shifted, random (default: all).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output directory: results.json, report.md, plots, predictions.")] = Path("runs/eval"),
+    out: Annotated[Path, typer.Option("--out", help="Output directory: results.json, report.md, plots, predictions.")] = Path(EVAL["out"]),
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Use this workspace's documents and bank (default: a fresh workspace under OUT holding the datasets' supporting documents).")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
-    continual: Annotated[int, typer.Option("--continual", help="Feed the corpus in T batches; evaluate after each (forgetting and drift curves).")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random control, CPT data order and the bootstrap.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy generation limit.")] = 16,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call (1 = exactly one query at a time).")] = 8,
-    gamma: Annotated[float, typer.Option("--gamma", help="Test-time step scale of ReGrad systems.")] = 1.0,
-    retriever: Annotated[str, typer.Option("--retriever", help="dense | bm25 | hybrid.")] = "dense",
-    cpt_lr: Annotated[float, typer.Option("--cpt-lr", help="CPT learning rate (AdamW).")] = 5e-5,
-    cpt_epochs: Annotated[int, typer.Option("--cpt-epochs", help="CPT epochs over each batch of documents.")] = 3,
-    cpt_batch_size: Annotated[int, typer.Option("--cpt-batch-size", help="CPT documents per optimiser step.")] = 4,
-    cpt_params: Annotated[str, typer.Option("--cpt-params", help="CPT trains 'all' base parameters or only the 'mlp' projections.")] = "all",
+    continual: Annotated[int, typer.Option("--continual", help="Feed the corpus in T batches; evaluate after each (forgetting and drift curves).")] = EVAL["continual"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random control, CPT data order and the bootstrap.")] = EVAL["seed"],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy generation limit.")] = EVAL["max_new_tokens"],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call (1 = exactly one query at a time).")] = EVAL["batch_size"],
+    gamma: Annotated[float, typer.Option("--gamma", help="Test-time step scale of ReGrad systems.")] = EVAL["gamma"],
+    retriever: Annotated[str, typer.Option("--retriever", help="dense | bm25 | hybrid.")] = EVAL["retriever"],
+    cpt_lr: Annotated[float, typer.Option("--cpt-lr", help="CPT learning rate (AdamW).")] = CPT["lr"],
+    cpt_epochs: Annotated[int, typer.Option("--cpt-epochs", help="CPT epochs over each batch of documents.")] = CPT["epochs"],
+    cpt_batch_size: Annotated[int, typer.Option("--cpt-batch-size", help="CPT documents per optimiser step.")] = CPT["batch_size"],
+    cpt_params: Annotated[str, typer.Option("--cpt-params", help="CPT trains 'all' base parameters or only the 'mlp' projections.")] = CPT["params"],
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ):

@@ -8,17 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, err_console, print_json, progress_bar
+from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, err_console, print_json, progress_bar, ws_help
 
 
 @app.command("ingest")
 def ingest_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Files or directories (.txt .md .json .jsonl .jsonl.gz).", show_default=False)],
     prune: Annotated[bool, typer.Option("--prune", help="Delete documents of files under PATH that no longer exist.")] = False,
-    chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", min=1, help="Max tokens per chunk (default: workspace config, 256).")] = None,
-    chunk_overlap: Annotated[Optional[int], typer.Option("--chunk-overlap", min=0, help="Tokens shared by consecutive chunks (default: workspace config, 32).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Language model whose tokenizer sizes the chunks (default: workspace config).")] = None,
-    embedder: Annotated[Optional[str], typer.Option("--embedder", help="Sentence embedder (default: workspace config).")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", min=1, help=ws_help("Max tokens per chunk", "chunking.max_tokens"))] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option("--chunk-overlap", min=0, help=ws_help("Tokens shared by consecutive chunks", "chunking.overlap"))] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=ws_help("Language model whose tokenizer sizes the chunks: a Hugging Face id, a directory or fake:FAMILY", "model.id"))] = None,
+    embedder: Annotated[Optional[str], typer.Option("--embedder", help=ws_help("Sentence embedder: a sentence-transformers id, a directory or fake:hash-DIM", "embedder.id"))] = None,
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this many MB.")] = 20.0,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,

@@ -8,30 +8,33 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, defaults_of, print_json, progress_bar
+
+# The options' defaults are MetaTrainConfig's (read without importing torch).
+META = defaults_of("regrad_cli.metatrain:MetaTrainConfig")
 
 
 @app.command("meta-train")
 def meta_train_cmd(
     train: Annotated[list[str], typer.Option("--train", help="Training data FORMAT:PATH[@train|dev|all] (repeatable).")],
     dev: Annotated[Optional[list[str]], typer.Option("--dev", help="Dev data FORMAT:PATH[@split] (repeatable).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output directory for checkpoints, log and plot.")] = Path("runs/meta"),
-    k: Annotated[int, typer.Option("--k", help="Documents per inner step (supporting + retrieved distractors).")] = 3,
-    steps: Annotated[int, typer.Option("--steps", help="Meta-steps.")] = 100,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for checkpoints, log and plot.")] = Path(META["out"]),
+    k: Annotated[int, typer.Option("--k", help="Documents per inner step (supporting + retrieved distractors).")] = META["k"],
+    steps: Annotated[int, typer.Option("--steps", help="Meta-steps.")] = META["steps"],
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs over the training questions (overrides --steps).")] = None,
-    meta_batch: Annotated[int, typer.Option("--meta-batch", help="Questions per meta-step.")] = 16,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of phi (AdamW).")] = 4e-4,
-    alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="Learning rate of log-alpha.")] = 5e-2,
-    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up fraction, then linear decay.")] = 0.1,
-    clip: Annotated[float, typer.Option("--clip", help="Gradient-norm clip.")] = 0.5,
-    first_order: Annotated[bool, typer.Option("--first-order", help="Drop second-order terms (cheaper).")] = False,
-    with_context: Annotated[bool, typer.Option("--with-context", help="Train the parameter + in-context variant.")] = False,
-    locality: Annotated[float, typer.Option("--locality", help="Weight of a KL term keeping general text unchanged.")] = 0.0,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Truncate documents to this many tokens.")] = 256,
-    dev_limit: Annotated[int, typer.Option("--dev-limit", help="Dev questions per evaluation.")] = 48,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on dev and save state every N steps.")] = 25,
-    alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha (0.1 stayed too small over a few hundred CPU steps).")] = 1.0,
+    meta_batch: Annotated[int, typer.Option("--meta-batch", help="Questions per meta-step.")] = META["meta_batch"],
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of phi (AdamW).")] = META["lr"],
+    alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="Learning rate of log-alpha.")] = META["alpha_lr"],
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up fraction, then linear decay.")] = META["warmup"],
+    clip: Annotated[float, typer.Option("--clip", help="Gradient-norm clip.")] = META["clip"],
+    first_order: Annotated[bool, typer.Option("--first-order", help="Drop second-order terms (cheaper).")] = META["first_order"],
+    with_context: Annotated[bool, typer.Option("--with-context", help="Train the parameter + in-context variant.")] = META["with_context"],
+    locality: Annotated[float, typer.Option("--locality", help="Weight of a KL term keeping general text unchanged.")] = META["locality"],
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = META["seed"],
+    max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Truncate documents to this many tokens.")] = META["max_doc_tokens"],
+    dev_limit: Annotated[int, typer.Option("--dev-limit", help="Dev questions per evaluation.")] = META["dev_limit"],
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on dev and save state every N steps.")] = META["eval_every"],
+    alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha (0.1 stayed too small over a few hundred CPU steps).")] = META["alpha_init"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,

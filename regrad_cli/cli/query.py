@@ -10,18 +10,18 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, ws_help
 
 
 @app.command("query")
 def query_cmd(
     question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Documents to retrieve (default 3).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
     mode: Annotated[str, typer.Option("--mode", help="param | param+context | context | closed-book.")] = "param",
-    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Test-time step scale (default 1).")] = None,
+    gamma: Annotated[Optional[float], typer.Option("--gamma", help=ws_help("Test-time step scale", "query.gamma"))] = None,
     combine: Annotated[Optional[str], typer.Option("--combine", help="sum | mean | score (default: what the learner was meta-trained with; 'sum' for an untrained one).")] = None,
-    retriever: Annotated[Optional[str], typer.Option("--retriever", help="dense | bm25 | hybrid (default dense).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation limit (default 20).")] = None,
+    retriever: Annotated[Optional[str], typer.Option("--retriever", help=ws_help("dense | bm25 | hybrid", "query.retriever"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=ws_help("Generation limit", "query.max_new_tokens"))] = None,
     show_docs: Annotated[bool, typer.Option("--show-docs", help="Include the retrieved passages.")] = False,
     batch: Annotated[Optional[Path], typer.Option("--batch", help='JSONL file of {"id":..., "question":...} records.')] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on a corrupt gradient row instead of skipping it.")] = False,
