@@ -28,6 +28,7 @@ from .blob import decode_blob, encode_blob, read_header
 from .errors import BankFormatError, BankMismatchError, CorruptBlobError
 from .schema import (
     CODECS,
+    GROUPED_CODECS,
     FORMAT_VERSION,
     META_KEY,
     TABLE_NAME,
@@ -346,7 +347,7 @@ class GradientBank:
             raise CorruptBlobError(f"row has {what} {codec!r}, the bank uses {want.name!r}", doc_id=doc_id)
         try:
             header = read_header(blob)
-            if header.codec != want.name or (want.name == "int4" and header.group_size != want.group_size):
+            if header.codec != want.name or (want.name in GROUPED_CODECS and header.group_size != want.group_size):
                 raise CorruptBlobError(
                     f"blob is {header.codec} (group {header.group_size}), the bank uses "
                     f"{want.name} (group {want.group_size})"
@@ -851,6 +852,8 @@ class GradientBank:
                     bytes_on_disk += os.path.getsize(os.path.join(root, name))
         meta = self._meta
         n_values = sum(t.numel for t in meta.layout)
+        # Format 1.1: against fp32 of the learner's whole gradient (stored + omitted tensors).
+        full_values = meta.full_layout_values
         mean = statistics.fmean(lengths) if lengths else 0.0
         return {
             "path": str(self._path),
@@ -859,8 +862,9 @@ class GradientBank:
             "bytes_on_disk": bytes_on_disk,
             "bytes_per_doc": mean,
             "median_bytes_per_doc": statistics.median(lengths) if lengths else 0.0,
-            "fp32_bytes_per_doc": 4 * n_values,
-            "ratio_vs_fp32": (4 * n_values / mean) if mean else None,
+            "fp32_bytes_per_doc": 4 * full_values,
+            "ratio_vs_fp32": (4 * full_values / mean) if mean else None,
+            "ratio_vs_fp32_stored": (4 * n_values / mean) if mean else None,
             "codec": meta.codec.to_dict(),
             "format_version": meta.format_version,
             "producer": meta.producer,
@@ -868,7 +872,8 @@ class GradientBank:
             "version": version,
             "versions": n_versions,
             "fingerprints": {"model": meta.model, "learner": meta.learner, "embedder": meta.embedder},
-            "layout": {"n_tensors": len(meta.layout), "n_values": n_values},
+            "layout": {"n_tensors": len(meta.layout), "n_values": n_values,
+                       "omitted_tensors": len(meta.omitted), "omitted_values": full_values - n_values},
         }
 
 

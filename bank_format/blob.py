@@ -16,7 +16,7 @@ import zstandard
 
 from .codecs import decode_values, encode_values, section_size
 from .errors import BankFormatError, CorruptBlobError
-from .schema import CODEC_IDS, CODECS, MAX_NDIM, CodecSpec, TensorSpec, coerce_codec, coerce_layout
+from .schema import CODEC_IDS, CODECS, GROUPED_CODECS, MAX_NDIM, CodecSpec, TensorSpec, coerce_codec, coerce_layout
 
 MAGIC = b"RGRB"
 BLOB_VERSION = 1
@@ -45,7 +45,7 @@ def _tensor_header(shape: tuple[int, ...]) -> bytes:
 
 def payload_size(layout: Sequence[TensorSpec], codec: CodecSpec) -> int:
     """Decompressed payload length a blob of this layout and codec must have."""
-    g = codec.group_size if codec.name == "int4" else 0
+    g = codec.group_size if codec.name in GROUPED_CODECS else 0  # format 1.1: grouped codecs
     return sum(1 + 4 * len(t.shape) + section_size(t.shape, codec.name, g) for t in layout)
 
 
@@ -57,7 +57,7 @@ def encode_blob(tensors: Sequence[Any], layout: Sequence[TensorSpec], codec: Cod
         raise BankFormatError("tensors must be a list of arrays, one per layout entry")
     if len(tensors) != len(layout):
         raise BankFormatError(f"got {len(tensors)} tensors, the layout has {len(layout)}")
-    group_size = codec.group_size if codec.name == "int4" else 0
+    group_size = codec.group_size if codec.name in GROUPED_CODECS else 0  # format 1.1
     parts: list[bytes] = []
     for t, spec in zip(tensors, layout):
         try:
@@ -109,9 +109,9 @@ def read_header(blob: Any) -> BlobHeader:
     codec = CODECS[codec_id]
     if flags != 0:
         raise CorruptBlobError(f"blob flags are {flags:#04x}; no flag is defined in blob version 1")
-    if codec == "int4":
+    if codec in GROUPED_CODECS:  # format 1.1: int4, int8g, int4s
         if not 2 <= group_size <= 65536 or group_size % 2:
-            raise CorruptBlobError(f"int4 group size {group_size} is not an even number in [2, 65536]")
+            raise CorruptBlobError(f"{codec} group size {group_size} is not an even number in [2, 65536]")
     elif group_size != 0:
         raise CorruptBlobError(f"group size is {group_size} for codec {codec}; it must be 0")
     if n_tensors > payload_len:  # each tensor takes at least its ndim byte

@@ -17,13 +17,17 @@ from typing import Any, Mapping, Sequence
 
 from .errors import BankFormatError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
 # Order is the codec id written in byte 6 of every blob: append only, never reorder.
-CODECS = ("fp32", "fp16", "int8", "int4")
+CODECS = ("fp32", "fp16", "int8", "int4", "int8g", "int4s")
 CODEC_IDS = {name: i for i, name in enumerate(CODECS)}
+# The format minor version that introduced each codec: a bank using one is at least that version.
+CODEC_MINOR = {"fp32": 0, "fp16": 0, "int8": 0, "int4": 0, "int8g": 1, "int4s": 1}
+# Codecs whose blobs record codec.group_size in the header (the others record 0).
+GROUPED_CODECS = ("int4", "int8g", "int4s")
 
 META_KEY = "regrad.bank"
 TABLE_NAME = "gradients"
@@ -65,11 +69,22 @@ def check_version(version: Any) -> tuple[int, int]:
     return major, minor
 
 
-def unknown_codec_message(name: Any) -> str:
+def unknown_codec_message(name: Any, version: str | None = None) -> str:
+    if version is not None and parse_version(version)[1] > FORMAT_MINOR:
+        return (
+            f"bank format {version} uses codec {name!r}, which this regrad (bank format "
+            f"{FORMAT_VERSION}: {', '.join(CODECS)}) cannot decode; upgrade regrad to read it"
+        )
     return (
         f"unknown codec {name!r}: this regrad knows {', '.join(CODECS)}; the bank may have been "
         f"written by a newer regrad (upgrade regrad) or its metadata is corrupt"
     )
+
+
+def min_version(codec: "CodecSpec", omitted: Sequence[Any]) -> str:
+    """The oldest format version that can hold a bank with this codec and omitted tensors."""
+    minor = max(CODEC_MINOR[codec.name], 1 if omitted else 0)
+    return f"{FORMAT_MAJOR}.{minor}"
 
 
 @dataclass(frozen=True)
@@ -208,9 +223,13 @@ class BankMeta:
     layout: list[TensorSpec]
     codec: CodecSpec = field(default_factory=CodecSpec)
     created_at: str = field(default_factory=utc_now_iso)
+    # Format 1.1: the learner's tensors this bank does not store (their step is taken as zero),
+    # so that a reader knows the whole gradient the stored layout is part of. Written only when
+    # non-empty.
+    omitted: list[TensorSpec] = field(default_factory=list)
 
     def __post_init__(self):
-        check_version(self.format_version)
+        _, minor = check_version(self.format_version)
         if not isinstance(self.producer, str) or not self.producer:
             raise BankFormatError(f"producer must be a non-empty string, got {self.producer!r}")
         _check_json_object("model", self.model)
@@ -228,6 +247,19 @@ class BankMeta:
             raise BankFormatError("layout must have at least one tensor")
         self.codec = coerce_codec(self.codec)
         _check_created_at(self.created_at)
+        self.omitted = coerce_layout(self.omitted)
+        clash = sorted({t.name for t in self.omitted} & {t.name for t in self.layout})
+        if clash:
+            raise BankFormatError(f"omitted tensors {clash} are also in the layout")
+        need = min_version(self.codec, self.omitted)
+        if minor < parse_version(need)[1]:
+            what = f"codec {self.codec.name!r}" if CODEC_MINOR[self.codec.name] > minor else "omitted tensors"
+            raise BankFormatError(f"bank format {self.format_version} cannot hold {what}: needs format {need}")
+
+    @property
+    def full_layout_values(self) -> int:
+        """Values of the learner's whole gradient: the stored layout plus the omitted tensors."""
+        return sum(t.numel for t in self.layout) + sum(t.numel for t in self.omitted)
 
     @property
     def dim(self) -> int:
@@ -252,6 +284,7 @@ class BankMeta:
             "layout": [t.to_dict() for t in self.layout],
             "codec": self.codec.to_dict(),
             "created_at": self.created_at,
+            **({"omitted": [t.to_dict() for t in self.omitted]} if self.omitted else {}),
         }
 
     def to_json(self) -> str:
@@ -286,7 +319,10 @@ class BankMeta:
         lenient = minor > FORMAT_MINOR
 
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data))
+        optional = {"omitted"}  # format 1.1 keys, absent from 1.0 metadata
+        if minor < 1 and "omitted" in data:
+            raise BankFormatError(f"bank metadata of format {data['format_version']} has key 'omitted' (a 1.1 key)")
+        missing = sorted(known - optional - set(data))
         if missing:
             raise BankFormatError(f"bank metadata is missing {', '.join(missing)}")
         unknown = sorted(set(data) - known)
@@ -297,7 +333,7 @@ class BankMeta:
         if not isinstance(codec, dict):
             raise BankFormatError(f"codec must be an object, got {codec!r}")
         if "name" in codec and codec["name"] not in CODECS:
-            raise BankFormatError(unknown_codec_message(codec["name"]))
+            raise BankFormatError(unknown_codec_message(codec["name"], data["format_version"]))
         if lenient:
             codec = {k: v for k, v in codec.items() if k in ("name", "zstd_level", "group_size")}
         if set(codec) != {"name", "zstd_level", "group_size"}:
@@ -315,8 +351,16 @@ class BankMeta:
         for t in layout:
             if not isinstance(t, dict):
                 raise BankFormatError(f"layout entries must be objects, got {t!r}")
-        return cls(**{k: data[k] for k in known if k != "codec" and k != "layout"},
-                   codec=coerce_codec(codec), layout=coerce_layout(layout))
+        omitted = data.get("omitted", [])
+        if not isinstance(omitted, list) or not all(isinstance(t, dict) for t in omitted):
+            raise BankFormatError(f"omitted must be a list of objects, got {omitted!r}")
+        if lenient:
+            omitted = [{k: v for k, v in t.items() if k in ("name", "shape")} for t in omitted]
+        if "omitted" in data and not omitted:
+            raise BankFormatError("omitted is written only when non-empty; found an empty list")
+        return cls(**{k: data[k] for k in known if k not in ("codec", "layout", "omitted")},
+                   codec=coerce_codec(codec), layout=coerce_layout(layout),
+                   omitted=coerce_layout(omitted))
 
     def differences(self, expect: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
         """(field, expected, found) for every expected fingerprint value that differs."""

@@ -45,8 +45,10 @@ class BuildSummary:
 def bank_meta(engine: Engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
     fps = engine.fingerprints(embedder_fp)
     layout = [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]
+    stored = {t.name for t in layout}  # the rest are recorded as omitted (bank format 1.1)
+    omitted = [TensorSpec(n, tuple(s)) for n, s in engine.learner.layout if n not in stored]
     return BankMeta(producer=producer(), model=fps["model"], learner=fps["learner"],
-                    embedder=fps["embedder"], layout=layout, codec=codec)
+                    embedder=fps["embedder"], layout=layout, codec=codec, omitted=omitted)
 
 
 def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:

@@ -95,10 +95,13 @@ class Engine:
         return cls(lm, learner, model_id)
 
     def stored_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Layout of what a bank stores: every LoRA tensor whose step size is not negligible."""
-        keep = [(n, s) for n, s in self.learner.layout
-                if float(self.learner.alpha(n).detach().abs().max()) > NEGLIGIBLE_ALPHA]
-        return keep or self.learner.layout
+        """Layout of what a bank stores and a query applies: the tensors whose share of the step
+        energy is above the learner's recorded threshold (every tensor without a record; never
+        one whose step size is negligible). The one place that decides it (regrad_cli.energy)."""
+        from regrad_cli.energy import select_tensors
+
+        keep = set(select_tensors(self.learner))
+        return [(n, s) for n, s in self.learner.layout if n in keep]
 
     def fingerprints(self, embedder_fp: dict) -> dict:
         return {"model": dict(self.lm.fingerprint), "learner": self.learner.fingerprint(),

@@ -81,6 +81,42 @@ def test_round_trip_all_codecs(data, codec, group):
                 scale = (np.abs(groups).max(axis=1, keepdims=True) * np.ones_like(groups)).reshape(-1)[: flat.size]
                 ok = _bound_ok(flat, y.reshape(-1), scale, 7)
                 assert ok.all(), f"int4 error too large at {np.argwhere(~ok)[:3]}"
+            elif codec == "int8g" and x.size:
+                _check_int8g(x, y, group)
+            elif codec == "int4s" and x.size:
+                _check_int4s(x, y, group)
+
+
+def _check_int8g(x: np.ndarray, y: np.ndarray, group: int) -> None:
+    """Every value within half a step of its group's scale, groups cut along the long axis."""
+    from bank_format.codecs import long_axis
+
+    if x.ndim == 0:
+        lx, ly = x.reshape(1, 1), y.reshape(1, 1)
+    else:
+        ax = long_axis(x.shape)
+        lx = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
+        ly = np.moveaxis(y, ax, -1).reshape(lx.shape)
+    n = -(-lx.shape[1] // group) * group
+    px = np.zeros((lx.shape[0], n), np.float32)
+    px[:, : lx.shape[1]] = lx
+    scale = np.repeat(np.abs(px.reshape(lx.shape[0], -1, group)).max(axis=2), group, axis=1)[:, : lx.shape[1]]
+    ok = _bound_ok(lx, ly, scale, 127)
+    assert ok.all(), f"int8g error too large at {np.argwhere(~ok)[:3]}"
+    assert (ly[scale == 0] == 0).all()
+
+
+def _check_int4s(x: np.ndarray, y: np.ndarray, group: int) -> None:
+    """Within half a step of a group scale that is at most 1/16 above the group's absmax (or, for
+    groups below 2^-15 of the tensor's absmax, at most 2^-15 of it)."""
+    flat = x.reshape(-1).astype(np.float64)
+    pad = np.zeros(-(-flat.size // group) * group)
+    pad[: flat.size] = flat
+    absmax = np.abs(pad.reshape(-1, group)).max(axis=1)
+    bound = np.maximum(absmax * 17 / 16, np.abs(flat).max() * 2.0**-15)
+    scale = np.repeat(bound, group)[: flat.size]
+    ok = _bound_ok(flat, y.reshape(-1), scale, 7)
+    assert ok.all(), f"int4s error too large at {np.argwhere(~ok)[:3]}"
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -91,7 +127,8 @@ def test_zero_tensors_decode_to_exact_zeros(codec):
     assert all(np.isfinite(o).all() for o in out)
 
 
-@pytest.mark.parametrize("codec,min_cos", [("int8", 0.9999), ("int4", 0.99), ("fp16", 0.999999)])
+@pytest.mark.parametrize("codec,min_cos", [("int8", 0.9999), ("int4", 0.99), ("fp16", 0.999999),
+                                           ("int8g", 0.9999), ("int4s", 0.99)])
 def test_fidelity_on_gaussian_tensors(codec, min_cos):
     rng = np.random.default_rng(0)
     layout = [TensorSpec("A", (16, 256)), TensorSpec("B", (256, 16)), TensorSpec("C", (1000,))]
@@ -238,6 +275,40 @@ def test_meta_round_trip_and_versions():
         BankMeta.from_json(json.dumps({**d, "new_key": [1]}))
     with pytest.raises(BankFormatError, match="unknown codec 'int3'.*upgrade regrad"):
         BankMeta.from_json(json.dumps({**d, "codec": {**d["codec"], "name": "int3"}}))
+    with pytest.raises(BankFormatError, match=r"bank format 1\.2 uses codec 'int3'.*upgrade regrad"):
+        BankMeta.from_json(json.dumps({**d, "format_version": "1.2", "codec": {**d["codec"], "name": "int3"}}))
+
+
+def test_meta_1_1_omitted_and_codecs():
+    m = _meta(omitted=[TensorSpec("B", (3, 2))], codec=CodecSpec("int4s", 3, 64))
+    assert m.format_version == "1.1" and m.full_layout_values == 12
+    d = json.loads(m.to_json())
+    assert d["omitted"] == [{"name": "B", "shape": [3, 2]}]
+    assert BankMeta.from_json(m.to_json()) == m
+    assert "omitted" not in json.loads(_meta().to_json())  # written only when non-empty
+    with pytest.raises(BankFormatError, match="1.1 key"):
+        BankMeta.from_json(json.dumps({**d, "format_version": "1.0", "codec": {**d["codec"], "name": "int4"}}))
+    with pytest.raises(BankFormatError, match="cannot hold codec 'int4s'"):
+        _meta(format_version="1.0", codec=CodecSpec("int4s", 3, 64))
+    with pytest.raises(BankFormatError, match="also in the layout"):
+        _meta(omitted=[TensorSpec("A", (2, 3))])
+    with pytest.raises(BankFormatError, match="only when non-empty"):
+        BankMeta.from_json(json.dumps({**d, "omitted": []}))
+    assert _meta(format_version="1.0").to_json()  # a 1.0 bank's metadata stays 1.0
+
+
+@FAST
+@given(absmax=hnp.arrays(np.float32, st.integers(1, 20),
+                         elements=finite32.map(abs)))
+def test_int4s_group_codes_cover_absmax_tightly(absmax):
+    from bank_format.codecs import E4M4, _e4m4_codes
+
+    s = np.float32(absmax.max())
+    codes = _e4m4_codes(absmax, s)
+    scales = np.float64(s) * E4M4[codes]
+    assert (scales >= absmax).all()  # nothing clips
+    if s > 0:
+        assert (scales <= np.maximum(absmax.astype(np.float64) * 17 / 16, np.float64(s) * 2.0**-15)).all()
 
 
 json_values = st.recursive(

@@ -1,4 +1,4 @@
-"""Format 1.0 golden files (tests/golden/, written once by make_golden_bank.py) still read the same."""
+"""Golden files of formats 1.0 and 1.1 (tests/golden/, each written once) still read the same."""
 
 from __future__ import annotations
 
@@ -55,9 +55,97 @@ def test_golden_bank_search(bank, expected):
         assert bank.search(expected["embeddings"][i], 1)[0]["doc_id"] == d
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", CODECS[:4])  # the codecs of format 1.0
 def test_golden_blobs_decode_bit_for_bit(codec, expected):
     out = decode_blob((GOLDEN / "blobs_v1_0" / f"{codec}.bin").read_bytes())
     assert len(out) == 3
     for j, arr in enumerate(out):
         assert np.array_equal(arr, expected[f"blob/{codec}/{j}"]), j
+
+
+# Format 1.1 --------------------------------------------------------------------------------------
+STORED_1_1 = [("layers.0.q_proj.lora_B", (8, 2)), ("layers.0.scale", ())]
+
+
+@pytest.fixture(scope="module")
+def expected_1_1():
+    with np.load(GOLDEN / "expected_v1_1.npz") as f:
+        return dict(f)
+
+
+@pytest.fixture
+def bank_1_1(tmp_path):
+    shutil.copytree(GOLDEN / "bank_v1_1", tmp_path / "bank")
+    return GradientBank.open(tmp_path / "bank", read_only=True)
+
+
+def test_golden_1_1_bank_metadata(bank_1_1):
+    m = bank_1_1.meta
+    assert m.format_version == "1.1" and m.codec.name == "int4s" and m.codec.group_size == 4
+    assert [(t.name, t.shape) for t in m.layout] == STORED_1_1
+    assert [(t.name, t.shape) for t in m.omitted] == [("layers.0.q_proj.lora_A", (2, 8))]
+    s = bank_1_1.stats()
+    assert s["fp32_bytes_per_doc"] == 4 * (16 + 16 + 1)  # the whole gradient, omitted tensor included
+    assert s["layout"]["omitted_values"] == 16
+    assert s["ratio_vs_fp32"] > s["ratio_vs_fp32_stored"] > 0
+
+
+def test_golden_1_1_bank_decodes_bit_for_bit(bank_1_1, expected_1_1):
+    report = bank_1_1.verify()
+    assert report["rows"] == report["ok"] == 3 and not report["bad"]
+    got = bank_1_1.fetch(DOCS)
+    for d in DOCS:
+        assert len(got[d]) == len(STORED_1_1)
+        for j, arr in enumerate(got[d]):
+            assert np.array_equal(arr, expected_1_1[f"bank/{d}/{j}"]), (d, j)
+            orig = expected_1_1[f"orig/{d}/{j}"]
+            # int4s: error at most half a step of the group scale, itself at most 1/16 above the
+            # group's absmax, which is at most the tensor's absmax
+            assert np.all(np.abs(arr - orig) <= np.abs(orig).max() * (17 / 16) / 14 + 1e-7)
+
+
+@pytest.mark.parametrize("codec", ["int8g", "int4s"])
+def test_golden_1_1_blobs_decode_bit_for_bit(codec, expected_1_1):
+    out = decode_blob((GOLDEN / "blobs_v1_1" / f"{codec}.bin").read_bytes())
+    assert len(out) == 3
+    for j, arr in enumerate(out):
+        assert np.array_equal(arr, expected_1_1[f"blob/{codec}/{j}"]), j
+
+
+def _as_reader_1_0(monkeypatch):
+    """Make bank_format behave as a reader that knows only format 1.0 and its four codecs."""
+    import bank_format.schema as schema
+
+    monkeypatch.setattr(schema, "FORMAT_VERSION", "1.0")
+    monkeypatch.setattr(schema, "FORMAT_MINOR", 0)
+    monkeypatch.setattr(schema, "CODECS", CODECS[:4])
+
+
+def test_reader_1_0_refuses_a_1_1_codec_naming_the_version(monkeypatch, tmp_path):
+    from bank_format import BankFormatError
+
+    shutil.copytree(GOLDEN / "bank_v1_1", tmp_path / "bank")
+    _as_reader_1_0(monkeypatch)
+    with pytest.raises(BankFormatError, match=r"bank format 1\.1 uses codec 'int4s'.*\(bank format 1\.0.*upgrade regrad"):
+        GradientBank.open(tmp_path / "bank", read_only=True)
+
+
+def test_reader_1_0_reads_a_1_1_bank_with_a_1_0_codec_read_only(monkeypatch, tmp_path):
+    from bank_format import BankFormatError, BankMeta, CodecSpec, TensorSpec
+
+    meta = BankMeta(producer="test", model={"id": "m"}, learner={"checkpoint_id": "c"},
+                    embedder={"id": "e", "dim": 2}, layout=[TensorSpec("b", (4, 2))],
+                    omitted=[TensorSpec("a", (2, 3))], codec=CodecSpec("int4", 3, 4))
+    bank = GradientBank.create(tmp_path / "bank", meta)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    row = {"doc_id": "d", "content_hash": "h", "embedding": np.ones(2, np.float32), "tensors": [x], "n_tokens": 3}
+    bank.append([row])
+    want = bank.fetch(["d"])["d"][0]
+    _as_reader_1_0(monkeypatch)
+    old = GradientBank.open(tmp_path / "bank", read_only=True)
+    assert old.meta.format_version == "1.1" and [t.name for t in old.meta.layout] == ["b"]
+    assert np.array_equal(old.fetch(["d"])["d"][0], want)
+    writer = GradientBank.open(tmp_path / "bank")
+    assert writer.read_only
+    with pytest.raises(BankFormatError, match="can be read but not written"):
+        writer.append([{**row, "doc_id": "e"}])

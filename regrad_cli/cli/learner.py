@@ -1,0 +1,83 @@
+"""`regrad learner ...`: inspect a learner checkpoint (which tensors the step uses)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json
+
+learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of each LoRA tensor).",
+                          no_args_is_help=True)
+
+
+@learner_app.command("energy")
+def energy_cmd(
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled' or a directory (default: workspace config).")] = None,
+    docs: Annotated[int, typer.Option("--docs", help="Documents to sample: the workspace's, else the demo corpus.")] = 64,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Store tensors whose energy share is above this (default: the recorded one, else 1e-4).")] = None,
+    write: Annotated[bool, typer.Option("--write", help="Record the shares and threshold in the checkpoint's learner.json.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the document sample.")] = 0,
+    device: DeviceOpt = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Measure each LoRA tensor's share of the step energy; which tensors a bank stores."""
+    from regrad_cli.config import BUNDLED_CHECKPOINT, Workspace
+    from regrad_cli.energy import checkpoint_dir, measure, write_record
+    from regrad_cli.engine import Engine
+    from regrad_cli.errors import ConfigError, RegradError
+
+    if docs < 1:
+        raise RegradError("--docs must be at least 1")
+    try:
+        ws = Workspace.open(workspace, create=False)
+    except ConfigError:
+        if workspace is not None:
+            raise
+        ws = None
+    choice = checkpoint or (ws.config.learner.checkpoint if ws else BUNDLED_CHECKPOINT)
+    target = checkpoint_dir(choice) if write else None
+    texts = _sample_texts(ws, docs, seed)
+    max_tokens = ws.config.bank.max_doc_tokens if ws else 256
+    engine = Engine.load(ws, checkpoint=choice, device=device)
+    result = measure(engine, texts, max_tokens=max_tokens, threshold=threshold)
+    if write:
+        result["written"] = str(write_record(target, result["record"]))
+    if json_out:
+        print_json(result)
+        return
+    rec, sub = result["record"], result["subset"]
+    ranked = sorted(rec["energy"].items(), key=lambda kv: -kv[1])
+    typer.echo(f"learner {result['checkpoint_id'][:16]}: energy over {rec['n_docs']} documents "
+               f"(max {rec['max_tokens']} tokens, norm {rec['norm']})")
+    for name, share in ranked[:5]:
+        typer.echo(f"  {share:9.3%}  {name}")
+    if len(ranked) > 5:
+        typer.echo(f"  ... smallest: {ranked[-1][1]:.3g} ({ranked[-1][0]})")
+    typer.echo(f"threshold {sub['threshold']:g}: stores {sub['tensors_kept']} of {sub['tensors_total']} tensors "
+               f"({sub['values_kept_fraction']:.1%} of the values), leaves out {sub['energy_dropped']:.2e} "
+               f"of the energy")
+    typer.echo(f"recorded in {result['written']}" if write else "not recorded (pass --write)")
+
+
+def _sample_texts(ws, n: int, seed: int) -> list[str]:
+    """Up to n document texts: a seeded sample of the workspace's documents, else the demo corpus."""
+    import random
+    from importlib.resources import files
+
+    texts: list[str] = []
+    if ws is not None:
+        from regrad_cli.documents import DocumentStore
+
+        store = DocumentStore(ws)
+        if store.count():
+            texts = [d["text"] for d in store.all(columns=["id", "text"])]
+    if not texts:
+        corpus = files("regrad_cli") / "data" / "demo" / "corpus"
+        texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.iterdir(), key=lambda p: p.name)
+                 if p.name.endswith(".md")]
+    if len(texts) > n:
+        texts = random.Random(seed).sample(texts, n)
+    return texts
