@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import lance_ops
 from .blob import decode_blob, encode_blob, read_header
 from .errors import BankFormatError, BankMismatchError, CorruptBlobError
+from .lance_ops import LOCK_NAME, LOCK_TIMEOUT_S, sql_str as _sql_str  # noqa: F401 - re-exported
 from .schema import (
     CODECS,
     GROUPED_CODECS,
@@ -39,8 +41,9 @@ from .schema import (
 
 log = logging.getLogger("bank_format")
 
-LOCK_NAME = ".regrad-bank.lock"
-LOCK_TIMEOUT_S = 600.0
+# A bank may declare at most this many values per document (1 GiB as fp32): checked on open,
+# before any blob is decoded against the layout (docs/reliability.md, threat model).
+MAX_LAYOUT_VALUES = 1 << 28
 # Rows per read when every blob is visited (verify, stats). They are read with fragment.take()
 # in chunks of this many rows, not with a scan: measured with pylance 14, a scan's memory grows
 # with the fragment (about 2x its bytes: 1.3 GB for a 600 MB fragment), while chunked take stays
@@ -64,11 +67,6 @@ _INDEX_TYPES = {
     "IVF_FLAT": "IvfFlat", "IVF_PQ": "IvfPq", "IVF_SQ": "IvfSq", "IVF_RQ": "IvfRq",
     "IVF_HNSW_FLAT": "IvfHnswFlat", "IVF_HNSW_SQ": "IvfHnswSq", "IVF_HNSW_PQ": "IvfHnswPq",
 }
-
-
-def _sql_str(s: str) -> str:
-    # SQL string literal: a quote is doubled; nothing else is special (checked with ', \ and \n).
-    return "'" + s.replace("'", "''") + "'"
 
 
 def _table_dir(path: Path) -> Path:
@@ -169,11 +167,7 @@ class GradientBank:
                 return True
             except Exception:  # no committed version there (lance raises ValueError/OSError)
                 return False
-        versions = _table_dir(loc) / "_versions"
-        try:
-            return any(p.name.endswith(".manifest") for p in versions.iterdir())
-        except OSError:
-            return False
+        return lance_ops.committed(_table_dir(loc))
 
     @staticmethod
     def _connect(path: "Path | str", storage_options: Mapping[str, str] | None = None):
@@ -239,6 +233,14 @@ class GradientBank:
             raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
         with cls._new_bank(loc, storage_options):
             with _lance_errors(f"cannot create bank at {loc}"):
+                found = fragment_keys(loc, frags, storage_options)
+                if keys is not None and sorted(found) != sorted(tuple(k) for k in keys):
+                    raise BankFormatError(
+                        f"the fragments to commit to {loc} hold other rows than the build wrote "
+                        f"({len(found)} read back, {len(keys)} expected); nothing was committed")
+                dup = _repeated(found)
+                if dup:
+                    raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
                 lance.LanceDataset.commit(
                     _table_uri(loc), lance.LanceOperation.Overwrite(arrow_schema(meta.dim, meta), frags),
                     storage_options=dict(storage_options or {}) or None)
@@ -275,6 +277,12 @@ class GradientBank:
         except BankFormatError as e:
             raise BankFormatError(f"bank at {path}: {e}") from None
         check_table_schema(schema, meta, f"bank at {path}")
+        n_values = sum(t.numel for t in meta.layout)
+        if n_values > MAX_LAYOUT_VALUES:
+            raise BankFormatError(
+                f"bank at {path} declares {n_values} gradient values per document, more than the "
+                f"{MAX_LAYOUT_VALUES} this regrad reads: refused (damaged or hostile metadata)"
+            )
         if expect:
             diffs = meta.differences(expect)
             if diffs:
@@ -297,28 +305,19 @@ class GradientBank:
     # -- internals ----------------------------------------------------------------------------
 
     @staticmethod
-    @contextlib.contextmanager
-    def _lock(path: "Path | str") -> Iterator[None]:
-        import filelock
+    def _lock(path: "Path | str"):
+        return lance_ops.writer_lock(path)
 
-        if isinstance(path, str):
-            # Object store: no file lock; Lance's commits are conditional writes, so concurrent
-            # writers conflict and retry instead of overwriting each other (docs/scaling.md).
-            yield
-            return
+    def locked(self):
+        """Hold this bank's writer lock (re-entrant in one thread): a check and the writes that
+        depend on it, made under one hold, cannot interleave with another writer or maintainer."""
+        return self._lock(self._path)
 
-        lock = filelock.FileLock(str(path / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise BankFormatError(
-                f"another process has been writing to the bank at {path} for {LOCK_TIMEOUT_S:.0f} s "
-                f"(lock {path / LOCK_NAME}); try again later"
-            ) from None
-        try:
-            yield
-        finally:
-            lock.release()
+    @staticmethod
+    def build_lease(path: "str | os.PathLike"):
+        """The lease a build of the bank at ``path`` holds for its whole run (a re-entrant
+        ``filelock.FileLock``): while it is held, maintenance keeps unreferenced data files."""
+        return lance_ops.build_lease(_location(path))
 
     def _writing(self):
         if self._read_only is not None:
@@ -454,10 +453,13 @@ class GradientBank:
             schema=schema,
         )
 
-    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
+    def append(self, rows: Sequence[Mapping[str, Any]],
+               forbidden: Callable[[], "set[str]"] | None = None) -> int:
         """Validate, encode and append ``rows`` as ONE commit; return the number written.
 
-        Rows as in ``rows_table``.
+        Rows as in ``rows_table``. ``forbidden()``, called under the writer lock just before the
+        commit, names doc ids that must not enter the bank (documents unlearned meanwhile):
+        their rows are left out.
         """
         if self._read_only is not None:
             raise BankFormatError(self._read_only)
@@ -465,6 +467,16 @@ class GradientBank:
         if data is None:
             return 0
         with self._writing(), _lance_errors(f"cannot append to bank at {self._path}"):
+            if forbidden is not None:
+                import pyarrow as pa
+                import pyarrow.compute as pc
+
+                banned = set(forbidden())
+                if banned:
+                    keep = pc.invert(pc.is_in(data.column("doc_id"), value_set=pa.array(sorted(banned), pa.string())))
+                    data = data.filter(keep)
+                    if data.num_rows == 0:
+                        return 0
             self._table.add(data)
         log.debug("appended %d rows to %s", data.num_rows, self._path)
         return data.num_rows
@@ -480,12 +492,17 @@ class GradientBank:
             version = self._dataset().data_storage_version
         return FragmentWriter(self._path, self._meta, self._storage, version)
 
-    def commit_fragments(self, fragments: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> int:
+    def commit_fragments(self, fragments: Sequence[str], keys: Sequence[tuple[str, str]] | None = None,
+                         forbidden: Callable[[], "set[str]"] | None = None) -> int:
         """Make fragments written by ``FragmentWriter.write`` visible in ONE atomic commit (an
         Append: the schema and bank metadata are carried over unchanged); return the rows added.
 
-        ``keys`` are the (doc_id, content_hash) of the new rows: a key already in the bank (say,
-        from a build that ran alongside) refuses the whole commit, so no row is ever doubled.
+        Under the writer lock, every data file of the fragments is read back first (a fragment
+        whose files are gone, say removed by a maintenance run, refuses the whole commit), and
+        their (doc_id, content_hash) keys must equal ``keys`` when given. A key already in the
+        bank (say, from a build that ran alongside) refuses the whole commit, so no row is ever
+        doubled. ``forbidden()`` (called under the lock) names doc ids unlearned meanwhile:
+        their rows are deleted and purged right after the commit, within the same lock hold.
         """
         import lance
 
@@ -499,21 +516,33 @@ class GradientBank:
         n = sum(f.num_rows for f in frags)
         with self._writing(), _lance_errors(f"cannot commit to bank at {self._path}"):
             ds = self._dataset()
+            found = fragment_keys(self._path, frags, self._storage)
             if keys is not None:
-                new = {tuple(k) for k in keys}
                 dup = _repeated(keys)
                 if dup:
                     raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
-                t = ds.to_table(columns=["doc_id", "content_hash"])
-                have = set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
-                clash = sorted(have & new)
-                if clash:
+                if sorted(found) != sorted(tuple(k) for k in keys):
                     raise BankFormatError(
-                        f"{len(clash)} of the rows to commit are already in bank {self._path} (another "
-                        f"build ran alongside?), e.g. {clash[0]}; nothing was committed"
+                        f"the fragments to commit to {self._path} hold other rows than the build "
+                        f"wrote ({len(found)} read back, {len(keys)} expected); nothing was committed"
                     )
+            new = set(found)
+            t = ds.to_table(columns=["doc_id", "content_hash"])
+            have = set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
+            clash = sorted(have & new)
+            if clash:
+                raise BankFormatError(
+                    f"{len(clash)} of the rows to commit are already in bank {self._path} (another "
+                    f"build ran alongside?), e.g. {clash[0]}; nothing was committed"
+                )
             lance.LanceDataset.commit(_table_uri(self._path), lance.LanceOperation.Append(frags),
                                       read_version=ds.version, storage_options=self._storage or None)
+            banned = set(forbidden()) if forbidden is not None else set()
+            gone = sorted({d for d, _ in new} & banned)
+            if gone:
+                log.info("unlearned while this build ran: removing %d rows again", len(gone))
+                n -= self.delete(doc_ids=gone)
+                self.purge()
         log.info("committed %d fragments (%d rows) to %s", len(frags), n, self._path)
         return n
 
@@ -555,49 +584,22 @@ class GradientBank:
         return len(chosen)
 
     def _compact(self, *, all_deletions: bool) -> dict:
-        with self._writing(), _lance_errors(f"cannot compact bank at {self._path}"):
+        # Unreferenced data files may belong to a build in flight (a Ray build's workers write
+        # them before the commit): they are deleted now only when no build holds the lease,
+        # else only past lance_ops.ORPHAN_GRACE. Referenced files of old versions always go.
+        with self._writing(), lance_ops.no_build_in_flight(self._path) as idle, \
+                _lance_errors(f"cannot compact bank at {self._path}"):
             ds = self._dataset()
             options: dict[str, Any] = {
-                "materialize_deletions": True,
                 "batch_size": PURGE_BATCH_ROWS,
                 "num_threads": 1,  # one rewrite task at a time, not one per core
                 "target_rows_per_fragment": _target_rows(ds),
                 "max_bytes_per_file": COMPACT_TARGET_BYTES,
             }
-            if all_deletions:
-                # Default threshold (10 % of a fragment deleted) would leave a lone deleted row's
-                # bytes in place; 0 rewrites every fragment that has any deletion.
-                options["materialize_deletions_threshold"] = 0.0
-            m = ds.optimize.compact_files(**options)
-            ds = self._dataset()
-            if all_deletions:
-                left = [f.fragment_id for f in ds.get_fragments() if f.metadata.deletion_file is not None]
-                if left:
-                    raise BankFormatError(
-                        f"compaction left deleted rows in fragments {left} of {self._path}; "
-                        f"their bytes are still on disk"
-                    )
-                self._rebuild_indices()
-                ds = self._dataset()
-            try:
-                cleanup = ds.cleanup_old_versions(
-                    older_than=timedelta(0), delete_unverified=True, error_if_tagged_old_versions=True
-                )
-            except Exception as e:
-                if "tag" in str(e).lower():
-                    raise BankFormatError(
-                        f"bank at {self._path} has tagged versions, which keep their files (and any "
-                        f"deleted rows) on disk; delete the tags and run purge again ({e})"
-                    ) from e
-                raise
-        return {
-            "fragments_removed": m.fragments_removed,
-            "fragments_added": m.fragments_added,
-            "files_removed": m.files_removed,
-            "files_added": m.files_added,
-            "versions_removed": cleanup.old_versions,
-            "bytes_removed": cleanup.bytes_removed,
-        }
+            return lance_ops.purge_dataset(
+                ds, all_deletions=all_deletions, orphans_now=idle, what=f"bank at {self._path}",
+                compact_options=options, reopen=self._dataset,
+                after_compaction=self._rebuild_indices if all_deletions else None)
 
     def _rebuild_indices(self) -> None:
         # An ANN index keeps its own copy of the vectors (IVF_FLAT stores them normalised) or
@@ -664,6 +666,16 @@ class GradientBank:
         with _lance_errors(f"cannot read bank at {self._path}"):
             t = self._dataset().to_table(columns=["doc_id", "content_hash"])
         return set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
+
+    def doc_ids(self, where_sources: Sequence[str] | None = None) -> set[str]:
+        """The doc ids in the bank (those whose source is in ``where_sources``, when given)."""
+        with _lance_errors(f"cannot read bank at {self._path}"):
+            t = self._dataset().to_table(columns=["doc_id", "source"])
+        ids, srcs = t.column("doc_id").to_pylist(), t.column("source").to_pylist()
+        if where_sources is None:
+            return set(ids)
+        want = set(where_sources)
+        return {d for d, s in zip(ids, srcs) if s in want}
 
     def _search_query(self, vector: Any, k: int):
         try:
@@ -875,6 +887,37 @@ class GradientBank:
             "layout": {"n_tensors": len(meta.layout), "n_values": n_values,
                        "omitted_tensors": len(meta.omitted), "omitted_values": full_values - n_values},
         }
+
+
+def fragment_keys(loc: "Path | str", frags: Sequence[Any], storage_options: Mapping[str, str] | None = None
+                  ) -> list[tuple[str, str]]:
+    """Read back the (doc_id, content_hash) of uncommitted fragments from their data files:
+    BankFormatError when a file is missing, unreadable or holds another row count."""
+    import lance.file
+
+    keys: list[tuple[str, str]] = []
+    opts = dict(storage_options or {}) or None
+    for frag in frags:
+        got = None
+        for f in frag.files:
+            uri = f"{_table_uri(loc)}/data/{f.path}"
+            try:
+                reader = lance.file.LanceFileReader(uri, storage_options=opts)
+                names = reader.metadata().schema.names
+                if got is None and "doc_id" in names and "content_hash" in names:
+                    t = lance.file.LanceFileReader(uri, storage_options=opts,
+                                                   columns=["doc_id", "content_hash"]).read_all().to_table()
+                    got = list(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
+            except Exception as e:
+                raise BankFormatError(
+                    f"fragment data file {uri} cannot be read ({type(e).__name__}: {e}): removed by a "
+                    f"maintenance run, or damaged? Nothing was committed; run the build again"
+                ) from None
+        if got is None or len(got) != frag.physical_rows:
+            raise BankFormatError(f"a fragment written for {loc} does not hold its {frag.physical_rows} "
+                                  f"rows' keys; nothing was committed")
+        keys.extend(got)
+    return keys
 
 
 def _chunks(frag, columns: list[str]) -> Iterator[Any]:

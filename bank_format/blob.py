@@ -3,6 +3,13 @@
 Byte layout in docs/bank-format.md, section 5. ``decode_blob`` treats its input as untrusted: every
 size is checked before it is used, so malformed bytes raise ``BankFormatError`` (usually
 ``CorruptBlobError``) and never another exception or a huge allocation.
+
+Bounded decoding (docs/reliability.md, threat model): before anything is allocated, the declared
+payload size must be at most ``MAX_PAYLOAD_BYTES`` and, past ``FREE_PAYLOAD_BYTES``, at most
+``MAX_EXPANSION`` times the stored frame; a zstd frame must declare its content size, and is
+decompressed in reads no larger than what is still expected. So decoding a blob of n stored bytes
+never holds more than about ``max(FREE_PAYLOAD_BYTES, MAX_EXPANSION * n)`` payload bytes, whatever
+its header and the bank's layout claim.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ BLOB_VERSION = 1
 _HEADER = struct.Struct("<4sHBBIIQ")
 HEADER_SIZE = _HEADER.size  # 24
 
-# Compressed input is fed to zstd in pieces of this size, and the output checked against the
-# declared payload_len after each, so a lying header cannot make the reader allocate much more
-# than the blob really holds.
-_FEED = 1 << 16
+# Largest decompressed payload any blob may declare (1 GiB: 2^28 fp32 values, the largest layout
+# a bank may declare, see bank.MAX_LAYOUT_VALUES).
+MAX_PAYLOAD_BYTES = 1 << 30
+# Past FREE_PAYLOAD_BYTES, a payload may be at most this many times its stored zstd frame. Real
+# gradients compress about 1.1x (int4 codes are near random); zstd can reach ~32000x on zeros,
+# which is what a decompression bomb uses. encode_blob refuses to write what this would refuse.
+MAX_EXPANSION = 128
+FREE_PAYLOAD_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -80,10 +91,30 @@ def encode_blob(tensors: Sequence[Any], layout: Sequence[TensorSpec], codec: Cod
     frame = zstandard.ZstdCompressor(
         level=codec.zstd_level, write_checksum=True, write_content_size=True
     ).compress(payload)
+    try:
+        check_expansion(len(payload), len(frame))
+    except CorruptBlobError as e:
+        raise BankFormatError(
+            f"refusing to write a blob readers would refuse ({e}): the tensors are almost all "
+            f"zeros (a degenerate gradient)"
+        ) from None
     header = _HEADER.pack(
         MAGIC, BLOB_VERSION, CODEC_IDS[codec.name], 0, len(layout), group_size, len(payload)
     )
     return header + frame
+
+
+def check_expansion(payload_len: int, stored: int) -> None:
+    """Refuse a declared payload that is too large, absolutely or against its stored size."""
+    if payload_len > MAX_PAYLOAD_BYTES:
+        raise CorruptBlobError(
+            f"blob declares a {payload_len}-byte payload; at most {MAX_PAYLOAD_BYTES} are allowed"
+        )
+    if payload_len > FREE_PAYLOAD_BYTES and payload_len > MAX_EXPANSION * stored:
+        raise CorruptBlobError(
+            f"blob declares a {payload_len}-byte payload from {stored} stored bytes, more than "
+            f"{MAX_EXPANSION}x: refused as a decompression bomb"
+        )
 
 
 def read_header(blob: Any) -> BlobHeader:
@@ -116,6 +147,7 @@ def read_header(blob: Any) -> BlobHeader:
         raise CorruptBlobError(f"group size is {group_size} for codec {codec}; it must be 0")
     if n_tensors > payload_len:  # each tensor takes at least its ndim byte
         raise CorruptBlobError(f"{n_tensors} tensors cannot fit in a {payload_len}-byte payload")
+    check_expansion(payload_len, len(blob) - HEADER_SIZE)
     return BlobHeader(version, codec, n_tensors, group_size, payload_len)
 
 
@@ -124,6 +156,8 @@ def _decompress(frame: memoryview, payload_len: int) -> bytes:
         params = zstandard.get_frame_parameters(bytes(frame[:18]))  # 18 = max frame header size
     except zstandard.ZstdError as e:
         raise CorruptBlobError(f"payload is not a zstd frame: {e}") from None
+    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise CorruptBlobError("zstd frame does not declare its content size; format 1 requires it")
     if params.content_size != payload_len:
         raise CorruptBlobError(
             f"zstd frame declares {params.content_size} bytes, the header says {payload_len}"
@@ -133,31 +167,41 @@ def _decompress(frame: memoryview, payload_len: int) -> bytes:
     # The writer knows the content size, so zstd never needs a window larger than the payload;
     # capping it stops a damaged window descriptor from making zstd reserve up to 128 MiB.
     max_window = 1 << max(10, payload_len.bit_length())
-    dobj = zstandard.ZstdDecompressor(max_window_size=max_window).decompressobj()
-    out = bytearray()
-    pos = 0
+    # One call into a buffer of exactly content_size bytes (already checked against the caps):
+    # zstd stops with an error when the frame would write past it, or leaves data after it.
     try:
-        while pos < len(frame) and not dobj.eof:
-            out += dobj.decompress(bytes(frame[pos : pos + _FEED]))
-            pos += _FEED
-            if len(out) > payload_len:
-                raise CorruptBlobError(f"payload decompresses past its declared {payload_len} bytes")
+        dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
+        out = dctx.decompress(bytes(frame), max_output_size=payload_len, read_across_frames=False,
+                              allow_extra_data=False)
     except zstandard.ZstdError as e:
+        msg = str(e)
+        if "unused data" in msg:
+            raise CorruptBlobError("blob has bytes after the end of its zstd frame") from None
+        if "full frame" in msg:
+            raise CorruptBlobError("blob is truncated: the zstd frame does not end") from None
         raise CorruptBlobError(f"payload does not decompress: {e}") from None
-    if not dobj.eof:
-        raise CorruptBlobError("blob is truncated: the zstd frame does not end")
-    if dobj.unused_data or pos < len(frame):
-        raise CorruptBlobError("blob has bytes after the end of its zstd frame")
     if len(out) != payload_len:
         raise CorruptBlobError(f"payload is {len(out)} bytes, the header says {payload_len}")
-    return bytes(out)
+    return out
 
 
 def decode_blob(blob: bytes, layout: Sequence[TensorSpec] | None = None) -> list[np.ndarray]:
     """Decode a blob into float32 arrays; with ``layout``, also check every shape against it.
 
-    Raises ``BankFormatError`` (``CorruptBlobError`` for damage) on any malformed input.
+    Raises ``BankFormatError`` (``CorruptBlobError`` for damage) on any malformed input, and only
+    that: an arithmetic or allocation failure on a hostile blob is reported the same way.
     """
+    try:
+        return _decode_blob(blob, layout)
+    except BankFormatError:
+        raise
+    except MemoryError:
+        raise CorruptBlobError("blob does not fit in memory: refused") from None
+    except (OverflowError, ValueError, TypeError, struct.error) as e:
+        raise CorruptBlobError(f"blob cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def _decode_blob(blob: bytes, layout: Sequence[TensorSpec] | None) -> list[np.ndarray]:
     header = read_header(blob)
     specs = None
     if layout is not None:

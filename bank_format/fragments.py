@@ -2,16 +2,20 @@
 visible by the driver in ONE commit (``GradientBank.commit_fragments``).
 
 A ``FragmentWriter`` holds only the bank's location, metadata and storage options, so it pickles
-to any worker process or machine (a Ray actor, say). Its ``write`` validates and encodes rows
+to any worker process or machine (a Ray actor, say). Secret storage options (keys, tokens,
+passwords) are left out of the pickle: a worker supplies its own (``with_storage_options``) or
+its environment does (``AWS_*``), so credentials are not copied to every worker. Its ``write`` validates and encodes rows
 exactly as ``GradientBank.append`` does and writes their data files under the bank's table, but
 commits nothing: until the driver commits, readers see the previous version, and a build that
-dies before the commit leaves the bank as it was (the orphaned data files are removed by the next
-``compact``/``purge``, which deletes unreferenced files).
+dies before the commit leaves the bank as it was (the orphaned data files are removed by a later
+``compact``/``purge``: at once when no build holds the bank's build lease, else once they are
+older than ``lance_ops.ORPHAN_GRACE``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +26,14 @@ from .schema import BankMeta, arrow_schema
 # Rows of one written fragment file at most (a worker's call writes one fragment per call
 # unless it is larger).
 MAX_ROWS_PER_FILE = 1 << 20
+# Storage option names that hold credentials (aws_secret_access_key, azure_storage_sas_token,
+# google_service_account_key, ...): never pickled.
+_SECRET = re.compile(r"secret|token|password|credential|key|sas|signature", re.IGNORECASE)
+
+
+def secret_option(name: str) -> bool:
+    """True for a storage option that holds a credential."""
+    return bool(_SECRET.search(name)) and name.lower() not in ("aws_server_side_encryption_kms_key_id",)
 
 
 class FragmentWriter:
@@ -33,6 +45,27 @@ class FragmentWriter:
         self.meta_json = meta.to_json()
         self.storage_options = dict(storage_options or {})
         self.data_storage_version = data_storage_version
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        opts = state["storage_options"]
+        state["storage_options"] = {k: v for k, v in opts.items() if not secret_option(k)}
+        state["secrets_left_out"] = sorted(k for k in opts if secret_option(k))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def secrets_left_out(self) -> list[str]:
+        """Names of the secret storage options this copy lost in pickling."""
+        return list(getattr(self, "secrets_left_out", []))
+
+    def with_storage_options(self, extra: Mapping[str, str]) -> "FragmentWriter":
+        """A copy with ``extra`` merged into its storage options (a worker's own credentials)."""
+        other = FragmentWriter(self.location, BankMeta.from_json(self.meta_json),
+                               {**self.storage_options, **dict(extra)}, self.data_storage_version)
+        return other
 
     def _encoder(self) -> GradientBank:
         # A GradientBank with no connection: rows_table only needs the metadata.
