@@ -195,13 +195,55 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     sys.stdout.flush()
 
 
-def emit(result: dict, out: Path | None) -> None:
-    """The last line of stdout: one JSON object. Optionally also written to ``out``."""
-    result = rnd(result)
+RESULTS_DIR = ROOT / "docs" / "benchmarks"
+
+
+def provenance() -> dict:
+    """What produced a result: the command, the code version, the software and the machine."""
+    import subprocess
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("regrad", "torch", "transformers", "numpy", "lancedb", "pylance", "pyarrow", "zstandard"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "bank_format", "regrad_cli"],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    load = os.getloadavg()
+    return {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "versions": versions,
+        "machine": machine(),
+        "load_avg_at_end": {"1m": round(load[0], 2), "5m": round(load[1], 2), "15m": round(load[2], 2)},
+    }
+
+
+def emit(result: dict, out: Path | None, args=None, name: str | None = None) -> None:
+    """The last line of stdout: one JSON object, with its provenance.
+
+    Written to ``out``; with ``args`` and no ``out``, to docs/benchmarks/NAME.json (NAME: the
+    benchmark's name, plus ``-quick`` for --quick runs), so that every figure has its file."""
+    result = rnd({**result, "provenance": provenance()})
     line = json.dumps(result, sort_keys=False)
+    if out is None and args is not None:
+        base = name or result.get("benchmark", Path(sys.argv[0]).stem)
+        out = RESULTS_DIR / f"{base}{'-quick' if getattr(args, 'quick', False) else ''}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {out}")
     print(line, flush=True)
 
 
@@ -261,6 +303,7 @@ def ingest_workspace(ws_dir: Path, corpus: Path, embedder=None, tokenizer=None):
     from regrad_cli.ingest import ingest
 
     ws = Workspace.open(ws_dir)
+    ws.use_bank_env = False  # never the user's $REGRAD_BANK_URI: benchmarks move and delete banks
     summary = ingest(ws, [corpus], embedder=embedder, tokenizer=tokenizer)
     if not summary.ok:
         raise SystemExit(f"ingest of {corpus} failed: {summary.to_dict()}")

@@ -4,7 +4,14 @@ For every ingested document without a bank row for its (doc id, content hash), c
 the current learner checkpoint, encode it and append it. Each appended batch is one atomic LanceDB
 commit, so a build killed at any moment leaves only whole rows; a rerun lists the keys already
 present and does only the missing work. One bank per learner checkpoint (workspace/banks/bank-<id>):
-a bank is never mixed across checkpoints. A lock file keeps two builds off the same bank.
+a bank is never mixed across checkpoints. The bank's build lease keeps two builds off one bank and
+tells maintenance that uncommitted files may be in flight (bank_format.lance_ops).
+
+A build removes the rows of documents its workspace no longer has ("stale" rows); removing more
+than ``FEW_ROWS`` rows of documents that are gone altogether (not just changed) needs ``force``,
+so an emptied or wrongly pointed workspace cannot wipe a bank. Documents unlearned with
+``regrad bank rm`` (tombstoned) are never computed, and a removal that happens while the build
+runs is honoured at each commit (regrad_cli.unlearn).
 """
 
 from __future__ import annotations
@@ -51,10 +58,17 @@ def bank_meta(engine: Engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
                     embedder=fps["embedder"], layout=layout, codec=codec, omitted=omitted)
 
 
+# Rows of documents that are gone from the workspace a build may remove without ``force``.
+FEW_ROWS = 10
+
+
 def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:
+    """What a bank must match to be used with ``engine``: model, checkpoint, embedder, and the
+    tensor layout (names and shapes) the learner stores."""
     fps = engine.fingerprints(embedder_fp)
     return {"model": fps["model"], "learner": {"checkpoint_id": fps["learner"]["checkpoint_id"]},
-            "embedder": fps["embedder"]}
+            "embedder": fps["embedder"],
+            "layout": [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]}
 
 
 def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec,
@@ -73,15 +87,9 @@ def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec:
 
 
 def build_lock(ws: Workspace, location):
-    """The lock that keeps two builds off one bank: beside a local bank; for an object-store bank,
-    in the workspace (it then guards this machine only: see docs/scaling.md)."""
-    from filelock import FileLock
-
-    if isinstance(location, str):
-        ws.banks_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(ws.banks_dir / (location.rsplit("/", 1)[-1] + ".remote.build.lock")))
-    location.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(location) + ".build.lock")
+    """The build lease of the bank at ``location``: beside a local bank; for an object-store
+    bank, on this machine (it then guards this machine only: see docs/scaling.md)."""
+    return GradientBank.build_lease(location)
 
 
 def build_settings(ws: Workspace, codec: CodecSpec | None, batch_size: int | None,
@@ -122,6 +130,26 @@ class BuildPlan:
     stale: set
     skipped: int
     layout: list
+    forbidden: Callable[[], set] = lambda: set()  # doc ids unlearned: never committed
+
+    def check_stale(self, force: bool) -> None:
+        """Refuse to delete more than FEW_ROWS rows of documents that are gone altogether (not
+        just changed) unless ``force``."""
+        ids = {d for d, _ in self.current}
+        gone = sorted({d for d, _ in self.stale if d not in ids})
+        if len(gone) > FEW_ROWS and not force:
+            raise RegradError(
+                f"this build would delete the gradients of {len(gone)} documents that are no longer in "
+                f"the workspace (e.g. {gone[0]!r}) from bank {self.bank.path}; if they were removed on "
+                f"purpose, run `regrad build-bank --force` (is the workspace the one the bank belongs to?)"
+            )
+
+    def remove_stale(self, force: bool) -> int:
+        """Delete the stale rows (one commit), after ``check_stale``; returns the rows deleted."""
+        if not self.stale:
+            return 0
+        self.check_stale(force)
+        return self.bank.delete(keep_keys=self.current)
 
 
 def open_build_bank(ws: Workspace, engine: Engine, codec: CodecSpec, create: bool = True) -> GradientBank | None:
@@ -140,12 +168,16 @@ def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: 
     and the rows whose document is gone."""
     from regrad_cli.documents import DocumentStore
 
+    from regrad_cli.unlearn import Tombstones, forbidden_ids
+
     store = DocumentStore(ws)
     layout = [name for name, _ in engine.stored_tensors()]
     if bank is not None and [t.name for t in bank.meta.layout] != layout:
         raise RegradError(f"bank {bank.path} stores another tensor layout than this learner; "
                           "remove it or use a fresh workspace")
-    docs = store.all(columns=["id", "content_hash", "text", "embedding", "source"])
+    tombs = Tombstones(ws).load()
+    docs = [d for d in store.all(columns=["id", "content_hash", "text", "embedding", "source"])
+            if d["id"] not in tombs["ids"] and d.get("source") not in tombs["sources"]]
     current = {(d["id"], d["content_hash"]) for d in docs}
     existing = bank.keys() if bank is not None else set()
     stale = existing - current
@@ -156,7 +188,7 @@ def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: 
         todo = todo[: max(0, limit)]
     # Similar lengths in a batch waste less compute on padding.
     todo.sort(key=lambda d: len(d["text"]))
-    return BuildPlan(bank, todo, current, stale, skipped, layout)
+    return BuildPlan(bank, todo, current, stale, skipped, layout, forbidden_ids(ws))
 
 
 def compute_rows(engine: Engine, batch: list[dict], layout: list[str], max_tokens: int) -> tuple[list[dict], list[dict]]:
@@ -203,15 +235,16 @@ def build_bank(
     limit: int | None = None,
     max_tokens: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    force: bool = False,
 ) -> BuildSummary:
-    """Compute and store the gradient of every document that lacks one (single process)."""
+    """Compute and store the gradient of every document that lacks one (single process).
+
+    ``force`` lets it remove the rows of more than ``FEW_ROWS`` documents gone from the workspace."""
     codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
     with locked_build(ws, engine, codec) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)
-        if plan.stale:
-            # Changed or deleted documents: their old gradients must not be retrieved any more.
-            bank.delete(keep_keys=plan.current)
-            summary.removed_stale = len(plan.stale)
+        # Changed or deleted documents: their old gradients must not be retrieved any more.
+        summary.removed_stale = plan.remove_stale(force)
         todo, layout = plan.todo, plan.layout
         summary.skipped = plan.skipped
         t0 = time.time()
@@ -222,13 +255,12 @@ def build_bank(
             summary.failed += failed
             if rows:
                 try:
-                    bank.append(rows)
+                    summary.built += append_rows(bank, rows, plan.forbidden, summary.failed)
                 except OSError as exc:  # e.g. a full disk; each append is atomic, so the bank is clean
                     raise RegradError(
                         f"cannot write to bank {bank.path}: {exc}; every row written before is kept "
                         f"({summary.built} in this run): run `regrad build-bank` again to continue"
                     ) from exc
-                summary.built += len(rows)
             elapsed = time.time() - t0
             if progress:
                 progress(min(start + batch_size, len(todo)), len(todo),
@@ -237,3 +269,23 @@ def build_bank(
         summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
         summary.rows = bank.count()
     return summary
+
+
+def append_rows(bank: GradientBank, rows: list[dict], forbidden, failed: list) -> int:
+    """Append one batch (one commit); a row the bank refuses (say, an id it cannot store) is
+    reported in ``failed`` on its own instead of failing the batch and every later build."""
+    from bank_format import BankFormatError
+
+    try:
+        return bank.append(rows, forbidden=forbidden)
+    except BankFormatError:
+        good = []
+        for r in rows:
+            try:
+                bank.rows_table([r])
+                good.append(r)
+            except BankFormatError as exc:
+                failed.append({"doc_id": r["doc_id"], "error": f"refused by the bank: {str(exc)[:200]}"})
+        if len(good) == len(rows):
+            raise  # not a row's fault
+    return bank.append(good, forbidden=forbidden) if good else 0

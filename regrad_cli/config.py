@@ -196,6 +196,9 @@ class Workspace:
     """A regrad workspace directory and its configuration."""
 
     CONFIG_NAME = "regrad.toml"
+    # False for throwaway workspaces (eval, benchmarks): they must never write to the bank
+    # location a user set in $REGRAD_BANK_URI.
+    use_bank_env = True
 
     def __init__(self, root: Path, config: RegradConfig):
         self.root = root
@@ -225,7 +228,8 @@ class Workspace:
         object-store URI, kept as a string)."""
         from bank_format.bank import _location
 
-        uri = (os.environ.get("REGRAD_BANK_URI") or self.config.bank.uri or "").strip()
+        env = os.environ.get("REGRAD_BANK_URI") if self.use_bank_env else None
+        uri = (env or self.config.bank.uri or "").strip()
         if not uri:
             return self.banks_dir
         loc = _location(uri)  # a remote URI string, or a local Path (file:// stripped)
@@ -240,10 +244,46 @@ class Workspace:
 
     def bank_path(self, checkpoint_id: str) -> "Path | str":
         # One bank per learner checkpoint: gradients depend on phi, so a bank made with one
-        # checkpoint must never be mixed with another (method.md §1.4).
+        # checkpoint must never be mixed with another (method.md §1.4). Under a location other
+        # than WORKSPACE/banks (which other workspaces may share), one bank per workspace too:
+        # a build removes rows of documents its workspace no longer has, so two workspaces must
+        # never write one bank.
         loc = self.banks_location
         name = f"bank-{checkpoint_id[:16]}"
+        if loc != self.banks_dir:
+            name = f"ws-{self.workspace_id}/{name}"
         return f"{loc}/{name}" if isinstance(loc, str) else loc / name
+
+    @property
+    def workspace_id(self) -> str:
+        """A random id made on first use and kept in WORKSPACE/workspace-id (a copy of the whole
+        workspace directory is the same workspace, and shares its banks)."""
+        import re
+        import uuid
+
+        path = self.root / "workspace-id"
+        try:
+            wid = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            wid = ""
+        if re.fullmatch(r"[0-9a-f]{16}", wid):
+            return wid
+        wid = uuid.uuid4().hex[:16]
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"workspace-id.{os.getpid()}.tmp")
+            tmp.write_text(wid + "\n", encoding="ascii")
+            try:
+                os.link(tmp, path)  # fails if another process made it first: use theirs
+            except FileExistsError:
+                wid = path.read_text(encoding="ascii").strip()
+            finally:
+                tmp.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc}") from exc
+        if not re.fullmatch(r"[0-9a-f]{16}", wid):
+            raise ConfigError(f"{path} holds no valid workspace id: delete it (a new one is made)")
+        return wid
 
     def bank_storage_options(self) -> dict:
         """Storage options for object-store banks: [bank] storage_options, then the JSON object in

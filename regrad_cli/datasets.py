@@ -71,6 +71,8 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
         items = _LOADERS[fmt](path, pubmedqa_long) if fmt == "pubmedqa" else _LOADERS[fmt](path)
     except (OSError, ValueError, KeyError, TypeError, SyntaxError) as exc:
         raise DatasetError(f"cannot read {fmt} dataset {path}: {exc}") from exc
+    except (RecursionError, MemoryError):  # a value nested too deeply for json or literal_eval
+        raise DatasetError(f"cannot read {fmt} dataset {path}: a value is nested too deeply") from None
     if split == "train":
         items = [it for it in items if not in_dev(split_key(it))]
     elif split == "dev":

@@ -20,7 +20,9 @@ disagree with the vectors it describes.
 
 Writes go through :meth:`DocumentStore.replace_sources`, one ``merge_insert`` per call: Lance
 commits it as a single new table version, so a crash during a write leaves the previous version
-(and everything in it) intact.
+(and everything in it) intact. Every writer of a workspace's documents (ingest, ``bank rm``)
+holds :func:`workspace_lock`; Lance maintenance (purge, quoting, the committed-table check) is
+``bank_format.lance_ops``, shared with the gradient bank.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from regrad_cli.errors import IngestError
+from bank_format.lance_ops import committed as _committed
+from bank_format.lance_ops import sql_in as _in_filter
+from bank_format.lance_ops import sql_str
+from regrad_cli.errors import IngestError, RegradError
 
 log = logging.getLogger("regrad.documents")
 
@@ -69,13 +75,25 @@ def documents_schema(dim: int, fingerprint: dict):
     )
 
 
-def sql_str(value: str) -> str:
-    """A SQL string literal (single quotes doubled)."""
-    return "'" + str(value).replace("'", "''") + "'"
+__all__ = ["DocumentStore", "documents_schema", "sql_str", "workspace_lock", "is_within"]
 
 
-def _in_filter(column: str, values: list[str]) -> str:
-    return f"{column} IN ({', '.join(sql_str(v) for v in values)})"
+@contextmanager
+def workspace_lock(ws, timeout: float = 5.0, what: str = "writing") -> Iterator[None]:
+    """The lock every writer of a workspace's documents (and tombstones) holds."""
+    from filelock import FileLock, Timeout
+
+    ws.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ws.root / "ingest.lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise IngestError(f"another regrad process is {what} the documents of {ws.root} "
+                          "(`regrad ingest` or `regrad bank rm`); wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _batches(values: list, n: int = _IN_BATCH):
@@ -323,47 +341,41 @@ class DocumentStore:
         return n
 
 
-    def delete(self, ids: Iterable[str] = (), sources: Iterable[str] = ()) -> int:
+    def delete(self, ids: Iterable[str] = (), sources: Iterable[str] = (), *, purge: bool = True) -> int:
         """Unlearn documents: delete rows by id and/or source, then rewrite the affected fragments
         and drop every old version, so the texts leave the disk (also from the FTS index, which
-        is rebuilt). Returns the number of rows deleted."""
-        from datetime import timedelta
+        is rebuilt). Returns the number of rows deleted. The purge also runs when nothing
+        matches (``purge``): a removal interrupted after its delete is finished by a re-run.
+        The caller holds :func:`workspace_lock`."""
+        from bank_format import lance_ops
 
         table = self.table()
         ids, sources = sorted(set(ids)), sorted(set(sources))
-        if table is None or (not ids and not sources):
+        if table is None or (not ids and not sources and not purge):
             return 0
         clauses = [f"({_in_filter('id', b)})" for b in _batches(ids)] + \
                   [f"({_in_filter('source', b)})" for b in _batches(sources)]
-        where = " OR ".join(clauses)
-        n = table.count_rows(where)
-        if not n:
+        n = table.count_rows(" OR ".join(clauses)) if clauses else 0
+        if not n and not purge:
             return 0
+        uri = self.db_path / f"{TABLE_NAME}.lance"
         try:
-            table.delete(where)
-            if table.count_rows() and self._fts_index() is not None:
-                self.ensure_fts_index()
+            if n:
+                table.delete(" OR ".join(clauses))
+                if table.count_rows() and self._fts_index() is not None:
+                    self.ensure_fts_index()
             import lance
 
-            ds = lance.dataset(str(self.db_path / f"{TABLE_NAME}.lance"))
-            # Lance rewrites a fragment only past 10 % deleted rows by default: 0 rewrites every
-            # fragment holding a deleted row, so its bytes do not survive.
-            ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
-            lance.dataset(str(self.db_path / f"{TABLE_NAME}.lance")).cleanup_old_versions(
-                older_than=timedelta(0), delete_unverified=True)
-        except (OSError, ValueError, RuntimeError) as exc:
+            with lance_ops.writer_lock(uri):
+                # orphans_now: the workspace lock is held, so no ingest has files in flight.
+                lance_ops.purge_dataset(lance.dataset(str(uri)), all_deletions=True, orphans_now=True,
+                                        what=f"the documents table {uri}", reopen=lambda: lance.dataset(str(uri)))
+        except RegradError:
+            raise
+        except Exception as exc:  # lance raises OSError, ValueError, RuntimeError, BankFormatError
             raise IngestError(f"cannot delete from the documents table in {self.db_path}: {exc}") from exc
         self._table = None
         return n
-
-
-def _committed(table_dir: Path) -> bool:
-    """True when a Lance table directory has a committed version. A process killed while
-    creating the table can leave the directory without one: that is no table yet."""
-    try:
-        return any(p.name.endswith(".manifest") for p in (table_dir / "_versions").iterdir())
-    except OSError:
-        return False
 
 
 def is_within(path: str, root: str) -> bool:

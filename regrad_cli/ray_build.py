@@ -58,7 +58,12 @@ class EngineLoader:
                 return str(Path(p).expanduser().resolve())
             return p
 
+        from bank_format.fragments import secret_option
+
         cfg = ws.config.to_dict()
+        # Credentials are not shipped to workers (their environment supplies them).
+        opts = cfg.get("bank", {}).get("storage_options") or {}
+        cfg.setdefault("bank", {})["storage_options"] = {k: v for k, v in opts.items() if not secret_option(k)}
         cfg["learner"]["checkpoint"] = absolute(cfg["learner"]["checkpoint"])
         cfg["model"]["id"] = absolute(cfg["model"]["id"])
         return cls(cfg, absolute(checkpoint), device)
@@ -83,6 +88,13 @@ class GradientActor:
         if got != checkpoint_id:
             raise RegradError(f"a Ray worker loaded learner checkpoint {got[:16]}, the driver {checkpoint_id[:16]}: "
                               "every node must see the same checkpoint and model")
+        if writer.secrets_left_out:
+            # The driver's credentials were not pickled: this worker's own environment
+            # ($REGRAD_BANK_STORAGE_OPTIONS) supplies them, else Lance reads AWS_* itself.
+            from regrad_cli.config import RegradConfig
+
+            mine = Workspace(Path("."), RegradConfig()).bank_storage_options()
+            writer = writer.with_storage_options({k: v for k, v in mine.items() if k in writer.secrets_left_out})
         self.writer, self.layout = writer, layout
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
@@ -132,8 +144,15 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
         except Exception as exc:
             raise RegradError(f"cannot join the Ray cluster at {address}: {exc}") from None
         return True
-    ray.init(num_cpus=max(1, int(round(workers * cpus_per_worker))),
-             num_gpus=int(round(workers * gpus_per_worker)) or None, **kwargs)
+    # A local cluster is regrad's own: reachable on loopback only, and started without the
+    # RAY_AUTH_MODE meant for the user's other clusters (its processes inherit the environment).
+    saved = os.environ.pop("RAY_AUTH_MODE", None)
+    try:
+        ray.init(num_cpus=max(1, int(round(workers * cpus_per_worker))),
+                 num_gpus=int(round(workers * gpus_per_worker)) or None, _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        if saved is not None:
+            os.environ["RAY_AUTH_MODE"] = saved
     return True
 
 
@@ -167,11 +186,13 @@ def build_bank_ray(
     gpus_per_worker: float = 0.0,
     address: str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    force: bool = False,
 ) -> BuildSummary:
     """Compute the missing gradients on a Ray actor pool; commit them all at once.
 
     ``engine`` is the driver's copy (fingerprints, layout, checkpoint id); each actor loads its own
-    with ``loader`` (default: the workspace's model and checkpoint, as ``Engine.load``).
+    with ``loader`` (default: the workspace's model and checkpoint, as ``Engine.load``). ``force``
+    as in ``build_bank``.
     """
     if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
         raise RegradError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
@@ -179,6 +200,7 @@ def build_bank_ray(
     loader = loader or EngineLoader.for_workspace(ws)
     with locked_build(ws, engine, codec, create=False) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)
+        plan.check_stale(force)
         summary.skipped = plan.skipped
         if bank is not None:
             writer = bank.fragment_writer()
@@ -204,20 +226,24 @@ def build_bank_ray(
                     ray.shutdown()
         if bank is None:
             bank = GradientBank.create_from_fragments(writer.location, meta, fragments, keys=keys,
-                                                      storage_options=writer.storage_options)
+                                                      storage_options=ws.bank_storage_options())
             summary.built = len(keys)
+            with bank.locked():  # documents unlearned while the build ran
+                gone = sorted({d for d, _ in keys} & plan.forbidden())
+                if gone:
+                    summary.built -= bank.delete(doc_ids=gone)
+                    bank.purge()
         else:
             version = bank.version()
             try:
-                summary.built = bank.commit_fragments(fragments, keys=keys)
+                summary.built = bank.commit_fragments(fragments, keys=keys, forbidden=plan.forbidden)
             except Exception as exc:
                 raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
                                   f"(version {version}): run `regrad build-bank --engine ray` again") from exc
-        if plan.stale:
-            # After the rows are in: a build that dies between the two commits leaves the stale
-            # rows behind (never used for a current document; the rerun removes them).
-            bank.delete(keep_keys=plan.current)
-            summary.removed_stale = len(plan.stale)
+        # After the rows are in: a build that dies between the two commits leaves the stale
+        # rows behind (never used for a current document; the rerun removes them).
+        plan.bank = bank
+        summary.removed_stale = plan.remove_stale(force)
         elapsed = time.time() - t0
         summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
         summary.rows = bank.count()

@@ -67,11 +67,12 @@ def open_ws(root: Path):
 
 def do_ingest(ws, corpus: Path, progress=None, flush_rows: int | None = None):
     from conftest import FakeEmbedder, FakeTokenizer
-    import regrad_cli.ingest as ingest_mod
+    import regrad_cli.ingest.writer as writer_mod
+    from regrad_cli.ingest import ingest
 
     if flush_rows is not None:
-        ingest_mod.FLUSH_ROWS = flush_rows  # many small commits: more moments to be killed in
-    return ingest_mod.ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer(),
+        writer_mod.FLUSH_ROWS = flush_rows  # many small commits: more moments to be killed in
+    return ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer(),
                              progress=progress)
 
 

@@ -328,7 +328,7 @@ def deny_locked(monkeypatch):
     """Root reads a chmod-000 file anyway: make opening it fail as it would for a user."""
     import builtins
 
-    import regrad_cli.ingest as mod
+    import regrad_cli.ingest.readers as mod
 
     real_open = builtins.open
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, print_json
+from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, print_json, safe_text
 
 bank_app = typer.Typer(help="Inspect and maintain the gradient bank (stats, verify, rm, compact).",
                        no_args_is_help=True)
@@ -16,60 +15,11 @@ BankOpt = Annotated[Optional[str], typer.Option(
     "--bank", help="Bank directory or object-store URI such as s3://bucket/banks/bank-ID (default: the workspace's bank).")]
 
 
-def _bank_path(workspace: Path | None, bank: str | None) -> tuple["Path | str", object, dict]:
-    """The bank to work on: --bank, else the workspace's only bank, else the current checkpoint's.
-
-    Returns (location, workspace or None, storage options)."""
-    from regrad_cli.config import RegradConfig, Workspace
-    from regrad_cli.errors import ConfigError, NoBankError
-
-    if bank is not None:
-        try:  # storage options (and nothing else) come from the workspace when there is one
-            opts = Workspace.open(workspace, create=False).bank_storage_options()
-        except ConfigError:
-            opts = Workspace(Path("."), RegradConfig()).bank_storage_options()
-        return bank, None, opts  # GradientBank.open tells a path from a URI
-    ws = Workspace.open(workspace, create=False)
-    opts = ws.bank_storage_options()
-    loc = ws.banks_location
-    if isinstance(loc, str):  # object store: no listing; the current checkpoint's bank
-        return ws.bank_path(_current_checkpoint_id(ws)), ws, opts
-    banks = sorted(p for p in loc.glob("bank-*") if p.is_dir()) if loc.exists() else []
-    if not banks:
-        raise NoBankError(f"workspace {ws.root} has no gradient bank yet: run `regrad build-bank`")
-    if len(banks) == 1:
-        return banks[0], ws, opts
-    cid = _current_checkpoint_id(ws, required=False)
-    if cid is not None:
-        path = ws.bank_path(cid)
-        if path.exists():
-            return path, ws, opts
-    raise NoBankError(f"workspace {ws.root} has several banks ({', '.join(b.name for b in banks)}); "
-                      "pass --bank DIR")
-
-
-def _current_checkpoint_id(ws, required: bool = True) -> str | None:
-    from regrad_cli.engine import bundled_checkpoint_dir
-    from regrad_cli.errors import NoBankError
-    from regrad_cli.lora import Learner
-
-    choice = ws.config.learner.checkpoint
-    ck = bundled_checkpoint_dir() if choice == "bundled" else Path(choice).expanduser()
-    if (ck / "best" / "learner.json").exists():
-        ck = ck / "best"
-    if (ck / "learner.json").exists():
-        return Learner.load(ck).checkpoint_id()
-    if required:
-        raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
-                          f"{choice!r} not found); pass --bank URI")
-    return None
-
-
 def _open(workspace, bank, read_only=True):
-    from bank_format import GradientBank
+    from regrad_cli.banks import select_bank
 
-    path, ws, opts = _bank_path(workspace, bank)
-    return GradientBank.open(path, read_only=read_only, storage_options=opts), ws
+    choice = select_bank(workspace, bank)
+    return choice.open(read_only=read_only), choice
 
 
 @bank_app.command("stats")
@@ -83,8 +33,9 @@ def stats_cmd(workspace: WorkspaceOpt = None, bank: BankOpt = None, json_out: Js
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(show_header=False, title=f"gradient bank {s['path']}")
+    t = Table(show_header=False, title=Text(f"gradient bank {safe_text(s['path'])}"))
     codec = s["codec"]
     rows = [
         ("rows", s["rows"]), ("documents", s["documents"]),
@@ -103,7 +54,7 @@ def stats_cmd(workspace: WorkspaceOpt = None, bank: BankOpt = None, json_out: Js
         ("dataset versions", s["versions"]),
     ]
     for k, v in rows:
-        t.add_row(k, str(v))
+        t.add_row(k, Text(safe_text(v)))  # the bank's metadata is text from elsewhere: no markup
     Console().print(t)
 
 
@@ -120,11 +71,11 @@ def verify_cmd(workspace: WorkspaceOpt = None, bank: BankOpt = None, json_out: J
         typer.echo(f"{report['ok']}/{report['rows']} rows ok, {len(bad)} bad, {len(dups)} duplicate keys")
         for r in bad:
             if r.get("doc_id") is None:  # a fragment whose doc ids cannot be read
-                typer.echo(f"bad: {r.get('reason')} ({r.get('rows')} rows)", err=True)
+                typer.echo(f"bad: {safe_text(r.get('reason'))} ({r.get('rows')} rows)", err=True)
             else:
-                typer.echo(f"bad: {r.get('doc_id')}: {r.get('reason')}", err=True)
+                typer.echo(f"bad: {safe_text(r.get('doc_id'))}: {safe_text(r.get('reason'))}", err=True)
         for r in dups:
-            typer.echo(f"duplicate: {r.get('doc_id')} ({r.get('count')} rows)", err=True)
+            typer.echo(f"duplicate: {safe_text(r.get('doc_id'))} ({r.get('count')} rows)", err=True)
     if bad or dups:
         raise typer.Exit(1)
 
@@ -133,34 +84,22 @@ def verify_cmd(workspace: WorkspaceOpt = None, bank: BankOpt = None, json_out: J
 def rm_cmd(
     doc_ids: Annotated[Optional[list[str]], typer.Argument(help="Document ids to remove.")] = None,
     source: Annotated[Optional[list[str]], typer.Option("--source", help="Remove every document from this source path (repeatable).")] = None,
-    keep_documents: Annotated[bool, typer.Option("--keep-documents", help="Remove only the gradients, keep the texts in the documents table.")] = False,
+    keep_documents: Annotated[bool, typer.Option("--keep-documents", help="Remove only the gradients, keep the texts in the documents table (a repair: build-bank computes them again).")] = False,
     workspace: WorkspaceOpt = None,
     bank: BankOpt = None,
     json_out: JsonOpt = False,
 ):
-    """Unlearn documents: delete their rows and purge old versions so their bytes leave the disk."""
-    from regrad_cli.errors import RegradError
+    """Unlearn documents: remove their gradients and texts for good (re-run to finish an interrupted run)."""
+    from regrad_cli.unlearn import remove_documents
 
-    if not doc_ids and not source:
-        raise RegradError("name DOC_ID... or --source PATH")
-    b, ws = _open(workspace, bank, read_only=False)
-    before = b.count()
-    b.delete(doc_ids=list(doc_ids) if doc_ids else None, where_sources=list(source) if source else None)
-    purge = b.purge()
-    removed_docs = 0
-    if ws is not None and not keep_documents:
-        # The text goes too: otherwise the next build-bank would compute the gradient again.
-        from regrad_cli.documents import DocumentStore
-
-        store = DocumentStore(ws)
-        removed_docs = store.delete(ids=list(doc_ids or []), sources=list(source or []))
-    out = {"removed_rows": before - b.count(), "removed_documents": removed_docs, "rows": b.count(),
-           "purge": purge}
+    out = remove_documents(workspace, bank, doc_ids or [], source or [], keep_documents=keep_documents)
     if json_out:
         print_json(out)
-    else:
-        typer.echo(f"removed {out['removed_rows']} bank rows and {removed_docs} documents; "
-                   f"old versions purged ({out['rows']} rows left)")
+        return
+    typer.echo(f"removed {out['removed_rows']} bank rows and {out['removed_documents']} documents; "
+               f"old versions purged ({out['rows']} rows left)")
+    if out["documents_kept"]:
+        typer.echo("no workspace here: the documents table was not touched (pass --workspace)", err=True)
 
 
 @bank_app.command("compact")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from regrad_cli.cli import app
-from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, ws_help
+from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, safe_text, ws_help
 
 
 @app.command("build-bank")
@@ -21,6 +21,7 @@ def build_bank_cmd(
     workers: Annotated[int, typer.Option("--workers", help="Ray actors (each loads the model once).")] = 2,
     cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", help="CPUs per Ray actor (also its torch threads).")] = 1.0,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (e.g. 1, or 0.5 to share one).")] = 0.0,
+    force: Annotated[bool, typer.Option("--force", help="Also remove the gradients of more than a few documents that are gone from the workspace.")] = False,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
@@ -52,9 +53,10 @@ def build_bank_cmd(
             summary = build_bank_ray(ws, engine, loader=EngineLoader.for_workspace(ws, checkpoint, device),
                                      codec=spec, batch_size=batch_size, limit=limit, workers=workers,
                                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                     address=ray_address, progress=report)
+                                     address=ray_address, progress=report, force=force)
         else:
-            summary = build_bank(ws, engine, codec=spec, batch_size=batch_size, limit=limit, progress=report)
+            summary = build_bank(ws, engine, codec=spec, batch_size=batch_size, limit=limit, progress=report,
+                                 force=force)
     out = summary.to_dict()
     if json_out:
         print_json(out)
@@ -63,4 +65,4 @@ def build_bank_cmd(
                f"removed {out['removed_stale']} stale, failed {len(out['failed'])}; "
                f"{out['rows']} rows in {out['bank']} ({out['docs_per_s']:.2f} docs/s)")
     for f in out["failed"]:
-        typer.echo(f"failed: {f['doc_id']}: {f['error']}", err=True)
+        typer.echo(f"failed: {safe_text(f['doc_id'])}: {safe_text(f['error'])}", err=True)

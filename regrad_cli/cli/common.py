@@ -28,6 +28,12 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+def safe_text(text) -> str:
+    """Text from a document, bank or dataset made safe for a terminal: control characters (escape
+    sequences included) shown as \\x.. escapes. Print it with markup=False (or as a rich Text)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
 def err_console():
     from rich.console import Console
 

@@ -19,7 +19,9 @@ def ingest_cmd(
     chunk_overlap: Annotated[Optional[int], typer.Option("--chunk-overlap", min=0, help=ws_help("Tokens shared by consecutive chunks", "chunking.overlap"))] = None,
     model: Annotated[Optional[str], typer.Option("--model", help=ws_help("Language model whose tokenizer sizes the chunks: a Hugging Face id, a directory or fake:FAMILY", "model.id"))] = None,
     embedder: Annotated[Optional[str], typer.Option("--embedder", help=ws_help("Sentence embedder: a sentence-transformers id, a directory or fake:hash-DIM", "embedder.id"))] = None,
-    max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this many MB.")] = 20.0,
+    max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this many MB (decompressed, for .jsonl.gz).")] = 20.0,
+    force: Annotated[bool, typer.Option("--force", help="Let --prune delete more than a few documents.")] = False,
+    readmit: Annotated[bool, typer.Option("--readmit", help="Ingest again documents unlearned by `regrad bank rm` (otherwise skipped).")] = False,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
@@ -33,7 +35,8 @@ def ingest_cmd(
         "model.id": model, "embedder.id": embedder,
     })
     with progress_bar("ingest", enabled=not json_out) as update:
-        summary = ingest(ws, list(paths), prune=prune, progress=update, max_file_mb=max_file_mb)
+        summary = ingest(ws, list(paths), prune=prune, progress=update, max_file_mb=max_file_mb,
+                         force=force, readmit=readmit)
     if json_out:
         print_json(summary.to_dict())
     else:
