@@ -50,7 +50,7 @@ class FragmentWriter:
         state = dict(self.__dict__)
         opts = state["storage_options"]
         state["storage_options"] = {k: v for k, v in opts.items() if not secret_option(k)}
-        state["secrets_left_out"] = sorted(k for k in opts if secret_option(k))
+        state["_secrets_left_out"] = sorted(k for k in opts if secret_option(k))
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -59,7 +59,7 @@ class FragmentWriter:
     @property
     def secrets_left_out(self) -> list[str]:
         """Names of the secret storage options this copy lost in pickling."""
-        return list(getattr(self, "secrets_left_out", []))
+        return list(self.__dict__.get("_secrets_left_out", []))
 
     def with_storage_options(self, extra: Mapping[str, str]) -> "FragmentWriter":
         """A copy with ``extra`` merged into its storage options (a worker's own credentials)."""

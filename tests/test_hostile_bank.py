@@ -246,3 +246,28 @@ def test_hostile_rows_and_ids_in_bank_verify_cli(tmp_path, capsys, monkeypatch):
     assert code == 1 and "\x1b" not in out + err and "\\x1b[2J" in err, err
     code, out, err = run_cli(["bank", "stats", "--bank", path], capsys, monkeypatch)
     assert code == 0 and "\x1b" not in out + err
+
+
+def test_bank_with_another_tensor_layout_is_refused_by_query(tmp_path):
+    """A bank whose layout names other tensors than the learner stores (same checkpoint id,
+    edited metadata): the query side refuses it, naming the layout, instead of applying it."""
+    import lance
+
+    from bank_format import BankMismatchError
+    from conftest import FakeEmbedder
+    from regrad_cli.build import expected_fingerprints
+    from reliability_helpers import bank_of, do_build, do_ingest, make_engine, open_ws, write_corpus
+
+    engine = make_engine()
+    ws = open_ws(tmp_path / "ws")
+    do_ingest(ws, write_corpus(tmp_path / "corpus", 2))
+    do_build(ws, engine)
+    path = bank_of(ws, engine).path
+    ds = lance.dataset(str(path / "gradients.lance"))
+    meta = {k.decode(): v.decode() for k, v in ds.schema.metadata.items()}
+    doc = json.loads(meta["regrad.bank"])
+    doc["layout"] = list(reversed(doc["layout"]))  # same tensors, other order: other meaning
+    meta["regrad.bank"] = json.dumps(doc)
+    ds.update_schema_metadata(meta, replace=True)
+    with pytest.raises(BankMismatchError, match="layout"):
+        GradientBank.open(path, expect=expected_fingerprints(engine, FakeEmbedder().fingerprint))
