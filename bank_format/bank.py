@@ -6,6 +6,12 @@ table's Arrow schema metadata. lancedb does the appends, searches and index buil
 cleanup, because only it exposes the options unlearning needs (section 8).
 
 lancedb and lance are imported inside the methods: ``import bank_format`` stays light.
+
+Why one module of ~950 lines: it is the one class ``GradientBank``, whose opening, writing,
+maintenance and reading all go through the same private checks of untrusted rows and blobs
+(``_check_row``, ``_prepare_row``), the same Lance error wrapper and the same writer lock; split
+by responsibility, the parts would be mixins reaching into each other's privates. What is shared
+with other tables (locks, purge, quoting) already lives in ``lance_ops``.
 """
 
 from __future__ import annotations
