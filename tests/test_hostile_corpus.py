@@ -126,6 +126,13 @@ def test_explicit_id_cannot_replace_a_document_from_another_file(tmp_path):
     # In one run, whichever file comes first keeps it; the other is skipped, not merged.
     s = _ingest(ws, [corpus])
     assert DocumentStore(ws).get(["shared"], ["text"])["shared"]["text"] == "the original text of A"
+    # A file that moved takes its records along (the old file is gone).
+    (corpus / "b.jsonl").unlink()
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (corpus / "a.jsonl").rename(moved / "a.jsonl")
+    s = _ingest(ws, [moved])
+    assert not s.skipped and DocumentStore(ws).get(["shared"], ["source"])["shared"]["source"] == "elsewhere/a.jsonl"
 
 
 def test_ids_with_control_characters_are_skipped(tmp_path):

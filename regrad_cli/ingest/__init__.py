@@ -176,9 +176,11 @@ def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
         if clash is not None:
             summary.skip(doc.where, f"duplicate id {clash!r} (first in {seen_ids[clash]})")
             continue
-        # An explicit id must not take over a document that came from another file.
+        # An explicit id must not take over a document that came from another file (one that
+        # still exists: a file that moved may take its records along).
         other = next((by_id[r["id"]]["source"] for r in doc_rows
-                      if r["id"] in by_id and by_id[r["id"]]["source"] != f.source), None)
+                      if r["id"] in by_id and by_id[r["id"]]["source"] != f.source
+                      and (not by_id[r["id"]].get("path") or os.path.exists(by_id[r["id"]]["path"]))), None)
         if other is not None:
             summary.skip(doc.where, f"id {doc_rows[0]['id']!r} is already used by a document from {other!r}; "
                                     "ids must be unique across files (remove that file with --prune first)")
