@@ -1,8 +1,11 @@
-"""Shared fixtures: user state in tmp dirs, a tiny random Llama, a deterministic fake embedder."""
+"""Shared fixtures: user state in tmp dirs, a tiny random Llama, a deterministic fake embedder.
+
+The same fakes reach the CLI through ids (regrad_cli/fakes.py): ``--model fake:llama`` (or
+fake:gpt2, fake:gpt_neox, ...) and ``--embedder fake:hash-32``; prefer them to monkeypatching.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -94,7 +97,8 @@ class FakeTokenizer:
 
 
 class FakeEmbedder:
-    """Deterministic bag-of-words hashing embedder (unit tests only)."""
+    """Deterministic bag-of-words hashing embedder: ``--embedder fake:hash-DIM`` (regrad_cli/fakes.py)
+    as an object, for tests that call the core directly."""
 
     name = "fake-embedder"
     model_id = "fake-embedder"
@@ -111,18 +115,9 @@ class FakeEmbedder:
         return {"id": self.name, "dim": self.dim_}
 
     def embed(self, texts):
-        import numpy as np
+        from regrad_cli.fakes import HashEncoder
 
-        out = np.zeros((len(texts), self.dim_), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
-                out[i, h % self.dim_] += 1.0
-            n = np.linalg.norm(out[i])
-            out[i] = out[i] / n if n else out[i]
-            if not n:
-                out[i, 0] = 1.0
-        return out
+        return HashEncoder(self.dim_).encode(list(texts))
 
 
 @pytest.fixture

@@ -133,6 +133,7 @@ def _learner_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_take_the_single_process_steps(tmp_path):
     data = _write_data(tmp_path / "d.jsonl")
     report = tmp_path / "report"
@@ -210,6 +211,7 @@ def _tiny_model_dir(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_prints_once_and_reports_the_world(tmp_path):
     data = _write_data(tmp_path / "d.jsonl")
     model = _tiny_model_dir(tmp_path / "tiny")

@@ -119,6 +119,7 @@ def test_chunking_rejects_bad_settings():
         chunk_text("a b c", WordTokenizer(), 8, 8)
 
 
+@pytest.mark.real
 def test_chunking_with_the_real_tokenizer():
     tok = _real_tokenizer_or_skip()
     text = (DEMO_DIR.parent / "general_text.txt").read_text(encoding="utf-8") + "\n\nCafé crème, naïve façade — ünïcödé. " * 40

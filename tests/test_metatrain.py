@@ -139,6 +139,7 @@ def _run(tmp_path, out, steps, resume=False, stop_after=None):
     return Learner.load(out / "last")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     straight = _run(tmp_path, tmp_path / "a", steps=4)
     # Interrupted after step 3: state.pt holds step 2 (saved every 2 steps); resume to 4.

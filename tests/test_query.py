@@ -129,6 +129,7 @@ def test_changed_document_replaces_its_stale_row(workspace):
     assert summary.built == 1 and summary.removed_stale == 1 and summary.rows == len(DOCS)
 
 
+@pytest.mark.slow
 def test_hundred_queries_leave_every_parameter_bit_identical(workspace):
     ws, _ = workspace
     engine = _engine()

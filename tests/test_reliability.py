@@ -180,6 +180,7 @@ def kill_trial(seed: int, root: Path, template: Template, engine, capsys, monkey
     return {"seed": seed, "killed_at": killed_at, "exit": code}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_9_during_ingest_and_build_then_rerun(seed, tmp_path, template, engine, capsys, monkeypatch):
     kill_trial(seed, tmp_path, template, engine, capsys, monkeypatch)
@@ -439,6 +440,7 @@ def test_fuzzed_documents_metadata_only_ingest_error(fuzz_bank, key, value):
 
 
 # 4. Concurrency -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_queries_while_another_process_builds(tmp_path, engine):
     from regrad_cli.query import QueryEngine
 

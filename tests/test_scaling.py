@@ -82,6 +82,7 @@ def two_workspaces(tmp_path: Path, corpus: Path):
     return wss
 
 
+@pytest.mark.slow
 def test_ray_build_of_demo_corpus_equals_single_process(tmp_path, engine, ray_env):
     single, distributed = two_workspaces(tmp_path, DEMO_DIR / "corpus")
     s1 = do_build(single, engine, batch_size=4).to_dict()
@@ -102,6 +103,7 @@ def test_ray_build_of_demo_corpus_equals_single_process(tmp_path, engine, ray_en
     assert again["built"] == 0 and again["skipped"] == s2["rows"] and b.version() == 1
 
 
+@pytest.mark.slow
 def test_ray_build_fp32_gradients_equal_and_stale_rows_replaced(tmp_path, engine, ray_env):
     corpus = write_corpus(tmp_path / "corpus", 10)
     from regrad_cli.build import build_bank
@@ -121,6 +123,7 @@ def test_ray_build_fp32_gradients_equal_and_stale_rows_replaced(tmp_path, engine
     assert_same_bank(bank_of(single2, engine), bank_of(distributed, engine), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ray_build_failing_before_commit_leaves_bank_unchanged(tmp_path, engine, ray_env, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus", 9)
     ws = open_ws(tmp_path / "ws")
@@ -154,6 +157,7 @@ def test_ray_build_failing_before_commit_leaves_bank_unchanged(tmp_path, engine,
     assert len(list(data.iterdir())) < n_files and bank_rw.verify()["ok"] == s["rows"]
 
 
+@pytest.mark.slow
 def test_first_ray_build_failing_before_commit_leaves_no_bank(tmp_path, engine, ray_env, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus", 6)
     ws = open_ws(tmp_path / "ws")
@@ -171,6 +175,7 @@ def test_first_ray_build_failing_before_commit_leaves_no_bank(tmp_path, engine, 
     assert s["built"] == s["rows"] > 6 and bank_of(ws, engine).version() == 1
 
 
+@pytest.mark.slow
 def test_ray_build_killed_by_sigkill_before_commit(tmp_path, engine, ray_env):
     """A real kill -9 of the driver while its workers compute: no row appears, the rerun is whole."""
     corpus = write_corpus(tmp_path / "corpus", 12)
@@ -277,6 +282,7 @@ def test_workspace_bank_on_object_store(tmp_path, engine, s3, monkeypatch, capsy
     assert victim not in {k[0] for k in remote.keys()} and len(remote._dataset().versions()) == 1
 
 
+@pytest.mark.slow
 def test_ray_build_into_object_store_bank(tmp_path, engine, s3, ray_env, monkeypatch):
     bucket, opts = s3
     monkeypatch.setenv("REGRAD_BANK_STORAGE_OPTIONS", json.dumps({"aws_secret_access_key": opts["aws_secret_access_key"]}))
@@ -294,6 +300,7 @@ def test_ray_build_into_object_store_bank(tmp_path, engine, s3, ray_env, monkeyp
     assert_same_bank(bank_of(local, engine), remote, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ray_build_joins_an_existing_cluster(tmp_path, engine, ray_env):
     """--ray-address: a cluster started apart (`ray start --head`) runs the build; regrad does
     not start or stop it."""
