@@ -1,7 +1,7 @@
 """`regrad ingest`: read text files into the workspace's ``documents`` table, incrementally.
 
-Inputs are files and directories (walked recursively, in sorted order, following symlinks but
-never entering a directory twice, so symlink loops end). In a directory only ``.txt``, ``.md``,
+Inputs are files and directories (walked recursively, in sorted order, following symlinks that
+stay inside the folder given, never entering a directory twice, so symlink loops end). In a directory only ``.txt``, ``.md``,
 ``.markdown``, ``.json``, ``.jsonl`` and ``.jsonl.gz`` files are read, and hidden entries (names
 starting with ".", e.g. ``.git`` or the default ``.regrad`` workspace) are passed over silently; a
 file named on the command line is read as text whatever its extension. A JSON file holds one
@@ -17,7 +17,9 @@ Document ids (stable: the same input ingested twice gives the same ids, from any
 * a text or Markdown file: ``<source>#<chunk>``, e.g. ``notes/a.md#0`` (always suffixed);
 * a JSON/JSONL record with an ``id``: that id, plus ``#<chunk>`` only when the record is split
   into several chunks; without an ``id``: ``<source>@<n>`` (n = the 1-based line in JSONL, the
-  1-based position in JSON) with the same chunk rule. A repeated id is skipped (first one wins).
+  1-based position in JSON) with the same chunk rule. A repeated id is skipped (first one wins),
+  so is an id already held by a document of another file that still exists, and an id with
+  control characters.
 
 Chunking is by tokens of the workspace language model's tokenizer: windows of at most
 ``chunking.max_tokens`` tokens, cut preferably at a paragraph end, else a sentence end, else a line
@@ -27,7 +29,12 @@ end, else between words (searched in the window's second half); consecutive chun
 Incremental: every file is read and chunked, then compared with the table (content hash, title,
 metadata, chunk layout). An unchanged source costs no write at all; a changed one is written with
 its new rows replacing all its old ones in one atomic commit; only new or changed texts are
-embedded. ``prune`` deletes the documents of files under the given paths that no longer exist.
+embedded. ``prune`` deletes the documents of files under the given paths that no longer exist
+(never under a path where nothing was found, and more than ``FEW_PRUNED`` only with ``force``).
+Documents unlearned by ``regrad bank rm`` are skipped unless ``readmit``.
+
+The package: ``discovery`` (finding files), ``readers`` (formats, bounded reading), ``chunking``,
+``writer`` (the incremental merge_insert writer); this module runs them under the workspace lock.
 """
 
 from __future__ import annotations
