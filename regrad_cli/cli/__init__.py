@@ -47,6 +47,7 @@ from regrad_cli.cli import ingest as _ingest  # noqa: E402,F401
 from regrad_cli.cli import learner as _learner  # noqa: E402
 from regrad_cli.cli import meta_train as _meta_train  # noqa: E402,F401
 from regrad_cli.cli import query as _query  # noqa: E402,F401
+from regrad_cli.cli import serve as _serve  # noqa: E402,F401
 
 app.add_typer(_bank.bank_app, name="bank")
 app.add_typer(_learner.learner_app, name="learner")

@@ -17,7 +17,7 @@ from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, 
 def query_cmd(
     question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
-    mode: Annotated[str, typer.Option("--mode", help="param | param+context | context | closed-book.")] = "param",
+    mode: Annotated[str, typer.Option("--mode", help="param | param+context | context | rag+phi | closed-book | closed-book+phi.")] = "param",
     gamma: Annotated[Optional[float], typer.Option("--gamma", help=ws_help("Test-time step scale", "query.gamma"))] = None,
     combine: Annotated[Optional[str], typer.Option("--combine", help="sum | mean | score (default: what the learner was meta-trained with; 'sum' for an untrained one).")] = None,
     retriever: Annotated[Optional[str], typer.Option("--retriever", help=ws_help("dense | bm25 | hybrid", "query.retriever"))] = None,
@@ -26,46 +26,131 @@ def query_cmd(
     batch: Annotated[Optional[Path], typer.Option("--batch", help='JSONL file of {"id":..., "question":...} records.')] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on a corrupt gradient row instead of skipping it.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="With '-' or --batch: questions answered per generation call.")] = 16,
+    server: Annotated[Optional[str], typer.Option("--server", help="URL of a running `regrad serve` (e.g. http://127.0.0.1:8765): send the questions there instead of loading a model.")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="REGRAD_SERVE_TOKEN", show_envvar=True, help="Bearer token for --server.")] = None,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
-    """Answer a question: retrieve, apply gradients for one step, generate, restore."""
-    from regrad_cli.config import Workspace
+    """Answer a question: retrieve, apply gradients for one step, generate, restore.
+
+    With '-' or --batch the questions are answered in batches (one generation call for up to
+    --max-batch of them, each with its own step), as `regrad serve` answers them."""
     from regrad_cli.errors import RegradError
-    from regrad_cli.query import QueryEngine
 
     if batch is None and question is None:
         raise RegradError("give a QUESTION, '-' for stdin, or --batch FILE.jsonl")
-    ws = Workspace.open(workspace, create=False)
-    q = ws.config.query
-    opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
-                gamma=gamma if gamma is not None else q.gamma, combine=combine,
-                retriever=retriever or q.retriever,
-                max_new_tokens=max_new_tokens or q.max_new_tokens, show_docs=show_docs)
-    records = _records(question, batch)
-    engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
-                         need_bank=mode in ("param", "param+context"))
     pipeline = batch is not None or question == "-"
+    records = _records(question, batch)
+    if server is not None:
+        given = [name for name, v in (("--checkpoint", checkpoint), ("--device", device), ("--strict", strict)) if v]
+        if given:
+            raise RegradError(f"{', '.join(given)} cannot be used with --server: the server decides (see `regrad serve`)")
+        fields = {"mode": mode, "top_k": top_k, "gamma": gamma, "combine": combine, "retriever": retriever,
+                  "max_new_tokens": max_new_tokens, "show_docs": show_docs}
+        answers = _remote(server, token, records, {k: v for k, v in fields.items() if v is not None},
+                          pipeline, max_batch)
+    else:
+        from regrad_cli.config import Workspace
+        from regrad_cli.query import QueryEngine, Request
+
+        ws = Workspace.open(workspace, create=False)
+        q = ws.config.query
+        opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
+                    gamma=gamma if gamma is not None else q.gamma, combine=combine,
+                    retriever=retriever or q.retriever,
+                    max_new_tokens=max_new_tokens or q.max_new_tokens, show_docs=show_docs)
+        engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
+                             need_bank=mode in ("param", "param+context"))
+        if not pipeline:
+            answers = [(None, question, engine.answer(question, **opts))]
+        else:
+            answers = ((rec_id, text, res) for chunk in _chunks(records, max_batch)
+                       for (rec_id, text), res in zip(chunk, engine.answer_many(
+                           [Request(text, **opts) for _, text in chunk], return_exceptions=True)))
     failures = 0
-    for rec_id, text in records:
-        try:
-            res = engine.answer(text, **opts)
-        except RegradError as exc:
+    for rec_id, text, res in answers:
+        if isinstance(res, Exception):
             if not pipeline:
-                raise
+                raise res
             failures += 1
-            typer.echo(f"Error: {exc}", err=True)
-            print_json({"id": rec_id, "question": text, "error": str(exc)})
+            typer.echo(f"Error: {res}", err=True)
+            print_json({"id": rec_id, "question": text, "error": str(res)})
             continue
         if rec_id is not None:
-            res = {"id": rec_id, **res}
+            res = {"id": rec_id, **{k: v for k, v in res.items() if k != "id"}}
         if json_out or pipeline:
             print_json(res)
         else:
             _render(res, show_docs)
     if failures:
         raise typer.Exit(1)
+
+
+def _chunks(records, size: int):
+    chunk = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _remote(url: str, token: str | None, records, fields: dict, pipeline: bool, max_batch: int):
+    """(id, question, answer dict or RegradError) from a running `regrad serve`."""
+    from regrad_cli.errors import RegradError
+
+    if not pipeline:
+        for rec_id, text in records:
+            yield rec_id, text, _post(url, "/v1/query", {"question": text, **fields}, token)
+        return
+    for chunk in _chunks(records, max_batch):
+        body = {"requests": [{"question": text, **({"id": rec_id} if rec_id is not None else {}), **fields}
+                             for rec_id, text in chunk]}
+        results = _post(url, "/v1/query:batch", body, token).get("results", [])
+        if len(results) != len(chunk):
+            raise RegradError(f"{url} answered {len(results)} results for {len(chunk)} questions")
+        for (rec_id, text), res in zip(chunk, results):
+            if "error" in res:
+                yield rec_id, text, RegradError(_message(res))
+            else:
+                yield rec_id, text, res
+
+
+def _message(body) -> str:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(err if err is not None else body)
+
+
+def _post(url: str, path: str, body: dict, token: str | None, timeout: float = 900.0) -> dict:
+    import urllib.error
+    import urllib.request
+
+    from regrad_cli.errors import RegradError
+
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    target = url.rstrip("/") + path
+    req = urllib.request.Request(target, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = _message(json.loads(exc.read().decode("utf-8")))
+        except (ValueError, UnicodeDecodeError, OSError):
+            msg = exc.reason
+        raise RegradError(f"{target}: HTTP {exc.code}: {msg}") from None
+    except urllib.error.URLError as exc:
+        raise RegradError(f"cannot reach {target}: {exc.reason} (is `regrad serve` running there?)") from None
+    except (OSError, ValueError) as exc:  # timeouts, resets, a non-JSON answer
+        raise RegradError(f"{target}: {exc}") from None
 
 
 def _records(question, batch):

