@@ -84,7 +84,11 @@ class Engine:
         lm = load_language_model(model_id, device=device or (mcfg.device if mcfg else "cpu"),
                                  dtype=dtype or (mcfg.dtype if mcfg else "float32"))
         learner = resolve_learner(ws, lm.model, model_id, checkpoint)
-        expected = target_shapes(lm.model, learner.spec)
+        try:
+            expected = target_shapes(lm.model, learner.spec)
+        except RegradError as exc:
+            raise RegradError(f"learner checkpoint does not fit model {model_id} (was it trained for "
+                              f"another model?): {exc}") from None
         if expected != dict(learner.layout):
             raise RegradError(
                 f"learner checkpoint does not fit model {model_id}: its LoRA tensors have other "

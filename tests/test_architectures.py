@@ -200,3 +200,17 @@ def test_cli_ingest_build_query_with_model_dir(family, tmp_path, capsys, monkeyp
     code, out, err = run_cli(["bank", "stats", "--json", *ws], capsys, monkeypatch)
     assert code == 0, err
     assert json.loads(out)["lora"]["modules"] == list(FAMILY_TARGETS[family])
+
+
+def test_checkpoint_of_another_family_is_refused(tmp_path):
+    from regrad_cli.config import Workspace
+    from regrad_cli.engine import Engine
+
+    Learner.for_model(tiny_model("llama")).init_(seed=0).save(tmp_path / "ck")
+    ws = Workspace.open(tmp_path / "ws", overrides={"model.id": "fake:gpt2",
+                                                     "learner.checkpoint": str(tmp_path / "ck")})
+    with pytest.raises(RegradError, match="does not fit model fake:gpt2.*gate_proj"):
+        Engine.load(ws)
+    # The fake: ids reach the same loader as any model id.
+    engine = Engine.load(ws, checkpoint="init")
+    assert engine.learner.spec.modules == ["mlp.c_fc", "mlp.c_proj"]

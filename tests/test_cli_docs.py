@@ -56,8 +56,18 @@ def test_reference_lists_what_help_prints():
         assert in_help == in_doc, (title, in_help ^ in_doc)
 
 
-@pytest.mark.parametrize("target", ["regrad_cli.metatrain:MetaTrainConfig", "regrad_cli.evaluate:EvalConfig",
-                                    "regrad_cli.cpt:CPTConfig"])
+def _targets() -> list[str]:
+    """Every "module:Class" a command module reads its defaults from."""
+    cli = Path(__file__).resolve().parent.parent / "regrad_cli" / "cli"
+    found = {m for f in cli.glob("*.py") for m in re.findall(r'defaults_of\("([\w.]+:\w+)"\)', f.read_text())}
+    return sorted(found)
+
+
+def test_commands_read_their_defaults_from_configs():
+    assert {"regrad_cli.metatrain:MetaTrainConfig", "regrad_cli.cpt:CPTConfig"} <= set(_targets())
+
+
+@pytest.mark.parametrize("target", _targets())
 def test_source_read_defaults_equal_the_dataclass(target):
     import importlib
 
@@ -79,8 +89,8 @@ def test_cli_defaults_are_the_configs():
     root = typer.main.get_command(app)
     cpt = defaults_of("regrad_cli.cpt:CPTConfig")
     checked = 0
-    for command, target in (("meta-train", "regrad_cli.metatrain:MetaTrainConfig"),
-                            ("eval", "regrad_cli.evaluate:EvalConfig")):
+    eval_target = next(t for t in _targets() if t.endswith(":EvalConfig"))
+    for command, target in (("meta-train", "regrad_cli.metatrain:MetaTrainConfig"), ("eval", eval_target)):
         fields = defaults_of(target)
         for p in root.commands[command].params:
             if p.name in fields:

@@ -84,8 +84,9 @@ def defaults_of(target: str) -> dict[str, Any]:
     """{field: default} of the dataclass ``"module:Class"`` (fields without one are left out).
 
     Read from the module's source, not imported: command modules such as regrad_cli.metatrain
-    import torch, and ``regrad --help`` must stay light. Only literal defaults are read (numbers,
-    strings, booleans, None, tuples/lists of them); a field with another default is left out."""
+    import torch, and ``regrad --help`` must stay light. A class the module only re-exports
+    (``from x import Class``) is followed to its definition. Only literal defaults are read
+    (numbers, strings, booleans, None, tuples/lists of them); others are left out."""
     module, _, cls_name = target.partition(":")
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
@@ -101,6 +102,15 @@ def defaults_of(target: str) -> dict[str, Any]:
                     except ValueError:
                         pass  # field(default_factory=...) and other expressions
             return out
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any(a.name == cls_name and a.asname in (None, cls_name)
+                                                    for a in node.names):
+            package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            return defaults_of(f"{source}:{cls_name}")
     raise LookupError(f"no class {cls_name} in {module}")
 
 
