@@ -1,42 +1,29 @@
-"""query: the online half of ReGrad.
+"""query: the online half of ReGrad, over one workspace.
 
-Retrieve the top-k documents, decode only their gradient blobs, take one step in LoRA space
-(phi' = phi - gamma * alpha (.) combine(g_d)), generate, and restore. Restoring is exact by
-construction: phi is never written; the side path is pointed at a new phi' tensor and then back
-at phi (``Learner.using``), also when generation raises. The model, embedder, documents table
-and bank are loaded once per ``QueryEngine``, so stdin and batch modes pay the load once.
+``QueryEngine`` loads the model, learner, embedder, documents table and bank once, and answers
+through the one answering pipeline (``pipeline.answer_many``: retrieve, weigh, one temporary step
+phi' = phi - gamma * alpha (.) combine(g_d), generate, restore). ``WorkspaceCorpus`` is what the
+pipeline reads here: dense / BM25 / hybrid retrieval over the workspace, passage texts, and the
+gradient rows decoded from the bank (corrupt rows are reported, never applied).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import torch
+import numpy as np
 
+from regrad_cli.adapt import COMBINES
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.errors import NoBankError, RegradError
-from regrad_cli.generation import generate
-from regrad_cli.prompting import prompt_ids
+from regrad_cli.pipeline import MODES, RETRIEVERS, Request, Retrieved, answer_many
 
 log = logging.getLogger("regrad")
 
-MODES = ("param", "param+context", "context", "closed-book", "closed-book+phi")
-RETRIEVERS = ("dense", "bm25", "hybrid")
-COMBINES = ("sum", "mean", "score")
+__all__ = ["QueryEngine", "WorkspaceCorpus", "Request", "Retrieved", "MODES", "RETRIEVERS", "COMBINES"]
 RRF_K = 60
-
-
-@dataclass
-class Retrieved:
-    doc_id: str
-    score: float  # retriever score (cosine for dense, BM25 for bm25, RRF for hybrid)
-    source: str
-    cosine: float  # question-document cosine, used by combine="score"
 
 
 class QueryEngine:
@@ -66,7 +53,20 @@ class QueryEngine:
         elif need_bank:
             self._no_bank()
         self._check_embedder()
-        self._layout = [t.name for t in self.bank.meta.layout] if self.bank else []
+        if self.bank is not None:
+            self._check_layout()
+        self.corpus = WorkspaceCorpus(self.store, self.bank)
+
+    def _check_layout(self) -> None:
+        # The bank's fingerprints name the checkpoint, but a bank written by other code could still
+        # declare tensors the learner does not have (or other shapes): refuse before applying any.
+        mine = dict(self.engine.learner.layout)
+        for t in self.bank.meta.layout:
+            if t.name not in mine or tuple(mine[t.name]) != tuple(t.shape):
+                raise RegradError(
+                    f"bank {self.bank.path} stores tensor {t.name} {tuple(t.shape)}, which the learner "
+                    f"{'has as ' + str(tuple(mine[t.name])) if t.name in mine else 'does not have'}: "
+                    "rebuild the bank with `regrad build-bank`")
 
     def _check_embedder(self) -> None:
         # Without a bank nothing else compares them, and question vectors from another embedder
@@ -92,6 +92,43 @@ class QueryEngine:
 
     # Retrieval --------------------------------------------------------------------------------
     def retrieve(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:
+        """The top-k documents for a question (its embedding ``qvec``), best first."""
+        return self.corpus.search(question, qvec, k, retriever)
+
+    # Answering --------------------------------------------------------------------------------------
+    def answer(self, question: str, *, mode: str = "param", top_k: int = 3, gamma: float = 1.0,
+               combine: str | None = None, retriever: str = "dense", max_new_tokens: int = 20,
+               show_docs: bool = False) -> dict:
+        req = Request(question, mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever,
+                      max_new_tokens=max_new_tokens, show_docs=show_docs)
+        return self.answer_many([req])[0]
+
+    def answer_many(self, requests: Sequence[Request], *, return_exceptions: bool = False) -> list:
+        """Answer a batch in one generation call per token limit, each row with its own step."""
+        if self.bank is None and any(MODES[r.mode].adapter == "step" for r in requests if r.mode in MODES):
+            self._no_bank()
+        return answer_many(self.engine, self.embedder, self.corpus, requests, strict=self.strict,
+                           return_exceptions=return_exceptions, fingerprints=self.fingerprints())
+
+    def fingerprints(self) -> dict:
+        if self.bank is None:
+            return {"model": self.engine.lm.fingerprint,
+                    "learner": {"checkpoint_id": self.engine.learner.checkpoint_id()}}
+        m = self.bank.meta
+        return {"model": m.model, "learner": {"checkpoint_id": m.learner.get("checkpoint_id")},
+                "embedder": m.embedder, "codec": m.codec.name, "format_version": m.format_version,
+                "path": str(self.bank.path)}
+
+
+class WorkspaceCorpus:
+    """Retrieval, texts and decoded gradient rows of one workspace (the pipeline's Corpus)."""
+
+    def __init__(self, store, bank):
+        self.store = store
+        self.bank = bank
+        self.layout = [t.name for t in bank.meta.layout] if bank is not None else []
+
+    def search(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:
         if retriever not in RETRIEVERS:
             raise RegradError(f"unknown retriever {retriever!r} (use {', '.join(RETRIEVERS)})")
         if k <= 0:
@@ -123,144 +160,31 @@ class QueryEngine:
                     entry[0] += 1.0 / (RRF_K + rank + 1)
             ranked = sorted(((d, s, src) for d, (s, src) in fused.items()), key=lambda x: -x[1])
         ranked = ranked[:k]
-        cos = self._cosines(qvec, [d for d, _, _ in ranked], dense)
+        known = {d: s for d, s, _ in (dense or [])}
+        cos = {**self.cosines(qvec, [d for d, _, _ in ranked if d not in known]), **known}
         return [Retrieved(d, s, src, cos.get(d, 0.0)) for d, s, src in ranked]
 
     def _with_sources(self, hits) -> list[tuple[str, float, str]]:
         rows = self.store.get([d for d, _ in hits], columns=["id", "source"]) if hits else {}
         return [(d, float(score), rows.get(d, {}).get("source", "")) for d, score in hits]
 
-    def _cosines(self, qvec, ids: Sequence[str], dense) -> dict[str, float]:
-        import numpy as np
+    def cosines(self, qvec, ids: Sequence[str]) -> dict[str, float]:
+        """Question-document cosines (the stored embeddings are unit vectors)."""
+        if not ids:
+            return {}
+        rows = self.store.get(list(ids))
+        return {d: float(np.asarray(rows[d]["embedding"], dtype=np.float32) @ qvec) for d in ids if d in rows}
 
-        known = {d: s for d, s, _ in (dense or [])}
-        missing = [d for d in ids if d not in known]
-        if missing:
-            rows = self.store.get(missing)
-            for d in missing:
-                if d in rows:
-                    known[d] = float(np.asarray(rows[d]["embedding"], dtype=np.float32) @ qvec)
-        return known
+    def texts(self, ids: Sequence[str]) -> dict[str, str]:
+        return self.store.texts(list(dict.fromkeys(ids))) if ids else {}
 
-    # Adaptation ----------------------------------------------------------------------------------
-    def combined_gradient(self, retrieved: list[Retrieved], combine: str) -> tuple[dict, list[str], list[dict]]:
-        """sum_i w_i g_i over the retrieved documents whose rows decode cleanly.
+    def sources(self, ids: Sequence[str]) -> dict[str, str]:
+        rows = self.store.get(list(ids), columns=["id", "source"]) if ids else {}
+        return {d: r.get("source", "") for d, r in rows.items()}
 
-        Returns (gradient by tensor name, used doc ids, skipped [{doc_id, reason}]). A corrupt row
-        is never applied: skipped with a warning, or an error with strict."""
-        if not retrieved:
-            return {}, [], []
+    def gradients(self, ids: Sequence[str]):
+        """({doc_id: {tensor name: array}}, {doc_id: why it was not decoded})."""
         if self.bank is None:
-            self._no_bank()
-        decoded, bad = self.bank.fetch_checked([r.doc_id for r in retrieved])
-        skipped = [{"doc_id": d, "reason": why} for d, why in bad.items()]
-        if skipped and self.strict:
-            raise RegradError(f"corrupt or missing gradient row for {skipped[0]['doc_id']!r}: "
-                              f"{skipped[0]['reason']}")
-        for s in skipped:
-            log.warning("not applying the gradient of %s: %s", s["doc_id"], s["reason"])
-        used = [r for r in retrieved if r.doc_id in decoded]
-        if not used:
-            return {}, [], skipped
-        weights = self.engine.learner.combine_weights(
-            torch.tensor([r.cosine for r in used], dtype=torch.float32), combine).detach()
-        device = next(self.engine.model.parameters()).device
-        total = {}
-        for i, name in enumerate(self._layout):
-            acc = None
-            for w, r in zip(weights.tolist(), used):
-                t = torch.from_numpy(decoded[r.doc_id][i]) * w
-                acc = t if acc is None else acc + t
-            total[name] = acc.to(device)
-        return total, [r.doc_id for r in used], skipped
-
-    @contextmanager
-    def adapted(self, grad: dict, gamma: float = 1.0) -> Iterator[None]:
-        """phi' on the side path for the duration of the block; phi restored exactly after."""
-        weights = self.engine.learner.adapted_weights(grad, gamma)
-        with self.engine.learner.using(weights):
-            yield
-
-    # Answering --------------------------------------------------------------------------------------
-    def answer(self, question: str, *, mode: str = "param", top_k: int = 3, gamma: float = 1.0,
-               combine: str | None = None, retriever: str = "dense", max_new_tokens: int = 20,
-               show_docs: bool = False) -> dict:
-        if mode not in MODES:
-            raise RegradError(f"unknown mode {mode!r} (use {', '.join(MODES[:4])})")
-        combine = combine or self.engine.learner.trained_combine
-        if combine not in COMBINES:
-            raise RegradError(f"unknown combine {combine!r} (use {', '.join(COMBINES)})")
-        if not question.strip():
-            raise RegradError("empty question")
-        timings = dict.fromkeys(("embed", "retrieve", "fetch_decode", "apply", "generate", "restore"), 0.0)
-        t = time.perf_counter()
-        retrieved: list[Retrieved] = []
-        needs_docs = mode in ("param", "param+context", "context")
-        if needs_docs:
-            qvec = self.embedder.embed([question])[0]
-            timings["embed"] = _ms(t)
-            t = time.perf_counter()
-            retrieved = self.retrieve(question, qvec, top_k, retriever)
-            timings["retrieve"] = _ms(t)
-        passages: list[str] = []
-        if mode in ("param+context", "context") and retrieved:
-            rows = self.store.get([r.doc_id for r in retrieved])
-            passages = [rows[r.doc_id]["text"] for r in retrieved if r.doc_id in rows]
-        prompt = prompt_ids(self.engine.tokenizer, question, passages)
-        learner = self.engine.learner
-        skipped: list[dict] = []
-        used: list[str] = []
-        if mode in ("param", "param+context"):
-            t = time.perf_counter()
-            grad, used, skipped = self.combined_gradient(retrieved, combine)
-            timings["fetch_decode"] = _ms(t)
-            t = time.perf_counter()
-            weights = learner.adapted_weights(grad, gamma)
-            learner.use(weights)
-            timings["apply"] = _ms(t)
-            try:
-                t = time.perf_counter()
-                text = generate(self.engine.model, self.engine.tokenizer, [prompt], max_new_tokens)[0]
-                timings["generate"] = _ms(t)
-            finally:
-                t = time.perf_counter()
-                learner.use(None)
-                timings["restore"] = _ms(t)
-        elif mode in ("context", "closed-book"):
-            t = time.perf_counter()
-            with learner.disabled():
-                text = generate(self.engine.model, self.engine.tokenizer, [prompt], max_new_tokens)[0]
-            timings["generate"] = _ms(t)
-        else:  # closed-book+phi
-            t = time.perf_counter()
-            text = generate(self.engine.model, self.engine.tokenizer, [prompt], max_new_tokens)[0]
-            timings["generate"] = _ms(t)
-        result = {
-            "question": question,
-            "answer": text,
-            "mode": mode,
-            "retrieved": [{"doc_id": r.doc_id, "score": round(r.score, 6), "source": r.source,
-                           "applied": r.doc_id in used} for r in retrieved],
-            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
-            "bank": self.fingerprints(),
-        }
-        if skipped:
-            result["skipped"] = skipped
-        if show_docs and retrieved:
-            rows = self.store.get([r.doc_id for r in retrieved])
-            for r in result["retrieved"]:
-                r["text"] = rows.get(r["doc_id"], {}).get("text", "")
-        return result
-
-    def fingerprints(self) -> dict:
-        if self.bank is None:
-            return {"model": self.engine.lm.fingerprint,
-                    "learner": {"checkpoint_id": self.engine.learner.checkpoint_id()}}
-        m = self.bank.meta
-        return {"model": m.model, "learner": {"checkpoint_id": m.learner.get("checkpoint_id")},
-                "embedder": m.embedder, "codec": m.codec.name, "format_version": m.format_version,
-                "path": str(self.bank.path)}
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0
+            return {}, {d: "no gradient bank" for d in ids}
+        decoded, bad = self.bank.fetch_checked(list(ids))
+        return {d: dict(zip(self.layout, arrays)) for d, arrays in decoded.items()}, dict(bad)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from regrad_cli.adapt import applied
 from regrad_cli.build import build_bank
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
@@ -15,6 +16,7 @@ from regrad_cli.errors import NoBankError, RegradError
 from regrad_cli.ingest import ingest
 from regrad_cli.lora import Learner
 from regrad_cli.models import LoadedModel
+from regrad_cli.pipeline import step_from_rows
 from regrad_cli.prompting import prompt_ids
 from regrad_cli.query import QueryEngine
 
@@ -154,9 +156,11 @@ def test_param_mode_really_applies_gradients(workspace):
     with torch.no_grad():
         base = engine.model(input_ids=ids).logits[0, -1]
         qvec = qe.embedder.embed([question])[0]
-        grad, used, _ = qe.combined_gradient(qe.retrieve(question, qvec, 2), "sum")
-        assert len(used) == 2
-        with qe.adapted(grad):
+        hits = qe.retrieve(question, qvec, 2)
+        rows, bad = qe.corpus.gradients([h.doc_id for h in hits])
+        assert len(rows) == 2 and not bad
+        weights, _ = step_from_rows(engine.learner, [rows[h.doc_id] for h in hits], [h.cosine for h in hits], "sum")
+        with applied(engine.learner, weights):
             adapted = engine.model(input_ids=ids).logits[0, -1]
         restored = engine.model(input_ids=ids).logits[0, -1]
     assert not torch.allclose(base, adapted, atol=1e-4)
@@ -170,7 +174,7 @@ def test_restore_when_generation_raises(workspace, monkeypatch):
     qe = QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
     before = param_hash(engine)
     phi = engine.learner.phi_dict()
-    import regrad_cli.query as query_mod
+    import regrad_cli.pipeline as query_mod
 
     def boom(*a, **k):
         # Generation sees the adapted weights, not phi, before it fails.

@@ -1,0 +1,141 @@
+"""The adaptation core: how k document gradients become one temporary step, defined once.
+
+    phi' = phi - gamma * alpha (.) sum_d w_d * N(g_d)
+
+- ``combination_weights`` turns the k retrieval scores of a question into weights w_d (``sum``:
+  all 1, the paper's plain sum; ``mean``: 1/k; ``score``: softmax(score / T) with a learned
+  temperature T).
+- ``normalise`` is N: ``none`` (raw gradients), ``doc`` (each document's gradient scaled to unit
+  L2 norm over all its tensors, so that no document wins by having a larger gradient and the
+  combined step does not grow with k) or ``tensor`` (every tensor of every document to unit norm).
+- ``combine`` is the weighted sum, ``step`` the update, both for one question (tensors [...]) or
+  a batch of questions (a leading dimension [N, ...]), and both differentiable when asked
+  (meta-training takes second-order gradients through them).
+- ``applied`` points the learner's side paths at given weights and restores *whatever was active
+  before* on exit, so blocks nest.
+
+Query, eval, serve and meta-training all call these functions; a change of method is one diff here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from regrad_cli.errors import RegradError
+
+COMBINES = ("sum", "mean", "score")
+NORMALISATIONS = ("none", "doc", "tensor")
+_EPS = 1e-12
+
+
+def combination_weights(scores: torch.Tensor, method: str, log_temp: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights [..., k] of k documents' gradients from their retrieval scores [..., k] (cosine)."""
+    k = scores.shape[-1]
+    if method == "sum":
+        return torch.ones_like(scores)
+    if method == "mean":
+        return torch.full_like(scores, 1.0 / max(1, k))
+    if method == "score":
+        if log_temp is None:
+            raise RegradError("combine 'score' needs the learner's temperature")
+        # Weights sum to 1: a clear best match gets the whole step; close scores share it.
+        return torch.softmax(scores / log_temp.to(scores.device).exp(), dim=-1)
+    raise RegradError(f"unknown combine {method!r} (use {', '.join(COMBINES)})")
+
+
+def _wide(g: torch.Tensor) -> torch.Tensor:
+    # Norms of half-precision gradients are summed in fp32; fp32/fp64 keep their own precision.
+    return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+
+
+def normalise(grads: Mapping[str, torch.Tensor], method: str, doc_dims: int = 1) -> dict[str, torch.Tensor]:
+    """N(g) for a stack of documents: every tensor is [*doc_shape, ...] where the first
+    ``doc_dims`` dimensions index documents. Differentiable."""
+    if method == "none" or not grads:
+        return dict(grads)
+    if method == "doc":
+        sq = None
+        for g in grads.values():
+            s = _wide(g).pow(2).flatten(doc_dims).sum(-1)
+            sq = s if sq is None else sq + s
+        inv = (sq + _EPS).rsqrt()
+        return {n: g * inv.to(g.dtype).view(*inv.shape, *([1] * (g.dim() - doc_dims)))
+                for n, g in grads.items()}
+    if method == "tensor":
+        out = {}
+        for n, g in grads.items():
+            inv = (_wide(g).pow(2).flatten(doc_dims).sum(-1) + _EPS).rsqrt()
+            out[n] = g * inv.to(g.dtype).view(*inv.shape, *([1] * (g.dim() - doc_dims)))
+        return out
+    raise RegradError(f"unknown normalisation {method!r} (use {', '.join(NORMALISATIONS)})")
+
+
+def combine(grads: Mapping[str, torch.Tensor], weights: torch.Tensor, *, norm: str = "none") -> dict[str, torch.Tensor]:
+    """sum_d w_d N(g_d) over the document dimension.
+
+    ``grads[name]`` is [k, ...] (one question) or [N, k, ...] (N questions, k documents each);
+    ``weights`` is [k] or [N, k] accordingly."""
+    doc_dims = weights.dim()
+    g = normalise(grads, norm, doc_dims)
+    out = {}
+    for n, t in g.items():
+        w = weights.to(t.device, t.dtype).view(*weights.shape, *([1] * (t.dim() - doc_dims)))
+        out[n] = (t * w).sum(doc_dims - 1)
+    return out
+
+
+def step(phi: Mapping[str, torch.Tensor], alpha: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
+         gamma: float = 1.0, *, batched: bool = False, differentiable: bool = False) -> dict[str, torch.Tensor]:
+    """phi' = phi - gamma * alpha (.) g for every tensor of phi; tensors without a gradient keep phi.
+
+    With ``batched`` the gradients carry a leading question dimension [N, ...] and so does every
+    returned tensor (tensors without a gradient are expanded views of phi). phi is never written."""
+    n_rows = None
+    if batched:
+        n_rows = next(iter(grad.values())).shape[0] if grad else None
+    ctx = torch.enable_grad() if differentiable else torch.no_grad()
+    out = {}
+    with ctx:
+        for name, p in phi.items():
+            g = grad.get(name)
+            if not differentiable:
+                p = p.detach()
+            if g is None:
+                out[name] = p.unsqueeze(0).expand(n_rows, *p.shape) if batched and n_rows else p
+                continue
+            a = alpha[name] if differentiable else alpha[name].detach()
+            g = g.to(p.device, p.dtype)
+            base = p.unsqueeze(0) if batched else p
+            out[name] = base - (gamma * a) * g
+    return out
+
+
+def is_finite(weights: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@contextmanager
+def applied(learner, weights: Mapping[str, torch.Tensor] | None | str) -> Iterator[None]:
+    """Point the side paths at ``weights`` for the block: a name -> tensor mapping, None (phi
+    itself) or "off" (no side path: the bare base model). On exit, also on exceptions, the side
+    paths get back exactly what they had before, so blocks nest."""
+    previous = learner.active_state()
+    if isinstance(weights, str):
+        if weights != "off":
+            raise RegradError(f"unknown side-path state {weights!r}")
+        learner.disable()
+    else:
+        learner.use(weights)
+    try:
+        yield
+    finally:
+        learner.restore_state(previous)
+
+
+def stack_rows(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-question adapters [N, ...] from N single adapters (one row each)."""
+    names = list(rows[0])
+    return {n: torch.stack([r[n] for r in rows]) for n in names}
