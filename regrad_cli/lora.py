@@ -222,26 +222,21 @@ class Learner(nn.Module):
     def alpha(self, name: str) -> torch.Tensor:
         return self.log_alpha[_key(name)].exp()
 
-    def combine_weights(self, scores: torch.Tensor, combine: str) -> torch.Tensor:
-        """Weights of k documents' gradients from their retrieval scores [k] (cosine)."""
-        k = scores.shape[-1]
-        if combine == "sum":
-            return torch.ones_like(scores)
-        if combine == "mean":
-            return torch.full_like(scores, 1.0 / k)
-        if combine == "score":
-            # Weights sum to 1: a clear best match gets the whole step, as if it were the only
-            # document; close scores share it.
-            return torch.softmax(scores / self.log_temp.exp(), dim=-1)
-        raise RegradError(f"unknown combine {combine!r} (use sum, mean or score)")
-
     @property
     def trained_combine(self) -> str:
         """The combination the learner was meta-trained with ('sum' for an untrained learner)."""
         return self.meta.get("combine", "sum")
 
+    @property
+    def trained_norm(self) -> str:
+        """The gradient normalisation the learner was meta-trained with (see adapt.normalise)."""
+        return self.meta.get("norm", "none")
+
     def phi_dict(self) -> dict[str, torch.Tensor]:
         return {n: self.phi[_key(n)] for n in self.names}
+
+    def alpha_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self.alpha(n) for n in self.names}
 
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -292,39 +287,29 @@ class Learner(nn.Module):
         for wrapper in self._wrappers.values():
             wrapper.set_active(None, None)
 
+    def active_state(self) -> dict[str, tuple]:
+        """What every side path uses now (restored by ``restore_state``)."""
+        return {n: (w.A, w.B) for n, w in self._wrappers.items()}
+
+    def restore_state(self, state: dict[str, tuple]) -> None:
+        for n, (A, B) in state.items():
+            self._wrappers[n].set_active(A, B)
+
     @contextmanager
     def using(self, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
-        """Temporarily use ``weights``; phi is restored on exit, also on exceptions."""
-        self.use(weights)
-        try:
+        """Temporarily use ``weights`` (None: phi); the previous state is restored on exit."""
+        from regrad_cli.adapt import applied
+
+        with applied(self, weights):
             yield
-        finally:
-            self.use(None)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        self.disable()
-        try:
+        """Temporarily run the bare base model; the previous state is restored on exit."""
+        from regrad_cli.adapt import applied
+
+        with applied(self, "off"):
             yield
-        finally:
-            self.use(None)
-
-    def adapted_weights(
-        self, grad: dict[str, torch.Tensor], gamma: float = 1.0
-    ) -> dict[str, torch.Tensor]:
-        """phi' = phi - gamma * alpha (.) g for every tensor (missing tensors: phi unchanged).
-
-        A new dict of new tensors; phi is read, never written."""
-        out = {}
-        with torch.no_grad():
-            for n in self.names:
-                p = self.phi[_key(n)]
-                g = grad.get(n)
-                if g is None:
-                    out[n] = p
-                else:
-                    out[n] = p - gamma * self.alpha(n) * g.to(p.device, p.dtype)
-        return out
 
     # Identity and persistence ------------------------------------------------------------
     def checkpoint_id(self) -> str:
