@@ -88,10 +88,8 @@ def defaults_of(target: str) -> dict[str, Any]:
     (``from x import Class``) is followed to its definition. Only literal defaults are read
     (numbers, strings, booleans, None, tuples/lists of them); others are left out."""
     module, _, cls_name = target.partition(":")
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise LookupError(f"no module {module}")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    path, is_package = _module_file(module)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == cls_name:
             out = {}
@@ -105,13 +103,32 @@ def defaults_of(target: str) -> dict[str, Any]:
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and any(a.name == cls_name and a.asname in (None, cls_name)
                                                     for a in node.names):
-            package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+            package = module if is_package else module.rpartition(".")[0]
             base = package
             for _ in range(max(node.level - 1, 0)):
                 base = base.rpartition(".")[0]
             source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
             return defaults_of(f"{source}:{cls_name}")
     raise LookupError(f"no class {cls_name} in {module}")
+
+
+def _module_file(module: str) -> tuple[Path, bool]:
+    """(source file, is a package) of a module, found without importing it or its packages:
+    importlib.util.find_spec("a.b.c") would import a.b, and a package's __init__ may import torch."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"no module {module}")
+    path = Path(spec.origin)
+    for name in rest:
+        folder = path.parent
+        if (folder / name / "__init__.py").exists():
+            path = folder / name / "__init__.py"
+        elif (folder / f"{name}.py").exists():
+            path = folder / f"{name}.py"
+        else:
+            raise LookupError(f"no module {module}")
+    return path, path.name == "__init__.py"
 
 
 def dataclass_defaults(cls) -> dict[str, Any]:
