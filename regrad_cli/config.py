@@ -61,8 +61,10 @@ class ChunkingConfig:
 class LoraConfig:
     """LoRA settings used when a learner is initialised here (the bundled checkpoint has its own)."""
 
-    rank: int = 8
-    lora_alpha: float = 16.0
+    # "auto": by model size (lora.default_lora, method.md §1.1; 8 and 16 for SmolLM2-135M), the
+    # same rule meta-training uses.
+    rank: int | str = "auto"
+    lora_alpha: float | str = "auto"
     # "upper-half", "all" or an explicit list of layer indices.
     layers: str | list[int] = "upper-half"
     # Short module names inside a decoder block ("mlp.c_fc"); empty: the model family's table

@@ -32,9 +32,11 @@ def init_learner(model, lora_cfg: LoraConfig | None = None, **overrides) -> Lear
     regrad.toml; its defaults when None), each keyword overriding the field of the same name.
 
     The one place a fresh learner is made: ``resolve_learner`` ('init') and meta-training both
-    call it, so they share every default (targets by model family, alpha_init, seed...)."""
-    cfg = replace(lora_cfg or LoraConfig(), **overrides)
-    learner = Learner.for_model(model, rank=cfg.rank, lora_alpha=cfg.lora_alpha, layers=cfg.layers,
+    call it, so they share every default (targets by model family, alpha_init, seed...). An
+    override of None leaves the field as it is."""
+    cfg = replace(lora_cfg or LoraConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    auto = lambda v: None if v == "auto" else v  # noqa: E731  (by model size: lora.default_lora)
+    learner = Learner.for_model(model, rank=auto(cfg.rank), lora_alpha=auto(cfg.lora_alpha), layers=cfg.layers,
                                 modules=cfg.modules, per_element_alpha=cfg.per_element_alpha,
                                 target_patterns=cfg.target_patterns)
     return learner.init_(seed=cfg.seed, b_std=cfg.init_b_std, alpha_init=cfg.alpha_init)

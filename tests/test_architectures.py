@@ -214,3 +214,18 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
     # The fake: ids reach the same loader as any model id.
     engine = Engine.load(ws, checkpoint="init")
     assert engine.learner.spec.modules == ["mlp.c_fc", "mlp.c_proj"]
+
+
+def test_init_learner_reads_lora_and_sizes_by_model():
+    from regrad_cli.config import LoraConfig
+    from regrad_cli.lora import default_lora
+
+    model = tiny_model("phi")
+    auto = init_learner(model, LoraConfig())
+    assert (auto.spec.rank, auto.spec.lora_alpha) == default_lora(4, 32)
+    cfg = LoraConfig(rank=2, layers="all", modules=["mlp.fc2"], seed=7)
+    learner = init_learner(model, cfg, alpha_init=0.5, seed=None)  # None: keep the config's
+    assert learner.spec.rank == 2 and learner.spec.layers == [0, 1, 2, 3]
+    assert learner.names == [f"model.layers.{i}.mlp.fc2.{t}" for i in range(4) for t in "AB"]
+    assert float(learner.alpha(learner.names[0])) == pytest.approx(0.5)
+    assert learner.checkpoint_id() == init_learner(model, cfg, alpha_init=0.5).checkpoint_id()

@@ -67,9 +67,11 @@ def test_golden_workspace_before_versioning_upgrades(tmp_path):
     ws = Workspace.open(root, create=False)
     assert "format_version" not in raw  # opening does not rewrite the file
     assert (root / "regrad.toml").read_text() == raw
-    # m001: the old default module list means "by family" now; every other value is kept.
+    # m001: the old default module list means "by family" now; every other value is kept (rank
+    # and lora_alpha were written as numbers then; "auto" gives the same ones for SmolLM2).
     assert ws.config.lora.modules == []
     expected = RegradConfig()
+    expected.lora.rank, expected.lora.lora_alpha = 8, 16.0
     assert ws.config == expected
     ws.save()
     data = tomllib.loads((root / "regrad.toml").read_text())
