@@ -458,7 +458,10 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
         for e in errors:
             loc = [str(p) for p in e.get("loc", ()) if p != "body"]
             name = ".".join(loc) or "body"
-            details.append({"field": name, "message": f"{name}: {e.get('msg', 'invalid')}"})
+            msg = f"{name}: {e.get('msg', 'invalid')}"
+            if name == "body":
+                msg += " (send a JSON object with Content-Type: application/json)"
+            details.append({"field": name, "message": msg})
         body = ApiError(422, "invalid_request", details[0]["message"], details[0]["field"]).body()
         body["error"]["details"] = details
         return _json(body, 422)

@@ -1,0 +1,254 @@
+"""regrad serve: throughput and latency with dynamic batching, against one-at-a-time answering.
+
+One process, the model loaded once (a QueryEngine over the demo workspace: the real default
+models, param mode, the workspace's top-k and token limit):
+
+  sequential  - the questions answered one at a time (``QueryEngine.answer``), no server: what
+                a loop over ``regrad query`` costs once the model is loaded;
+  served/C    - the same questions sent to ``regrad serve`` (real uvicorn, loopback only) by C
+                concurrent HTTP clients (C = 1, 4, 16); the server batches whatever arrives within
+                its window into one ``answer_many`` call. Throughput = questions / wall time;
+                latency = per-request round trip. Every served answer is compared with the
+                sequential one (how many differ is reported, not hidden);
+  distinct vs shared - the cost of per-request steps: a batch of B questions answered by the
+                full pipeline (every row retrieves its own documents and gets its own phi', stacked
+                [B, ...] on the side path) against the same B prompts generated in one call with
+                ONE shared adapter (the 2-D phi: plain matmuls, no retrieval, no step) - the
+                multi-LoRA "one adapter for the whole batch" case. Both generate exactly
+                ``max_new_tokens`` tokens per row (stopping disabled), so the comparison is not
+                skewed by answer lengths.
+
+Bounded: --questions requests per level and --time-limit seconds in all (levels are cut short,
+and say so, when the time is up). Run it on an idle machine; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+from _common import (
+    DEMO_CORPUS,
+    checkpoint_info,
+    demo_questions,
+    emit,
+    ingest_workspace,
+    load_engine,
+    log,
+    machine,
+    median,
+    parser,
+    pct,
+    print_table,
+    setup,
+    temp_dir,
+)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--workspace", type=Path, default=None,
+                   help="an ingested demo workspace with its bank built (default: build one in /tmp, not timed)")
+    p.add_argument("--questions", type=int, default=None, help="questions per level (default: 16 quick, 48 full)")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (default 1,4,16)")
+    p.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="server --batch-window-ms (default 10)")
+    p.add_argument("--distinct-batch", type=int, default=16, help="B of the distinct-vs-shared comparison (default 16)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of the distinct/shared batches (default 2)")
+    p.add_argument("--time-limit", type=float, default=420.0, help="seconds for all timed phases (default 420)")
+    args = p.parse_args()
+    setup(args)
+    if args.workspace is not None:
+        run(args, args.workspace)
+    else:
+        with temp_dir("regrad-bench-serve-") as tmp:
+            from regrad_cli.build import build_bank
+
+            log("ingesting the demo corpus and building its bank (not timed)")
+            ws = ingest_workspace(tmp / "ws", DEMO_CORPUS)
+            build_bank(ws, load_engine(None, ws))
+            run(args, tmp / "ws")
+
+
+def run(args, ws_dir: Path) -> None:
+    import httpx
+
+    from regrad_cli import adapt
+    from regrad_cli.config import Workspace
+    from regrad_cli.generation import generate
+    from regrad_cli.prompting import prompt_ids
+    from regrad_cli.query import QueryEngine, Request
+    from regrad_cli.serve import BackgroundServer, BatchWorker, ServeSettings
+    from query_latency import GenerateProbe
+
+    t_start = time.monotonic()
+    load_at_start = os.getloadavg()
+
+    def left() -> float:
+        return args.time_limit - (time.monotonic() - t_start)
+
+    ws = Workspace.open(ws_dir, create=False)
+    top_k, max_new = ws.config.query.top_k, ws.config.query.max_new_tokens
+    log(f"loading the QueryEngine over {ws_dir}")
+    qe = QueryEngine(ws)
+    n_q = args.questions or (16 if args.quick else 48)
+    questions = [q.question for q in demo_questions()][:n_q]
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+
+    # Warm-up (not timed): both the 2-D and the stacked side path.
+    qe.answer(questions[0], top_k=top_k, max_new_tokens=max_new)
+    qe.answer_many([Request(q, top_k=top_k, max_new_tokens=max_new) for q in questions[:4]])
+
+    # 1. Sequential, one process, one at a time.
+    log(f"sequential: {len(questions)} questions one at a time")
+    seq_lat, seq_answers = [], {}
+    t0 = time.perf_counter()
+    for q in questions:
+        if left() < 60:
+            log("time limit: sequential phase cut short")
+            break
+        t = time.perf_counter()
+        res = qe.answer(q, top_k=top_k, max_new_tokens=max_new)
+        seq_lat.append(time.perf_counter() - t)
+        seq_answers[q] = res["answer"]
+    seq_wall = time.perf_counter() - t0
+    sequential = {"requests": len(seq_lat), "wall_s": seq_wall, "throughput_qps": len(seq_lat) / seq_wall,
+                  "p50_ms": median(seq_lat) * 1e3, "p95_ms": pct(seq_lat, 95) * 1e3}
+
+    # 2. Served, C concurrent clients.
+    settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    worker = BatchWorker(lambda: qe, settings)
+    served = {}
+    with BackgroundServer(worker, settings) as server:
+        for c in levels:
+            if left() < 45:
+                log(f"time limit: level {c} skipped")
+                continue
+            work: queue.Queue = queue.Queue()
+            for q in [q for q in questions if q in seq_answers]:
+                work.put(q)
+            lat, results, errors = [], {}, []
+            lock = threading.Lock()
+            deadline = time.monotonic() + max(30.0, left() - 45)
+
+            def client():
+                with httpx.Client(base_url=server.url, timeout=600) as http:
+                    while time.monotonic() < deadline:
+                        try:
+                            q = work.get_nowait()
+                        except queue.Empty:
+                            return
+                        t = time.perf_counter()
+                        r = http.post("/v1/query", json={"question": q, "top_k": top_k, "max_new_tokens": max_new})
+                        dt = time.perf_counter() - t
+                        with lock:
+                            if r.status_code == 200:
+                                lat.append(dt)
+                                results[q] = r.json()["answer"]
+                            else:
+                                errors.append(r.text[:200])
+
+            b0, a0 = worker.batches, worker.answered
+            log(f"served: {c} concurrent clients")
+            threads = [threading.Thread(target=client) for _ in range(c)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            batches = worker.batches - b0
+            differ = [q for q, a in results.items() if a != seq_answers[q]]
+            served[str(c)] = {
+                "clients": c, "requests": len(lat), "errors": len(errors), "wall_s": wall,
+                "throughput_qps": len(lat) / wall if wall else float("nan"),
+                "p50_ms": median(lat) * 1e3, "p95_ms": pct(lat, 95) * 1e3,
+                "mean_batch": (worker.answered - a0) / batches if batches else float("nan"),
+                "answers_differing_from_sequential": len(differ),
+                "differing_examples": [{"question": q, "sequential": seq_answers[q], "served": results[q]}
+                                       for q in differ[:3]],
+                "cut_short": not work.empty(),
+            }
+        with httpx.Client(base_url=server.url, timeout=600) as http:
+            deep = http.get("/healthz", params={"deep": 1}).json()
+
+    # 3. Distinct deltas vs one shared phi (fixed generation length).
+    distinct_vs_shared = None
+    if left() > 20:
+        b = min(args.distinct_batch, len(questions))
+        batch_q = questions[:b]
+        engine = qe.engine
+        probe = GenerateProbe(engine.model)
+        probe.fixed = True
+        prompts = [prompt_ids(engine.tokenizer, q, [], "qa") for q in batch_q]
+        d_times, s_times, d_gen = [], [], []
+        try:
+            for _ in range(max(1, args.repeats)):
+                t = time.perf_counter()
+                res = qe.answer_many([Request(q, top_k=top_k, max_new_tokens=max_new) for q in batch_q])
+                d_times.append(time.perf_counter() - t)
+                d_gen.append(res[0]["timings_ms"]["generate"] / 1e3)
+                t = time.perf_counter()
+                with adapt.applied(engine.learner, None):  # phi, 2-D: one adapter for every row
+                    generate(engine.model, engine.tokenizer, prompts, max_new)
+                s_times.append(time.perf_counter() - t)
+                if left() < 0:
+                    break
+        finally:
+            probe.close()
+        d, s = median(d_times), median(s_times)
+        distinct_vs_shared = {
+            "batch": b, "new_tokens_per_row": max_new, "repeats": len(d_times),
+            "distinct_s": d, "distinct_generate_s": median(d_gen), "shared_s": s,
+            "distinct_qps": b / d, "shared_qps": b / s,
+            "ratio_distinct_over_shared": s / d,
+            "stacked_side_path_generate_ratio": s / median(d_gen),
+        }
+
+    levels_run = [served[k] for k in sorted(served, key=int)]
+    print_table(f"regrad serve vs one at a time ({len(seq_lat)} demo questions, param mode, top-k {top_k}, "
+                f"max {max_new} new tokens, max batch {args.max_batch}, window {args.batch_window_ms} ms)",
+                ["run", "requests", "q/s", "p50 ms", "p95 ms", "mean batch", "differ"],
+                [["sequential", sequential["requests"], sequential["throughput_qps"], sequential["p50_ms"],
+                  sequential["p95_ms"], 1.0, 0]]
+                + [[f"served, {s['clients']} clients", s["requests"], s["throughput_qps"], s["p50_ms"], s["p95_ms"],
+                    s["mean_batch"], s["answers_differing_from_sequential"]] for s in levels_run])
+    ratios = {k: v["throughput_qps"] / sequential["throughput_qps"] for k, v in served.items()}
+    if distinct_vs_shared:
+        print_table(f"Batch of {distinct_vs_shared['batch']}, exactly {max_new} new tokens per row",
+                    ["run", "s", "q/s"],
+                    [["distinct deltas (full pipeline)", distinct_vs_shared["distinct_s"], distinct_vs_shared["distinct_qps"]],
+                     ["one shared phi (generate only)", distinct_vs_shared["shared_s"], distinct_vs_shared["shared_qps"]]])
+    targets = {
+        "served16_over_sequential": ratios.get("16"),
+        "served16_over_sequential_target": 3.0,
+        "distinct_over_shared": distinct_vs_shared["ratio_distinct_over_shared"] if distinct_vs_shared else None,
+        "distinct_over_shared_target": 0.8,
+    }
+    print(f"\nthroughput ratios vs sequential: {ratios}; targets: {targets}; weights unchanged: {deep.get('unchanged')}")
+    emit({
+        "benchmark": "serve",
+        "quick": args.quick,
+        "targets": targets,
+        "throughput_ratio_vs_sequential": ratios,
+        "sequential": sequential,
+        "served": served,
+        "distinct_vs_shared": distinct_vs_shared,
+        "weights_unchanged_after": deep.get("unchanged"),
+        "settings": {"questions": len(questions), "levels": levels, "max_batch": args.max_batch,
+                     "batch_window_ms": args.batch_window_ms, "top_k": top_k, "max_new_tokens": max_new,
+                     "mode": "param", "time_limit_s": args.time_limit, "transport": "HTTP/1.1 on 127.0.0.1"},
+        "learner": checkpoint_info(qe.engine),
+        "load_avg_at_start": [round(x, 2) for x in load_at_start],
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "elapsed_s": time.monotonic() - t_start,
+        "machine": machine(),
+    }, args.out, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
