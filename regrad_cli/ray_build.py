@@ -144,11 +144,12 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
         except Exception as exc:
             raise RegradError(f"cannot join the Ray cluster at {address}: {exc}") from None
         return True
-    # A local cluster is regrad's own: reachable on loopback only, and started without the
-    # RAY_AUTH_MODE meant for the user's other clusters (its processes inherit the environment).
+    # A local cluster is regrad's own: always a new one (address "local": a bare ray.init()
+    # would join whatever `ray start` cluster runs on this machine), reachable on loopback only,
+    # and started without the RAY_AUTH_MODE meant for the user's other clusters.
     saved = os.environ.pop("RAY_AUTH_MODE", None)
     try:
-        ray.init(num_cpus=max(1, int(round(workers * cpus_per_worker))),
+        ray.init(address="local", num_cpus=max(1, int(round(workers * cpus_per_worker))),
                  num_gpus=int(round(workers * gpus_per_worker)) or None, _node_ip_address="127.0.0.1", **kwargs)
     finally:
         if saved is not None:

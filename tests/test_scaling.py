@@ -134,7 +134,7 @@ def test_ray_build_failing_before_commit_leaves_bank_unchanged(tmp_path, engine,
     write_corpus(corpus, 6, start=9)  # new work for the distributed build
     do_ingest(ws, corpus)
 
-    def interrupted(self, fragments, keys=None):
+    def interrupted(self, fragments, keys=None, **_):
         assert fragments, "the workers wrote fragments"
         raise KeyboardInterrupt  # Ctrl-C (or a kill) right before the commit
 
@@ -248,9 +248,10 @@ def test_workspace_bank_on_object_store(tmp_path, engine, s3, monkeypatch, capsy
     corpus = write_corpus(tmp_path / "corpus", 8)
     ws = s3_workspace(tmp_path / "ws", f"{bucket}/team-a/", opts, corpus)
     cid = engine.learner.checkpoint_id()
-    assert ws.bank_path(cid) == f"{bucket}/team-a/bank-{cid[:16]}"
+    # One bank per workspace under a shared location (two workspaces never write one bank).
+    assert ws.bank_path(cid) == f"{bucket}/team-a/ws-{ws.workspace_id}/bank-{cid[:16]}"
     s = build_bank(ws, engine).to_dict()
-    assert s["bank"].startswith("s3://banks/team-a/bank-") and s["built"] == s["rows"] > 8
+    assert s["bank"].startswith("s3://banks/team-a/ws-") and s["built"] == s["rows"] > 8
     assert not (ws.root / "banks" / f"bank-{cid[:16]}").exists()  # nothing written locally
 
     local = open_ws(tmp_path / "local")
@@ -337,3 +338,44 @@ def test_ray_build_joins_an_existing_cluster(tmp_path, engine, ray_env):
         assert status.returncode == 0, status.stderr[-1000:]  # still up: regrad left it running
     finally:
         subprocess.run([str(ray_cli), "stop"], capture_output=True, timeout=120)
+
+
+def test_fragment_writer_never_pickles_credentials(tmp_path):
+    import pickle
+
+    from bank_format import BankMeta, TensorSpec
+    from bank_format.fragments import FragmentWriter
+
+    meta = BankMeta(producer="t", model={"id": "m"}, learner={"checkpoint_id": "c"}, embedder={"id": "e", "dim": 4},
+                    layout=[TensorSpec("a", (2,))], codec=CodecSpec("fp32"))
+    opts = {"aws_region": "eu-west-1", "aws_access_key_id": "AKIA-SECRET", "aws_secret_access_key": "s3cr3t",
+            "aws_session_token": "tok", "allow_http": "true"}
+    w = FragmentWriter("s3://b/bank", meta, opts)
+    blob = pickle.dumps(w)
+    assert b"s3cr3t" not in blob and b"AKIA-SECRET" not in blob and b"tok\x94" not in blob
+    back = pickle.loads(blob)
+    assert back.storage_options == {"aws_region": "eu-west-1", "allow_http": "true"}
+    assert set(back.secrets_left_out) == {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+    again = back.with_storage_options({"aws_secret_access_key": "worker-own"})
+    assert again.storage_options["aws_secret_access_key"] == "worker-own"
+
+
+def test_local_ray_cluster_is_loopback_only_and_ignores_ray_auth_mode(monkeypatch):
+    import sys
+    import types
+
+    from regrad_cli import ray_build
+
+    seen = {}
+
+    def init(**kw):
+        seen.update(kw)
+        seen["auth_mode_at_init"] = os.environ.get("RAY_AUTH_MODE")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_build._init_ray(None, 2, 1.0, 0.0) is True
+    assert seen["_node_ip_address"] == "127.0.0.1" and seen["auth_mode_at_init"] is None
+    assert seen["address"] == "local"  # never joins a `ray start` cluster found on the machine
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"  # restored for the user's other clusters
