@@ -55,6 +55,36 @@ if "bank" in job:
             {"bad": [b["reason"][:300] for b in opened().verify()["bad"]]})
     attempt("fetch", lambda: sorted(opened().fetch_checked(job.get("ids", []))[1]))
     attempt("stats", lambda: opened().stats()["rows"])
+if job.get("fuzz"):
+    # Random headers over small frames that expand a lot: any outcome but a BankFormatError or
+    # a clean decode is a failure, and so is running out of the capped address space.
+    import random, struct, zstandard
+    from bank_format.blob import _HEADER, MAGIC
+    rng = random.Random(job["fuzz"])
+    frames = [zstandard.ZstdCompressor(write_checksum=rng.random() < 0.8,
+                                       write_content_size=rng.random() < 0.8).compress(bytes(n))
+              for n in (0, 1, 100, 1 << 16, 1 << 22, 1 << 26)]
+    fails = []
+    for i in range(job["n"]):
+        frame = rng.choice(frames)
+        plen = rng.choice([0, 1, len(frame), 1 << 16, 1 << 22, 1 << 26, 1 << 30, (1 << 30) + 1,
+                           2**63, 2**64 - 1, rng.randrange(2**64)])
+        hdr = _HEADER.pack(MAGIC, rng.choice([1, 1, 1, 0, 2]), rng.randrange(6), rng.choice([0, 0, 1]),
+                           rng.choice([0, 1, 2, 33, 2**32 - 1, rng.randrange(2**32)]),
+                           rng.choice([0, 2, 64, 65536, 65537, rng.randrange(2**32)]), plen)
+        blob = hdr + frame
+        if rng.random() < 0.3:
+            b = bytearray(blob)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            blob = bytes(b)
+        try:
+            decode_blob(blob)
+        except BankFormatError:
+            pass
+        except BaseException as e:
+            fails.append(f"{type(e).__name__}: {e}"[:200])
+    out["fuzz"] = fails
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM"):
         out["peak_rss_kb"] = int(line.split()[1])
@@ -139,6 +169,12 @@ def test_crafted_blobs_fail_fast_with_bank_format_error_under_a_memory_limit(tmp
         res = out[f"blob{i}"]
         assert res.get("error") == "BankFormatError", (name, res)
     # Nothing close to the claimed sizes was allocated.
+    assert out["peak_rss_kb"] < 600_000, out["peak_rss_kb"]
+
+
+def test_fuzzed_headers_over_expanding_frames_under_a_memory_limit():
+    out = run_limited({"fuzz": 19, "n": 600})
+    assert out["fuzz"] == [], out["fuzz"][:5]
     assert out["peak_rss_kb"] < 600_000, out["peak_rss_kb"]
 
 
