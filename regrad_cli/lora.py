@@ -1,13 +1,14 @@
 """The learner: a LoRA side path on the model's MLPs, plus one learned step size per LoRA tensor.
 
-Three parts, peft-style: the per-layer maths (``LoRALinear``), which modules get a side path
-(``regrad_cli.targets``: a table per model family, or explicit patterns) and persistence (the
-checkpoint files, versioned, with named migrations). The base weights are never modified: each
-target ``nn.Linear`` (or GPT-2's ``Conv1D``) is wrapped by ``LoRALinear``, whose output is ``base(x) + s * (x A^T) B^T``. The
-tensors (A, B) the side path uses are *active weights* set by the learner: normally phi itself,
-temporarily phi' = phi - gamma * alpha * g during a query, or a per-sample stack [N, ...] during
-batched gradient computation and meta-training. Because phi is never written to, restoring after a
-query is exact by construction: the active weights simply point back at phi.
+Three parts, peft-style: the per-layer maths (``LoRALinear``, here), which modules get a side
+path (``regrad_cli.targets``: a table per model family, or explicit patterns) and persistence
+(``regrad_cli.learner_io``: the checkpoint files, versioned, with named migrations). The base
+weights are never modified: each target ``nn.Linear`` (or GPT-2's ``Conv1D``) is wrapped by
+``LoRALinear``, whose output is ``base(x) + s * (x A^T) B^T``. The tensors (A, B) the side path
+uses are *active weights* set by the learner: normally phi itself, temporarily
+phi' = phi - gamma * alpha * g during a query, or a per-sample stack [N, ...] during batched
+gradient computation and meta-training. Because phi is never written to, restoring after a query
+is exact by construction: the active weights simply point back at phi.
 """
 
 from __future__ import annotations
@@ -25,16 +26,8 @@ from torch import nn
 
 from regrad_cli import targets
 from regrad_cli.errors import RegradError
-from regrad_cli.versions import Migrations, Version
-
-CHECKPOINT_TENSORS = "learner.safetensors"
-CHECKPOINT_CONFIG = "learner.json"
-# learner.json's "format" is "regrad-learner/MAJOR.MINOR". 1.1: spec.target_patterns (written only
-# when set) and combine.log_temp always present. A newer major is refused; older versions are
-# upgraded in memory by LEARNER_MIGRATIONS (the files are never rewritten).
-CHECKPOINT_FORMAT = "regrad-learner"
-LEARNER_VERSION = Version(1, 1)
-LEARNER_MIGRATIONS = Migrations("learner checkpoint")
+from regrad_cli.learner_io import (CHECKPOINT_CONFIG, CHECKPOINT_FORMAT, CHECKPOINT_TENSORS,  # noqa: F401
+                                   LEARNER_MIGRATIONS, LEARNER_VERSION)
 
 
 @dataclass
@@ -327,79 +320,17 @@ class Learner(nn.Module):
         return {"checkpoint_id": self.checkpoint_id(), "lora": self.spec.to_dict()}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> str:
-        from safetensors.torch import save_file
+        """Write learner.json + learner.safetensors (regrad_cli.learner_io); returns the content id."""
+        from regrad_cli.learner_io import save_learner
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for n in self.names:
-            tensors["phi." + n] = self.phi[_key(n)].detach().cpu().contiguous()
-            tensors["log_alpha." + n] = self.log_alpha[_key(n)].detach().cpu().contiguous()
-        tensors["combine.log_temp"] = self.log_temp.detach().cpu().reshape(())
-        cid = self.checkpoint_id()
-        meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
-                "spec": self.spec.to_dict(),
-                "names": self.names, **self.meta, **(extra or {})}
-        tmp_t = directory / (CHECKPOINT_TENSORS + ".tmp")
-        tmp_c = directory / (CHECKPOINT_CONFIG + ".tmp")
-        save_file(tensors, str(tmp_t))
-        tmp_c.write_text(json.dumps(meta, indent=2))
-        tmp_t.replace(directory / CHECKPOINT_TENSORS)
-        tmp_c.replace(directory / CHECKPOINT_CONFIG)
-        return cid
+        return save_learner(self, directory, extra)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Learner":
-        from safetensors.torch import load_file
+        """Read a checkpoint of any known format version (regrad_cli.learner_io)."""
+        from regrad_cli.learner_io import load_learner
 
-        directory = Path(directory)
-        try:
-            meta = json.loads((directory / CHECKPOINT_CONFIG).read_text())
-            tensors = load_file(str(directory / CHECKPOINT_TENSORS))
-        except (OSError, ValueError) as exc:
-            raise RegradError(f"cannot read learner checkpoint {directory}: {exc}") from exc
-        meta, tensors = _upgrade_checkpoint(meta, tensors, directory)
-        try:
-            spec = LearnerSpec(**meta["spec"])
-        except (KeyError, TypeError) as exc:
-            raise RegradError(f"learner checkpoint {directory} has a malformed spec ({exc})") from exc
-        shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
-        learner = cls(spec, shapes)
-        with torch.no_grad():
-            for n in learner.names:
-                learner.phi[_key(n)].copy_(tensors["phi." + n])
-                learner.log_alpha[_key(n)].copy_(tensors["log_alpha." + n])
-            if "combine.log_temp" in tensors:
-                learner.log_temp.copy_(tensors["combine.log_temp"])
-        learner.meta = {k: v for k, v in meta.items()
-                        if k not in ("format", "checkpoint_id", "spec", "names")}
-        if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
-            raise RegradError(
-                f"learner checkpoint {directory} is corrupt: content id {learner.checkpoint_id()[:16]} "
-                f"!= recorded {meta['checkpoint_id'][:16]}"
-            )
-        return learner
-
-
-def _upgrade_checkpoint(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
-    """Check learner.json's format tag and bring an older checkpoint to LEARNER_VERSION in memory."""
-    tag = meta.get("format") if isinstance(meta, dict) else None
-    prefix, _, version = str(tag).partition("/")
-    if prefix != CHECKPOINT_FORMAT or not version:
-        raise RegradError(f"{directory / CHECKPOINT_CONFIG} is not a regrad learner checkpoint "
-                          f"(format {tag!r}, expected {CHECKPOINT_FORMAT}/MAJOR.MINOR)")
-    found = Version.parse(version, str(directory / CHECKPOINT_CONFIG))
-    data, _ = LEARNER_MIGRATIONS.upgrade({"meta": meta, "tensors": tensors}, found, LEARNER_VERSION,
-                                         str(directory))
-    return data["meta"], data["tensors"]
-
-
-@LEARNER_MIGRATIONS.register(Version(1, 1))
-def m001_combine_temperature(data: dict) -> dict:
-    """Format 1.0 checkpoints written before score-weighted combination have no temperature: they
-    get the initial one (0.05), which is what such a learner used."""
-    data["tensors"].setdefault("combine.log_temp", torch.tensor(math.log(0.05)))
-    return data
+        return load_learner(directory, cls)
 
 
 def module_names(spec: LearnerSpec, model: nn.Module) -> list[str]:
