@@ -229,3 +229,20 @@ def test_init_learner_reads_lora_and_sizes_by_model():
     assert learner.names == [f"model.layers.{i}.mlp.fc2.{t}" for i in range(4) for t in "AB"]
     assert float(learner.alpha(learner.names[0])) == pytest.approx(0.5)
     assert learner.checkpoint_id() == init_learner(model, cfg, alpha_init=0.5).checkpoint_id()
+
+
+def test_fake_ids_enter_through_the_model_registry():
+    from regrad_cli.errors import ModelLoadError
+    from regrad_cli.models import Embedder, load_language_model, load_tokenizer
+
+    lm = load_language_model("fake:gpt_neox")
+    assert lm.model.config.model_type == "gpt_neox" and lm.fingerprint["id"] == "fake:gpt_neox"
+    assert load_tokenizer("fake:gpt_neox")("abc", add_special_tokens=False).input_ids == lm.tokenizer(
+        "abc", add_special_tokens=False).input_ids
+    emb = Embedder("fake:hash-16")
+    vecs = emb.embed(["a b", "a b", "c"])
+    assert emb.fingerprint == {"id": "fake:hash-16", "dim": 16} and (vecs[0] == vecs[1]).all()
+    with pytest.raises(ModelLoadError, match="no fake model of family 'nope'"):
+        load_language_model("fake:nope")
+    with pytest.raises(ModelLoadError, match="fake:hash-32"):
+        Embedder("fake:bad").dim
