@@ -277,6 +277,7 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
                                           "eval_s": round(time.time() - t_sys, 2)}
                 for r in recs:
                     pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                pred_fh.flush()
                 if last:
                     final[name] = recs
             stage["wall_s"] = round(time.time() - t_stage, 2)
