@@ -21,20 +21,26 @@ def test_help_lists_every_command_without_importing_torch():
 
 
 def test_bank_subcommands_listed():
-    out = _run("bank", "--help").stdout
+    from typer.testing import CliRunner
+
+    from regrad_cli.cli import app
+
+    out = CliRunner().invoke(app, ["bank", "--help"]).output
     for cmd in ("stats", "verify", "rm", "compact"):
         assert cmd in out
 
 
-def test_errors_are_one_line_without_traceback(tmp_path):
-    import os
+def test_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    # In this process (main(), as the console script runs it): the subprocess tests above and
+    # below cover the interpreter start-up.
+    from reliability_helpers import run_cli
 
-    env = {**os.environ, "REGRAD_WORKSPACE": str(tmp_path / "none")}
+    monkeypatch.setenv("REGRAD_WORKSPACE", str(tmp_path / "none"))
     for args in (["query", "hello"], ["build-bank"], ["bank", "stats"], ["bank", "verify"]):
-        r = _run(*args, env=env)
-        assert r.returncode == 1, (args, r.stderr)
-        assert "Traceback" not in r.stderr and r.stderr.startswith("Error: "), (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 1, (args, err)
+        assert "Traceback" not in err and err.startswith("Error: "), (args, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_version():
