@@ -403,3 +403,14 @@ def test_real_models_answer_a_demo_question_through_the_server(tmp_path):
             assert "velmora" in r.json()["retrieved"][0]["doc_id"]
             deep = c.get("/healthz", params={"deep": 1}).json()
             assert deep["unchanged"] is True
+
+
+def test_serve_cli_refuses_a_public_address_without_a_token(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from regrad_cli.cli import app
+
+    monkeypatch.delenv("REGRAD_SERVE_TOKEN", raising=False)
+    out = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--workspace", str(tmp_path)])
+    assert out.exit_code != 0
+    assert "--token" in str(out.exception)
