@@ -92,16 +92,21 @@ def test_all_modes_and_parameters_unchanged(demo_ws):
         assert res["mode"] == mode and isinstance(res["answer"], str)
     assert digest() == before
     # The gradients change what the model would say next.
+    from regrad_cli.adapt import applied
+    from regrad_cli.pipeline import step_from_rows
     from regrad_cli.prompting import prompt_ids
 
     ids = torch.tensor([prompt_ids(qe.engine.tokenizer, QUESTIONS[0])])
     qvec = qe.embedder.embed([QUESTIONS[0]])[0]
-    grad, used, _ = qe.combined_gradient(qe.retrieve(QUESTIONS[0], qvec, 3), "sum")
+    hits = qe.retrieve(QUESTIONS[0], qvec, 3)
+    rows, bad = qe.corpus.gradients([h.doc_id for h in hits])
+    phi_prime, _ = step_from_rows(qe.engine.learner, [rows[h.doc_id] for h in hits],
+                                  [h.cosine for h in hits], "sum")
     with torch.no_grad():
         plain = qe.engine.model(input_ids=ids).logits[0, -1]
-        with qe.adapted(grad):
+        with applied(qe.engine.learner, phi_prime):
             adapted = qe.engine.model(input_ids=ids).logits[0, -1]
-    assert len(used) == 3 and not torch.allclose(plain, adapted, atol=1e-3)
+    assert len(hits) == 3 and not bad and not torch.allclose(plain, adapted, atol=1e-3)
     assert digest() == before
 
 
