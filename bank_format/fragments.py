@@ -32,8 +32,9 @@ _SECRET = re.compile(r"secret|token|password|credential|key|sas|signature", re.I
 
 
 def secret_option(name: str) -> bool:
-    """True for a storage option that holds a credential."""
-    return bool(_SECRET.search(name)) and name.lower() not in ("aws_server_side_encryption_kms_key_id",)
+    """True for a storage option that holds a credential (an access key *id* names one, like a
+    user name, and travels)."""
+    return bool(_SECRET.search(name)) and not name.lower().endswith("key_id")
 
 
 class FragmentWriter:

@@ -95,6 +95,11 @@ class GradientActor:
 
             mine = Workspace(Path("."), RegradConfig()).bank_storage_options()
             writer = writer.with_storage_options({k: v for k, v in mine.items() if k in writer.secrets_left_out})
+            missing = sorted(set(writer.secrets_left_out) - set(mine))
+            if missing:
+                log.warning("storage options %s are not sent to Ray workers (credentials are never pickled) and "
+                            "this worker's $REGRAD_BANK_STORAGE_OPTIONS lacks them: Lance will look in its "
+                            "environment (AWS_*...)", ", ".join(missing))
         self.writer, self.layout = writer, layout
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
@@ -145,12 +150,12 @@ def _init_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_pe
             raise RegradError(f"cannot join the Ray cluster at {address}: {exc}") from None
         return True
     # A local cluster is regrad's own: always a new one (address "local": a bare ray.init()
-    # would join whatever `ray start` cluster runs on this machine), reachable on loopback only,
-    # and started without the RAY_AUTH_MODE meant for the user's other clusters.
+    # would join whatever `ray start` cluster runs on this machine), started without the
+    # RAY_AUTH_MODE meant for the user's other clusters.
     saved = os.environ.pop("RAY_AUTH_MODE", None)
     try:
         ray.init(address="local", num_cpus=max(1, int(round(workers * cpus_per_worker))),
-                 num_gpus=int(round(workers * gpus_per_worker)) or None, _node_ip_address="127.0.0.1", **kwargs)
+                 num_gpus=int(round(workers * gpus_per_worker)) or None, **kwargs)
     finally:
         if saved is not None:
             os.environ["RAY_AUTH_MODE"] = saved
