@@ -4,10 +4,10 @@ Hard retrieval by default: the workspace holds every supporting document of the 
 (not only the ``--limit`` questions'), plus any ``--corpus`` distractors (folders, JSONL files, or
 another dataset's documents). The dataset's documents are written to one JSONL file with ids
 ``doc-<sha256 of the text>[:16]`` (chunks get ``#k``), so the gold documents of a question are
-known by id. A workspace is keyed by its content (documents, distractor files, model, embedder,
-chunking) and kept under ``--cache``: a second eval on the same data opens it again and the bank
-build finds nothing to do. Eval workspaces never use ``$REGRAD_BANK_URI``: their banks live inside
-them, never in the user's bank location.
+known by id. A workspace is keyed by its content (documents, distractor files, model, learner and
+the tensors its bank stores, embedder, chunking) and kept under ``--cache``: a second eval on the
+same data opens it again and the bank build finds nothing to do. Eval workspaces never use
+``$REGRAD_BANK_URI``: their banks live inside them, never in the user's bank location.
 """
 
 from __future__ import annotations
@@ -89,7 +89,11 @@ def content_key(docs: Sequence[str], paths: Sequence[Path], engine, embedder_fp:
 
     h = hashlib.sha256()
     chunking = RegradConfig().chunking
+    # The learner is part of the key too (its id and the tensors a bank stores for it): a bank
+    # path names only the checkpoint, and a learner whose stored layout changed (energy shares)
+    # could not use the old rows.
     h.update(json.dumps({"model": engine.lm.fingerprint, "embedder": embedder_fp,
+                         "learner": engine.learner.checkpoint_id(), "layout": engine.stored_tensors(),
                          "chunking": [chunking.max_tokens, chunking.overlap]}, sort_keys=True, default=str).encode())
     for d in docs:
         h.update(hashlib.sha256(d.encode("utf-8")).digest())
