@@ -5,7 +5,7 @@ and works in an order that a crash at any point cannot undo:
 
 1. the documents to remove are resolved (named ids, and every document and bank row of the named
    sources) and written to the tombstones as "pending", before anything is deleted;
-2. their rows are deleted from every bank of the workspace (or the ``--bank`` one) and the bank
+2. their rows are deleted from every bank of the workspace (and the ``--bank`` one) and each bank
    is purged (fragments rewritten, old versions removed: the bytes leave the disk);
 3. their texts are deleted from the documents table, which is purged the same way;
 4. the tombstones are marked "done".
@@ -114,10 +114,10 @@ def forbidden_ids(ws):
 def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[str] = (),
                      sources: Iterable[str] = (), *, keep_documents: bool = False) -> dict:
     """Unlearn documents (see the module docstring) from the workspace at ``workspace`` and every
-    bank of it, or from the bank ``bank`` (``--bank``) and the workspace when there is one.
+    bank of it, and from the bank ``bank`` (``--bank``), with the workspace when there is one.
 
     With ``keep_documents`` only the bank rows go (a repair: build-bank computes them again), and
-    nothing is tombstoned. Returns {"removed_rows", "removed_documents", "rows", "banks", "purge",
+    nothing is tombstoned; otherwise ``bank``'s rows go and those of every bank of the workspace. Returns {"removed_rows", "removed_documents", "rows", "banks", "purge",
     "documents_kept"}.
     """
     from contextlib import ExitStack
@@ -132,6 +132,8 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     if bank is not None:
         choice = select_bank(workspace, bank)
         ws, opts, locations = choice.workspace, choice.storage_options, [choice.location]
+        if ws is not None and not keep_documents:  # unlearning: the workspace's other banks too
+            locations += [b for b in workspace_banks(ws) if str(b) != str(choice.location)]
     else:
         ws = Workspace.open(workspace, create=False)
         # Every bank of the workspace (old checkpoints' too: each holds the gradients).
@@ -153,6 +155,8 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
             stack.enter_context(workspace_lock(ws, timeout=60, what="unlearning"))
         for b in banks:
             stack.enter_context(b.locked())
+        if tombs is not None:  # again, under the lock: what an interrupted run left
+            p_ids, p_srcs = tombs.pending()
         # 1. resolve and tombstone first
         if srcs:
             if store is not None and store.exists:
