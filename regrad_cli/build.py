@@ -135,7 +135,7 @@ class BuildPlan:
     def check_stale(self, force: bool) -> None:
         """Refuse to delete more than FEW_ROWS rows of documents that are gone altogether (not
         just changed) unless ``force``."""
-        ids = {d for d, _ in self.current}
+        ids = {d for d, _ in self.current} | self.forbidden()  # unlearned rows: meant to go
         gone = sorted({d for d, _ in self.stale if d not in ids})
         if len(gone) > FEW_ROWS and not force:
             raise RegradError(
@@ -167,7 +167,6 @@ def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: 
     """List the documents that lack a row in ``bank`` (all of them for a bank not created yet)
     and the rows whose document is gone."""
     from regrad_cli.documents import DocumentStore
-
     from regrad_cli.unlearn import Tombstones, forbidden_ids
 
     store = DocumentStore(ws)
