@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from regrad_cli.config import (CONFIG_MIGRATIONS, CONFIG_VERSION, RegradConfig, Workspace,
-                               tomllib)
+from regrad_cli.config import CONFIG_MIGRATIONS, CONFIG_VERSION, Workspace, tomllib
 from regrad_cli.errors import ConfigError, RegradError
 from regrad_cli.lora import (CHECKPOINT_CONFIG, CHECKPOINT_TENSORS, LEARNER_MIGRATIONS, LEARNER_VERSION,
                              Learner)
@@ -67,16 +66,18 @@ def test_golden_workspace_before_versioning_upgrades(tmp_path):
     ws = Workspace.open(root, create=False)
     assert "format_version" not in raw  # opening does not rewrite the file
     assert (root / "regrad.toml").read_text() == raw
-    # m001: the old default module list means "by family" now; every other value is kept (rank
-    # and lora_alpha were written as numbers then; "auto" gives the same ones for SmolLM2).
-    assert ws.config.lora.modules == []
-    expected = RegradConfig()
-    expected.lora.rank, expected.lora.lora_alpha = 8, 16.0
-    assert ws.config == expected
+    # m001: the old default module list means "by family" now; every other written value is kept
+    # (later changes of a default do not reach a workspace that wrote its values out).
+    written = tomllib.loads(raw)
+    assert ws.config.lora.modules == [] and written["lora"]["modules"] == ["gate_proj", "up_proj", "down_proj"]
+    written["lora"]["modules"] = []
+    upgraded = ws.config.to_dict()
+    assert upgraded.pop("format_version") == str(CONFIG_VERSION)
+    assert {sec: {k: upgraded[sec][k] for k in keys} for sec, keys in written.items()} == written
     ws.save()
     data = tomllib.loads((root / "regrad.toml").read_text())
-    assert data["format_version"] == "1.0" and data["lora"]["modules"] == []
-    assert Workspace.open(root, create=False).config == expected
+    assert data["format_version"] == str(CONFIG_VERSION) and data["lora"]["modules"] == []
+    assert Workspace.open(root, create=False).config == ws.config
 
 
 def test_golden_workspace_v1_0_reads_as_written(tmp_path):
