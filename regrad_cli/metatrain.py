@@ -403,6 +403,7 @@ def meta_train(
     progress: Callable[[int, int, dict], None] | None = None,
     general_text: str | None = None,
     dist: Dist | None = None,
+    lora_cfg=None,
 ) -> dict:
     """Run meta-training; returns a summary. Writes into cfg.out:
     ``best/`` and ``last/`` learner checkpoints, ``state.pt`` (resume), ``log.json``, ``curves.png``.
@@ -423,8 +424,13 @@ def meta_train(
         if cfg.init_checkpoint:
             learner = Learner.load(cfg.init_checkpoint)
         else:
-            learner = Learner.for_model(model, rank=cfg.rank, lora_alpha=cfg.lora_alpha).init_(
-                seed=cfg.seed, b_std=cfg.b_std, alpha_init=cfg.alpha_init)
+            # The one learner initialisation (engine.init_learner): the workspace's [lora] shape
+            # and targets, with this run's explicit settings on top.
+            from regrad_cli.engine import init_learner
+
+            over = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "init_b_std": cfg.b_std,
+                    "alpha_init": cfg.alpha_init, "seed": cfg.seed}
+            learner = init_learner(model, lora_cfg, **{k: v for k, v in over.items() if v is not None})
         learner.attach(model)
 
     # Rank 0 reads and embeds the data once; every rank gets the same pools, so the same

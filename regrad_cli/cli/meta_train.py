@@ -81,7 +81,7 @@ def meta_train_cmd(
                        device=lm_device if device else "cpu")
         with progress_bar("meta-train", total=steps, enabled=not json_out and dist.main) as update:
             summary = meta_train(cfg, lm.model, lm.tokenizer, emb, resume=resume, general_text=general,
-                                 dist=dist, progress=lambda s, n, r: update(
+                                 dist=dist, lora_cfg=ws.config.lora if ws else None, progress=lambda s, n, r: update(
                                      s, n, f"loss {r['loss']:.3f} alpha {r['alpha_mean']:.3g}"))
     finally:
         distributed.shutdown()
