@@ -9,7 +9,11 @@ builds; its mean is the baseline, so slow drift in machine load hits both sides 
 in increasing batch size: freed memory stays in the process (allocator), so each peak RSS is
 that of the largest batch so far.
 
-``ratio_vs_bare_loop`` = best build docs/s / bare-loop docs/s (> 1: batching beats the loop).
+Everything runs once per torch thread count (``--thread-counts``, default 1 and every core), in
+one process; each count has its own bare-loop baseline. tokens/s counts the documents' real tokens.
+
+``ratio_vs_bare_loop`` = build docs/s at the default batch size (BankConfig) and torch's default
+thread count / bare-loop docs/s at the same thread count (> 1: batching beats the loop).
 """
 
 from __future__ import annotations
@@ -43,16 +47,25 @@ def main() -> None:
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,4,8,16; full adds 32)")
     p.add_argument("--docs", type=int, default=None, help="documents per build (default: 16 quick, all full)")
     p.add_argument("--copies", type=int, default=None, help="copies of the demo corpus (default: 1 quick, 4 full)")
+    p.add_argument("--thread-counts", default=None,
+                   help="torch thread counts to measure, comma-separated (default: 1 and torch's default)")
     args = p.parse_args()
     setup(args)
+    import torch
+
+    default_threads = torch.get_num_threads()
+    thread_counts = [int(t) for t in args.thread_counts.split(",")] if args.thread_counts else \
+        list(dict.fromkeys([1, default_threads]))
 
     from regrad_cli.build import build_bank
     from regrad_cli.config import BankConfig
     from regrad_cli.documents import DocumentStore
     from regrad_cli.gradients import document_gradients, encode_documents, per_sample_nll
 
+    default_batch = BankConfig().batch_size
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else (
-        [1, 4, 8, 16] if args.quick else [1, 4, 8, 16, 32])
+        [1, 4, 8] if args.quick else [1, 4, 8, 16, 32])
+    batch_sizes = sorted(set(batch_sizes) | {default_batch})
     copies = args.copies or (1 if args.quick else 4)
     n_docs = args.docs or (16 if args.quick else None)
     max_tokens = BankConfig().max_doc_tokens
@@ -100,62 +113,70 @@ def main() -> None:
         document_gradients(model, learner, tok, texts[:2], max_tokens)
 
         base_rss = rss_mb()
-        log(f"bare loop over {len(texts)} documents (before)")
-        bare_before, bare_rss_1 = bare_loop()
-        builds = []
-        for bs in batch_sizes:
-            shutil.rmtree(ws.banks_dir, ignore_errors=True)
-            log(f"build_bank batch size {bs}")
-            with PeakRSS() as mem, timer() as t:
-                summary = build_bank(ws, engine, batch_size=bs, limit=n_docs)
-            if summary.built != len(texts) or summary.failed:
-                raise SystemExit(f"build_bank built {summary.built} of {len(texts)}: {summary.failed}")
-            builds.append({"batch_size": bs, "docs_per_s": summary.built / t["s"],
-                           "docs_per_s_inner": summary.docs_per_s, "wall_s": t["s"],
-                           "peak_rss_mb": mem.peak_mb, "peak_rss_over_base_mb": mem.peak_mb - base_rss})
-        log(f"bare loop over {len(texts)} documents (after)")
-        bare_after, bare_rss_2 = bare_loop()
+        per_threads = []
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            log(f"{threads} thread(s): bare loop over {len(texts)} documents (before)")
+            bare_before, bare_rss_1 = bare_loop()
+            builds = []
+            for bs in batch_sizes:
+                shutil.rmtree(ws.banks_dir, ignore_errors=True)
+                log(f"{threads} thread(s): build_bank batch size {bs}")
+                with PeakRSS() as mem, timer() as t:
+                    summary = build_bank(ws, engine, batch_size=bs, limit=n_docs)
+                if summary.built != len(texts) or summary.failed:
+                    raise SystemExit(f"build_bank built {summary.built} of {len(texts)}: {summary.failed}")
+                builds.append({"batch_size": bs, "docs_per_s": summary.built / t["s"],
+                               "tokens_per_s": n_tokens / t["s"],
+                               "docs_per_s_inner": summary.docs_per_s, "wall_s": t["s"],
+                               "peak_rss_mb": mem.peak_mb, "peak_rss_over_base_mb": mem.peak_mb - base_rss})
+            log(f"{threads} thread(s): bare loop over {len(texts)} documents (after)")
+            bare_after, _ = bare_loop()
+            bare = (bare_before + bare_after) / 2
+            for b in builds:
+                b["ratio_vs_bare_loop"] = b["docs_per_s"] / bare
+            per_threads.append({"threads": threads, "bare_docs_per_s": bare, "bare_tokens_per_s": bare * n_tokens / len(texts),
+                                "bare_before_after": [bare_before, bare_after], "bare_peak_rss_mb": bare_rss_1,
+                                "builds": builds})
         shutil.rmtree(ws.banks_dir, ignore_errors=True)
         info = checkpoint_info(engine)
 
-    bare = (bare_before + bare_after) / 2
-    for b in builds:
-        b["ratio_vs_bare_loop"] = b["docs_per_s"] / bare
-    best = max(builds, key=lambda b: b["docs_per_s"])
-    # Only the first bare loop's peak means anything: the second runs after the largest build,
-    # and the allocator keeps the memory that build freed, so its RSS is the build's leftover.
-    bare_peak = bare_rss_1
-
-    print_table(
-        f"Build throughput, {len(texts)} demo documents ({n_tokens / len(texts):.0f} tokens each on "
-        f"average, max {max_tokens}); bare loop {bare:.3f} docs/s (before {bare_before:.3f}, after {bare_after:.3f})",
-        ["batch size", "docs/s (wall)", "docs/s (inner)", "x bare loop", "wall s", "peak RSS MB", "over base MB"],
-        [[b["batch_size"], b["docs_per_s"], b["docs_per_s_inner"], b["ratio_vs_bare_loop"], b["wall_s"],
-          b["peak_rss_mb"], b["peak_rss_over_base_mb"]] for b in builds],
-    )
-    print(f"\nbare loop peak RSS {bare_peak:.0f} MB (process before builds {base_rss:.0f} MB; "
-          f"ru_maxrss {max_rss_mb():.0f} MB)")
-    print(f"best batch size: {best['batch_size']} ({best['docs_per_s']:.3f} docs/s, "
-          f"{best['ratio_vs_bare_loop']:.2f}x the bare loop)")
+    for r in per_threads:
+        print_table(
+            f"{r['threads']} thread(s): build throughput, {len(texts)} demo documents ({n_tokens / len(texts):.0f} tokens "
+            f"each on average, max {max_tokens}); bare loop {r['bare_docs_per_s']:.3f} docs/s, "
+            f"{r['bare_tokens_per_s']:.0f} tokens/s (before {r['bare_before_after'][0]:.3f}, after {r['bare_before_after'][1]:.3f})",
+            ["batch size", "docs/s", "tokens/s", "x bare loop", "wall s", "peak RSS MB", "over base MB"],
+            [[b["batch_size"], b["docs_per_s"], b["tokens_per_s"], b["ratio_vs_bare_loop"], b["wall_s"],
+              b["peak_rss_mb"], b["peak_rss_over_base_mb"]] for b in r["builds"]],
+        )
+    default = next(r for r in per_threads if r["threads"] == default_threads) if default_threads in thread_counts \
+        else per_threads[-1]
+    at_default = next(b for b in default["builds"] if b["batch_size"] == default_batch)
+    best = max((dict(b, threads=r["threads"]) for r in per_threads for b in r["builds"]), key=lambda b: b["docs_per_s"])
+    print(f"\ndefault settings ({default['threads']} threads, batch {default_batch}): {at_default['docs_per_s']:.3f} docs/s, "
+          f"{at_default['ratio_vs_bare_loop']:.2f}x the bare loop at the same threads; best: {best['threads']} threads, "
+          f"batch {best['batch_size']}, {best['docs_per_s']:.3f} docs/s (ru_maxrss {max_rss_mb():.0f} MB)")
 
     emit({
         "benchmark": "build_throughput",
         "quick": args.quick,
-        "ratio_vs_bare_loop": best["ratio_vs_bare_loop"],
-        "best_batch_size": best["batch_size"],
-        "build_docs_per_s": best["docs_per_s"],
-        "bare_loop_docs_per_s": bare,
-        "bare_loop_before_after": [bare_before, bare_after],
-        "per_batch_size": {str(b["batch_size"]): {k: v for k, v in b.items() if k != "batch_size"} for b in builds},
-        "peak_rss_mb": max([bare_peak] + [b["peak_rss_mb"] for b in builds]),
-        "bare_loop_peak_rss_mb": bare_peak,
+        "ratio_vs_bare_loop": at_default["ratio_vs_bare_loop"],
+        "default_threads": default["threads"],
+        "default_batch_size": default_batch,
+        "build_docs_per_s": at_default["docs_per_s"],
+        "build_tokens_per_s": at_default["tokens_per_s"],
+        "bare_loop_docs_per_s": default["bare_docs_per_s"],
+        "best": best,
+        "per_threads": per_threads,
         "rss_before_builds_mb": base_rss,
         "n_documents": len(texts),
+        "n_tokens": n_tokens,
         "mean_tokens_per_doc": n_tokens / len(texts),
         "copies": copies,
         "learner": info,
         "machine": machine(),
-    }, args.out)
+    }, args.out, args)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def main() -> None:
         "mean_doc_tokens": sum(doc_tokens) / len(doc_tokens),
         "learner": info,
         "machine": machine(),
-    }, args.out)
+    }, args.out, args)
 
 
 if __name__ == "__main__":

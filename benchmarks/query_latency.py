@@ -100,7 +100,7 @@ def main() -> None:
             t0 = time.perf_counter()
             r = qe.answer(question, mode=mode, top_k=top_k, max_new_tokens=max_new)
             return {"total_ms": (time.perf_counter() - t0) * 1e3, "new_tokens": probe.last_new_tokens,
-                    "answer": r["answer"], **{s: r["timings_ms"][s] for s in STAGES}}
+                    "answer": r["answer"], **{s: r["timings_ms"].get(s, 0.0) for s in STAGES}}
 
         records: dict[tuple[str, str], list[dict]] = {}
         try:
@@ -163,7 +163,7 @@ def main() -> None:
         "max_new_tokens": max_new,
         "learner": info,
         "machine": machine(),
-    }, args.out)
+    }, args.out, args)
 
 
 if __name__ == "__main__":

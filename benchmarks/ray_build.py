@@ -101,7 +101,7 @@ def main() -> None:
     emit({"benchmark": "ray_build", "machine": machine(), "learner": info, "documents": n, "runs": runs,
           "ratio_vs_single": max(r["ratio_vs_single"] for r in ray_runs),
           "worker_scaling": (ray_runs[-1]["docs_per_s"] / ray_runs[0]["docs_per_s"]) if len(ray_runs) > 1 else None},
-         args.out)
+         args.out, args)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,6 @@ def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence
     one the learner was trained with, ``learner.meta['norm']``, else none). With
     ``with_grad_share`` also returns the shares of the raw gradient (no alpha) as a second dict.
     """
-    import torch
-
     from regrad_cli.gradients import encode_documents, grouped_gradients
 
     model = getattr(engine_or_model, "model", engine_or_model)
@@ -68,27 +66,44 @@ def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence
     texts = list(texts)
     if not texts:
         raise RegradError("tensor_energy needs at least one document text")
-    norm = norm or learner.meta.get("norm", "none")
-    energy = {n: 0.0 for n in learner.names}
-    raw = {n: 0.0 for n in learner.names}
-    alpha_sq = {n: learner.alpha(n).detach().double().cpu().pow(2) for n in learner.names}
+    acc = EnergyAccumulator(learner, norm)
     for start in range(0, len(texts), batch_size):
         docs = encode_documents(tokenizer, texts[start:start + batch_size], max_tokens)
         grads, _ = grouped_gradients(model, learner, docs)
-        grads = {n: g.detach().double().cpu() for n, g in grads.items()}
-        scale = _doc_scale(grads, norm, docs.input_ids.shape[0])
+        acc.add(grads)
+    return acc.shares(with_grad_share)
+
+
+class EnergyAccumulator:
+    """Sums sum_d ||alpha (.) N(g_d)||^2 per tensor over batches of per-document gradients
+    ({name: [N, ...]}), so that a caller that already has the gradients (a benchmark, a build)
+    need not compute them again."""
+
+    def __init__(self, learner, norm: str | None = None):
+        self.names = list(learner.names)
+        self.norm = norm or learner.meta.get("norm", "none")
+        self.alpha_sq = {n: learner.alpha(n).detach().double().cpu().pow(2) for n in self.names}
+        self.energy = {n: 0.0 for n in self.names}
+        self.raw = {n: 0.0 for n in self.names}
+
+    def add(self, grads: dict) -> None:
+        grads = {n: grads[n].detach().double().cpu() for n in self.names}
+        n_docs = next(iter(grads.values())).shape[0]
+        scale = _doc_scale(grads, self.norm, n_docs)
         for n, g in grads.items():
             sq = g.pow(2)  # [N, ...]
             per_doc_raw = sq.flatten(1).sum(1)
-            raw[n] += float(per_doc_raw.sum())
-            a2 = alpha_sq[n]
+            self.raw[n] += float(per_doc_raw.sum())
+            a2 = self.alpha_sq[n]
             weighted = (sq * a2).flatten(1).sum(1) if a2.dim() else per_doc_raw * a2
             if scale is None:  # 'tensor': every tensor of every document scaled to unit norm
-                energy[n] += float((weighted / per_doc_raw.clamp_min(1e-300)).sum())
+                self.energy[n] += float((weighted / per_doc_raw.clamp_min(1e-300)).sum())
             else:
-                energy[n] += float((weighted * scale.pow(2)).sum())
-    shares = _shares(energy)
-    return (shares, _shares(raw)) if with_grad_share else shares
+                self.energy[n] += float((weighted * scale.pow(2)).sum())
+
+    def shares(self, with_grad_share: bool = False):
+        shares = _shares(self.energy)
+        return (shares, _shares(self.raw)) if with_grad_share else shares
 
 
 def _shares(values: dict) -> dict:

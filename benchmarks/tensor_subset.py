@@ -1,0 +1,249 @@
+"""Stored tensor subset and codecs: answers changed against the full fp32 step, F1, and bank bytes
+per document against fp32 of the whole gradient.
+
+What `build-bank` + `query` would do, without a bank on disk: every corpus document's gradient
+under the learner (default: the bundled one, or --checkpoint; re-run it on a new checkpoint), each
+LoRA tensor's share of the step energy (``regrad_cli.energy.tensor_energy`` over the corpus), then
+for every setting (a threshold, which decides the stored tensors, and a codec) the stored tensors
+are encoded and decoded with ``bank_format`` exactly as a bank stores them, combined over the top-k
+retrieved documents with the learner's trained combination, and applied as one step before
+greedy generation (batched, one adapter per row).
+
+The reference is the full layout in fp32 (every tensor, no rounding). Reported per setting:
+answers that differ from the reference's ("changed"), F1 and EM in points (0-100), the mean
+answer NLL change, bytes per document (zstd-compressed blobs as a bank stores them) and
+``ratio_vs_fp32`` = 4 bytes x all values of the learner's gradient / bytes per document (what
+`regrad bank stats` reports for a 1.1 bank).
+
+    python benchmarks/tensor_subset.py --threads 1                      # 108 demo questions
+    python benchmarks/tensor_subset.py --threads 1 --questions 100 \\
+        --dataset nq-open:/work/shared/data/nq_open/nq-open-oracle.jsonl.gz@dev
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _common import (
+    checkpoint_info,
+    corpus_texts,
+    demo_questions,
+    emit,
+    load_engine,
+    log,
+    parser,
+    print_table,
+    setup,
+    timer,
+)
+
+GOAL_RATIO = 16.0
+GOAL_F1_LOSS = 0.5
+GOAL_CHANGED = 0.02
+
+
+def parse_codec(text: str) -> tuple[str, int]:
+    name, _, g = text.partition("/g")
+    return name, int(g) if g else 64
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p.add_argument("--dataset", default="demo",
+                   help="'demo' (demo corpus and its 108 questions) or a dataset spec such as "
+                        "nq-open:/work/shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "
+                        "sampled questions' gold passages)")
+    p.add_argument("--questions", type=int, default=None,
+                   help="questions (default: all demo questions, 100 of --dataset; --quick: 30)")
+    p.add_argument("--thresholds", default="1e-4,1e-3",
+                   help="energy-share thresholds to compare with the full layout (each in fp32)")
+    p.add_argument("--threshold", type=float, default=1e-4,
+                   help="the threshold whose subset every codec is measured on")
+    p.add_argument("--codecs", default="int4/g64,int4/g128,int4s/g64,int4s/g128",
+                   help="codecs measured on the chosen subset (NAME or NAME/gGROUP)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--gen-batch", type=int, default=12, help="questions per batched generate call")
+    args = p.parse_args()
+    setup(args)
+
+    import random
+
+    import numpy as np
+    import torch
+
+    from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
+    from regrad_cli.config import BankConfig
+    from regrad_cli.energy import EnergyAccumulator
+    from regrad_cli.generation import answer_nll, generate
+    from regrad_cli.gradients import document_gradients
+    from regrad_cli.metrics import exact_match, f1_score
+    from regrad_cli.models import Embedder
+    from regrad_cli.prompting import prompt_ids
+
+    bcfg = BankConfig()
+    log("loading model and learner")
+    engine = load_engine(args.checkpoint)
+    model, tok, learner = engine.model, engine.tokenizer, engine.learner
+    n_questions = args.questions or (30 if args.quick else None)
+    if args.dataset == "demo":
+        texts = [t for _, t in corpus_texts()]
+        questions = demo_questions()
+        if n_questions and n_questions < len(questions):
+            questions = random.Random(args.seed).sample(questions, n_questions)
+    else:
+        from regrad_cli.datasets import corpus_of, load_dataset
+
+        questions = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
+        questions = random.Random(args.seed).sample(questions, min(len(questions), n_questions or 100))
+        texts = corpus_of(questions)
+
+    log(f"gradients of {len(texts)} documents (batch {bcfg.batch_size}, max {bcfg.max_doc_tokens} tokens)")
+    grads = []
+    acc = EnergyAccumulator(learner)  # each tensor's share of the step energy over the corpus
+    with timer() as t_grad:
+        for i in range(0, len(texts), bcfg.batch_size):
+            g, _ = document_gradients(model, learner, tok, texts[i:i + bcfg.batch_size], bcfg.max_doc_tokens)
+            grads += g
+            acc.add({n: torch.stack([d[n] for d in g]) for n in learner.names})
+    energy = acc.shares()
+    names = learner.names
+    shapes = dict(learner.layout)
+    n_values_full = sum(int(np.prod(s)) for s in shapes.values())
+    fp32_full = 4 * n_values_full
+
+    # Retrieval: MiniLM cosine over the corpus, like a dense bank search.
+    embedder = Embedder()
+    sims = embedder.embed([q.question for q in questions]) @ embedder.embed(texts).T
+    top = np.argsort(-sims, axis=1)[:, :args.top_k]
+    prompts = [prompt_ids(tok, q.question) for q in questions]
+    step_fn, weights_fn = _step_functions(learner)
+    combine = learner.trained_combine
+    plan = [(list(row), weights_fn(torch.tensor(sims[i, row], dtype=torch.float32), combine))
+            for i, row in enumerate(top)]
+
+    def evaluate(decoded: list[dict]) -> dict:
+        """Answers, F1, EM and answer NLL with these per-document gradients (stored tensors only)."""
+        preds, nlls = [], []
+        for s in range(0, len(questions), args.gen_batch):
+            idx = range(s, min(len(questions), s + args.gen_batch))
+            rows = [step_fn([decoded[d] for d in plan[i][0]], plan[i][1]) for i in idx]
+            with torch.no_grad():
+                stacked = {n: torch.stack([r[n] for r in rows]) for n in names}
+            with torch.no_grad(), learner.using(stacked):
+                preds += generate(model, tok, [prompts[i] for i in idx], args.max_new_tokens)
+                nlls += answer_nll(model, tok, [prompts[i] for i in idx],
+                                   [questions[i].answers[0] for i in idx]).tolist()
+        return {"preds": preds, "nll": float(np.mean(nlls)),
+                "f1": 100 * float(np.mean([f1_score(pr, q.answers) for pr, q in zip(preds, questions)])),
+                "em": 100 * float(np.mean([exact_match(pr, q.answers) for pr, q in zip(preds, questions)]))}
+
+    def stored(threshold: float | None) -> list[str]:
+        keep = [n for n in names if threshold is None or energy[n] > threshold]
+        return keep or list(names)
+
+    def coded(keep: list[str], codec: str, group: int) -> tuple[list[dict], float]:
+        """Decoded per-document gradients of the kept tensors and the mean blob bytes."""
+        layout = [TensorSpec(n, tuple(shapes[n])) for n in keep]
+        spec = CodecSpec(codec, zstd_level=bcfg.zstd_level, group_size=group)
+        out, sizes = [], []
+        for g in grads:
+            blob = encode_blob([g[n].numpy() for n in keep], layout, spec)
+            sizes.append(len(blob))
+            out.append({n: torch.from_numpy(a) for n, a in zip(keep, decode_blob(blob, layout))})
+        return out, float(np.mean(sizes))
+
+    settings = [("full", None, "fp32", 64), ("full", None, bcfg.codec, bcfg.group_size)]
+    settings += [(f"share>{t:g}", t, "fp32", 64) for t in map(float, args.thresholds.split(","))]
+    settings += [(f"share>{args.threshold:g}", args.threshold, *parse_codec(c)) for c in args.codecs.split(",")]
+    settings = list(dict.fromkeys(settings))
+    results, ref = [], None
+    with timer() as t_eval:
+        for label, threshold, codec, group in settings:
+            keep = stored(threshold)
+            log(f"{label} ({len(keep)} tensors), {codec}/g{group}: encode, decode, answer {len(questions)} questions")
+            decoded, size = coded(keep, codec, group)
+            ev = evaluate(decoded)
+            ref = ref or ev
+            n_kept = sum(int(np.prod(shapes[n])) for n in keep)
+            changed = sum(a != b for a, b in zip(ev["preds"], ref["preds"]))
+            results.append({
+                "subset": label, "threshold": threshold, "codec": codec,
+                "group_size": group if codec in ("int4", "int4s", "int8g") else None,
+                "tensors": len(keep), "values_fraction": n_kept / n_values_full,
+                "energy_dropped": sum(energy[n] for n in names if n not in keep),
+                "bytes_per_doc": size, "ratio_vs_fp32": fp32_full / size,
+                "ratio_vs_fp32_stored": 4 * n_kept / size,
+                "f1": ev["f1"], "em": ev["em"], "f1_delta": ev["f1"] - ref["f1"],
+                "nll_delta": ev["nll"] - ref["nll"], "changed": changed,
+                "changed_fraction": changed / len(questions),
+                "preds": ev["preds"],
+            })
+            r = results[-1]
+            r["meets_targets"] = bool(r["ratio_vs_fp32"] >= GOAL_RATIO and r["f1_delta"] >= -GOAL_F1_LOSS
+                                      and r["changed_fraction"] <= GOAL_CHANGED)
+
+    print_table(
+        f"{len(questions)} questions of {args.dataset}, top-{args.top_k}, greedy {args.max_new_tokens} tokens; "
+        f"reference: full layout, fp32 (F1 {ref['f1']:.2f}, EM {ref['em']:.2f}); fp32 of the whole gradient "
+        f"{fp32_full:,} B/doc",
+        ["stored", "codec", "tensors", "values", "bytes/doc", "x vs fp32", "F1", "dF1", "dNLL", "changed", "targets"],
+        [[r["subset"], r["codec"] + (f"/g{r['group_size']}" if r["group_size"] else ""), r["tensors"],
+          f"{r['values_fraction']:.1%}", r["bytes_per_doc"], r["ratio_vs_fp32"], r["f1"], r["f1_delta"],
+          r["nll_delta"], f"{r['changed']} ({r['changed_fraction']:.1%})", "yes" if r["meets_targets"] else "no"]
+         for r in results],
+    )
+    ranked = sorted(energy.items(), key=lambda kv: kv[1])
+    a_share = sum(v for n, v in energy.items() if n.endswith(".A"))
+    print(f"\nenergy: A tensors {a_share:.3%} in all (largest A {max(v for n, v in energy.items() if n.endswith('.A')):.2e}), "
+          f"smallest B {min(v for n, v in energy.items() if n.endswith('.B')):.2e}; smallest overall "
+          f"{ranked[0][1]:.2e} ({ranked[0][0]})")
+    print(f"time: gradients and energy {t_grad['s']:.0f} s, evaluation {t_eval['s']:.0f} s")
+    emit({
+        "benchmark": "tensor_subset",
+        "dataset": args.dataset,
+        "n_questions": len(questions),
+        "n_documents": len(texts),
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "reference": {"subset": "full", "codec": "fp32", "f1": ref["f1"], "em": ref["em"]},
+        "fp32_bytes_per_doc_whole_gradient": fp32_full,
+        "targets": {"ratio_vs_fp32": GOAL_RATIO, "f1_loss_points": GOAL_F1_LOSS, "changed_fraction": GOAL_CHANGED},
+        "settings": [{k: v for k, v in r.items() if k != "preds"} for r in results],
+        "energy": {"a_total": a_share, "shares": energy},
+        "answers": {f"{r['subset']}|{r['codec']}/g{r['group_size']}": r["preds"] for r in results},
+        "questions": [q.question for q in questions],
+        "learner": checkpoint_info(engine),
+        "seconds": {"gradients": t_grad["s"], "evaluation": t_eval["s"]},
+    }, args.out, args, name="tensor_subset_" + ("demo" if args.dataset == "demo" else args.dataset.split(":")[0]))
+
+
+def _step_functions(learner):
+    """(step, weights): phi' for one question from its documents' gradients and weights, and the
+    combination weights from retrieval scores, through the one definition the query uses
+    (regrad_cli.adapt when present, else the learner's own methods)."""
+    import torch
+
+    try:
+        from regrad_cli import adapt
+    except ImportError:
+        adapt = None
+    if adapt is not None and hasattr(learner, "alpha_dict"):
+        norm = getattr(learner, "trained_norm", "none")
+
+        def step(docs, w):
+            g = {n: torch.stack([d[n] for d in docs]) for n in docs[0]}
+            return adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(g, w, norm=norm))
+
+        return step, lambda s, method: adapt.combination_weights(s, method, learner.log_temp).detach()
+
+    def step(docs, w):
+        g = {n: sum(d[n] * float(wi) for d, wi in zip(docs, w)) for n in docs[0]}
+        return learner.adapted_weights(g, 1.0)
+
+    return step, lambda s, method: learner.combine_weights(s, method).detach()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
