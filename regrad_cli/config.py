@@ -32,7 +32,7 @@ BUNDLED_CHECKPOINT = "bundled"
 # regrad.toml's top-level format_version. A file without one predates versioning (0.0). A newer
 # major is refused; a newer minor is read, ignoring (with a warning) the keys it added. Older
 # files are upgraded in memory by CONFIG_MIGRATIONS (below) and written back only by save().
-CONFIG_VERSION = Version(1, 0)
+CONFIG_VERSION = Version(1, 1)
 CONFIG_MIGRATIONS = Migrations("workspace config")
 
 
@@ -88,9 +88,10 @@ class LearnerConfig:
 
 @dataclass
 class BankConfig:
-    # int4 (group-wise absmax, 64 values per group): ~7x smaller than fp32 after zstd at a
-    # gradient cosine above 0.99; int8 per-row pays a 4-byte scale per 8-value row of B.
-    codec: str = "int4"
+    # int4s (bank format 1.1: int4 groups of 64 with a shared tensor scale and one-byte group
+    # scales): with the learner's stored tensors, >= 16x smaller than fp32 of the whole gradient
+    # and no demo answer changed (docs/performance.md, docs/benchmarks/tensor_subset_demo.json).
+    codec: str = "int4s"
     zstd_level: int = 3
     group_size: int = 64
     # Documents per forward/backward pass: 4 measured best on a 2-core CPU (benchmarks/
@@ -111,7 +112,8 @@ class BankConfig:
 class QueryConfig:
     top_k: int = 3
     gamma: float = 1.0
-    combine: str = "sum"
+    # "" = what the learner was meta-trained with (its learner.json); or sum, mean, score.
+    combine: str = ""
     retriever: str = "dense"
     max_new_tokens: int = 20
 
@@ -184,6 +186,17 @@ def m001_lora_modules_by_family(data: dict) -> dict:
     lora = data.get("lora")
     if isinstance(lora, dict) and lora.get("modules") == ["gate_proj", "up_proj", "down_proj"]:
         lora["modules"] = []
+    return data
+
+
+@CONFIG_MIGRATIONS.register(Version(1, 1))
+def m002_query_combine_from_learner(data: dict) -> dict:
+    """Before 1.1 every workspace wrote [query] combine = "sum" and nothing read it (queries used
+    the learner's trained combination). 1.1 reads it; "" means the learner's choice, so the old
+    never-read default becomes "" and behaviour stays the same."""
+    query = data.get("query")
+    if isinstance(query, dict) and query.get("combine") == "sum":
+        query["combine"] = ""
     return data
 
 

@@ -54,9 +54,9 @@ def test_migrations_apply_in_order_between_versions():
 
 def test_the_recorded_histories():
     # The lists are the history of each format: append, never edit or reorder.
-    assert CONFIG_MIGRATIONS.names == ["m001_lora_modules_by_family"]
+    assert CONFIG_MIGRATIONS.names == ["m001_lora_modules_by_family", "m002_query_combine_from_learner"]
     assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature"]
-    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.0", "1.1")
+    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.1", "1.1")
 
 
 # regrad.toml -------------------------------------------------------------------------------------
@@ -71,6 +71,9 @@ def test_golden_workspace_before_versioning_upgrades(tmp_path):
     written = tomllib.loads(raw)
     assert ws.config.lora.modules == [] and written["lora"]["modules"] == ["gate_proj", "up_proj", "down_proj"]
     written["lora"]["modules"] = []
+    # m002: the never-read [query] combine = "sum" becomes "" (the learner's trained combination).
+    assert written["query"]["combine"] == "sum" and ws.config.query.combine == ""
+    written["query"]["combine"] = ""
     upgraded = ws.config.to_dict()
     assert upgraded.pop("format_version") == str(CONFIG_VERSION)
     assert {sec: {k: upgraded[sec][k] for k in keys} for sec, keys in written.items()} == written
@@ -83,6 +86,7 @@ def test_golden_workspace_before_versioning_upgrades(tmp_path):
 def test_golden_workspace_v1_0_reads_as_written(tmp_path):
     ws = Workspace.open(_copy("workspace_v1_0", tmp_path), create=False)
     c = ws.config
+    assert c.query.combine == ""  # m002
     assert (c.model.id, c.embedder.id, c.lora.rank, c.learner.checkpoint, c.query.top_k) == (
         "fake:gpt2", "fake:hash-16", 4, "init", 2)
     assert c.lora.target_patterns == [r"transformer\.h\.[23]\.mlp\.c_fc", r"transformer\.h\.3\.attn\.c_proj"]

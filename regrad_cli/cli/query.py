@@ -58,7 +58,7 @@ def query_cmd(
         ws = Workspace.open(workspace, create=False)
         q = ws.config.query
         opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
-                    gamma=gamma if gamma is not None else q.gamma, combine=combine,
+                    gamma=gamma if gamma is not None else q.gamma, combine=combine or q.combine or None,
                     retriever=retriever or q.retriever,
                     max_new_tokens=max_new_tokens or q.max_new_tokens, show_docs=show_docs)
         engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
