@@ -22,7 +22,9 @@ answer NLL change, bytes per document (zstd-compressed blobs as a bank stores th
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from _common import (
     checkpoint_info,
@@ -183,6 +185,10 @@ def main() -> None:
             r = results[-1]
             r["meets_targets"] = bool(r["ratio_vs_fp32"] >= GOAL_RATIO and r["f1_delta"] >= -GOAL_F1_LOSS
                                       and r["changed_fraction"] <= GOAL_CHANGED)
+            # A long run on a busy machine: keep what is measured so far (the final emit replaces it).
+            partial = Path("/tmp") / f"regrad-tensor_subset-{args.dataset.split(':')[0]}.partial.json"
+            partial.write_text(json.dumps({"partial": True, "settings": [
+                {k: v for k, v in x.items() if k != "preds"} for x in results]}, indent=2, default=str))
 
     print_table(
         f"{len(questions)} questions of {args.dataset}, top-{args.top_k}, greedy {args.max_new_tokens} tokens; "

@@ -16,7 +16,7 @@ learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of ea
 def energy_cmd(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled' or a directory (default: workspace config).")] = None,
     docs: Annotated[int, typer.Option("--docs", help="Documents to sample: the workspace's, else the demo corpus.")] = 64,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Store tensors whose energy share is above this (default: the recorded one, else 1e-4).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Store tensors whose energy share is above this (default: the recorded one, else 0: every tensor with any energy).")] = None,
     write: Annotated[bool, typer.Option("--write", help="Record the shares and threshold in the checkpoint's learner.json.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the document sample.")] = 0,
     device: DeviceOpt = None,
