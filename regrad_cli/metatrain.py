@@ -91,6 +91,9 @@ class MetaTrainConfig:
     group_size: int = 64
     # Chunking of pool documents, as `regrad ingest` does (max tokens = max_doc_tokens).
     chunk_overlap: int = 32
+    # Documents of the first training pool over which the tensors' step-energy shares are measured
+    # at the end (energy.py): a bank then stores only the tensors above the threshold. 0: skip.
+    energy_docs: int = 64
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
 
@@ -417,6 +420,10 @@ def meta_train(
         raise RegradError(f"--meta-batch {cfg.meta_batch} is smaller than the {dist.world} processes: "
                           "each process needs at least one question per meta-step")
     out = Path(cfg.out)
+    if dist.main and not resume and ((out / "best").exists() or (out / "state.pt").exists()):
+        # Never overwrite a run (or checkpoints meta-train did not make) without being asked.
+        raise RegradError(f"{out} already holds a meta-training run (best/ or state.pt): pass --resume "
+                          "to continue it, or choose another --out")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -573,6 +580,8 @@ def meta_train(
         learner.save(out / "last", {"trained": {"step": steps, "config": asdict(cfg)}})
         if not (out / "best").exists():
             learner.save(out / "best", {"trained": {"step": steps, "config": asdict(cfg)}})
+        if cfg.energy_docs > 0 and pools:
+            _record_energy(model, tokenizer, learner, out, pools[0].corpus[: cfg.energy_docs], cfg)
         (out / "log.json").write_text(json.dumps(history, indent=1))
         try:
             plot_curves(history, out / "curves.png")
@@ -582,6 +591,27 @@ def meta_train(
     dist.barrier()
     return {"steps": steps, "best_dev_f1": best_f1, "out": str(out), "world_size": dist.world,
             "wall_s": round(time.time() - t0, 1), "last": history["train"][-1] if history["train"] else None}
+
+
+def _record_energy(model, tokenizer, learner: Learner, out: Path, texts: list[str], cfg: MetaTrainConfig) -> None:
+    """Measure and record in ``best/`` and ``last/`` which tensors a bank stores (energy.py),
+    each with its own weights; a failure here is logged, never loses the run."""
+    from regrad_cli import energy
+
+    try:
+        for name in ("last", "best"):
+            ck = Learner.load(out / name)
+            learner.detach_from(model)
+            ck.attach(model)
+            try:
+                shares = energy.tensor_energy(model, ck, tokenizer, texts, cfg.max_doc_tokens)
+            finally:
+                ck.detach_from(model)
+                learner.attach(model)
+            energy.write_record(out / name, energy.energy_record(
+                shares, n_docs=len(texts), max_tokens=cfg.max_doc_tokens, norm=cfg.norm))
+    except Exception as exc:  # noqa: BLE001 - the checkpoints are already on disk
+        log.warning("could not record tensor energy: %s (run `regrad learner energy --write`)", exc)
 
 
 def plot_curves(history: dict, path: Path) -> None:

@@ -305,6 +305,8 @@ def _batch_adapter(learner, group: list[_Row]):
         return "off"
     if len(group) == 1:
         return group[0].adapter if kinds[0] == "step" else None
+    if all(k == "phi" or (k == "step" and r.adapter is None) for r, k in zip(group, kinds)):
+        return None  # every row on phi itself: the plain 2-D side path, no stack
     phi = {n: p.detach() for n, p in learner.phi_dict().items()}
     per_row = []
     for r, k in zip(group, kinds):

@@ -153,6 +153,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(straight.alpha(n), resumed.alpha(n), rtol=0, atol=1e-6)
     assert (tmp_path / "a" / "log.json").exists() and (tmp_path / "a" / "best" / "learner.json").exists()
     assert (tmp_path / "a" / "curves.png").exists()
+    # The tensors a bank stores were measured at the end of training and recorded.
+    rec = json.loads((tmp_path / "a" / "best" / "learner.json").read_text())["stored_tensors"]
+    assert set(rec["energy"]) == set(straight.names) and abs(sum(rec["energy"].values()) - 1) < 1e-6
 
 
 def test_shared_dataset_adapters_parse():

@@ -183,15 +183,23 @@ def _render(res: dict, show_docs: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(res["answer"] or "[dim](no answer)[/dim]", markup=not res["answer"], highlight=False)
+    console.print(res["answer"] or "[dim](no answer)[/dim]", markup=not res["answer"], highlight=False)  # answer: plain
     if res["retrieved"] and (show_docs or console.is_terminal):
         err = Console(stderr=True)
+        # Ids, sources and texts come from documents: never rich markup, no terminal escapes.
+        from rich.text import Text
+
+        from regrad_cli.cli.common import safe_text
+
         table = Table("doc_id", "score", "applied", "source", title=f"retrieved ({res['mode']})")
         for r in res["retrieved"]:
-            table.add_row(r["doc_id"], f"{r['score']:.3f}", "yes" if r.get("applied") else "no", r["source"])
+            table.add_row(Text(safe_text(r["doc_id"])), f"{r['score']:.3f}", "yes" if r.get("applied") else "no",
+                          Text(safe_text(r["source"])))
         err.print(table)
         if show_docs:
             for r in res["retrieved"]:
-                err.print(f"[bold]{r['doc_id']}[/bold]: {r.get('text', '')}", highlight=False)
+                err.print(Text.assemble((safe_text(r["doc_id"]), "bold"), ": ", safe_text(r.get("text", ""))),
+                          highlight=False)
     for s in res.get("skipped", []):
-        Console(stderr=True).print(f"[yellow]skipped corrupt row {s['doc_id']}: {s['reason']}[/yellow]")
+        Console(stderr=True).print(Text(f"skipped corrupt row {safe_text(s['doc_id'])}: {safe_text(s['reason'])}",
+                                        style="yellow"))
