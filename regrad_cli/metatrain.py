@@ -27,6 +27,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -387,7 +388,7 @@ def _batch_stats(dist: Dist, loss: torch.Tensor, info: dict, shard: list, share:
     """The logged loss and its parts for the whole meta-batch (a rank saw only its shard)."""
     if not dist.enabled:
         return float(loss.detach()), info
-    n_docs = sum(len(docs) for _, docs, _ in shard)
+    n_docs = sum(len(entry[1]) for entry in shard)
     t = torch.tensor([float(loss.detach()), info["nll"] * share, info["doc_nll"] * n_docs, n_docs,
                       info["kl"] * general_share], dtype=torch.float64, device=loss.device)
     dist.sum_(t)
@@ -520,7 +521,8 @@ def meta_train(
         per_set = {d.pool.name: _evaluate_dev_sharded(model, tokenizer, learner, d, cfg, dist, embedder)
                    for d in devs}
         # Modes averaged over the dev sets (the curve and the selection), and each set apart.
-        res = {m: {k: float(np.mean([r[m][k] for r in per_set.values()])) for k in ("f1", "em", "nll")}
+        res = {m: {**{k: float(np.mean([r[m][k] for r in per_set.values()])) for k in ("f1", "em", "nll")},
+                   "n": int(sum(r[m]["n"] for r in per_set.values()))}
                for m in DEV_MODES}
         res["select"] = float(np.mean([select_score(r, cfg) for r in per_set.values()]))
         res["sets"] = per_set
@@ -604,7 +606,9 @@ def _record_energy(model, tokenizer, learner: Learner, out: Path, texts: list[st
             learner.detach_from(model)
             ck.attach(model)
             try:
-                shares = energy.tensor_energy(model, ck, tokenizer, texts, cfg.max_doc_tokens)
+                # An engine-like holder: a causal-LM's own ``.model`` is its decoder stack.
+                holder = SimpleNamespace(model=model, learner=ck, tokenizer=tokenizer)
+                shares = energy.tensor_energy(holder, ck, tokenizer, texts, cfg.max_doc_tokens)
             finally:
                 ck.detach_from(model)
                 learner.attach(model)
