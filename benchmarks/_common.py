@@ -310,6 +310,21 @@ def ingest_workspace(ws_dir: Path, corpus: Path, embedder=None, tokenizer=None):
     return ws
 
 
+def on_demo_workspace(workspace: Path | None, prefix: str, run) -> None:
+    """``run(ws_dir)`` on ``workspace``, or on a throwaway workspace holding the demo corpus and
+    its bank (built untimed)."""
+    if workspace is not None:
+        run(workspace)
+        return
+    with temp_dir(prefix) as tmp:
+        from regrad_cli.build import build_bank
+
+        log("ingesting the demo corpus and building its bank (not timed)")
+        ws = ingest_workspace(tmp / "ws", DEMO_CORPUS)
+        build_bank(ws, load_engine(None, ws))
+        run(tmp / "ws")
+
+
 def load_engine(checkpoint: str | None = None, ws=None):
     from regrad_cli.engine import Engine
 

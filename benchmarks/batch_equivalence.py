@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import DEMO_CORPUS, checkpoint_info, demo_questions, emit, ingest_workspace, load_engine, log, machine, parser, setup, temp_dir
+from _common import checkpoint_info, demo_questions, emit, log, machine, on_demo_workspace, parser, setup
 
 
 def main() -> None:
@@ -32,16 +32,7 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=None, help="first N demo questions (default: all 108; 16 quick)")
     args = p.parse_args()
     setup(args)
-    if args.workspace is not None:
-        run(args, args.workspace)
-    else:
-        with temp_dir("regrad-bench-equiv-") as tmp:
-            from regrad_cli.build import build_bank
-
-            log("ingesting the demo corpus and building its bank (not timed)")
-            ws = ingest_workspace(tmp / "ws", DEMO_CORPUS)
-            build_bank(ws, load_engine(None, ws))
-            run(args, tmp / "ws")
+    on_demo_workspace(args.workspace, "regrad-bench-equiv-", lambda ws_dir: run(args, ws_dir))
 
 
 def run(args, ws_dir: Path) -> None:

@@ -34,20 +34,17 @@ import time
 from pathlib import Path
 
 from _common import (
-    DEMO_CORPUS,
     checkpoint_info,
     demo_questions,
     emit,
-    ingest_workspace,
-    load_engine,
     log,
     machine,
     median,
+    on_demo_workspace,
     parser,
     pct,
     print_table,
     setup,
-    temp_dir,
 )
 
 
@@ -64,16 +61,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=420.0, help="seconds for all timed phases (default 420)")
     args = p.parse_args()
     setup(args)
-    if args.workspace is not None:
-        run(args, args.workspace)
-    else:
-        with temp_dir("regrad-bench-serve-") as tmp:
-            from regrad_cli.build import build_bank
-
-            log("ingesting the demo corpus and building its bank (not timed)")
-            ws = ingest_workspace(tmp / "ws", DEMO_CORPUS)
-            build_bank(ws, load_engine(None, ws))
-            run(args, tmp / "ws")
+    on_demo_workspace(args.workspace, "regrad-bench-serve-", lambda ws_dir: run(args, ws_dir))
 
 
 def run(args, ws_dir: Path) -> None:
