@@ -105,10 +105,23 @@ class QueryEngine:
 
     def answer_many(self, requests: Sequence[Request], *, return_exceptions: bool = False) -> list:
         """Answer a batch in one generation call per token limit, each row with its own step."""
-        if self.bank is None and any(MODES[r.mode].adapter == "step" for r in requests if r.mode in MODES):
+        needs_bank = [self.bank is None and r.mode in MODES and MODES[r.mode].adapter == "step" for r in requests]
+        if any(needs_bank) and not return_exceptions:
             self._no_bank()
-        return answer_many(self.engine, self.embedder, self.corpus, requests, strict=self.strict,
-                           return_exceptions=return_exceptions, fingerprints=self.fingerprints())
+        # Without a bank, a request that takes a step fails alone; the others are answered.
+        todo = [r for r, nb in zip(requests, needs_bank) if not nb]
+        done = iter(answer_many(self.engine, self.embedder, self.corpus, todo, strict=self.strict,
+                                return_exceptions=return_exceptions, fingerprints=self.fingerprints()) if todo else [])
+        out = []
+        for nb in needs_bank:
+            if not nb:
+                out.append(next(done))
+                continue
+            try:
+                self._no_bank()
+            except NoBankError as exc:
+                out.append(exc)
+        return out
 
     def fingerprints(self) -> dict:
         if self.bank is None:

@@ -18,7 +18,7 @@ from regrad_cli.lora import Learner
 from regrad_cli.models import LoadedModel
 from regrad_cli.pipeline import step_from_rows
 from regrad_cli.prompting import prompt_ids
-from regrad_cli.query import QueryEngine
+from regrad_cli.query import QueryEngine, Request
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
 
@@ -197,6 +197,12 @@ def test_closed_book_without_bank_and_refusal_with_param(workspace):
     assert isinstance(qe.answer("anything", mode="closed-book", max_new_tokens=2)["answer"], str)
     with pytest.raises(NoBankError, match="regrad build-bank"):
         QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
+    # In a batch, only the requests that need the bank fail.
+    out = qe.answer_many([Request("anything", mode="closed-book", max_new_tokens=2),
+                          Request("anything", mode="param", max_new_tokens=2)], return_exceptions=True)
+    assert isinstance(out[0], dict) and isinstance(out[1], NoBankError)
+    with pytest.raises(NoBankError):
+        qe.answer_many([Request("anything", mode="param", max_new_tokens=2)])
 
 
 def test_bank_of_another_checkpoint_is_never_used(workspace):
