@@ -203,15 +203,11 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
 
 def checkpoint_dir(choice: str) -> Path:
     """The directory of a learner checkpoint choice ('bundled' or a directory; not 'init')."""
-    from regrad_cli.config import BUNDLED_CHECKPOINT
-    from regrad_cli.engine import bundled_checkpoint_dir
+    from regrad_cli.banks import checkpoint_dir as resolve
 
     if choice == "init":
         raise RegradError("the untrained 'init' learner has no checkpoint directory to record into")
-    path = bundled_checkpoint_dir() if choice == BUNDLED_CHECKPOINT else Path(choice).expanduser()
-    if (path / "best" / "learner.json").exists():
-        path = path / "best"  # a meta-train output directory
-    return path
+    return resolve(choice)
 
 
 def measure(engine, texts: Sequence[str], *, max_tokens: int = 256, threshold: float | None = None,

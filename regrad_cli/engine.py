@@ -54,9 +54,9 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
         choice = "init"
     if choice == "init":
         return init_learner(model, lcfg)
-    path = Path(choice).expanduser()
-    if (path / "best" / "learner.json").exists():
-        path = path / "best"  # a meta-train output directory
+    from regrad_cli.banks import checkpoint_dir
+
+    path = checkpoint_dir(choice)  # a meta-train output directory means its best/
     if not (path / "learner.json").exists():
         raise RegradError(f"no learner checkpoint at {path} (expected learner.json and learner.safetensors)")
     return Learner.load(path)
