@@ -3,7 +3,8 @@
 Many documents go through one forward and one backward pass and still get separate gradients:
 each sample i runs on its own copy phi_i of the adapter (a [N, ...] stack), the losses are summed,
 and because sample i depends only on phi_i, d(sum)/d(phi_i) is exactly g_i. The same trick with one
-copy per *question* gives sum_{d in D_q} g_d directly, which is what meta-training needs.
+copy per *group* gives sum_{d in group} g_d directly (meta-training now takes per-document gradients
+and combines them with adapt.combine, so it can normalise each document before summing).
 """
 
 from __future__ import annotations
@@ -86,15 +87,14 @@ def grouped_gradients(
     *,
     base: dict[str, torch.Tensor] | None = None,
     create_graph: bool = False,
-    weights: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gradients of the documents' losses with respect to phi, summed within groups.
 
     Returns ({name: tensor [n_groups, *shape]}, per-document losses [N]). ``group[i]`` is the
     group of document i (default: one group per document, i.e. per-document gradients).
     ``base`` is the adapter point (default phi); with ``create_graph`` the result stays
-    differentiable with respect to it (second-order meta-training). ``weights`` [N] scale each
-    document's loss, so a group's result is sum_i w_i g_i (differentiable in w with create_graph).
+    differentiable with respect to it (second-order meta-training). Weighting and combining
+    documents' gradients is ``adapt.combine``'s job, not this function's.
     """
     n = docs.input_ids.shape[0]
     if group is None:
@@ -116,7 +116,7 @@ def grouped_gradients(
         per_doc = {name: s.index_select(0, idx) for name, s in stacks.items()}
     with torch.enable_grad(), learner.using(per_doc):
         losses = per_sample_nll(model, docs.input_ids.to(device), docs.attention_mask.to(device))
-        total = losses.sum() if weights is None else (losses * weights.to(losses.device)).sum()
+        total = losses.sum()
         grads = torch.autograd.grad(
             total, [stacks[n] for n in learner.names], create_graph=create_graph
         )
