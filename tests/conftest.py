@@ -133,3 +133,44 @@ def fake_tokenizer():
 @pytest.fixture
 def fake_embedder():
     return FakeEmbedder()
+
+
+def make_tiny_engine(learner_seed: int = 0, *, alpha_init: float = 1.0, b_std: float = 0.05,
+                     hash_weights: bool = False):
+    """The tiny Llama (seed 0) with a seeded, non-zero learner attached, as an Engine: the one
+    fixture behind the query, eval, energy, serve and reliability tests. ``hash_weights`` records
+    the real sha256 of the base weights in the fingerprint (eval's drift check reads it)."""
+    from regrad_cli.engine import Engine
+    from regrad_cli.lora import Learner
+    from regrad_cli.models import LoadedModel, weights_sha256
+
+    model = make_tiny_llama(seed=0)
+    learner = Learner.for_model(model).init_(seed=learner_seed, b_std=b_std, alpha_init=alpha_init)
+    learner.attach(model)
+    sha = weights_sha256(model) if hash_weights else "tiny"
+    lm = LoadedModel(model, FakeTokenizer(), {"id": "tiny-llama", "weights_sha256": sha}, "cpu", "float32")
+    return Engine(lm, learner, "tiny-llama")
+
+
+def param_hash(engine) -> str:
+    """sha256 over every base weight and every learner tensor: the no-drift check."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(engine.model.state_dict().items()):
+        h.update(name.encode() + t.numpy().tobytes())
+    for name, t in sorted(engine.learner.state_dict().items()):
+        h.update(name.encode() + t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread: a tiny model is fastest so, and many times slower with
+    two on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

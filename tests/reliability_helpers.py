@@ -46,17 +46,11 @@ def write_corpus(root: Path, n: int, version: int = 0, start: int = 0) -> Path:
 
 
 def make_engine(seed: int = 0):
-    """The tiny Llama with a seeded learner, as an Engine (like tests/test_query.py::_engine)."""
-    from conftest import FakeTokenizer, make_tiny_llama
-    from regrad_cli.engine import Engine
-    from regrad_cli.lora import Learner
-    from regrad_cli.models import LoadedModel
+    """The tiny Llama with a seeded learner, as an Engine (conftest.make_tiny_engine); a plain
+    function so that Ray workers can import and call it."""
+    from conftest import make_tiny_engine
 
-    model = make_tiny_llama(seed=0)
-    learner = Learner.for_model(model).init_(seed=seed, b_std=0.05, alpha_init=1.0)
-    learner.attach(model)
-    lm = LoadedModel(model, FakeTokenizer(), {"id": "tiny-llama", "weights_sha256": "tiny"}, "cpu", "float32")
-    return Engine(lm, learner, "tiny-llama")
+    return make_tiny_engine(seed)
 
 
 def open_ws(root: Path):

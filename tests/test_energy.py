@@ -20,9 +20,8 @@ from regrad_cli.energy import (
 from regrad_cli.engine import Engine
 from regrad_cli.errors import RegradError
 from regrad_cli.lora import Learner
-from regrad_cli.models import LoadedModel
 
-from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
+from conftest import FakeEmbedder, FakeTokenizer, make_tiny_engine
 
 TEXTS = [
     "the zarn river flows past kelb mill every spring and floods the meadow",
@@ -32,11 +31,7 @@ TEXTS = [
 
 
 def _engine() -> Engine:
-    model = make_tiny_llama(seed=0)
-    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=1.0)
-    learner.attach(model)
-    lm = LoadedModel(model, FakeTokenizer(), {"id": "tiny-llama", "weights_sha256": "tiny"}, "cpu", "float32")
-    return Engine(lm, learner, "tiny-llama")
+    return make_tiny_engine()
 
 
 def _brute_force_energy(engine: Engine, norm: str) -> dict:

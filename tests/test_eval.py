@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from regrad_cli.cpt import ContinualPretrainer, CPTConfig
-from regrad_cli.engine import Engine
 from regrad_cli.evaluate import REGRAD_SYSTEMS, SYSTEMS, EvalConfig, parse_systems, run_eval, split_groups
 from regrad_cli.errors import ConfigError
-from regrad_cli.lora import Learner
-from regrad_cli.models import LoadedModel, weights_sha256
+from regrad_cli.models import weights_sha256
 
-from conftest import DEMO_DIR, FakeEmbedder, FakeTokenizer, make_tiny_llama
+from conftest import FakeEmbedder, make_tiny_engine
 
 RECORDS = [
     {"id": "q1", "question": "where does zarn flow", "answers": ["kelb mill"],
@@ -37,27 +35,22 @@ DRIFT_KEYS = {"deployed", "l2", "sha256_before", "sha256_after", "identical", "p
               "phi_identical", "ppl_base", "ppl_deployed", "ppl_ratio"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A tiny model runs fastest on one thread (and many times slower with two on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine():
-    model = make_tiny_llama(seed=0)
-    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=0.5).attach(model)
-    lm = LoadedModel(model, FakeTokenizer(), {"id": "tiny-llama", "weights_sha256": weights_sha256(model)}, "cpu", "float32")
-    return Engine(lm, learner, "tiny-llama")
+    return make_tiny_engine(alpha_init=0.5, hash_weights=True)
+
+
+def write_dataset(tmp_path) -> str:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return f"jsonl:{path}"
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return f"jsonl:{path}"
+    return write_dataset(tmp_path)
 
 
 def _cfg(tmp_path, dataset, **kw):

@@ -10,7 +10,7 @@ from regrad_cli import adapt
 from regrad_cli.cpt import CPTConfig
 from regrad_cli.datasets import load_dataset
 from regrad_cli.documents import DocumentStore
-from regrad_cli.evaluation import EvalConfig, run_eval
+from regrad_cli.evaluation import run_eval
 from regrad_cli.evaluation.report import fail_under_message, significance_sentence
 from regrad_cli.evaluation.workspace import doc_id
 from regrad_cli.generation import answer_nll
@@ -18,30 +18,20 @@ from regrad_cli.pipeline import step_from_rows
 from regrad_cli.prompting import prompt_ids
 
 from conftest import DEMO_DIR, FakeEmbedder
-from test_eval import RECORDS, _engine
+from test_eval import RECORDS, _cfg as eval_cfg, _engine, write_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return f"jsonl:{path}"
+    return write_dataset(tmp_path)
 
 
 def _cfg(tmp_path, dataset, **kw):
-    base = dict(datasets=[dataset], out=str(tmp_path / "out"), top_k=2, max_new_tokens=4, batch_size=3,
-                bootstrap=200, ppl_max_tokens=256, cache=str(tmp_path / "cache"), drift_steps=2,
-                cpt=CPTConfig(lr=1e-2, epochs=1, batch_size=2))
-    base.update(kw)
-    return EvalConfig(**base)
+    kw = {"batch_size": 3, "ppl_max_tokens": 256, "cpt": CPTConfig(lr=1e-2, epochs=1, batch_size=2), **kw}
+    return eval_cfg(tmp_path, dataset, **kw)
 
 
 def _preds(res, dataset, system):

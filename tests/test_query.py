@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -14,13 +12,11 @@ from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.errors import NoBankError, RegradError
 from regrad_cli.ingest import ingest
-from regrad_cli.lora import Learner
-from regrad_cli.models import LoadedModel
 from regrad_cli.pipeline import step_from_rows
 from regrad_cli.prompting import prompt_ids
 from regrad_cli.query import QueryEngine, Request
 
-from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
+from conftest import FakeEmbedder, FakeTokenizer, make_tiny_engine, param_hash
 
 DOCS = {
     "a.txt": "the zarn river flows past kelb mill every spring and floods the meadow",
@@ -31,17 +27,8 @@ DOCS = {
 }
 
 
-class _Tok(FakeTokenizer):
-    """FakeTokenizer plus the decode API chunking needs."""
-
-
 def _engine(seed: int = 0) -> Engine:
-    model = make_tiny_llama(seed=0)
-    tok = _Tok()
-    learner = Learner.for_model(model).init_(seed=seed, b_std=0.05, alpha_init=1.0)
-    learner.attach(model)
-    lm = LoadedModel(model, tok, {"id": "tiny-llama", "weights_sha256": "tiny"}, "cpu", "float32")
-    return Engine(lm, learner, "tiny-llama")
+    return make_tiny_engine(seed)
 
 
 @pytest.fixture
@@ -51,17 +38,8 @@ def workspace(tmp_path):
     for name, text in DOCS.items():
         (corpus / name).write_text(text)
     ws = Workspace.open(tmp_path / "ws")
-    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=_Tok())
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer())
     return ws, corpus
-
-
-def param_hash(engine: Engine) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(engine.model.state_dict().items()):
-        h.update(name.encode() + t.numpy().tobytes())
-    for name, t in sorted(engine.learner.state_dict().items()):
-        h.update(name.encode() + t.detach().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_build_then_rebuild_builds_nothing(workspace):
@@ -126,7 +104,7 @@ def test_changed_document_replaces_its_stale_row(workspace):
     engine = _engine()
     build_bank(ws, engine)
     (corpus / "a.txt").write_text("the zarn river now flows past orrin bridge instead")
-    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=_Tok())
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer())
     summary = build_bank(ws, engine)
     assert summary.built == 1 and summary.removed_stale == 1 and summary.rows == len(DOCS)
 
