@@ -74,7 +74,10 @@ class LoraConfig:
     # literal string); when set they replace layers and modules.
     target_patterns: list[str] = field(default_factory=list)
     init_b_std: float = 1e-3
-    alpha_init: float = 0.01
+    # Meta-training's starting step size too (MetaTrainConfig keeps it unless --alpha-init is given),
+    # so the 'init' learner is exactly where meta-training starts. The reference code starts at 0.01;
+    # at that size alpha barely moves over a few hundred CPU steps.
+    alpha_init: float = 1.0
     per_element_alpha: bool = False
     seed: int = 0
 

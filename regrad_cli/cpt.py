@@ -82,8 +82,15 @@ class ContinualPretrainer:
         self.model = base_copy(model, learner)
         self.trainable = []
         seen = set()
+        mlp = None
+        if cfg.params == "mlp":
+            # The family's MLP projections (targets.py), in every layer: a name test such as
+            # ".mlp." would miss families whose MLP is not a submodule called mlp (OPT's fc1/fc2).
+            from regrad_cli.targets import find_targets, n_layers
+
+            mlp = tuple(m + "." for m in find_targets(self.model, list(range(n_layers(self.model))), []))
         for name, p in self.model.named_parameters():
-            take = cfg.params == "all" or ".mlp." in name
+            take = mlp is None or name.startswith(mlp)
             p.requires_grad_(take)
             if take and id(p) not in seen:  # tied embeddings appear once
                 seen.add(id(p))

@@ -75,7 +75,7 @@ class MetaTrainConfig:
     rank: int | None = None
     lora_alpha: float | None = None
     b_std: float = 1e-3
-    alpha_init: float = 1.0
+    alpha_init: float = 1.0  # = LoraConfig.alpha_init: the 'init' learner is where training starts
     init_checkpoint: str | None = None
     mix_weights: list[float] | None = None
     # How the k gradients are combined (the same choice must be used at query time).

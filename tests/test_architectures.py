@@ -246,3 +246,30 @@ def test_fake_ids_enter_through_the_model_registry():
         load_language_model("fake:nope")
     with pytest.raises(ModelLoadError, match="fake:hash-32"):
         Embedder("fake:bad").dim
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpt_mlp_trains_the_family_mlp_projections(family, tokenizer):
+    # CPT's "mlp" set comes from the family table, not from a name test (OPT's fc1/fc2 are not
+    # under a module called mlp): every layer's projections, weights and biases, nothing else.
+    from regrad_cli.cpt import ContinualPretrainer, CPTConfig
+
+    model = tiny_model(family)
+    cpt = ContinualPretrainer(model, tokenizer, CPTConfig(params="mlp", epochs=1))
+    trained = {n for n, p in cpt.model.named_parameters() if p.requires_grad}
+    table = FAMILY_TARGETS[family]
+    assert trained and cpt.n_trainable == sum(p.numel() for n, p in cpt.model.named_parameters() if n in trained)
+    for name in trained:
+        assert name.rsplit(".", 1)[0].endswith(table), name
+    n_layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    weights = [n for n in trained if n.endswith(".weight")]
+    assert len(weights) == n_layers * len(table)
+
+
+def test_meta_training_starts_from_the_init_learner():
+    # One default: the untrained 'init' learner ([lora]) is exactly meta-training's starting point.
+    from regrad_cli.config import LoraConfig
+    from regrad_cli.metatrain import MetaTrainConfig
+
+    assert MetaTrainConfig().alpha_init == LoraConfig().alpha_init
+    assert MetaTrainConfig().b_std == LoraConfig().init_b_std
