@@ -139,3 +139,8 @@ def stack_rows(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Te
     """Per-question adapters [N, ...] from N single adapters (one row each)."""
     names = list(rows[0])
     return {n: torch.stack([r[n] for r in rows]) for n in names}
+
+
+def select_rows(weights: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-question adapters of ``rows`` (indices into the leading dimension) of a stack."""
+    return {n: t.index_select(0, rows.to(t.device)) for n, t in weights.items()}

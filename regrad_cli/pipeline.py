@@ -211,7 +211,8 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
                 r.timings["apply"] = _ms(t)
                 continue
             r.adapter, r.weights = step_from_rows(learner, [decoded[h.doc_id] for h in used],
-                                                  [h.cosine for h in used], r.req.combine, r.req.gamma, device)
+                                                  [h.cosine for h in used], r.req.combine, r.req.gamma, device,
+                                                  row_norm=getattr(corpus, "row_norm", None))
             if not adapt.is_finite(r.adapter):
                 r.error = RegradError(
                     f"the step for {r.req.question[:60]!r} is not finite (documents {', '.join(r.used)}): "
@@ -231,7 +232,13 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
         t = time.perf_counter()
         try:
             with adapt.applied(learner, state):
-                texts = generate(model, tok, prompts, max_new)
+                # Rows that finish leave the generation batch; their stacked adapters go too.
+                follow = None
+                if isinstance(state, dict) and len(group) > 1:
+                    follow = lambda rows, state=state: learner.use(adapt.select_rows(state, rows))  # noqa: E731
+                texts = generate(model, tok, prompts, max_new, on_rows=follow)
+                if follow is not None:
+                    learner.use(state)  # every row again, for the likelihoods below
                 gen_ms = _ms(t)
                 nlls = None
                 if any(r.req.gold is not None for r in group):
@@ -285,14 +292,24 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
 
 
 def step_from_rows(learner, rows: Sequence[dict[str, np.ndarray]], cosines: Sequence[float], combine: str,
-                   gamma: float = 1.0, device=None) -> tuple[dict[str, torch.Tensor], list[float]]:
+                   gamma: float = 1.0, device=None, row_norm: str | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """phi' for one question from its documents' decoded gradient rows (name -> array each) and
-    their retrieval cosines: adapt.combination_weights -> adapt.combine -> adapt.step."""
+    their retrieval cosines: adapt.combination_weights -> adapt.combine -> adapt.step.
+
+    ``row_norm``: the normalisation the rows already carry (a bank's ``row_norm``, taken over
+    the whole gradient when the bank leaves tensors out); they are then not normalised again."""
     scores = torch.tensor(list(cosines), dtype=torch.float32)
     w = adapt.combination_weights(scores, combine, learner.log_temp.detach().cpu())
     names = list(rows[0])
     grads = {n: torch.from_numpy(np.stack([np.asarray(r[n], dtype=np.float32) for r in rows])) for n in names}
-    g = adapt.combine(grads, w, norm=learner.trained_norm)
+    norm = learner.trained_norm
+    if row_norm is not None:
+        if row_norm != norm:
+            raise RegradError(f"the bank's rows are normalised per {row_norm!r}, the learner per {norm!r}: "
+                              "rebuild the bank with `regrad build-bank`")
+        norm = "none"
+    g = adapt.combine(grads, w, norm=norm)
     if device is not None:
         g = {n: v.to(device) for n, v in g.items()}
     return adapt.step(learner.phi_dict(), learner.alpha_dict(), g, gamma), [float(x) for x in w]
