@@ -885,6 +885,7 @@ class GradientBank:
             "ratio_vs_fp32_stored": (4 * n_values / mean) if mean else None,
             "codec": meta.codec.to_dict(),
             "format_version": meta.format_version,
+            "row_norm": meta.row_norm,
             "producer": meta.producer,
             "created_at": meta.created_at,
             "version": version,

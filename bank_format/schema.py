@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 from .errors import BankFormatError
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 
 # Order is the codec id written in byte 6 of every blob: append only, never reorder.
 CODECS = ("fp32", "fp16", "int8", "int4", "int8g", "int4s")
@@ -28,6 +28,10 @@ CODEC_IDS = {name: i for i, name in enumerate(CODECS)}
 CODEC_MINOR = {"fp32": 0, "fp16": 0, "int8": 0, "int4": 0, "int8g": 1, "int4s": 1}
 # Codecs whose blobs record codec.group_size in the header (the others record 0).
 GROUPED_CODECS = ("int4", "int8g", "int4s")
+# Format 1.2, metadata key row_norm: the normalisation every stored row already carries.
+# "doc": each row is g / ||g||, the norm taken over the learner's whole gradient (stored and
+# omitted tensors), so a reader must not normalise the stored part again.
+ROW_NORMS = ("doc",)
 
 META_KEY = "regrad.bank"
 TABLE_NAME = "gradients"
@@ -81,9 +85,10 @@ def unknown_codec_message(name: Any, version: str | None = None) -> str:
     )
 
 
-def min_version(codec: "CodecSpec", omitted: Sequence[Any]) -> str:
-    """The oldest format version that can hold a bank with this codec and omitted tensors."""
-    minor = max(CODEC_MINOR[codec.name], 1 if omitted else 0)
+def min_version(codec: "CodecSpec", omitted: Sequence[Any], row_norm: str | None = None) -> str:
+    """The oldest format version that can hold a bank with this codec, omitted tensors and
+    row normalisation."""
+    minor = max(CODEC_MINOR[codec.name], 1 if omitted else 0, 2 if row_norm is not None else 0)
     return f"{FORMAT_MAJOR}.{minor}"
 
 
@@ -227,6 +232,9 @@ class BankMeta:
     # so that a reader knows the whole gradient the stored layout is part of. Written only when
     # non-empty.
     omitted: list[TensorSpec] = field(default_factory=list)
+    # Format 1.2: the normalisation the rows already carry (one of ROW_NORMS), or None for raw
+    # gradients. Written only when set.
+    row_norm: str | None = None
 
     def __post_init__(self):
         _, minor = check_version(self.format_version)
@@ -251,9 +259,17 @@ class BankMeta:
         clash = sorted({t.name for t in self.omitted} & {t.name for t in self.layout})
         if clash:
             raise BankFormatError(f"omitted tensors {clash} are also in the layout")
-        need = min_version(self.codec, self.omitted)
+        if self.row_norm is not None and self.row_norm not in ROW_NORMS:
+            raise BankFormatError(
+                f"row_norm must be one of {', '.join(ROW_NORMS)} (or absent), got {self.row_norm!r}")
+        need = min_version(self.codec, self.omitted, self.row_norm)
         if minor < parse_version(need)[1]:
-            what = f"codec {self.codec.name!r}" if CODEC_MINOR[self.codec.name] > minor else "omitted tensors"
+            if CODEC_MINOR[self.codec.name] > minor:
+                what = f"codec {self.codec.name!r}"
+            elif self.omitted and minor < 1:
+                what = "omitted tensors"
+            else:
+                what = "row_norm"
             raise BankFormatError(f"bank format {self.format_version} cannot hold {what}: needs format {need}")
 
     @property
@@ -285,6 +301,7 @@ class BankMeta:
             "codec": self.codec.to_dict(),
             "created_at": self.created_at,
             **({"omitted": [t.to_dict() for t in self.omitted]} if self.omitted else {}),
+            **({"row_norm": self.row_norm} if self.row_norm is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -319,9 +336,13 @@ class BankMeta:
         lenient = minor > FORMAT_MINOR
 
         known = {f.name for f in dataclasses.fields(cls)}
-        optional = {"omitted"}  # format 1.1 keys, absent from 1.0 metadata
+        optional = {"omitted", "row_norm"}  # keys of formats 1.1 and 1.2, absent before
         if minor < 1 and "omitted" in data:
             raise BankFormatError(f"bank metadata of format {data['format_version']} has key 'omitted' (a 1.1 key)")
+        if minor < 2 and "row_norm" in data:
+            raise BankFormatError(f"bank metadata of format {data['format_version']} has key 'row_norm' (a 1.2 key)")
+        if "row_norm" in data and data["row_norm"] is None:
+            raise BankFormatError("row_norm is written only when set; found null")
         missing = sorted(known - optional - set(data))
         if missing:
             raise BankFormatError(f"bank metadata is missing {', '.join(missing)}")
@@ -358,7 +379,7 @@ class BankMeta:
             omitted = [{k: v for k, v in t.items() if k in ("name", "shape")} for t in omitted]
         if "omitted" in data and not omitted:
             raise BankFormatError("omitted is written only when non-empty; found an empty list")
-        return cls(**{k: data[k] for k in known if k not in ("codec", "layout", "omitted")},
+        return cls(**{k: data[k] for k in known if k not in ("codec", "layout", "omitted") and k in data},
                    codec=coerce_codec(codec), layout=coerce_layout(layout),
                    omitted=coerce_layout(omitted))
 

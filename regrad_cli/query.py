@@ -140,6 +140,8 @@ class WorkspaceCorpus:
         self.store = store
         self.bank = bank
         self.layout = [t.name for t in bank.meta.layout] if bank is not None else []
+        # Bank format 1.2: rows already normalised over the whole gradient (pipeline.step_from_rows).
+        self.row_norm = bank.meta.row_norm if bank is not None else None
 
     def search(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:
         if retriever not in RETRIEVERS:

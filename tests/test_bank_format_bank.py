@@ -121,7 +121,7 @@ def test_create_append_search_fetch_verify_stats(tmp_path):
     assert s["fp32_bytes_per_doc"] == fp32_bytes
     assert s["ratio_vs_fp32"] == pytest.approx(fp32_bytes / s["bytes_per_doc"])
     assert s["bytes_on_disk"] > 0 and s["median_bytes_per_doc"] > 0 and s["versions"] == n_versions(bank)
-    assert s["codec"]["name"] == "fp32" and s["format_version"] == "1.1" and s["producer"] == "regrad 0.1.0"
+    assert s["codec"]["name"] == "fp32" and s["format_version"] == "1.2" and s["producer"] == "regrad 0.1.0"
     assert s["fingerprints"]["model"]["id"] == "tiny-llama"
     assert s["layout"] == {"n_tensors": 2, "n_values": 48, "omitted_tensors": 0, "omitted_values": 0}
     assert s["ratio_vs_fp32_stored"] == s["ratio_vs_fp32"]  # nothing omitted

@@ -275,13 +275,14 @@ def test_meta_round_trip_and_versions():
         BankMeta.from_json(json.dumps({**d, "new_key": [1]}))
     with pytest.raises(BankFormatError, match="unknown codec 'int3'.*upgrade regrad"):
         BankMeta.from_json(json.dumps({**d, "codec": {**d["codec"], "name": "int3"}}))
-    with pytest.raises(BankFormatError, match=r"bank format 1\.2 uses codec 'int3'.*upgrade regrad"):
-        BankMeta.from_json(json.dumps({**d, "format_version": "1.2", "codec": {**d["codec"], "name": "int3"}}))
+    with pytest.raises(BankFormatError, match=r"bank format 1\.3 uses codec 'int3'.*upgrade regrad"):
+        BankMeta.from_json(json.dumps({**d, "format_version": "1.3", "codec": {**d["codec"], "name": "int3"}}))
 
 
 def test_meta_1_1_omitted_and_codecs():
     m = _meta(omitted=[TensorSpec("B", (3, 2))], codec=CodecSpec("int4s", 3, 64))
-    assert m.format_version == "1.1" and m.full_layout_values == 12
+    assert m.format_version == "1.2" and m.full_layout_values == 12  # what this regrad writes
+    assert _meta(format_version="1.1", omitted=[TensorSpec("B", (3, 2))], codec=CodecSpec("int4s", 3, 64))
     d = json.loads(m.to_json())
     assert d["omitted"] == [{"name": "B", "shape": [3, 2]}]
     assert BankMeta.from_json(m.to_json()) == m
@@ -295,6 +296,26 @@ def test_meta_1_1_omitted_and_codecs():
     with pytest.raises(BankFormatError, match="only when non-empty"):
         BankMeta.from_json(json.dumps({**d, "omitted": []}))
     assert _meta(format_version="1.0").to_json()  # a 1.0 bank's metadata stays 1.0
+
+
+def test_meta_1_2_row_norm():
+    """row_norm (format 1.2): written only when set, one known value, refused in older formats."""
+    m = _meta(omitted=[TensorSpec("B", (3, 2))], row_norm="doc")
+    d = json.loads(m.to_json())
+    assert d["row_norm"] == "doc" and BankMeta.from_json(m.to_json()) == m
+    assert "row_norm" not in json.loads(_meta().to_json())
+    assert BankMeta.from_json(_meta().to_json()).row_norm is None
+    with pytest.raises(BankFormatError, match="1.2 key"):
+        BankMeta.from_json(json.dumps({**d, "format_version": "1.1"}))
+    with pytest.raises(BankFormatError, match="cannot hold row_norm: needs format 1.2"):
+        _meta(format_version="1.1", row_norm="doc")
+    with pytest.raises(BankFormatError, match="row_norm must be one of doc"):
+        _meta(row_norm="tensor")
+    with pytest.raises(BankFormatError, match="only when set"):
+        BankMeta.from_json(json.dumps({**d, "row_norm": None}))
+    # A newer minor may define more values; this reader cannot apply them and says so.
+    with pytest.raises(BankFormatError, match="row_norm must be one of"):
+        BankMeta.from_json(json.dumps({**d, "format_version": "1.5", "row_norm": "tensor"}))
 
 
 @FAST

@@ -130,7 +130,7 @@ def test_reader_1_0_refuses_a_1_1_codec_naming_the_version(monkeypatch, tmp_path
         GradientBank.open(tmp_path / "bank", read_only=True)
 
 
-def test_reader_1_0_reads_a_1_1_bank_with_a_1_0_codec_read_only(monkeypatch, tmp_path):
+def test_reader_1_0_reads_a_newer_bank_with_a_1_0_codec_read_only(monkeypatch, tmp_path):
     from bank_format import BankFormatError, BankMeta, CodecSpec, TensorSpec
 
     meta = BankMeta(producer="test", model={"id": "m"}, learner={"checkpoint_id": "c"},
@@ -143,9 +143,33 @@ def test_reader_1_0_reads_a_1_1_bank_with_a_1_0_codec_read_only(monkeypatch, tmp
     want = bank.fetch(["d"])["d"][0]
     _as_reader_1_0(monkeypatch)
     old = GradientBank.open(tmp_path / "bank", read_only=True)
-    assert old.meta.format_version == "1.1" and [t.name for t in old.meta.layout] == ["b"]
+    assert old.meta.format_version == "1.2" and [t.name for t in old.meta.layout] == ["b"]
     assert np.array_equal(old.fetch(["d"])["d"][0], want)
     writer = GradientBank.open(tmp_path / "bank")
     assert writer.read_only
     with pytest.raises(BankFormatError, match="can be read but not written"):
         writer.append([{**row, "doc_id": "e"}])
+
+
+def test_reader_1_1_reads_a_1_2_row_norm_bank_read_only(monkeypatch, tmp_path):
+    """A 1.1 reader ignores row_norm (a 1.2 key) and opens the bank read-only; the rows read the
+    same. (Normalising such rows again over the stored tensors gives exactly what a 1.1 bank of
+    raw rows gave: the normalisation is scale-free.)"""
+    import bank_format.schema as schema
+    from bank_format import BankFormatError, BankMeta, CodecSpec, TensorSpec
+
+    meta = BankMeta(producer="test", model={"id": "m"}, learner={"checkpoint_id": "c"},
+                    embedder={"id": "e", "dim": 2}, layout=[TensorSpec("b", (4, 2))],
+                    omitted=[TensorSpec("a", (2, 3))], codec=CodecSpec("int4s", 3, 4), row_norm="doc")
+    bank = GradientBank.create(tmp_path / "bank", meta)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2) / 10
+    row = {"doc_id": "d", "content_hash": "h", "embedding": np.ones(2, np.float32), "tensors": [x], "n_tokens": 3}
+    bank.append([row])
+    want = bank.fetch(["d"])["d"][0]
+    monkeypatch.setattr(schema, "FORMAT_VERSION", "1.1")
+    monkeypatch.setattr(schema, "FORMAT_MINOR", 1)
+    old = GradientBank.open(tmp_path / "bank", read_only=True)
+    assert old.meta.format_version == "1.2" and old.meta.is_newer_minor
+    assert np.array_equal(old.fetch(["d"])["d"][0], want)
+    with pytest.raises(BankFormatError, match="can be read but not written"):
+        GradientBank.open(tmp_path / "bank").append([{**row, "doc_id": "e"}])

@@ -164,6 +164,75 @@ def test_a_subset_bank_applies_exactly_that_subset(tmp_path):
         assert same == (n not in keep), f"{n}: {'changed' if not same else 'unchanged'}"
 
 
+def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_whole_gradient(tmp_path):
+    """A 'doc'-normalising learner with tensors left out: build-bank divides each row by the norm of
+    the document's WHOLE gradient (bank key row_norm, format 1.2) and the query does not normalise
+    again, so the stored tensors move exactly as with the full gradient; the rest stay phi."""
+    from bank_format import GradientBank
+    from regrad_cli import adapt
+    from regrad_cli.build import build_bank
+    from regrad_cli.config import Workspace
+    from regrad_cli.documents import DocumentStore
+    from regrad_cli.gradients import document_gradients
+    from regrad_cli.ingest import ingest
+    from regrad_cli.query import QueryEngine
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TEXTS):
+        (corpus / f"{i}.txt").write_text(text)
+    ws = Workspace.open(tmp_path / "ws")
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer())
+    engine = _engine()
+    learner = engine.learner
+    learner.meta["norm"] = "doc"
+    keep = [n for n in learner.names if n.endswith(".B")]
+    learner.meta[META_KEY] = energy_record({n: (1.0 if n in keep else 0.0) for n in learner.names}, 1e-4)
+    ws.config.bank.codec = "fp32"
+    build_bank(ws, engine)
+    bank = GradientBank.open(ws.bank_path(learner.checkpoint_id()))
+    assert bank.meta.row_norm == "doc" and bank.meta.format_version == "1.2"
+
+    # Each stored row is g_stored / ||g_whole||: its stored part has norm below 1, not 1.
+    text_of = {d["id"]: d["text"] for d in DocumentStore(ws).all(columns=["id", "text"])}
+    rows = bank.fetch(list(text_of))
+    whole = {}
+    for doc_id, arrays in rows.items():
+        (g,), _ = document_gradients(engine.model, learner, engine.tokenizer, [text_of[doc_id]],
+                                     ws.config.bank.max_doc_tokens)
+        whole[doc_id] = g
+        norm = sum(float(t.double().pow(2).sum()) for t in g.values()) ** 0.5
+        for n, a in zip(keep, arrays):
+            np.testing.assert_allclose(a, g[n].numpy() / norm, rtol=1e-5, atol=1e-9)
+
+    applied = []
+    real_use = learner.use
+
+    def spy(weights):
+        if weights is not None:
+            applied.append({n: t.detach().clone() for n, t in weights.items()})
+        return real_use(weights)
+
+    learner.use = spy
+    try:
+        res = QueryEngine(ws, engine=engine, embedder=FakeEmbedder()).answer(
+            "where does the zarn river flow?", mode="param", top_k=2, max_new_tokens=2)
+    finally:
+        learner.use = real_use
+    step = applied[0]
+    used = [(h["doc_id"], h["weight"]) for h in res["retrieved"] if h["applied"]]
+    grads = {n: torch.stack([whole[d][n] for d, _ in used]) for n in learner.names}
+    w = torch.tensor([wt for _, wt in used], dtype=torch.float32)
+    expected = adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(grads, w, norm="doc"))
+    phi = learner.phi_dict()
+    for n in learner.names:
+        got = step[n].reshape(phi[n].shape)
+        if n in keep:
+            torch.testing.assert_close(got, expected[n].detach(), rtol=1e-4, atol=1e-7)
+        else:
+            assert torch.equal(got, phi[n].detach()), n
+
+
 @pytest.mark.real
 def test_cli_learner_energy_writes_the_record(tmp_path, monkeypatch, capsys):
     from regrad_cli.engine import bundled_checkpoint_dir
