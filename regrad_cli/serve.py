@@ -3,8 +3,9 @@
 Three parts:
 
 - ``BatchWorker``: the one thread that owns the model, learner, embedder and bank (a
-  ``QueryEngine``, loaded in that thread). Requests queue up; the worker takes whatever arrived
-  within a short window (or up to ``max_batch``) and answers it in ONE
+  ``QueryEngine``, loaded in that thread). Requests queue up; the worker takes whatever arrives
+  until no request has come for a short window (at most ten windows, or ``max_batch``) and
+  answers it in ONE
   ``QueryEngine.answer_many(requests, return_exceptions=True)`` call: one generation call per
   ``max_new_tokens`` value, every row with its own phi' on the LoRA side path (the answering
   pipeline, ``regrad_cli.pipeline``, is the only place that steps, combines and generates). A
@@ -42,6 +43,9 @@ log = logging.getLogger("regrad.serve")
 MAX_QUESTION_CHARS = 4000
 MAX_BATCH_ITEMS = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# A batch waits at most this many batch windows for requests to join it (each arrival restarts
+# the window).
+BATCH_WAIT_WINDOWS = 10
 # Field names check_request puts before its message ("top_k: must be ...").
 _FIELDS = ("question", "mode", "combine", "retriever", "top_k", "max_new_tokens", "gamma")
 ROUTES = ("/v1/query", "/v1/query:batch", "/v1/bank/stats", "/healthz", "/metrics", "/docs",
@@ -54,7 +58,7 @@ class ServeSettings:
     port: int = 8765
     token: str | None = None  # bearer token required on every route but /healthz
     max_batch: int = 16  # most requests answered in one answer_many call
-    batch_window_ms: float = 10.0  # how long the worker waits for more requests after the first
+    batch_window_ms: float = 10.0  # how long the worker waits for another request to join a batch
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int = 1024  # requests waiting beyond this get 503
     defaults: dict = field(default_factory=dict)  # set from the workspace's [query] once loaded
@@ -243,10 +247,17 @@ class BatchWorker:
                     job = self._calls.popleft()
                     batch = None
                 elif self._requests:
-                    # A short window for more requests to join (skipped when closing: drain fast).
-                    deadline = time.monotonic() + window
+                    # Wait for more requests to join (not when closing: drain fast). Each arrival
+                    # restarts the window, up to BATCH_WAIT_WINDOWS windows in all: clients answered
+                    # by the last batch send their next questions a few ms apart, and a fixed window
+                    # from the first one would split them into a large batch and a straggler batch.
+                    now = time.monotonic()
+                    cap, deadline, seen = now + BATCH_WAIT_WINDOWS * window, now + window, len(self._requests)
                     while len(self._requests) < max_batch and not self._closing and not self._calls:
-                        left = deadline - time.monotonic()
+                        now = time.monotonic()
+                        if len(self._requests) > seen:
+                            seen, deadline = len(self._requests), now + window
+                        left = min(deadline, cap) - now
                         if left <= 0:
                             break
                         self._cond.wait(left)

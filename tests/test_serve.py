@@ -414,3 +414,39 @@ def test_serve_cli_refuses_a_public_address_without_a_token(tmp_path, monkeypatc
     out = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--workspace", str(tmp_path)])
     assert out.exit_code != 0
     assert "--token" in str(out.exception)
+
+
+def test_a_batch_waits_while_requests_keep_arriving():
+    """Requests that arrive closer together than the window share one batch even when they span
+    several windows (clients answered by the last batch send their next questions a few ms
+    apart); a request after a longer gap starts a new batch."""
+
+    class _Recorder:
+        def __init__(self):
+            self.sizes = []
+
+        def answer_many(self, requests, return_exceptions=False):
+            self.sizes.append(len(requests))
+            return [{"answer": r} for r in requests]
+
+    class _Weights:
+        def state_dict(self):
+            return {}
+
+    recorder = _Recorder()
+    recorder.engine = type("E", (), {"model": _Weights(), "learner": _Weights()})()
+    worker = BatchWorker(lambda: recorder, ServeSettings(max_batch=16, batch_window_ms=100)).start()
+    try:
+        assert worker.ready.wait(30)
+        futures = []
+        for i in range(6):  # 6 arrivals 40 ms apart: 200 ms in all, two windows
+            futures.append(worker.submit(f"q{i}"))
+            time.sleep(0.04)
+        assert [f.result(30)["answer"] for f in futures] == [f"q{i}" for i in range(6)]
+        first = worker.submit("alone")
+        first.result(30)
+        time.sleep(1.0)  # ten windows of silence: the next request starts its own batch
+        worker.submit("later").result(30)
+    finally:
+        worker.close(30)
+    assert recorder.sizes == [6, 1, 1]

@@ -20,7 +20,7 @@ def serve_cmd(
                                                  help="Bearer token required on every route but /healthz.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Most requests answered in one generation call.")] = 16,
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0.0, max=10000.0,
-                                                   help="How long the first queued request waits for others to join its batch.")] = 10.0,
+                                                   help="How long a batch waits for another request to join; each arrival restarts the wait, up to 10 windows in all.")] = 10.0,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body accepted (KiB).")] = 1024,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a request on a corrupt gradient row instead of skipping the row.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
