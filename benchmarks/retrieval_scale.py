@@ -21,6 +21,13 @@ default nprobes is 20, so "default" and "20" are the same setting measured twice
 difference shows the noise (the first searches after an index build are also colder).
 
 Banks are written under /tmp and deleted afterwards. ``--quick`` = 10k and 100k rows.
+
+Appending 1M rows takes minutes and is not what is measured: with ``--bank-dir DIR`` each bank
+is kept in DIR/bank-ROWS (with its query set) and reused by later runs, so the rows can be written
+by one run with ``--build-only`` (outside any pause) and the timed searches made by another:
+
+    python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir /tmp/scale --build-only
+    /work/notes/pause_evals.sh python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir /tmp/scale
 """
 
 from __future__ import annotations
@@ -64,7 +71,12 @@ def main() -> None:
     p.add_argument("--partitions", default="1,2", help="IVF partition counts as multiples of sqrt(rows), comma-separated")
     p.add_argument("--nprobes", default="10,20,40", help="partitions scanned per query, comma-separated")
     p.add_argument("--min-overlap", type=float, default=0.6, help="top-k overlap with exact search a chosen setting needs")
+    p.add_argument("--bank-dir", default=None,
+                   help="keep each bank in DIR/bank-ROWS and reuse it when it is already there (not timed)")
+    p.add_argument("--build-only", action="store_true", help="with --bank-dir: write the banks, time nothing")
     args = p.parse_args()
+    if args.build_only and not args.bank_dir:
+        p.error("--build-only needs --bank-dir")
     setup(args)
 
     import numpy as np
@@ -82,26 +94,65 @@ def main() -> None:
                    layout=layout, codec=codec)
     blob = encode_blob([np.linspace(-1, 1, 16, dtype=np.float32)], layout, codec)
 
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    @contextmanager
+    def bank_home(n: int):
+        if args.bank_dir is None:
+            with temp_dir(f"regrad-bench-scale-{n}-") as tmp:
+                yield tmp, False
+            return
+        home = Path(args.bank_dir) / f"bank-{n}"
+        done = (home / "sources.npz").exists()
+        if not done and home.exists():
+            import shutil
+
+            shutil.rmtree(home)  # an interrupted earlier write
+        home.mkdir(parents=True, exist_ok=True)
+        yield home, done
+
+    def write_bank(n: int, home: Path):
+        """Append n rows to a new bank in ``home``; (bank, query sources, their ids, s, peak MB)."""
+        rng = np.random.default_rng(args.seed)
+        bank = GradientBank.create(home / "bank", BankMeta(**meta_kw))
+        sources, source_ids = [], []
+        log(f"{n:,} rows: appending in batches of {args.batch_rows:,}")
+        with PeakRSS() as mem_build, timer() as t_build:
+            for start in range(0, n, args.batch_rows):
+                m = min(args.batch_rows, n - start)
+                emb = unit_rows(rng, m)
+                # Keep a few rows per batch as sources of queries (spread over the whole bank).
+                per_batch = -(-(warmup + n_queries) * m // n) + 1
+                pick = rng.choice(m, size=min(m, per_batch), replace=False)
+                sources.extend(emb[pick])
+                source_ids.extend(f"doc-{start + int(i):08d}" for i in pick)
+                bank.append([{"doc_id": f"doc-{start + i:08d}", "content_hash": f"h{start + i:x}",
+                              "embedding": emb[i], "blob": blob, "n_tokens": 128, "source": "synthetic"}
+                             for i in range(m)])
+                del emb
+        if args.bank_dir:
+            np.savez(home / "sources.npz", sources=np.stack(sources), ids=np.array(source_ids),
+                     build_s=t_build["s"], build_peak_mb=mem_build.peak_mb)
+        return bank, sources, source_ids, t_build["s"], mem_build.peak_mb
+
+    def read_bank(n: int, home: Path):
+        """A bank kept by an earlier run (--bank-dir), with the same tuple as write_bank."""
+        log(f"{n:,} rows: reusing the bank in {home}")
+        bank = GradientBank.open(home / "bank")
+        if bank.count() != n:
+            raise SystemExit(f"{home / 'bank'} holds {bank.count()} rows, not {n}: remove it")
+        saved = np.load(home / "sources.npz")
+        return (bank, list(saved["sources"]), [str(x) for x in saved["ids"]], float(saved["build_s"]),
+                float(saved["build_peak_mb"]))
+
     results = []
     for n in sizes:
-        rng = np.random.default_rng(args.seed)
-        with temp_dir(f"regrad-bench-scale-{n}-") as tmp:
-            bank = GradientBank.create(tmp / "bank", BankMeta(**meta_kw))
-            sources, source_ids = [], []
-            log(f"{n:,} rows: appending in batches of {args.batch_rows:,}")
-            with PeakRSS() as mem_build, timer() as t_build:
-                for start in range(0, n, args.batch_rows):
-                    m = min(args.batch_rows, n - start)
-                    emb = unit_rows(rng, m)
-                    # Keep a few rows per batch as sources of queries (spread over the whole bank).
-                    per_batch = -(-(warmup + n_queries) * m // n) + 1
-                    pick = rng.choice(m, size=min(m, per_batch), replace=False)
-                    sources.extend(emb[pick])
-                    source_ids.extend(f"doc-{start + int(i):08d}" for i in pick)
-                    bank.append([{"doc_id": f"doc-{start + i:08d}", "content_hash": f"h{start + i:x}",
-                                  "embedding": emb[i], "blob": blob, "n_tokens": 128, "source": "synthetic"}
-                                 for i in range(m)])
-                    del emb
+        with bank_home(n) as (tmp, reuse):
+            bank, sources, source_ids, build_s, build_peak_mb = (read_bank if reuse else write_bank)(n, tmp)
+            if args.build_only:
+                log(f"{n:,} rows in {tmp} (written in {build_s:.0f} s); --build-only: nothing timed")
+                continue
             disk = dir_bytes(tmp / "bank")
             qrng = np.random.default_rng(args.seed + 1)
             chosen = qrng.choice(len(sources), size=min(len(sources), warmup + n_queries), replace=False)
@@ -173,8 +224,9 @@ def main() -> None:
             results.append({
                 "rows": n,
                 "timed_queries": len(timed),
-                "build_s": t_build["s"],
-                "rows_per_s": n / t_build["s"],
+                "build_s": build_s,
+                "rows_per_s": n / build_s,
+                "bank_reused": reuse,
                 "index_build_s": default.get("index_build_s"),
                 "disk_mb": disk / 2**20,
                 "disk_mb_indexed": default.get("disk_mb_indexed"),
@@ -185,11 +237,13 @@ def main() -> None:
                 "indexed_recall_at_k_vs_exact": default["recall_at_k_vs_exact"],
                 "index_settings": index_runs,
                 "chosen": chosen,
-                "peak_rss_mb": {"build": mem_build.peak_mb, "exact": mem_flat.peak_mb,
+                "peak_rss_mb": {"build": build_peak_mb, "exact": mem_flat.peak_mb,
                                 "index": max(r.get("peak_rss_mb", 0) for r in index_runs)},
             })
             del bank
 
+    if args.build_only:
+        return
     print_table(
         f"Bank search, {DIM}-dim random unit embeddings, top-{args.k}, {n_queries} timed queries "
         f"({warmup} warm-up excluded), index {args.index_type} with default partitions (sqrt(rows))",

@@ -99,9 +99,10 @@ class BankConfig:
     codec: str = "int4"
     zstd_level: int = 3
     group_size: int = 64
-    # Documents per forward/backward pass: 4 measured best on a 2-core CPU (benchmarks/
-    # build_throughput.py); larger batches pad more and use more memory.
-    batch_size: int = 4
+    # Documents per forward/backward pass: 1 measured fastest on a 2-core CPU at 1 and 2 threads
+    # (docs/benchmarks/build_throughput-quick.json: batch 4 was 0.73x the bare loop at 2 threads,
+    # batch 1 0.95x, and 0.8 GB less memory).
+    batch_size: int = 1
     max_doc_tokens: int = 256
     # Where banks live: "" = WORKSPACE/banks; or a directory or an object-store URI such as
     # "s3://bucket/prefix" (one bank per learner checkpoint below it, as bank-<id>).
