@@ -186,7 +186,9 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
         for r in ctx_rows:
             r.passages = [texts[h.doc_id] for h in r.retrieved if h.doc_id in texts]
 
-    # Gradients -> combination -> step, per row.
+    # Gradients -> combination -> step. Rows whose steps share their shape (as many documents,
+    # the same combination and gamma) are stepped together, [n, k, ...]: the same arithmetic per
+    # row as one at a time, without a few thousand small tensor operations per row.
     step_rows = [r for r in live if MODES[r.req.mode].adapter == "step"]
     if step_rows:
         t = time.perf_counter()
@@ -194,9 +196,9 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
         decoded, bad = corpus.gradients(ids) if ids else ({}, {})
         fetch_ms = _ms(t) / len(step_rows)
         device = next(model.parameters()).device
+        same: dict[tuple, list[tuple[_Row, list[Retrieved]]]] = {}
         for r in step_rows:
             r.timings["fetch_decode"] = fetch_ms
-            t = time.perf_counter()
             r.skipped = [{"doc_id": h.doc_id, "reason": bad[h.doc_id]} for h in r.retrieved if h.doc_id in bad]
             if r.skipped and strict:
                 s = r.skipped[0]
@@ -208,17 +210,25 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
             r.used = [h.doc_id for h in used]
             if not used:
                 r.adapter = None  # nothing to apply: phi itself
-                r.timings["apply"] = _ms(t)
+                r.timings["apply"] = 0.0
                 continue
-            r.adapter, r.weights = step_from_rows(learner, [decoded[h.doc_id] for h in used],
-                                                  [h.cosine for h in used], r.req.combine, r.req.gamma, device,
-                                                  row_norm=getattr(corpus, "row_norm", None))
-            if not adapt.is_finite(r.adapter):
-                r.error = RegradError(
-                    f"the step for {r.req.question[:60]!r} is not finite (documents {', '.join(r.used)}): "
-                    "a gradient row or the learner holds inf/NaN; run `regrad bank verify`")
-                r.adapter = None
-            r.timings["apply"] = _ms(t)
+            same.setdefault((len(used), r.req.combine, r.req.gamma), []).append((r, used))
+        for (_, combine, gamma), members in same.items():
+            t = time.perf_counter()
+            steps, weights = steps_from_rows(learner, [[decoded[h.doc_id] for h in used] for _, used in members],
+                                             [[h.cosine for h in used] for _, used in members], combine, gamma,
+                                             device, row_norm=getattr(corpus, "row_norm", None))
+            finite = adapt.finite_rows(steps)
+            apply_ms = _ms(t) / len(members)
+            for i, (r, _) in enumerate(members):
+                r.weights = weights[i]
+                r.timings["apply"] = apply_ms
+                if finite[i]:
+                    r.adapter = {n: v[i] for n, v in steps.items()}
+                else:
+                    r.error = RegradError(
+                        f"the step for {r.req.question[:60]!r} is not finite (documents {', '.join(r.used)}): "
+                        "a gradient row or the learner holds inf/NaN; run `regrad bank verify`")
     live = [r for r in live if r.error is None]
 
     # Generation: one call per max_new_tokens value, every row with its own adapter.
@@ -299,10 +309,22 @@ def step_from_rows(learner, rows: Sequence[dict[str, np.ndarray]], cosines: Sequ
 
     ``row_norm``: the normalisation the rows already carry (a bank's ``row_norm``, taken over
     the whole gradient when the bank leaves tensors out); they are then not normalised again."""
-    scores = torch.tensor(list(cosines), dtype=torch.float32)
+    steps, weights = steps_from_rows(learner, [rows], [cosines], combine, gamma, device, row_norm)
+    return {n: v[0] for n, v in steps.items()}, weights[0]
+
+
+def steps_from_rows(learner, rows: Sequence[Sequence[dict[str, np.ndarray]]], cosines: Sequence[Sequence[float]],
+                    combine: str, gamma: float = 1.0, device=None, row_norm: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
+    """``step_from_rows`` for n questions with k documents each at once: phi' stacked [n, ...]
+    and the combination weights per question. Every question's phi' is bit for bit the one
+    ``step_from_rows`` gives it alone (the arithmetic is elementwise, or reduces within one
+    question: tests/test_serve.py checks it)."""
+    scores = torch.tensor([list(c) for c in cosines], dtype=torch.float32)
     w = adapt.combination_weights(scores, combine, learner.log_temp.detach().cpu())
-    names = list(rows[0])
-    grads = {n: torch.from_numpy(np.stack([np.asarray(r[n], dtype=np.float32) for r in rows])) for n in names}
+    names = list(rows[0][0])
+    grads = {n: torch.from_numpy(np.stack([np.stack([np.asarray(d[n], dtype=np.float32) for d in q]) for q in rows]))
+             for n in names}
     norm = learner.trained_norm
     if row_norm is not None:
         if row_norm != norm:
@@ -312,7 +334,8 @@ def step_from_rows(learner, rows: Sequence[dict[str, np.ndarray]], cosines: Sequ
     g = adapt.combine(grads, w, norm=norm)
     if device is not None:
         g = {n: v.to(device) for n, v in g.items()}
-    return adapt.step(learner.phi_dict(), learner.alpha_dict(), g, gamma), [float(x) for x in w]
+    return (adapt.step(learner.phi_dict(), learner.alpha_dict(), g, gamma, batched=True),
+            [[float(x) for x in row] for row in w])
 
 
 def _batch_adapter(learner, group: list[_Row]):

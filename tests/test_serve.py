@@ -450,3 +450,36 @@ def test_a_batch_waits_while_requests_keep_arriving():
     finally:
         worker.close(30)
     assert recorder.sizes == [6, 1, 1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("norm,combine", [("doc", "score"), ("none", "sum"), ("tensor", "mean")])
+def test_batched_steps_equal_one_question_steps_bit_for_bit(threads, norm, combine):
+    """The server steps a batch's questions together ([n, k, ...]); each phi' must be exactly the
+    one the question gets alone, on tensors large enough that torch splits reductions across
+    threads."""
+    import numpy as np
+    import torch
+
+    from regrad_cli.lora import Learner, LearnerSpec
+    from regrad_cli.pipeline import step_from_rows, steps_from_rows
+
+    shapes = {"up.A": (8, 576), "up.B": (1536, 8), "down.A": (8, 1536), "down.B": (576, 8)}
+    learner = Learner(LearnerSpec(), shapes).init_(seed=0, alpha_init=0.5)
+    learner.meta["norm"] = norm
+    rng = np.random.default_rng(0)
+    n, k = 16, 3
+    rows = [[{name: rng.standard_normal(s).astype(np.float32) * rng.uniform(0.1, 10) for name, s in shapes.items()}
+             for _ in range(k)] for _ in range(n)]
+    cosines = [list(rng.uniform(0.2, 0.9, k)) for _ in range(n)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together, weights = steps_from_rows(learner, rows, cosines, combine, 1.5)
+        for i in range(n):
+            alone, w = step_from_rows(learner, rows[i], cosines[i], combine, 1.5)
+            assert w == weights[i]
+            for name in shapes:
+                assert torch.equal(alone[name], together[name][i]), (i, name)
+    finally:
+        torch.set_num_threads(before)
