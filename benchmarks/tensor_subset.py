@@ -58,12 +58,16 @@ def main() -> None:
                         "sampled questions' gold passages)")
     p.add_argument("--questions", type=int, default=None,
                    help="questions (default: all demo questions, 100 of --dataset; --quick: 30)")
-    p.add_argument("--thresholds", default="1e-4,1e-3",
-                   help="energy-share thresholds to compare with the full layout (each in fp32)")
-    p.add_argument("--threshold", type=float, default=1e-4,
-                   help="the threshold whose subset every codec is measured on")
-    p.add_argument("--codecs", default="int4/g64,int4/g128,int4s/g64,int4s/g128",
-                   help="codecs measured on the chosen subset (NAME or NAME/gGROUP)")
+    p.add_argument("--settings",
+                   default="full:int4/g64,1e-4:fp32,1e-4n:fp32,1e-4n:int4s/g64,1e-4n:int4s/g128",
+                   help="comma-separated STORED:CODEC settings, each compared with the full fp32 "
+                        "layout (always measured first). STORED is 'full' or an energy-share "
+                        "threshold; a trailing 'n' (e.g. 1e-4n) stores rows normalised over the "
+                        "whole gradient (bank key row_norm, format 1.2) instead of leaving the "
+                        "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP")
+    p.add_argument("--energy", choices=("record", "corpus"), default="record",
+                   help="tensor shares that decide the stored subset: the learner's recorded ones "
+                        "(what build-bank uses; default) or measured over this run's corpus")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--gen-batch", type=int, default=12, help="questions per batched generate call")
@@ -76,6 +80,7 @@ def main() -> None:
     import torch
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
+    from regrad_cli import adapt
     from regrad_cli.config import BankConfig
     from regrad_cli.energy import EnergyAccumulator
     from regrad_cli.generation import answer_nll, generate
@@ -97,44 +102,56 @@ def main() -> None:
     else:
         from regrad_cli.datasets import corpus_of, load_dataset
 
-        questions = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
-        questions = random.Random(args.seed).sample(questions, min(len(questions), n_questions or 100))
-        texts = corpus_of(questions)
-
-    log(f"gradients of {len(texts)} documents (batch {bcfg.batch_size}, max {bcfg.max_doc_tokens} tokens)")
-    grads = []
-    acc = EnergyAccumulator(learner)  # each tensor's share of the step energy over the corpus
-    with timer() as t_grad:
-        for i in range(0, len(texts), bcfg.batch_size):
-            g, _ = document_gradients(model, learner, tok, texts[i:i + bcfg.batch_size], bcfg.max_doc_tokens)
-            grads += g
-            acc.add({n: torch.stack([d[n] for d in g]) for n in learner.names})
-    energy = acc.shares()
-    names = learner.names
-    shapes = dict(learner.layout)
-    n_values_full = sum(int(np.prod(s)) for s in shapes.values())
-    fp32_full = 4 * n_values_full
+        pool = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
+        questions = random.Random(args.seed).sample(pool, min(len(pool), n_questions or 100))
+        texts = corpus_of(pool)  # the whole pool's passages: retrieval searches all of them
 
     # Retrieval: MiniLM cosine over the corpus, like a dense bank search.
     embedder = Embedder()
     sims = embedder.embed([q.question for q in questions]) @ embedder.embed(texts).T
     top = np.argsort(-sims, axis=1)[:, :args.top_k]
+    # Only the retrieved documents need a gradient (the rest of the pool is never applied).
+    needed = sorted({int(d) for d in top.reshape(-1)})
+
+    log(f"gradients of {len(needed)} retrieved documents of {len(texts)} "
+        f"(batch {bcfg.batch_size}, max {bcfg.max_doc_tokens} tokens)")
+    grads = {}
+    acc = EnergyAccumulator(learner)  # each tensor's share of the step energy over these documents
+    with timer() as t_grad:
+        for i in range(0, len(needed), bcfg.batch_size):
+            ids = needed[i:i + bcfg.batch_size]
+            g, _ = document_gradients(model, learner, tok, [texts[d] for d in ids], bcfg.max_doc_tokens)
+            grads.update(zip(ids, g))
+            acc.add({n: torch.stack([d[n] for d in g]) for n in learner.names})
+    energy = acc.shares()
+    recorded = (learner.meta.get("stored_tensors") or {}).get("energy")
+    if args.energy == "record" and recorded:
+        energy = {n: float(recorded[n]) for n in learner.names}
+    names = learner.names
+    shapes = dict(learner.layout)
+    n_values_full = sum(int(np.prod(s)) for s in shapes.values())
+    fp32_full = 4 * n_values_full
+
     prompts = [prompt_ids(tok, q.question) for q in questions]
     step_fn, weights_fn = _step_functions(learner)
     combine = learner.trained_combine
     plan = [(list(row), weights_fn(torch.tensor(sims[i, row], dtype=torch.float32), combine))
             for i, row in enumerate(top)]
 
-    def evaluate(decoded: list[dict]) -> dict:
-        """Answers, F1, EM and answer NLL with these per-document gradients (stored tensors only)."""
+    def evaluate(decoded: dict, norm: str | None = None) -> dict:
+        """Answers, F1, EM and answer NLL with these per-document gradients (stored tensors only);
+        ``norm`` overrides the learner's normalisation ('none' for rows normalised at build)."""
         preds, nlls = [], []
         for s in range(0, len(questions), args.gen_batch):
             idx = range(s, min(len(questions), s + args.gen_batch))
-            rows = [step_fn([decoded[d] for d in plan[i][0]], plan[i][1]) for i in idx]
+            rows = [step_fn([decoded[d] for d in plan[i][0]], plan[i][1], norm) for i in idx]
             with torch.no_grad():
                 stacked = {n: torch.stack([r[n] for r in rows]) for n in names}
             with torch.no_grad(), learner.using(stacked):
-                preds += generate(model, tok, [prompts[i] for i in idx], args.max_new_tokens)
+                # Finished rows leave the batch; their stacked adapters leave with them.
+                preds += generate(model, tok, [prompts[i] for i in idx], args.max_new_tokens,
+                                  on_rows=lambda rows: learner.use(adapt.select_rows(stacked, rows)))
+                learner.use(stacked)  # every row again, for the likelihoods
                 nlls += answer_nll(model, tok, [prompts[i] for i in idx],
                                    [questions[i].answers[0] for i in idx]).tolist()
         return {"preds": preds, "nll": float(np.mean(nlls)),
@@ -145,33 +162,42 @@ def main() -> None:
         keep = [n for n in names if threshold is None or energy[n] > threshold]
         return keep or list(names)
 
-    def coded(keep: list[str], codec: str, group: int) -> tuple[list[dict], float]:
-        """Decoded per-document gradients of the kept tensors and the mean blob bytes."""
+    def coded(keep: list[str], codec: str, group: int, row_norm: bool) -> tuple[dict, float]:
+        """Decoded per-document gradients of the kept tensors and the mean blob bytes; with
+        ``row_norm`` each row is divided by its whole gradient's norm before encoding (build.py)."""
         layout = [TensorSpec(n, tuple(shapes[n])) for n in keep]
         spec = CodecSpec(codec, zstd_level=bcfg.zstd_level, group_size=group)
-        out, sizes = [], []
-        for g in grads:
-            blob = encode_blob([g[n].numpy() for n in keep], layout, spec)
+        out, sizes = {}, []
+        for d, g in grads.items():
+            scale = 1.0
+            if row_norm:
+                scale = float(torch.rsqrt(sum(g[n].double().pow(2).sum() for n in names) + 1e-12))
+            blob = encode_blob([(g[n] * scale).numpy() for n in keep], layout, spec)
             sizes.append(len(blob))
-            out.append({n: torch.from_numpy(a) for n, a in zip(keep, decode_blob(blob, layout))})
+            out[d] = {n: torch.from_numpy(a) for n, a in zip(keep, decode_blob(blob, layout))}
         return out, float(np.mean(sizes))
 
-    settings = [("full", None, "fp32", 64), ("full", None, bcfg.codec, bcfg.group_size)]
-    settings += [(f"share>{t:g}", t, "fp32", 64) for t in map(float, args.thresholds.split(","))]
-    settings += [(f"share>{args.threshold:g}", args.threshold, *parse_codec(c)) for c in args.codecs.split(",")]
+    settings = [("full", None, False, "fp32", 64)]
+    for item in args.settings.split(","):
+        where, _, codec_text = item.strip().partition(":")
+        row_norm = where.endswith("n") and where != "full"
+        threshold = None if where == "full" else float(where.rstrip("n"))
+        label = "full" if threshold is None else f"share>{threshold:g}" + (" row-norm" if row_norm else "")
+        settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32")))
     settings = list(dict.fromkeys(settings))
     results, ref = [], None
     with timer() as t_eval:
-        for label, threshold, codec, group in settings:
+        for label, threshold, row_norm, codec, group in settings:
             keep = stored(threshold)
             log(f"{label} ({len(keep)} tensors), {codec}/g{group}: encode, decode, answer {len(questions)} questions")
-            decoded, size = coded(keep, codec, group)
-            ev = evaluate(decoded)
+            decoded, size = coded(keep, codec, group, row_norm)
+            norm_now = "none" if row_norm else None
+            ev = evaluate(decoded, norm_now)
             ref = ref or ev
             n_kept = sum(int(np.prod(shapes[n])) for n in keep)
             changed = sum(a != b for a, b in zip(ev["preds"], ref["preds"]))
             results.append({
-                "subset": label, "threshold": threshold, "codec": codec,
+                "subset": label, "threshold": threshold, "row_norm": row_norm, "codec": codec,
                 "group_size": group if codec in ("int4", "int4s", "int8g") else None,
                 "tensors": len(keep), "values_fraction": n_kept / n_values_full,
                 "energy_dropped": sum(energy[n] for n in names if n not in keep),
@@ -211,6 +237,7 @@ def main() -> None:
         "dataset": args.dataset,
         "n_questions": len(questions),
         "n_documents": len(texts),
+        "n_documents_retrieved": len(needed),
         "top_k": args.top_k,
         "max_new_tokens": args.max_new_tokens,
         "reference": {"subset": "full", "codec": "fp32", "f1": ref["f1"], "em": ref["em"]},
@@ -236,15 +263,15 @@ def _step_functions(learner):
     except ImportError:
         adapt = None
     if adapt is not None and hasattr(learner, "alpha_dict"):
-        norm = getattr(learner, "trained_norm", "none")
+        trained = getattr(learner, "trained_norm", "none")
 
-        def step(docs, w):
+        def step(docs, w, norm=None):
             g = {n: torch.stack([d[n] for d in docs]) for n in docs[0]}
-            return adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(g, w, norm=norm))
+            return adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(g, w, norm=norm or trained))
 
         return step, lambda s, method: adapt.combination_weights(s, method, learner.log_temp).detach()
 
-    def step(docs, w):
+    def step(docs, w, norm=None):
         g = {n: sum(d[n] * float(wi) for d, wi in zip(docs, w)) for n in docs[0]}
         return learner.adapted_weights(g, 1.0)
 
