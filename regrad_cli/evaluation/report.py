@@ -42,7 +42,7 @@ def significance_sentence(name: str, ref: str, c: dict) -> str:
         return f"**{name}** scores significantly higher than {ref} ({nums})."
     if hi < 0:
         return f"**{name}** scores significantly lower than {ref} ({nums})."
-    return f"{name}: no significant difference from {ref} ({nums}; the interval crosses zero)."
+    return f"{name}: no significant difference from {ref} ({nums}; the interval includes zero)."
 
 
 def render_report(results: dict) -> str:
