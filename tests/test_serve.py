@@ -8,7 +8,6 @@ documented 4xx JSON errors; one failing request fails alone; shutdown answers wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -21,13 +20,11 @@ from regrad_cli.build import build_bank
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.ingest import ingest
-from regrad_cli.lora import Learner
-from regrad_cli.models import LoadedModel
 from regrad_cli.pipeline import Request
 from regrad_cli.query import QueryEngine
 from regrad_cli.serve import BackgroundServer, BatchWorker, ServeSettings
 
-from conftest import DEMO_DIR, FakeEmbedder, FakeTokenizer, make_tiny_llama
+from conftest import DEMO_DIR, FakeEmbedder, FakeTokenizer, make_tiny_engine, param_hash
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,25 +62,8 @@ VARIANTS = [
 ]
 
 
-class _Tok(FakeTokenizer):
-    pass
-
-
 def _engine() -> Engine:
-    model = make_tiny_llama(seed=0)
-    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=1.0)
-    learner.attach(model)
-    lm = LoadedModel(model, _Tok(), {"id": "tiny-llama", "weights_sha256": "tiny"}, "cpu", "float32")
-    return Engine(lm, learner, "tiny-llama")
-
-
-def param_hash(engine: Engine) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(engine.model.state_dict().items()):
-        h.update(name.encode() + t.numpy().tobytes())
-    for name, t in sorted(engine.learner.state_dict().items()):
-        h.update(name.encode() + t.detach().numpy().tobytes())
-    return h.hexdigest()
+    return make_tiny_engine()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +74,7 @@ def tiny_ws(tmp_path_factory):
     for name, text in DOCS.items():
         (corpus / name).write_text(text)
     ws = Workspace.open(root / "ws")
-    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=_Tok())
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer())
     engine = _engine()
     build_bank(ws, engine)
     return ws, engine
