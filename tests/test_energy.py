@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import shutil
 
 import numpy as np
@@ -28,6 +29,24 @@ TEXTS = [
     "vesper moths have blue wings and live in the dunmoor hills near the coast",
     "tollvane cheese is aged in limestone caves for nine months before sale",
 ]
+
+
+@contextmanager
+def recorded_steps(learner):
+    """Every non-None side-path state the learner is pointed at inside the block (copies)."""
+    applied = []
+    real_use = learner.use
+
+    def spy(weights):
+        if weights is not None:
+            applied.append({n: t.detach().clone() for n, t in weights.items()})
+        return real_use(weights)
+
+    learner.use = spy
+    try:
+        yield applied
+    finally:
+        learner.use = real_use
 
 
 def _engine() -> Engine:
@@ -142,20 +161,9 @@ def test_a_subset_bank_applies_exactly_that_subset(tmp_path):
     stats = bank.stats()
     assert stats["fp32_bytes_per_doc"] == 4 * learner.n_values
 
-    applied = []
-    real_use = learner.use
-
-    def spy(weights):
-        if weights is not None:
-            applied.append({n: t.detach().clone() for n, t in weights.items()})
-        return real_use(weights)
-
-    learner.use = spy
-    try:
+    with recorded_steps(learner) as applied:
         QueryEngine(ws, engine=engine, embedder=FakeEmbedder()).answer(
             "where does the zarn river flow?", mode="param", top_k=2, max_new_tokens=2)
-    finally:
-        learner.use = real_use
     assert applied, "the query applied no weights"
     step = applied[0]
     phi = learner.phi_dict()
@@ -205,20 +213,9 @@ def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_who
         for n, a in zip(keep, arrays):
             np.testing.assert_allclose(a, g[n].numpy() / norm, rtol=1e-5, atol=1e-9)
 
-    applied = []
-    real_use = learner.use
-
-    def spy(weights):
-        if weights is not None:
-            applied.append({n: t.detach().clone() for n, t in weights.items()})
-        return real_use(weights)
-
-    learner.use = spy
-    try:
+    with recorded_steps(learner) as applied:
         res = QueryEngine(ws, engine=engine, embedder=FakeEmbedder()).answer(
             "where does the zarn river flow?", mode="param", top_k=2, max_new_tokens=2)
-    finally:
-        learner.use = real_use
     step = applied[0]
     used = [(h["doc_id"], h["weight"]) for h in res["retrieved"] if h["applied"]]
     grads = {n: torch.stack([whole[d][n] for d, _ in used]) for n in learner.names}
