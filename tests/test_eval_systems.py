@@ -197,3 +197,83 @@ def test_cli_fail_under_exit_codes(tmp_path, capsys, monkeypatch):
     assert "change against" in out and "regrad: F1" in out
     code, out, err = run_cli(common + ["--out", tmp_path / "c", "--fail-under", "oracle=0.5"], capsys, monkeypatch)
     assert code == 1 and "--systems does not run" in err
+
+
+def _strip(recs):
+    return [{k: v for k, v in r.items() if k != "latency_ms"} for r in recs]
+
+
+def test_resume_keeps_answered_systems_and_runs_only_the_rest(tmp_path, dataset, monkeypatch):
+    from regrad_cli.evaluation import systems as sysmod
+
+    engine, emb = _engine(), FakeEmbedder()
+    first = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "cpt"], limit=4), engine=engine, embedder=emb)
+    ran = []
+    real = sysmod.run_system
+
+    def spy(qe, name, *a, **kw):
+        ran.append(name)
+        return real(qe, name, *a, **kw)
+
+    monkeypatch.setattr("regrad_cli.evaluation.harness.run_system", spy)
+    second = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "rag+phi", "cpt"], limit=4, resume=True),
+                      engine=engine, embedder=emb)
+    assert ran == ["rag+phi"]  # regrad and cpt (its drift recorded) are kept, CPT is not trained again
+    ds1, ds2 = first["datasets"][dataset], second["datasets"][dataset]
+    assert ds2["kept"]["systems"] == ["cpt", "regrad"]
+    assert ds2["cpt"] is None
+    for name in ("regrad", "cpt"):
+        assert ds2["systems"][name]["f1"] == ds1["systems"][name]["f1"]
+        assert ds2["systems"][name]["drift"]["ppl_deployed"] == ds1["systems"][name]["drift"]["ppl_deployed"]
+    assert _strip(_preds(second, dataset, "regrad")) == _strip(_preds(first, dataset, "regrad"))
+    # The file holds every system's answers exactly once, and the comparisons cover all three.
+    preds = [json.loads(x) for x in open(ds2["predictions"])]
+    assert sorted({(r["system"]) for r in preds}) == ["cpt", "rag+phi", "regrad"] and len(preds) == 12
+    assert set(ds2["comparisons"]["regrad"]) == {"rag+phi", "cpt"}
+    # A third resume with nothing new runs nothing and gives the same figures.
+    ran.clear()
+    third = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "rag+phi", "cpt"], limit=4, resume=True),
+                     engine=engine, embedder=emb)
+    assert ran == []
+    assert third["datasets"][dataset]["comparisons"] == ds2["comparisons"]
+
+
+def test_resume_reruns_a_system_cut_short_and_refuses_other_options(tmp_path, dataset):
+    from regrad_cli.errors import ConfigError
+
+    engine, emb = _engine(), FakeEmbedder()
+    first = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "rag"], limit=4), engine=engine, embedder=emb)
+    path = first["datasets"][dataset]["predictions"]
+    lines = open(path).read().splitlines()
+    # Killed in the middle of rag's answers: two of its four lines and a torn third.
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    again = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "rag"], limit=4, resume=True), engine=engine,
+                     embedder=emb)
+    ds = again["datasets"][dataset]
+    assert ds["kept"]["systems"] == ["regrad"]
+    preds = [json.loads(x) for x in open(path)]
+    assert [r["system"] for r in preds].count("rag") == 4
+    assert _strip(_preds(again, dataset, "rag")) == _strip(_preds(first, dataset, "rag"))
+    # Another top-k (or another question set) is another run: refused, and nothing is deleted.
+    before = open(path).read()
+    with pytest.raises(ConfigError, match="top-k"):
+        run_eval(_cfg(tmp_path, dataset, systems=["regrad"], limit=4, top_k=1, resume=True), engine=engine,
+                 embedder=emb)
+    with pytest.raises(ConfigError, match="questions"):
+        run_eval(_cfg(tmp_path, dataset, systems=["regrad"], limit=3, resume=True), engine=engine, embedder=emb)
+    assert open(path).read() == before
+
+
+def test_resume_accepts_a_run_from_before_run_keys(tmp_path, dataset):
+    engine, emb = _engine(), FakeEmbedder()
+    first = run_eval(_cfg(tmp_path, dataset, systems=["regrad"], limit=3), engine=engine, embedder=emb)
+    ddir = tmp_path / "out" / first["datasets"][dataset]["slug"]
+    (ddir / "run-key.json").unlink()
+    (ddir / "systems.jsonl").unlink()
+    # The key then comes from results.json; regrad's drift is measured again (same weights).
+    again = run_eval(_cfg(tmp_path, dataset, systems=["regrad"], limit=3, resume=True), engine=engine, embedder=emb)
+    ds = again["datasets"][dataset]
+    assert ds["kept"] == {"systems": ["regrad"], "key": str(tmp_path / "out" / "results.json")}
+    assert ds["systems"]["regrad"]["drift"]["ppl_deployed"] == pytest.approx(
+        first["datasets"][dataset]["systems"]["regrad"]["drift"]["ppl_deployed"], rel=1e-6)

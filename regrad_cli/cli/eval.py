@@ -43,6 +43,7 @@ def eval_cmd(
     cpt_epochs: Annotated[int, typer.Option("--cpt-epochs", help="CPT epochs over each batch of documents.")] = CPT["epochs"],
     cpt_batch_size: Annotated[int, typer.Option("--cpt-batch-size", help="CPT documents per optimiser step.")] = CPT["batch_size"],
     cpt_params: Annotated[str, typer.Option("--cpt-params", help="CPT trains 'all' base parameters or only the 'mlp' projections.")] = CPT["params"],
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the answers of the systems an earlier run in --out already gave under the same options, models and learner; run only the rest.")] = False,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ):
@@ -59,6 +60,7 @@ def eval_cmd(
         device=device, corpus=list(corpus or []), pool=pool, model=model, embedder=embedder, cache=str(cache), drift_steps=drift_steps,
         fail_under=parse_fail_under(fail_under), baseline=str(baseline) if baseline else None,
         cpt=CPTConfig(lr=cpt_lr, epochs=cpt_epochs, batch_size=cpt_batch_size, params=cpt_params, seed=seed),
+        resume=resume,
     )
     with progress_bar("eval", enabled=not json_out) as update:
         results = run_eval(cfg, progress=lambda d, n, info: update(d, n, info),

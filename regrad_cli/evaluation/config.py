@@ -76,6 +76,14 @@ class EvalConfig:
     fail_under: dict = field(default_factory=dict)
     baseline: str | None = None
     cpt: CPTConfig = field(default_factory=CPTConfig)
+    # Keep the systems already answered in --out (same run key) and run only the others.
+    resume: bool = False
+
+
+# What must be equal for `--resume` to keep an earlier run's answers: every option that can change
+# an answer, a score, the drift or the bootstrap (not --out, --cache, --systems, --fail-under, ...).
+RUN_KEY_FIELDS = ("top_k", "continual", "seed", "max_new_tokens", "batch_size", "gamma", "retriever",
+                  "bootstrap", "device", "ppl_max_tokens", "pool", "corpus", "drift_steps", "cpt")
 
 
 def parse_systems(text: str | None) -> list[str]:

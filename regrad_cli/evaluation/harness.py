@@ -27,7 +27,7 @@ from regrad_cli import __version__
 from regrad_cli.datasets import QAItem, corpus_of, load_dataset
 from regrad_cli.errors import ConfigError
 from regrad_cli.evaluation import workspace as wsmod
-from regrad_cli.evaluation.config import CPT_SYSTEMS, REFERENCES, SYSTEMS_TABLE, EvalConfig, check_config
+from regrad_cli.evaluation.config import CPT_SYSTEMS, REFERENCES, RUN_KEY_FIELDS, SYSTEMS_TABLE, EvalConfig, check_config
 from regrad_cli.evaluation.systems import Questions, cpt_query_engine, retrieve_all, run_system
 from regrad_cli.metrics import bootstrap_ci, paired_bootstrap
 
@@ -57,6 +57,12 @@ def _slug(spec: str, index: int) -> str:
         stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
     name = "-".join(x for x in (fmt, stem, split) if x)
     return f"{index + 1}-" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
+
+
+def _sum_or_none(xs) -> float | None:
+    """The sum, or None when any part is unknown (answers kept from a run that did not record it)."""
+    xs = list(xs)
+    return None if any(x is None for x in xs) else round(sum(xs), 2)
 
 
 def _mean(xs) -> float | None:
@@ -182,7 +188,7 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
     for i, (spec, split_items, items, groups) in enumerate(data):
         slug = _slug(spec, i)
         results["datasets"][spec] = _run_dataset(cfg, engine, embedder, meter, spec, slug, split_items, groups,
-                                                  user_ws, distractors, injected, tick)
+                                                  user_ws, distractors, injected, tick, results["fingerprints"])
         results["complete"] = i == len(data) - 1
         results["wall_s"]["total"] = round(time.time() - t_start, 2)
         # Written after every dataset, so a long multi-dataset run that dies keeps what it measured.
@@ -193,6 +199,101 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     (out / "report.md").write_text(render_report(results))
     return results
+
+
+def run_key(cfg: EvalConfig, spec: str, groups: list[list[QAItem]], fingerprints: dict) -> dict:
+    """What an earlier run in the same --out must share for ``--resume`` to keep its answers."""
+    import hashlib
+
+    ids = "\n".join(it.id for g in groups for it in g)
+    conf = {f: getattr(cfg, f) for f in RUN_KEY_FIELDS}
+    conf["cpt"] = cfg.cpt.to_dict()
+    key = {"dataset": spec, "questions_sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest(),
+           "config": conf, "fingerprints": fingerprints}
+    return json.loads(json.dumps(key, default=_json_default))  # the form it takes in the file
+
+
+def _key_mismatch(key: dict, prior: dict) -> list[str]:
+    """Names of the key parts that differ (a legacy key without a question hash skips that part:
+    the kept records' question ids are checked one by one anyway)."""
+    diff = [f"dataset ({prior.get('dataset')!r} then, {key['dataset']!r} now)"] if prior.get("dataset") != key["dataset"] else []
+    if prior.get("questions_sha256") not in (None, key["questions_sha256"]):
+        diff.append("the evaluated questions")
+    missing = object()
+    for f, v in key["config"].items():
+        if (prior.get("config") or {}).get(f, missing) != v:
+            diff.append(f"--{f.replace('_', '-')}")
+    for part in ("model", "learner", "embedder"):
+        if (prior.get("fingerprints") or {}).get(part) != key["fingerprints"].get(part):
+            diff.append(f"the {part} fingerprint")
+    return diff
+
+
+def _prior_key(ddir: Path, spec: str) -> tuple[dict | None, str]:
+    """The earlier run's key: its run-key.json, else (runs of regrad before --resume existed) the
+    config and fingerprints of the results.json it wrote next to the dataset's folder."""
+    own = ddir / "run-key.json"
+    if own.exists():
+        return json.loads(own.read_text(encoding="utf-8")), str(own)
+    res = ddir.parent / "results.json"
+    if res.exists():
+        data = json.loads(res.read_text(encoding="utf-8"))
+        if spec in (data.get("datasets") or {}):
+            return {"dataset": spec, "config": data.get("config"), "fingerprints": data.get("fingerprints")}, str(res)
+    return None, ""
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # the torn last line of a run that was killed
+                continue
+    return out
+
+
+def kept_answers(cfg: EvalConfig, ddir: Path, spec: str, key: dict, groups: list[list[QAItem]]) -> tuple[dict, str]:
+    """{(stage, system): {"records", "drift", "eval_s"}} of the earlier run in ``ddir`` that can be
+    kept: every question of the stage answered, in order, under the same run key. ConfigError when
+    the earlier run was made with other options (nothing is deleted then)."""
+    prior, source = _prior_key(ddir, spec)
+    if prior is None:
+        if (ddir / "predictions.jsonl").exists():
+            raise ConfigError(f"--resume: {ddir} has answers but no run key (run-key.json or results.json) "
+                              "to check them against; run without --resume to start afresh")
+        return {}, ""
+    diff = _key_mismatch(key, prior)
+    if diff:
+        raise ConfigError(f"--resume: the earlier run in {ddir} differs in {', '.join(diff)} "
+                          f"(key from {source}); use another --out or drop --resume")
+    by: dict[tuple[int, str], list[dict]] = {}
+    for r in _read_jsonl(ddir / "predictions.jsonl"):
+        by.setdefault((int(r.get("stage", 0)), str(r.get("system"))), []).append(r)
+    side = {(int(s["stage"]), s["system"]): s for s in _read_jsonl(ddir / "systems.jsonl")}
+    kept = {}
+    for t in range(len(groups)):
+        want = [(b + 1, it.id) for b, g in enumerate(groups[: t + 1]) for it in g]
+        for name in cfg.systems:
+            recs = by.get((t + 1, name), [])
+            if [(r.get("batch"), r.get("id")) for r in recs] != want:
+                continue
+            s = side.get((t + 1, name), {})
+            if name in CPT_SYSTEMS and s.get("drift") is None:
+                continue  # the CPT copy's drift cannot be measured again without training it
+            kept[(t + 1, name)] = {"records": recs, "drift": s.get("drift"), "eval_s": s.get("eval_s")}
+    return kept, source
+
+
+def _write_jsonl_atomic(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+    tmp.replace(path)
 
 
 def _setup(cfg, engine, embedder, ws, stage_docs: list[str], paths, *, ingest_now: bool, ddir: Path, t: int):
@@ -210,7 +311,7 @@ def _setup(cfg, engine, embedder, ws, stage_docs: list[str], paths, *, ingest_no
 
 
 def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str, split_items: list[QAItem],
-                 groups: list[list[QAItem]], user_ws, distractors, injected: bool, tick) -> dict:
+                 groups: list[list[QAItem]], user_ws, distractors, injected: bool, tick, fingerprints: dict) -> dict:
     from regrad_cli.cpt import ContinualPretrainer
     from regrad_cli.documents import DocumentStore
     from regrad_cli.evaluation.report import draw_plots
@@ -232,14 +333,21 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         ws = wsmod.fresh_workspace(ddir / "workspace", cfg, engine, injected)
         ws_info["kind"] = "fresh"
     ws_info["path"] = str(ws.root)
-    need_cpt = any(s in CPT_SYSTEMS for s in cfg.systems)
+    key = run_key(cfg, spec, groups, fingerprints)
+    kept, key_source = kept_answers(cfg, ddir, spec, key, groups) if cfg.resume else ({}, "")
+    # Only the kept answers stay in the files (atomically rewritten), the rest is answered anew.
+    pred_path, side_path = ddir / "predictions.jsonl", ddir / "systems.jsonl"
+    _write_jsonl_atomic(pred_path, (r for k in sorted(kept) for r in kept[k]["records"]))
+    _write_jsonl_atomic(side_path, ({"stage": k[0], "system": k[1], "drift": v["drift"], "eval_s": v["eval_s"]}
+                                    for k, v in sorted(kept.items()) if v["drift"] is not None))
+    (ddir / "run-key.json").write_text(json.dumps(key, indent=1), encoding="utf-8")
+    need_cpt = any(s in CPT_SYSTEMS and any((t + 1, s) not in kept for t in range(len(groups))) for s in cfg.systems)
     cpt = ContinualPretrainer(engine.model, engine.tokenizer, cfg.cpt, engine.learner) if need_cpt else None
     own = set(corpus_of(items))
     pending = [d for d in docs if d not in own]  # the distractor pool arrives with the first batch
     trained_on: set[str] = set()
     stages, final = [], {}
-    pred_path = ddir / "predictions.jsonl"
-    with open(pred_path, "w", encoding="utf-8") as pred_fh:
+    with open(pred_path, "a", encoding="utf-8") as pred_fh, open(side_path, "a", encoding="utf-8") as side_fh:
         for t, group in enumerate(groups):
             t_stage = time.time()
             stage_docs = list(dict.fromkeys(pending + corpus_of(group))) if continual else []
@@ -269,15 +377,27 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
             for name in cfg.systems:
                 t_sys = time.time()
                 on_cpt = SYSTEMS_TABLE[name].model == "cpt"
-                recs = run_system(cpt_qe if on_cpt else qe, name, qs, cfg, stage=t + 1, tick=tick)
-                drift = meter.measure(name, cpt.model if on_cpt else engine.model, qe=qe, records=recs,
-                                      with_ppl=last)
+                prior = kept.get((t + 1, name))
+                if prior is not None:  # --resume: answered by the earlier run under the same key
+                    recs, eval_s = prior["records"], prior["eval_s"]
+                    drift = prior["drift"] or meter.measure(name, engine.model, qe=qe, records=recs, with_ppl=last)
+                    if tick:
+                        tick(len(recs), f"{name} (kept)")
+                else:
+                    recs = run_system(cpt_qe if on_cpt else qe, name, qs, cfg, stage=t + 1, tick=tick)
+                    drift = meter.measure(name, cpt.model if on_cpt else engine.model, qe=qe, records=recs,
+                                          with_ppl=last)
+                    eval_s = round(time.time() - t_sys, 2)
+                    for r in recs:
+                        pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    pred_fh.flush()
+                if prior is None or prior["drift"] is None:
+                    side_fh.write(json.dumps({"stage": t + 1, "system": name, "drift": drift, "eval_s": eval_s},
+                                             default=_json_default) + "\n")
+                    side_fh.flush()
                 by_batch = {str(b + 1): aggregate([r for r in recs if r["batch"] == b + 1]) for b in range(t + 1)}
                 stage["systems"][name] = {"all": aggregate(recs), "by_batch": by_batch, "drift": drift,
-                                          "eval_s": round(time.time() - t_sys, 2)}
-                for r in recs:
-                    pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-                pred_fh.flush()
+                                          "eval_s": eval_s, "kept": prior is not None}
                 if last:
                     final[name] = recs
             stage["wall_s"] = round(time.time() - t_stage, 2)
@@ -292,6 +412,7 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         "slug": slug, "n_items": len(items), "n_split_items": len(split_items),
         "n_documents": stages[-1]["documents_total"], "batches": len(groups), "top_k": cfg.top_k,
         "workspace": ws_info, "predictions": str(pred_path), "systems": systems,
+        "kept": {"systems": sorted({k[1] for k in kept if k[0] == len(groups)}), "key": key_source} if cfg.resume else None,
         "comparisons": compare(final, cfg.bootstrap, cfg.seed), "stages": stages,
         "forgetting_f1_batch1": {n: [st["systems"][n]["by_batch"]["1"]["f1"] for st in stages] for n in cfg.systems},
         "drift_l2": {n: [st["systems"][n]["drift"]["l2"] for st in stages] for n in cfg.systems},
@@ -300,7 +421,7 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         "wall_s": {"total": round(time.time() - t_ds, 2),
                    "setup": round(sum(st["setup_s"] for st in stages), 2),
                    "cpt_train": round(sum((st["cpt"] or {}).get("train_s", 0.0) for st in stages), 2),
-                   "per_system": {n: round(sum(st["systems"][n]["eval_s"] for st in stages), 2)
+                   "per_system": {n: _sum_or_none(st["systems"][n]["eval_s"] for st in stages)
                                   for n in cfg.systems}},
     }
     try:
