@@ -61,7 +61,8 @@ def _plain_greedy(model) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
              on_rows: Callable[[torch.Tensor], None] | None = None, stop: bool = True,
-             stats: dict | None = None) -> list[str]:
+             stats: dict | None = None, answers: Sequence[Sequence[int]] | None = None,
+             nll_out: list | None = None) -> list[str]:
     """Greedy continuation of each prompt, stopped at the first newline or end of turn.
 
     Token for token what Hugging Face's greedy ``model.generate`` gives for the same left-padded
@@ -71,7 +72,13 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     follow (``adapt.select_rows``). ``generate`` keeps feeding finished rows padding until the last
     row stops, which on a CPU is most of a batch's decoding when answers differ in length.
     ``stop=False`` generates exactly ``max_new_tokens`` tokens per row (benchmarks). ``stats``, if
-    given, receives the decode steps, the row-steps computed and each row's new tokens."""
+    given, receives the decode steps, the row-steps computed and each row's new tokens.
+
+    With ``answers`` (target token ids per row, ``prompting.answer_ids``) and a list ``nll_out``,
+    the mean NLL per answer token of each row (what ``answer_nll`` computes) is appended to
+    ``nll_out``, scored on the prompt's KV cache right after the prefill instead of a second pass
+    over prompt and answer. ``nll_out`` stays empty where that is not possible (a cache other than
+    plain dynamic layers, or Hugging Face's ``generate``): call ``answer_nll`` then."""
     if not _plain_greedy(model):
         return _generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
     device = next(model.parameters()).device
@@ -96,6 +103,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     cache = out.cache
     if pos is not None:
         pos = pos[:, -1:]
+    if answers is not None and nll_out is not None:
+        nll_out.extend(_cached_answer_nll(model, out.logits[:, -1], cache, mask, pos, answers))
     rows = torch.arange(n, device=device)  # original index of every row still running
     new: list[list[int]] = [[] for _ in range(n)]
     steps = row_steps = 0
@@ -132,6 +141,43 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
         gen[i, : len(t)] = torch.tensor(t, dtype=torch.long)
     texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
     return [extract_answer(t) for t in texts]
+
+
+def _cached_answer_nll(model, last_logits, cache, mask, last_pos, answers) -> list[float]:
+    """Mean NLL per answer token per row, the answers fed on top of the prompts' cache; the cache
+    is then put back to the prompts alone (its plain dynamic layers grow by concatenation, so the
+    tensors held before are untouched). [] when the cache is of another kind."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return []
+    n, device = len(answers), last_logits.device
+    width = max(1, max(len(a) for a in answers))
+    a_ids = torch.zeros((n, width), dtype=torch.long)
+    a_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, a in enumerate(answers):
+        a_ids[i, : len(a)] = torch.tensor(list(a), dtype=torch.long)
+        a_mask[i, : len(a)] = 1
+    a_ids, a_mask = a_ids.to(device), a_mask.to(device)
+    tm = a_mask.to(torch.float32)
+    # The first answer token is predicted by the prompt's last position (the prefill's logits).
+    total = torch.nn.functional.cross_entropy(last_logits.float(), a_ids[:, 0], reduction="none") * tm[:, 0]
+    if width > 1:
+        saved = [(layer.keys, layer.values) for layer in layers]
+        try:
+            kw: dict = {"input_ids": a_ids, "attention_mask": torch.cat([mask, a_mask], dim=-1),
+                        "cache": cache, "use_cache": True, "return_dict": True}
+            if last_pos is not None:
+                kw["position_ids"] = last_pos + 1 + torch.arange(width, device=device)[None, :]
+            logits = model(**kw).logits[:, :-1].float()
+        finally:
+            for layer, (k, v) in zip(layers, saved):
+                layer.keys, layer.values = k, v
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), a_ids[:, 1:].reshape(-1),
+                                                reduction="none").view(n, width - 1)
+        total = total + (nll * tm[:, 1:]).sum(1)
+    return (total / tm.sum(1).clamp_min(1.0)).tolist()
 
 
 def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,

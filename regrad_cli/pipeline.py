@@ -26,7 +26,7 @@ import torch
 from regrad_cli import adapt
 from regrad_cli.errors import RegradError
 from regrad_cli.generation import answer_nll, generate
-from regrad_cli.prompting import prompt_ids
+from regrad_cli.prompting import answer_ids, prompt_ids
 
 log = logging.getLogger("regrad")
 
@@ -246,12 +246,15 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
                 follow = None
                 if isinstance(state, dict) and len(group) > 1:
                     follow = lambda rows, state=state: learner.use(adapt.select_rows(state, rows))  # noqa: E731
-                texts = generate(model, tok, prompts, max_new, on_rows=follow)
-                if follow is not None:
-                    learner.use(state)  # every row again, for the likelihoods below
+                # The gold answers' likelihood is scored on the prefill's cache (no second pass).
+                golds = ([answer_ids(tok, r.req.gold or "") for r in group]
+                         if any(r.req.gold is not None for r in group) else None)
+                nlls = [] if golds is not None else None
+                texts = generate(model, tok, prompts, max_new, on_rows=follow, answers=golds, nll_out=nlls)
                 gen_ms = _ms(t)
-                nlls = None
-                if any(r.req.gold is not None for r in group):
+                if golds is not None and not nlls:  # a cache that cannot be scored in place
+                    if follow is not None:
+                        learner.use(state)  # every row again
                     nlls = answer_nll(model, tok, prompts, [r.req.gold or "" for r in group]).tolist()
             t = time.perf_counter()
         except RegradError as exc:

@@ -131,3 +131,43 @@ def test_a_wrapped_generate_is_honoured():
     finally:
         del model.generate
     assert calls == [3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_likelihood_on_the_prefill_cache_equals_a_second_pass(family, one_thread):
+    """The gold answers scored on the prompts' cache give answer_nll's values, and the answers
+    generated afterwards are those of a run that scores nothing (the cache is put back)."""
+    from regrad_cli.generation import answer_nll
+    from regrad_cli.prompting import answer_ids
+
+    model, tok = _model(family), byte_tokenizer()
+    prompts = _prompt_ids(tok)
+    golds = ["seventeen", "", "a comet", "no", "1880 and 1881", "x"]
+    nll: list = []
+    texts = generate(model, tok, prompts, MAX_NEW, answers=[answer_ids(tok, g) for g in golds], nll_out=nll)
+    assert texts == generate(model, tok, prompts, MAX_NEW)
+    assert nll == pytest.approx(answer_nll(model, tok, prompts, golds).tolist(), rel=1e-4, abs=1e-5)
+    # Without padding (one prompt) too.
+    one: list = []
+    generate(model, tok, prompts[:1], MAX_NEW, answers=[answer_ids(tok, golds[0])], nll_out=one)
+    assert one == pytest.approx(answer_nll(model, tok, prompts[:1], golds[:1]).tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_answer_likelihood_with_per_row_adapters(one_thread):
+    from regrad_cli.generation import answer_nll
+    from regrad_cli.lora import Learner
+    from regrad_cli.prompting import answer_ids
+
+    model, tok = _model("llama"), byte_tokenizer()
+    learner = Learner.for_model(model).init_(seed=0, b_std=0.5).attach(model)
+    prompts = _prompt_ids(tok)
+    gen = torch.Generator().manual_seed(2)
+    state = adapt.stack_rows([{n: p.detach() + 0.5 * torch.randn(p.shape, generator=gen)
+                               for n, p in learner.phi_dict().items()} for _ in prompts])
+    golds = ["one", "two words", "three", "four", "five", "six"]
+    nll: list = []
+    with adapt.applied(learner, state):
+        ref = answer_nll(model, tok, prompts, golds).tolist()
+        generate(model, tok, prompts, MAX_NEW, on_rows=lambda rows: learner.use(adapt.select_rows(state, rows)),
+                 answers=[answer_ids(tok, g) for g in golds], nll_out=nll)
+    assert nll == pytest.approx(ref, rel=1e-4, abs=1e-5)
