@@ -221,7 +221,10 @@ def test_resume_keeps_answered_systems_and_runs_only_the_rest(tmp_path, dataset,
     assert ran == ["rag+phi"]  # regrad and cpt (its drift recorded) are kept, CPT is not trained again
     ds1, ds2 = first["datasets"][dataset], second["datasets"][dataset]
     assert ds2["kept"]["systems"] == ["cpt", "regrad"]
-    assert ds2["cpt"] is None
+    # CPT was not trained again; the summary is the first run's training.
+    assert ds2["cpt"]["kept"] is True and ds2["cpt"]["rounds"] == ds1["cpt"]["rounds"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Answers kept from an earlier run" in report and "cpt, regrad" in report
     for name in ("regrad", "cpt"):
         assert ds2["systems"][name]["f1"] == ds1["systems"][name]["f1"]
         assert ds2["systems"][name]["drift"]["ppl_deployed"] == ds1["systems"][name]["drift"]["ppl_deployed"]

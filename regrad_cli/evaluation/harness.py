@@ -284,8 +284,21 @@ def kept_answers(cfg: EvalConfig, ddir: Path, spec: str, key: dict, groups: list
             s = side.get((t + 1, name), {})
             if name in CPT_SYSTEMS and s.get("drift") is None:
                 continue  # the CPT copy's drift cannot be measured again without training it
-            kept[(t + 1, name)] = {"records": recs, "drift": s.get("drift"), "eval_s": s.get("eval_s")}
+            kept[(t + 1, name)] = {"records": recs, "drift": s.get("drift"), "eval_s": s.get("eval_s"),
+                                   "cpt": s.get("cpt")}
     return kept, source
+
+
+def _cpt_summary(cfg: EvalConfig, cpt, stages: list[dict], kept: dict) -> dict | None:
+    """The CPT training of this run, or, when every CPT answer was kept, the earlier run's."""
+    if cpt is not None:
+        return {"config": cfg.cpt.to_dict(), "trainable_parameters": cpt.n_trainable,
+                "rounds": [st["cpt"] for st in stages]}
+    rec = {k[0]: v["cpt"] for k, v in sorted(kept.items()) if v.get("cpt")}
+    if not rec:
+        return None
+    return {"config": cfg.cpt.to_dict(), "trainable_parameters": next(iter(rec.values()))["trainable_parameters"],
+            "rounds": [rec.get(t + 1, {}).get("round") for t in range(len(stages))], "kept": True}
 
 
 def _write_jsonl_atomic(path: Path, rows) -> None:
@@ -338,7 +351,8 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
     # Only the kept answers stay in the files (atomically rewritten), the rest is answered anew.
     pred_path, side_path = ddir / "predictions.jsonl", ddir / "systems.jsonl"
     _write_jsonl_atomic(pred_path, (r for k in sorted(kept) for r in kept[k]["records"]))
-    _write_jsonl_atomic(side_path, ({"stage": k[0], "system": k[1], "drift": v["drift"], "eval_s": v["eval_s"]}
+    _write_jsonl_atomic(side_path, ({"stage": k[0], "system": k[1], "drift": v["drift"], "eval_s": v["eval_s"],
+                                     **({"cpt": v["cpt"]} if v.get("cpt") else {})}
                                     for k, v in sorted(kept.items()) if v["drift"] is not None))
     (ddir / "run-key.json").write_text(json.dumps(key, indent=1), encoding="utf-8")
     need_cpt = any(s in CPT_SYSTEMS and any((t + 1, s) not in kept for t in range(len(groups))) for s in cfg.systems)
@@ -392,8 +406,10 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
                         pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
                     pred_fh.flush()
                 if prior is None or prior["drift"] is None:
-                    side_fh.write(json.dumps({"stage": t + 1, "system": name, "drift": drift, "eval_s": eval_s},
-                                             default=_json_default) + "\n")
+                    entry = {"stage": t + 1, "system": name, "drift": drift, "eval_s": eval_s}
+                    if on_cpt and cpt is not None:  # what a later --resume reports for the kept copy
+                        entry["cpt"] = {"trainable_parameters": cpt.n_trainable, "round": cpt_stats}
+                    side_fh.write(json.dumps(entry, default=_json_default) + "\n")
                     side_fh.flush()
                 by_batch = {str(b + 1): aggregate([r for r in recs if r["batch"] == b + 1]) for b in range(t + 1)}
                 stage["systems"][name] = {"all": aggregate(recs), "by_batch": by_batch, "drift": drift,
@@ -416,8 +432,7 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         "comparisons": compare(final, cfg.bootstrap, cfg.seed), "stages": stages,
         "forgetting_f1_batch1": {n: [st["systems"][n]["by_batch"]["1"]["f1"] for st in stages] for n in cfg.systems},
         "drift_l2": {n: [st["systems"][n]["drift"]["l2"] for st in stages] for n in cfg.systems},
-        "cpt": {"config": cfg.cpt.to_dict(), "trainable_parameters": cpt.n_trainable,
-                "rounds": [st["cpt"] for st in stages]} if cpt else None,
+        "cpt": _cpt_summary(cfg, cpt, stages, kept),
         "wall_s": {"total": round(time.time() - t_ds, 2),
                    "setup": round(sum(st["setup_s"] for st in stages), 2),
                    "cpt_train": round(sum((st["cpt"] or {}).get("train_s", 0.0) for st in stages), 2),

@@ -127,7 +127,14 @@ def _dataset_section(spec: str, ds: dict, cfg: dict) -> list[str]:
                               for i, r in enumerate(rounds))]
     wall = ds["wall_s"]
     lines += ["", f"Wall time {wall['total']} s (ingest + bank {wall['setup']} s, CPT training {wall['cpt_train']} s; "
-              + ", ".join(f"{n} {v} s" for n, v in wall["per_system"].items()) + ")"]
+              + ", ".join(f"{n} {v} s" if v is not None else f"{n} not recorded"
+                          for n, v in wall["per_system"].items()) + ")"]
+    kept = (ds.get("kept") or {}).get("systems")
+    if kept:
+        lines += ["", f"Answers kept from an earlier run in the same folder (`--resume`, same run key: "
+                  f"{ds['kept']['key']}): {', '.join(kept)}. Their wall times are that run's"
+                  + (", and CPT was not trained again (the training above is that run's)." if (ds.get("cpt") or {}).get("kept")
+                     else ".")]
     if ds.get("plots"):
         lines += [""] + [f"![{Path(p).stem}]({Path(p).relative_to(Path(cfg['out']))})" for p in ds["plots"]]
     lines.append("")
