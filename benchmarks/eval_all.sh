@@ -3,7 +3,8 @@
 # every system (rag+phi and oracle included), hard retrieval (the whole dev split's supporting
 # documents in the pool), paired bootstrap against regrad and regrad+context, drift of the
 # deployed weights. One `regrad eval` per dataset; its results.json, report.md and F1 plot are
-# copied to $DOCS as <name>-results.json, <name>-report.md and <name>-f1.png.
+# copied to $DOCS as <name>-results.json, <name>-report.md, <name>-f1.png and
+# <name>-predictions.jsonl.gz (every answer).
 #
 #   benchmarks/eval_all.sh                      # the published protocol (hours on a CPU)
 #   LIMIT=12 DOCS=docs/results/proof benchmarks/eval_all.sh demo   # a quick check of the commands
@@ -38,6 +39,8 @@ run() {  # run NAME DEFAULT_LIMIT regrad-eval-args...
     cp "$OUT/$name/results.json" "$DOCS/$name-results.json"
     cp "$OUT/$name/report.md" "$DOCS/$name-report.md"
     cp "$OUT"/"$name"/*/f1.png "$DOCS/$name-f1.png" 2>/dev/null || true
+    # Every answer of every system (what the paired tests resample), compressed.
+    gzip -9 -n -c "$OUT"/"$name"/*/predictions.jsonl > "$DOCS/$name-predictions.jsonl.gz"
 }
 
 for r in "${RUNS[@]}"; do

@@ -132,7 +132,7 @@ def _dataset_section(spec: str, ds: dict, cfg: dict) -> list[str]:
     kept = (ds.get("kept") or {}).get("systems")
     if kept:
         lines += ["", f"Answers kept from an earlier run in the same folder (`--resume`, same run key: "
-                  f"{ds['kept']['key']}): {', '.join(kept)}. Their wall times are that run's"
+                  f"{ds['kept']['key']}): {', '.join(kept)}. Their wall times are that run's, where it recorded them"
                   + (", and CPT was not trained again (the training above is that run's)." if (ds.get("cpt") or {}).get("kept")
                      else ".")]
     if ds.get("plots"):
