@@ -13,6 +13,7 @@ system answers every question seen so far.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -203,8 +204,6 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
 
 def run_key(cfg: EvalConfig, spec: str, groups: list[list[QAItem]], fingerprints: dict) -> dict:
     """What an earlier run in the same --out must share for ``--resume`` to keep its answers."""
-    import hashlib
-
     ids = "\n".join(it.id for g in groups for it in g)
     conf = {f: getattr(cfg, f) for f in RUN_KEY_FIELDS}
     conf["cpt"] = cfg.cpt.to_dict()
@@ -257,7 +256,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def kept_answers(cfg: EvalConfig, ddir: Path, spec: str, key: dict, groups: list[list[QAItem]]) -> tuple[dict, str]:
-    """{(stage, system): {"records", "drift", "eval_s"}} of the earlier run in ``ddir`` that can be
+    """{(stage, system): {"records", "drift", "eval_s", "cpt"}} of the earlier run in ``ddir`` that can be
     kept: every question of the stage answered, in order, under the same run key. ConfigError when
     the earlier run was made with other options (nothing is deleted then)."""
     prior, source = _prior_key(ddir, spec)
