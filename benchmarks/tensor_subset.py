@@ -9,7 +9,10 @@ are encoded and decoded with ``bank_format`` exactly as a bank stores them, comb
 retrieved documents with the learner's trained combination, and applied as one step before
 greedy generation (batched, one adapter per row).
 
-The reference is the full layout in fp32 (every tensor, no rounding). Reported per setting:
+A setting may end in ``@bf16``: its gradients come from passes under bf16 autocast (build-bank's
+``--compute-dtype bfloat16``, what 'auto' picks on CPUs with native bf16) instead of float32.
+
+The reference is the full layout in fp32 (every tensor, no rounding, float32 passes). Reported per setting:
 answers that differ from the reference's ("changed"), F1 and EM in points (0-100), the mean
 answer NLL change, bytes per document (zstd-compressed blobs as a bank stores them) and
 ``ratio_vs_fp32`` = 4 bytes x all values of the learner's gradient / bytes per document (what
@@ -64,7 +67,8 @@ def main() -> None:
                         "layout (always measured first). STORED is 'full' or an energy-share "
                         "threshold; a trailing 'n' (e.g. 1e-4n) stores rows normalised over the "
                         "whole gradient (bank key row_norm, format 1.2) instead of leaving the "
-                        "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP")
+                        "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP, "
+                        "optionally followed by @bf16 (gradients computed under bf16 autocast)")
     p.add_argument("--energy", choices=("record", "corpus"), default="record",
                    help="tensor shares that decide the stored subset: the learner's recorded ones "
                         "(what build-bank uses; default) or measured over this run's corpus")
@@ -115,14 +119,33 @@ def main() -> None:
 
     log(f"gradients of {len(needed)} retrieved documents of {len(texts)} "
         f"(batch {bcfg.batch_size}, max {bcfg.max_doc_tokens} tokens)")
-    grads = {}
+    settings = [("full", None, False, "fp32", 64, "float32")]
+    for item in args.settings.split(","):
+        item, _, dt = item.strip().partition("@")
+        if dt not in ("", "bf16", "bfloat16"):
+            raise SystemExit(f"unknown compute dtype @{dt} in --settings (use @bf16)")
+        where, _, codec_text = item.partition(":")
+        row_norm = where.endswith("n") and where != "full"
+        threshold = None if where == "full" else float(where.rstrip("n"))
+        label = "full" if threshold is None else f"share>{threshold:g}" + (" row-norm" if row_norm else "")
+        settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32"), "bfloat16" if dt else "float32"))
+    settings = list(dict.fromkeys(settings))
+
+    grads_by_dtype: dict[str, dict] = {}
     acc = EnergyAccumulator(learner)  # each tensor's share of the step energy over these documents
-    with timer() as t_grad:
-        for i in range(0, len(needed), bcfg.batch_size):
-            ids = needed[i:i + bcfg.batch_size]
-            g, _ = document_gradients(model, learner, tok, [texts[d] for d in ids], bcfg.max_doc_tokens)
-            grads.update(zip(ids, g))
-            acc.add({n: torch.stack([d[n] for d in g]) for n in learner.names})
+    t_grad = {"s": 0.0}
+    for dtype in dict.fromkeys(s[-1] for s in settings):
+        grads_by_dtype[dtype] = got = {}
+        with timer() as t:
+            for i in range(0, len(needed), bcfg.batch_size):
+                ids = needed[i:i + bcfg.batch_size]
+                g, _ = document_gradients(model, learner, tok, [texts[d] for d in ids], bcfg.max_doc_tokens, dtype)
+                got.update(zip(ids, g))
+                if dtype == "float32":
+                    acc.add({n: torch.stack([d[n] for d in g]) for n in learner.names})
+        t_grad[dtype] = t["s"]
+        t_grad["s"] += t["s"]
+        log(f"{dtype} gradients: {t['s']:.0f} s")
     energy = acc.shares()
     recorded = (learner.meta.get("stored_tensors") or {}).get("energy")
     if args.energy == "record" and recorded:
@@ -162,7 +185,7 @@ def main() -> None:
         keep = [n for n in names if threshold is None or energy[n] > threshold]
         return keep or list(names)
 
-    def coded(keep: list[str], codec: str, group: int, row_norm: bool) -> tuple[dict, float]:
+    def coded(keep: list[str], codec: str, group: int, row_norm: bool, grads: dict) -> tuple[dict, float]:
         """Decoded per-document gradients of the kept tensors and the mean blob bytes; with
         ``row_norm`` each row is divided by its whole gradient's norm before encoding (build.py)."""
         layout = [TensorSpec(n, tuple(shapes[n])) for n in keep]
@@ -177,20 +200,13 @@ def main() -> None:
             out[d] = {n: torch.from_numpy(a) for n, a in zip(keep, decode_blob(blob, layout))}
         return out, float(np.mean(sizes))
 
-    settings = [("full", None, False, "fp32", 64)]
-    for item in args.settings.split(","):
-        where, _, codec_text = item.strip().partition(":")
-        row_norm = where.endswith("n") and where != "full"
-        threshold = None if where == "full" else float(where.rstrip("n"))
-        label = "full" if threshold is None else f"share>{threshold:g}" + (" row-norm" if row_norm else "")
-        settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32")))
-    settings = list(dict.fromkeys(settings))
     results, ref = [], None
     with timer() as t_eval:
-        for label, threshold, row_norm, codec, group in settings:
+        for label, threshold, row_norm, codec, group, dtype in settings:
             keep = stored(threshold)
-            log(f"{label} ({len(keep)} tensors), {codec}/g{group}: encode, decode, answer {len(questions)} questions")
-            decoded, size = coded(keep, codec, group, row_norm)
+            log(f"{label} ({len(keep)} tensors), {codec}/g{group}, {dtype} passes: encode, decode, "
+                f"answer {len(questions)} questions")
+            decoded, size = coded(keep, codec, group, row_norm, grads_by_dtype[dtype])
             norm_now = "none" if row_norm else None
             ev = evaluate(decoded, norm_now)
             ref = ref or ev
@@ -198,6 +214,7 @@ def main() -> None:
             changed = sum(a != b for a, b in zip(ev["preds"], ref["preds"]))
             results.append({
                 "subset": label, "threshold": threshold, "row_norm": row_norm, "codec": codec,
+                "compute_dtype": dtype,
                 "group_size": group if codec in ("int4", "int4s", "int8g") else None,
                 "tensors": len(keep), "values_fraction": n_kept / n_values_full,
                 "energy_dropped": sum(energy[n] for n in names if n not in keep),
@@ -216,12 +233,23 @@ def main() -> None:
             partial.write_text(json.dumps({"partial": True, "settings": [
                 {k: v for k, v in x.items() if k != "preds"} for x in results]}, indent=2, default=str))
 
+    # A bf16 setting against the same setting with float32 passes: what the precision alone changes.
+    for r in results:
+        twin = next((x for x in results if x["compute_dtype"] == "float32" and
+                     (x["subset"], x["codec"], x["group_size"]) == (r["subset"], r["codec"], r["group_size"])), None)
+        if r["compute_dtype"] == "bfloat16" and twin is not None:
+            n = sum(a != b for a, b in zip(r["preds"], twin["preds"]))
+            r["vs_float32_passes"] = {"changed": n, "changed_fraction": n / len(questions),
+                                      "f1_delta": r["f1"] - twin["f1"]}
+            log(f"{r['subset']} {r['codec']}: bf16 passes vs float32 passes: {n} of {len(questions)} answers "
+                f"changed, F1 {r['f1'] - twin['f1']:+.2f}")
     print_table(
         f"{len(questions)} questions of {args.dataset}, top-{args.top_k}, greedy {args.max_new_tokens} tokens; "
         f"reference: full layout, fp32 (F1 {ref['f1']:.2f}, EM {ref['em']:.2f}); fp32 of the whole gradient "
         f"{fp32_full:,} B/doc",
-        ["stored", "codec", "tensors", "values", "bytes/doc", "x vs fp32", "F1", "dF1", "dNLL", "changed", "targets"],
-        [[r["subset"], r["codec"] + (f"/g{r['group_size']}" if r["group_size"] else ""), r["tensors"],
+        ["stored", "codec", "passes", "tensors", "values", "bytes/doc", "x vs fp32", "F1", "dF1", "dNLL", "changed", "targets"],
+        [[r["subset"], r["codec"] + (f"/g{r['group_size']}" if r["group_size"] else ""),
+          "bf16" if r["compute_dtype"] == "bfloat16" else "fp32", r["tensors"],
           f"{r['values_fraction']:.1%}", r["bytes_per_doc"], r["ratio_vs_fp32"], r["f1"], r["f1_delta"],
           r["nll_delta"], f"{r['changed']} ({r['changed_fraction']:.1%})", "yes" if r["meets_targets"] else "no"]
          for r in results],
@@ -245,7 +273,8 @@ def main() -> None:
         "targets": {"ratio_vs_fp32": GOAL_RATIO, "f1_loss_points": GOAL_F1_LOSS, "changed_fraction": GOAL_CHANGED},
         "settings": [{k: v for k, v in r.items() if k != "preds"} for r in results],
         "energy": {"a_total": a_share, "shares": energy},
-        "answers": {f"{r['subset']}|{r['codec']}/g{r['group_size']}": r["preds"] for r in results},
+        "answers": {f"{r['subset']}|{r['codec']}/g{r['group_size']}"
+                    + ("|bf16" if r["compute_dtype"] == "bfloat16" else ""): r["preds"] for r in results},
         "questions": [q.question for q in questions],
         "learner": checkpoint_info(engine),
         "seconds": {"gradients": t_grad["s"], "evaluation": t_eval["s"]},

@@ -42,11 +42,12 @@ class BuildSummary:
     bank: str = ""
     rows: int = 0
     checkpoint_id: str = ""
+    compute_dtype: str = ""
 
     def to_dict(self) -> dict:
         return {"built": self.built, "skipped": self.skipped, "removed_stale": self.removed_stale,
                 "failed": self.failed, "docs_per_s": round(self.docs_per_s, 3), "bank": self.bank,
-                "rows": self.rows, "checkpoint_id": self.checkpoint_id}
+                "rows": self.rows, "checkpoint_id": self.checkpoint_id, "compute_dtype": self.compute_dtype}
 
 
 def bank_meta(engine: Engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
@@ -111,6 +112,14 @@ def build_settings(ws: Workspace, codec: CodecSpec | None, batch_size: int | Non
     bcfg = ws.config.bank
     codec = codec or CodecSpec(name=bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
     return codec, batch_size or bcfg.batch_size, max_tokens or bcfg.max_doc_tokens
+
+
+def build_dtype(ws: Workspace, engine: Engine, compute_dtype: str | None) -> str:
+    """The precision a build computes gradients in ('float32' or 'bfloat16'): the argument, else
+    the workspace's ``bank.compute_dtype``, with 'auto' resolved for this model and device."""
+    from regrad_cli.gradients import resolve_compute_dtype
+
+    return resolve_compute_dtype(compute_dtype or ws.config.bank.compute_dtype, engine.model)
 
 
 @contextmanager
@@ -207,8 +216,10 @@ def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: 
     return BuildPlan(bank, todo, current, stale, skipped, layout, forbidden_ids(ws))
 
 
-def compute_rows(engine: Engine, batch: list[dict], layout: list[str], max_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Gradients of one batch of documents as bank rows; returns (rows, failed).
+def compute_rows(engine: Engine, batch: list[dict], layout: list[str], max_tokens: int,
+                 compute_dtype: str = "float32") -> tuple[list[dict], list[dict]]:
+    """Gradients of one batch of documents as bank rows, computed in ``compute_dtype`` (resolved:
+    see ``build_dtype``); returns (rows, failed).
 
     A batch that fails (out of memory on one huge batch, say) is retried one document at a time;
     a document whose gradient fails or is not finite is reported in ``failed``, not written."""
@@ -217,13 +228,14 @@ def compute_rows(engine: Engine, batch: list[dict], layout: list[str], max_token
     failed: list[dict] = []
     try:
         grads, n_tokens = document_gradients(engine.model, engine.learner, engine.tokenizer,
-                                             [d["text"] for d in batch], max_tokens)
+                                             [d["text"] for d in batch], max_tokens, compute_dtype)
     except RuntimeError as exc:
         log.warning("batch failed (%s); retrying its documents one by one", exc)
         grads, n_tokens, ok_batch = [], [], []
         for d in batch:
             try:
-                g, n = document_gradients(engine.model, engine.learner, engine.tokenizer, [d["text"]], max_tokens)
+                g, n = document_gradients(engine.model, engine.learner, engine.tokenizer, [d["text"]],
+                                          max_tokens, compute_dtype)
                 grads += g
                 n_tokens += n
                 ok_batch.append(d)
@@ -257,12 +269,16 @@ def build_bank(
     max_tokens: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     force: bool = False,
+    compute_dtype: str | None = None,
 ) -> BuildSummary:
     """Compute and store the gradient of every document that lacks one (single process).
 
-    ``force`` lets it remove the rows of more than ``FEW_ROWS`` documents gone from the workspace."""
+    ``force`` lets it remove the rows of more than ``FEW_ROWS`` documents gone from the workspace;
+    ``compute_dtype`` (auto, float32, bfloat16) overrides the workspace's ``bank.compute_dtype``."""
     codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
+    dtype = build_dtype(ws, engine, compute_dtype)
     with locked_build(ws, engine, codec) as (bank, summary):
+        summary.compute_dtype = dtype
         plan = plan_build(ws, engine, bank, limit)
         # Changed or deleted documents: their old gradients must not be retrieved any more.
         summary.removed_stale = plan.remove_stale(force)
@@ -272,7 +288,7 @@ def build_bank(
         if progress:
             progress(0, len(todo), 0.0)
         for start in range(0, len(todo), batch_size):
-            rows, failed = compute_rows(engine, todo[start:start + batch_size], layout, max_tokens)
+            rows, failed = compute_rows(engine, todo[start:start + batch_size], layout, max_tokens, dtype)
             summary.failed += failed
             if rows:
                 try:

@@ -104,6 +104,11 @@ class BankConfig:
     # batch 1 0.95x, and 0.8 GB less memory).
     batch_size: int = 1
     max_doc_tokens: int = 256
+    # Precision of the forward/backward passes that compute the gradients: "auto" (bf16 autocast
+    # for a float32 model where bf16 products are native: a CPU with AVX512-BF16/AMX or a CUDA
+    # GPU; float32 elsewhere), "float32" or "bfloat16". Gradients are stored float32, then
+    # encoded by the codec (docs/performance.md: speed and answers changed).
+    compute_dtype: str = "auto"
     # Where banks live: "" = WORKSPACE/banks; or a directory or an object-store URI such as
     # "s3://bucket/prefix" (one bank per learner checkpoint below it, as bank-<id>).
     # $REGRAD_BANK_URI overrides it.

@@ -9,6 +9,7 @@ and combines them with adapt.combine, so it can normalise each document before s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -123,10 +124,59 @@ def grouped_gradients(
     return dict(zip(learner.names, grads)), losses.detach()
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """True where bfloat16 matrix products run natively: a CUDA device that supports them, or a
+    CPU with AVX512-BF16 or AMX (measured on an AVX512-BF16 EPYC: bf16 products 1.9x to 2.6x as
+    fast as fp32 at the shapes of a 135M model; docs/performance.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(c()) for c in checks if c is not None)
+
+
+def resolve_compute_dtype(setting: str, model) -> str:
+    """The precision document gradients are computed in: 'float32' or 'bfloat16'.
+
+    'auto' is bfloat16 autocast for a float32 model on hardware with native bf16 products (see
+    ``fast_bf16``) and float32 otherwise; a model loaded in another dtype computes in its own
+    dtype (reported as such). The stored gradient is rounded far more by the bank's codec than by
+    bf16 products (int4 with groups of 64: about 4 bits a value; bf16: 8-bit mantissas with fp32
+    accumulation), and docs/performance.md measures the answers changed by it."""
+    if setting not in COMPUTE_DTYPES:
+        from regrad_cli.errors import ConfigError
+
+        raise ConfigError(f"unknown compute dtype {setting!r} (use {', '.join(COMPUTE_DTYPES)})")
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        return str(param.dtype).removeprefix("torch.")
+    if setting == "auto":
+        return "bfloat16" if fast_bf16(param.device) else "float32"
+    return setting
+
+
+def compute_context(model, dtype: str):
+    """Autocast to ``dtype`` on the model's device for 'bfloat16' (a float32 model); nothing else."""
+    param = next(model.parameters())
+    if dtype != "bfloat16" or param.dtype != torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(param.device.type, dtype=torch.bfloat16)
+
+
 def document_gradients(model, learner: Learner, tokenizer, texts: Sequence[str],
-                       max_tokens: int = 256) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """Per-document gradients (detached, on CPU) and token counts, one forward+backward in all."""
+                       max_tokens: int = 256, compute_dtype: str = "float32",
+                       ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Per-document gradients (detached, float32, on CPU) and token counts, one forward+backward in
+    all; ``compute_dtype`` 'bfloat16' runs the passes under bf16 autocast (``resolve_compute_dtype``
+    turns 'auto' into one of the two)."""
     docs = encode_documents(tokenizer, texts, max_tokens)
-    grads, _ = grouped_gradients(model, learner, docs)
-    out = [{n: g[i].detach().cpu() for n, g in grads.items()} for i in range(len(texts))]
+    with compute_context(model, compute_dtype):
+        grads, _ = grouped_gradients(model, learner, docs)
+    out = [{n: g[i].detach().float().cpu() for n, g in grads.items()} for i in range(len(texts))]
     return out, docs.n_tokens

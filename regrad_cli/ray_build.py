@@ -79,8 +79,10 @@ class GradientActor:
     """One Ray actor: loads the engine once, then turns batches of documents into fragments."""
 
     def __init__(self, loader: Callable[[], Engine], writer: Any, layout: list[str], max_tokens: int,
-                 batch_size: int, checkpoint_id: str, threads: int):
+                 batch_size: int, checkpoint_id: str, threads: int, compute_dtype: str = "float32"):
         import torch
+
+        from regrad_cli.gradients import resolve_compute_dtype
 
         torch.set_num_threads(max(1, threads))
         self.engine = loader()
@@ -102,12 +104,15 @@ class GradientActor:
                             "environment (AWS_*...)", ", ".join(missing))
         self.writer, self.layout = writer, layout
         self.max_tokens, self.batch_size = max_tokens, batch_size
+        # Resolved here: 'auto' means bf16 on this worker's hardware when it has fast bf16.
+        self.dtype = resolve_compute_dtype(compute_dtype, self.engine.model)
 
     def __call__(self, batch) -> dict:
         docs = batch.to_pylist()
         rows, failed = [], []
         for start in range(0, len(docs), self.batch_size):
-            r, f = compute_rows(self.engine, docs[start:start + self.batch_size], self.layout, self.max_tokens)
+            r, f = compute_rows(self.engine, docs[start:start + self.batch_size], self.layout, self.max_tokens,
+                                self.dtype)
             rows += r
             failed += f
         fragments = self.writer.write(rows) if rows else []
@@ -116,6 +121,7 @@ class GradientActor:
             "keys": [json.dumps([[r["doc_id"], r["content_hash"]] for r in rows])],
             "failed": [json.dumps(failed)],
             "docs": [len(docs)],
+            "dtype": [self.dtype],
         }
 
 
@@ -193,16 +199,23 @@ def build_bank_ray(
     address: str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     force: bool = False,
+    compute_dtype: str | None = None,
 ) -> BuildSummary:
     """Compute the missing gradients on a Ray actor pool; commit them all at once.
 
     ``engine`` is the driver's copy (fingerprints, layout, checkpoint id); each actor loads its own
     with ``loader`` (default: the workspace's model and checkpoint, as ``Engine.load``). ``force``
-    as in ``build_bank``.
+    and ``compute_dtype`` as in ``build_bank`` ('auto' is resolved by each actor for its own
+    hardware; the summary lists what they used).
     """
+    from regrad_cli.gradients import COMPUTE_DTYPES
+
     if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
         raise RegradError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
     codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
+    dtype_setting = compute_dtype or ws.config.bank.compute_dtype
+    if dtype_setting not in COMPUTE_DTYPES:
+        raise RegradError(f"unknown compute dtype {dtype_setting!r} (use {', '.join(COMPUTE_DTYPES)})")
     loader = loader or EngineLoader.for_workspace(ws)
     with locked_build(ws, engine, codec, create=False) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)
@@ -222,9 +235,11 @@ def build_bank_ray(
         if plan.todo:
             started = _init_ray(address, workers, cpus_per_worker, gpus_per_worker)
             try:
-                fragments, keys, summary.failed = _run_pipeline(
+                fragments, keys, summary.failed, dtypes = _run_pipeline(
                     plan.todo, loader, writer, plan.layout, max_tokens, batch_size,
-                    summary.checkpoint_id, workers, cpus_per_worker, gpus_per_worker, progress, t0)
+                    summary.checkpoint_id, workers, cpus_per_worker, gpus_per_worker, progress, t0,
+                    dtype_setting)
+                summary.compute_dtype = ",".join(sorted(dtypes))
             finally:
                 if started:
                     import ray
@@ -257,7 +272,7 @@ def build_bank_ray(
 
 
 def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoint_id, workers,
-                  cpus_per_worker, gpus_per_worker, progress, t0):
+                  cpus_per_worker, gpus_per_worker, progress, t0, compute_dtype="float32"):
     import numpy as np
     import pyarrow as pa
     import ray
@@ -281,7 +296,8 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
     ds = ray.data.from_arrow([table.slice(i, per_call) for i in range(0, len(todo), per_call)])
     out = ds.map_batches(
         GradientActor,
-        fn_constructor_args=(loader, writer, layout, max_tokens, batch_size, checkpoint_id, int(max(1, cpus_per_worker))),
+        fn_constructor_args=(loader, writer, layout, max_tokens, batch_size, checkpoint_id, int(max(1, cpus_per_worker)),
+                             compute_dtype),
         batch_size=per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=min(workers, -(-len(todo) // per_call)),
@@ -292,13 +308,15 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
     fragments: list[str] = []
     keys: list[tuple[str, str]] = []
     failed: list[dict] = []
+    dtypes: set[str] = set()
     done = 0
     if progress:
         progress(0, len(todo), 0.0)
     try:
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for frag_json, key_json, fail_json, n in zip(*(batch.column(c).to_pylist()
-                                                           for c in ("fragments", "keys", "failed", "docs"))):
+            for frag_json, key_json, fail_json, n, dt in zip(*(batch.column(c).to_pylist() for c in
+                                                               ("fragments", "keys", "failed", "docs", "dtype"))):
+                dtypes.add(dt)
                 fragments += json.loads(frag_json)
                 keys += [tuple(k) for k in json.loads(key_json)]
                 failed += json.loads(fail_json)
@@ -311,7 +329,7 @@ def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoi
     except Exception as exc:
         cause = _root_cause(exc)
         raise RegradError(f"the Ray build failed before its commit, the bank is unchanged: {cause}") from exc
-    return fragments, keys, failed
+    return fragments, keys, failed, dtypes
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -197,6 +197,7 @@ def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_who
     keep = [n for n in learner.names if n.endswith(".B")]
     learner.meta[META_KEY] = energy_record({n: (1.0 if n in keep else 0.0) for n in learner.names}, 1e-4)
     ws.config.bank.codec = "fp32"
+    ws.config.bank.compute_dtype = "float32"  # compared with float32 gradients below
     build_bank(ws, engine)
     bank = GradientBank.open(ws.bank_path(learner.checkpoint_id()))
     assert bank.meta.row_norm == "doc" and bank.meta.format_version == "1.2"

@@ -14,6 +14,7 @@ from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, 
 def build_bank_cmd(
     codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8 or int4", "bank.codec"))] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=ws_help("Documents per forward/backward pass", "bank.batch_size"))] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help=ws_help("Precision of the gradient passes: auto (bf16 where the hardware has native bf16, else float32), float32 or bfloat16", "bank.compute_dtype"))] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Build at most N documents this run.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
     engine_name: Annotated[str, typer.Option("--engine", help="'local' (one process, default) or 'ray' (a Ray Data actor pool, one atomic commit).")] = "local",
@@ -38,6 +39,10 @@ def build_bank_cmd(
         raise ConfigError(f"unknown codec {codec!r} (use {', '.join(CODECS)})")
     bcfg = ws.config.bank
     spec = CodecSpec(name=codec or bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
+    from regrad_cli.gradients import COMPUTE_DTYPES
+
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"unknown compute dtype {compute_dtype!r} (use {', '.join(COMPUTE_DTYPES)})")
     if engine_name not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine_name!r} (use local or ray)")
     if engine_name == "local" and (ray_address or gpus_per_worker):
@@ -53,16 +58,18 @@ def build_bank_cmd(
             summary = build_bank_ray(ws, engine, loader=EngineLoader.for_workspace(ws, checkpoint, device),
                                      codec=spec, batch_size=batch_size, limit=limit, workers=workers,
                                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                     address=ray_address, progress=report, force=force)
+                                     address=ray_address, progress=report, force=force,
+                                     compute_dtype=compute_dtype)
         else:
             summary = build_bank(ws, engine, codec=spec, batch_size=batch_size, limit=limit, progress=report,
-                                 force=force)
+                                 force=force, compute_dtype=compute_dtype)
     out = summary.to_dict()
     if json_out:
         print_json(out)
         return
     typer.echo(f"built {out['built']}, skipped {out['skipped']} (already banked), "
                f"removed {out['removed_stale']} stale, failed {len(out['failed'])}; "
-               f"{out['rows']} rows in {out['bank']} ({out['docs_per_s']:.2f} docs/s)")
+               f"{out['rows']} rows in {out['bank']} ({out['docs_per_s']:.2f} docs/s, "
+               f"{out['compute_dtype'] or 'no'} gradient passes)")
     for f in out["failed"]:
         typer.echo(f"failed: {safe_text(f['doc_id'])}: {safe_text(f['error'])}", err=True)

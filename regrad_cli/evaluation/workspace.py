@@ -105,7 +105,9 @@ def content_key(docs: Sequence[str], paths: Sequence[Path], engine, embedder_fp:
 def _open_eval_ws(root: Path, cfg, engine, injected: bool):
     from regrad_cli.config import Workspace
 
-    overrides = {"learner.checkpoint": cfg.checkpoint}
+    # Banks of an eval are computed in float32 whatever the CPU, so that its figures do not depend
+    # on the machine's bf16 support (a user's build-bank defaults to bf16 where it is native).
+    overrides = {"learner.checkpoint": cfg.checkpoint, "bank.compute_dtype": "float32"}
     if not injected:
         overrides["model.id"] = engine.model_id
         overrides["model.device"] = cfg.device
