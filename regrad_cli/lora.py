@@ -122,7 +122,13 @@ class LoRALinear(nn.Module):
         if A is None:
             return y
         if A.dim() == 2:
-            h = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+            A, B = A.to(x.dtype), B.to(x.dtype)
+            if y.dtype == x.dtype and y.shape[-1] == B.shape[0]:
+                # One fused product-and-add: y + scale * (x A^T) B^T, fewer small operations per
+                # module on every decoded token (the side path's cost is dispatch, not arithmetic).
+                h = x.reshape(-1, x.shape[-1]) @ A.t()
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h, B.t(), alpha=self.scale).view(y.shape)
+            h = (x @ A.t()) @ B.t()
         else:
             n = A.shape[0]
             # Some families (OPT) flatten [N, T, d] to [N*T, d] before the MLP: rows stay grouped
