@@ -12,7 +12,7 @@ from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, 
 
 @app.command("build-bank")
 def build_bank_cmd(
-    codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8 or int4", "bank.codec"))] = None,
+    codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8, int8g, int4 or int4s (group size: bank.group_size)", "bank.codec"))] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=ws_help("Documents per forward/backward pass", "bank.batch_size"))] = None,
     compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help=ws_help("Precision of the gradient passes: auto (bf16 where the hardware has native bf16, else float32), float32 or bfloat16", "bank.compute_dtype"))] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Build at most N documents this run.")] = None,
