@@ -208,14 +208,12 @@ def build_bank_ray(
     and ``compute_dtype`` as in ``build_bank`` ('auto' is resolved by each actor for its own
     hardware; the summary lists what they used).
     """
-    from regrad_cli.gradients import COMPUTE_DTYPES
+    from regrad_cli.gradients import check_compute_dtype
 
     if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
         raise RegradError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
     codec, batch_size, max_tokens = build_settings(ws, codec, batch_size, max_tokens)
-    dtype_setting = compute_dtype or ws.config.bank.compute_dtype
-    if dtype_setting not in COMPUTE_DTYPES:
-        raise RegradError(f"unknown compute dtype {dtype_setting!r} (use {', '.join(COMPUTE_DTYPES)})")
+    dtype_setting = check_compute_dtype(compute_dtype or ws.config.bank.compute_dtype)
     loader = loader or EngineLoader.for_workspace(ws)
     with locked_build(ws, engine, codec, create=False) as (bank, summary):
         plan = plan_build(ws, engine, bank, limit)

@@ -100,3 +100,12 @@ def test_cli_refuses_an_unknown_compute_dtype(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["build-bank", "--compute-dtype", "fp8", "--workspace", str(ws.root)], capsys, monkeypatch)
     assert code == 1
     assert err.startswith("Error: unknown compute dtype 'fp8' (use auto, float32, bfloat16)"), err
+
+
+def test_ray_build_refuses_an_unknown_compute_dtype_before_starting_ray(tmp_path):
+    from regrad_cli.ray_build import build_bank_ray
+
+    ws = _workspace(tmp_path, "ray")
+    with pytest.raises(ConfigError, match="unknown compute dtype 'fp8'"):
+        build_bank_ray(ws, make_tiny_engine(), compute_dtype="fp8")
+    assert not ws.banks_dir.exists() or not any(ws.banks_dir.glob("bank-*"))  # nothing written

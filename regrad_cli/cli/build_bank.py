@@ -39,10 +39,10 @@ def build_bank_cmd(
         raise ConfigError(f"unknown codec {codec!r} (use {', '.join(CODECS)})")
     bcfg = ws.config.bank
     spec = CodecSpec(name=codec or bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    from regrad_cli.gradients import COMPUTE_DTYPES
+    from regrad_cli.gradients import check_compute_dtype
 
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"unknown compute dtype {compute_dtype!r} (use {', '.join(COMPUTE_DTYPES)})")
+    if compute_dtype is not None:  # before the model loads
+        check_compute_dtype(compute_dtype)
     if engine_name not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine_name!r} (use local or ray)")
     if engine_name == "local" and (ray_address or gpus_per_worker):
