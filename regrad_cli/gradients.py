@@ -129,7 +129,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 def fast_bf16(device: torch.device | str) -> bool:
     """True where bfloat16 matrix products run natively: a CUDA device that supports them, or a
-    CPU with AVX512-BF16 or AMX (measured on an AVX512-BF16 EPYC: bf16 products 1.9x to 2.6x as
+    CPU with AVX512-BF16 or AMX (measured on an AVX512-BF16 EPYC: bf16 products 2.0x to 2.6x as
     fast as fp32 at the shapes of a 135M model; docs/performance.md)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -155,8 +155,8 @@ def resolve_compute_dtype(setting: str, model) -> str:
 
     'auto' is bfloat16 autocast for a float32 model on hardware with native bf16 products (see
     ``fast_bf16``) and float32 otherwise; a model loaded in another dtype computes in its own
-    dtype (reported as such). bf16 gradients differ from float32 ones by about 2.5 % (relative
-    L2), less than int4 rounding (13.5 %), yet they change more answers (7 % against float32
+    dtype (reported as such). bf16 gradients differ from float32 ones by about 2.6 % (relative
+    L2), less than int4 rounding (13.4 %), yet they change more answers (7 % against float32
     passes on NQ-Open dev and the demo, F1 not significantly different): docs/performance.md."""
     check_compute_dtype(setting)
     param = next(model.parameters())
