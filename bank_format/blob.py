@@ -14,6 +14,7 @@ its header and the bank's layout claim.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import zstandard
 
-from .codecs import decode_values, encode_values, section_size
+from .codecs import decode_int4_many, decode_values, encode_values, section_size
 from .errors import BankFormatError, CorruptBlobError
 from .schema import CODEC_IDS, CODECS, GROUPED_CODECS, MAX_NDIM, CodecSpec, TensorSpec, coerce_codec, coerce_layout
 
@@ -216,7 +217,7 @@ def _decode_blob(blob: bytes, layout: Sequence[TensorSpec] | None) -> list[np.nd
             )
     payload = _decompress(memoryview(blob)[HEADER_SIZE:], header.payload_len)
 
-    out: list[np.ndarray] = []
+    sections: list[tuple[tuple[int, ...], int]] = []  # (shape, offset of its sections)
     pos = 0
     n = len(payload)
     for i in range(header.n_tensors):
@@ -239,14 +240,42 @@ def _decode_blob(blob: bytes, layout: Sequence[TensorSpec] | None) -> list[np.nd
             raise CorruptBlobError(
                 f"tensor {i} of shape {shape} needs {size} bytes, only {n - pos} remain"
             )
-        try:
-            out.append(decode_values(payload, pos, shape, header.codec, header.group_size))
-        except CorruptBlobError as e:
-            raise CorruptBlobError(f"tensor {i}: {e}") from None
+        sections.append((shape, pos))
         pos += size
     if pos != n:
         raise CorruptBlobError(f"payload has {n - pos} bytes after its last tensor")
+
+    sizes = [math.prod(shape) for shape, _ in sections]
+    flat = None
+    if header.codec in ("int4", "int4s"):
+        try:
+            flat = decode_int4_many(payload, [(off, m) for (_, off), m in zip(sections, sizes)],
+                                    header.codec, header.group_size)
+        except CorruptBlobError:
+            flat = None  # decoded tensor by tensor below, for a message that names the tensor
+    if flat is None:
+        flat = np.empty(sum(sizes), dtype=np.float32)
+        start = 0
+        for i, ((shape, off), m) in enumerate(zip(sections, sizes)):
+            try:
+                flat[start:start + m] = decode_values(payload, off, shape, header.codec, header.group_size).reshape(-1)
+            except CorruptBlobError as e:
+                raise CorruptBlobError(f"tensor {i}: {e}") from None
+            start += m
+    # One flat float32 row, every tensor a view of it (pipeline.steps_from_rows uses the row).
+    out, start = DecodedRow(), 0
+    for (shape, _), m in zip(sections, sizes):
+        out.append(flat[start:start + m].reshape(shape))
+        start += m
+    out.flat = flat
     return out
+
+
+class DecodedRow(list):
+    """The decoded tensors of one blob (a list of float32 arrays, layout order); ``flat`` is
+    the one contiguous float32 buffer they are views of, every value in order."""
+
+    flat: np.ndarray
 
 
 def blob_info(blob: bytes) -> dict:

@@ -321,24 +321,123 @@ def steps_from_rows(learner, rows: Sequence[Sequence[dict[str, np.ndarray]]], co
                     ) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
     """``step_from_rows`` for n questions with k documents each at once: phi' stacked [n, ...]
     and the combination weights per question. Every question's phi' is bit for bit the one
-    ``step_from_rows`` gives it alone (the arithmetic is elementwise, or reduces within one
-    question: tests/test_serve.py checks it)."""
+    ``step_from_rows`` gives it alone (each question's arithmetic is its own: tests/test_serve.py
+    checks it).
+
+    The arithmetic is ``adapt.combine`` then ``adapt.step`` on each gradient row as one flat
+    vector (a bank row decodes into one, ``bank_format.decode_blob``): phi' = phi - gamma *
+    alpha (.) sum_d w_d N(g_d) in a handful of whole-row operations instead of a few per tensor.
+    The one difference from the per-tensor functions is the order of the sum of squares in the
+    ``doc`` normalisation (one dot product over the row), a float rounding."""
     scores = torch.tensor([list(c) for c in cosines], dtype=torch.float32)
     w = adapt.combination_weights(scores, combine, learner.log_temp.detach().cpu())
     names = list(rows[0][0])
-    grads = {n: torch.from_numpy(np.stack([np.stack([np.asarray(d[n], dtype=np.float32) for d in q]) for q in rows]))
-             for n in names}
     norm = learner.trained_norm
     if row_norm is not None:
         if row_norm != norm:
             raise RegradError(f"the bank's rows are normalised per {row_norm!r}, the learner per {norm!r}: "
                               "rebuild the bank with `regrad build-bank`")
         norm = "none"
-    g = adapt.combine(grads, w, norm=norm)
+    if norm not in adapt.NORMALISATIONS:
+        raise RegradError(f"unknown normalisation {norm!r} (use {', '.join(adapt.NORMALISATIONS)})")
+    flat = _FlatLayout.of(learner, names)
+    grads: dict[int, tuple[torch.Tensor, float]] = {}  # id(row) -> (flat g, its N() factor)
+
+    def doc(row) -> tuple[torch.Tensor, float]:
+        if id(row) not in grads:
+            g = torch.from_numpy(flat.row(row))
+            if norm == "tensor":  # a factor per tensor: scale the row itself
+                inv = [(torch.dot(v, v) + adapt._EPS).rsqrt() for v in torch.split(g, flat.sizes)]
+                grads[id(row)] = (g * torch.cat([i.expand(m) for i, m in zip(inv, flat.sizes)]), 1.0)
+            else:
+                f = (torch.dot(g, g) + adapt._EPS).rsqrt() if norm == "doc" else torch.ones((), dtype=torch.float32)
+                grads[id(row)] = (g, f)
+        return grads[id(row)]
+
+    # Per question, into one [n, N] buffer: c = sum_d (w_d N_d) g_d, then phi - gamma alpha c,
+    # through one scratch row (every fresh 3 MB temporary costs its page faults, more than its
+    # arithmetic). Only correctly rounded elementwise products and sums (no fused multiply-add),
+    # so a value does not depend on how threads split the rows: a batch equals its rows alone.
+    n_values = sum(flat.sizes)
+    stepped = torch.empty(len(rows), n_values, dtype=torch.float32)
+    tmp = torch.empty(n_values, dtype=torch.float32)
+    for i, (q, wq) in enumerate(zip(rows, w)):
+        c = stepped[i]
+        for j, (row, wd) in enumerate(zip(q, wq)):
+            g, f = doc(row)
+            coef = float(f * wd)  # a float32 product, exact as a Python float
+            if j == 0:
+                torch.mul(g, coef, out=c)
+            else:
+                c.add_(torch.mul(g, coef, out=tmp))
     if device is not None:
-        g = {n: v.to(device) for n, v in g.items()}
-    return (adapt.step(learner.phi_dict(), learner.alpha_dict(), g, gamma, batched=True),
-            [[float(x) for x in row] for row in w])
+        stepped = stepped.to(device)
+        tmp = tmp.to(device)
+    phi, ga = flat.tensors(stepped.device, gamma)
+    for c in stepped:
+        torch.sub(phi, torch.mul(ga, c, out=tmp), out=c)  # phi - gamma alpha (.) c
+    out, n = {}, stepped.shape[0]
+    views = dict(zip(names, torch.split(stepped, flat.sizes, dim=1)))
+    for name, p in learner.phi_dict().items():
+        v = views.get(name)
+        out[name] = (v.view(n, *p.shape) if v is not None
+                     else p.detach().to(stepped.device).unsqueeze(0).expand(n, *p.shape))
+    return out, [[float(x) for x in row] for row in w]
+
+
+class _FlatLayout:
+    """phi and alpha of the tensors ``names`` as flat vectors, in that order, cached on the
+    learner until one of its parameters changes (their version counters)."""
+
+    def __init__(self, learner, names: list[str], key):
+        self.names, self.key = names, key
+        shapes = dict(learner.layout)
+        self.sizes = [math.prod(shapes[n]) for n in names]
+        with torch.no_grad():
+            self._phi = torch.cat([learner.phi_dict()[n].detach().reshape(-1) for n in names])
+            # alpha per value: the learner's scalar (or per-element) step size of each tensor
+            self._alpha = torch.cat([learner.alpha(n).detach().expand(shapes[n]).reshape(-1) for n in names])
+        self._on: dict = {}
+
+    @classmethod
+    def of(cls, learner, names: list[str]) -> "_FlatLayout":
+        unknown = [n for n in names if n not in learner.names]
+        if unknown:
+            raise RegradError(f"gradient rows hold tensor {unknown[0]!r}, which the learner does not have")
+        params = list(learner.parameters())
+        key = (tuple(names), tuple((id(p), p._version) for p in params))
+        cached = getattr(learner, "_flat_layout", None)
+        if cached is None or cached.key != key:
+            cached = cls(learner, names, key)
+            object.__setattr__(learner, "_flat_layout", cached)
+        return cached
+
+    def tensors(self, device, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(phi, gamma * alpha) on ``device``, each computed once."""
+        key = (str(device), float(gamma))
+        if key not in self._on:
+            phi, alpha = self._phi.to(device), self._alpha.to(device)
+            self._on[key] = (phi, alpha if gamma == 1.0 else alpha * gamma)
+        return self._on[key]
+
+    def row(self, row) -> np.ndarray:
+        """A gradient row (name -> array) as one flat float32 vector in ``names`` order: the
+        decoded buffer itself for a bank row in this order (``GradientRow``), else a copy."""
+        buf = getattr(row, "flat", None)
+        if buf is not None and row.names == self.names:
+            return buf
+        return np.concatenate([np.asarray(row[n], dtype=np.float32).reshape(-1) for n in self.names])
+
+
+class GradientRow(dict):
+    """One document's decoded gradient: name -> array; ``flat`` is the whole row (float32, in
+    ``names`` order) that the arrays are views of, when it came from a bank (else None)."""
+
+    def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray]):
+        super().__init__(zip(names, arrays))
+        self.names = list(names)
+        flat = getattr(arrays, "flat", None)  # bank_format.blob.DecodedRow
+        self.flat = flat if isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1 else None
 
 
 def _batch_adapter(learner, group: list[_Row]):

@@ -18,7 +18,7 @@ from regrad_cli.adapt import COMBINES
 from regrad_cli.config import Workspace
 from regrad_cli.engine import Engine
 from regrad_cli.errors import NoBankError, RegradError
-from regrad_cli.pipeline import MODES, RETRIEVERS, Request, Retrieved, answer_many
+from regrad_cli.pipeline import MODES, RETRIEVERS, GradientRow, Request, Retrieved, answer_many
 
 log = logging.getLogger("regrad")
 
@@ -202,4 +202,4 @@ class WorkspaceCorpus:
         if self.bank is None:
             return {}, {d: "no gradient bank" for d in ids}
         decoded, bad = self.bank.fetch_checked(list(ids))
-        return {d: dict(zip(self.layout, arrays)) for d, arrays in decoded.items()}, dict(bad)
+        return {d: GradientRow(self.layout, arrays) for d, arrays in decoded.items()}, dict(bad)
