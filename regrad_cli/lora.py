@@ -98,6 +98,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
+        self._Bt: torch.Tensor | None = None  # B^T, contiguous, at query time (set_active)
 
     @property
     def transposed(self) -> bool:
@@ -109,6 +110,14 @@ class LoRALinear(nn.Module):
         # model's state_dict must stay exactly the base model's.
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "B", B)
+        # At query time (no autograd through A and B) B^T is laid out contiguously once, here,
+        # for the product on every decoded token: addmm with a contiguous [r, out] operand takes
+        # about half the time of one with the transposed view (measured on SmolLM2's MLP shapes).
+        bt = None
+        if (A is not None and B is not None and A.dim() == 2 and B.dim() == 2
+                and not A.requires_grad and not B.requires_grad):
+            bt = B.t().contiguous()
+        object.__setattr__(self, "_Bt", bt)
 
     def delta_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """What the side path adds to the base weight, in the base's own layout: the merged model
@@ -122,6 +131,10 @@ class LoRALinear(nn.Module):
         if A is None:
             return y
         if A.dim() == 2:
+            Bt = self._Bt
+            if Bt is not None and Bt.dtype == x.dtype == A.dtype == y.dtype and y.shape[-1] == Bt.shape[1]:
+                h = x.reshape(-1, x.shape[-1]) @ A.t()
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h, Bt, alpha=self.scale).view(y.shape)
             A, B = A.to(x.dtype), B.to(x.dtype)
             if y.dtype == x.dtype and y.shape[-1] == B.shape[0]:
                 # One fused product-and-add: y + scale * (x A^T) B^T, fewer small operations per

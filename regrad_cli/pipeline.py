@@ -218,7 +218,7 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
             steps, weights = steps_from_rows(learner, [[decoded[h.doc_id] for h in used] for _, used in members],
                                              [[h.cosine for h in used] for _, used in members], combine, gamma,
                                              device, row_norm=getattr(corpus, "row_norm", None))
-            finite = adapt.finite_rows(steps)
+            finite = steps.finite
             apply_ms = _ms(t) / len(members)
             for i, (r, _) in enumerate(members):
                 r.weights = weights[i]
@@ -376,13 +376,23 @@ def steps_from_rows(learner, rows: Sequence[Sequence[dict[str, np.ndarray]]], co
     phi, ga = flat.tensors(stepped.device, gamma)
     for c in stepped:
         torch.sub(phi, torch.mul(ga, c, out=tmp), out=c)  # phi - gamma alpha (.) c
+    finite = torch.isfinite(stepped).all(1).tolist()
     out, n = {}, stepped.shape[0]
     views = dict(zip(names, torch.split(stepped, flat.sizes, dim=1)))
     for name, p in learner.phi_dict().items():
         v = views.get(name)
         out[name] = (v.view(n, *p.shape) if v is not None
                      else p.detach().to(stepped.device).unsqueeze(0).expand(n, *p.shape))
-    return out, [[float(x) for x in row] for row in w]
+    steps = Steps(out)
+    steps.finite = [f and flat.phi_finite for f in finite]
+    return steps, [[float(x) for x in row] for row in w]
+
+
+class Steps(dict):
+    """phi' per tensor name, [n, ...]; ``finite`` says per question whether every value is finite
+    (checked once on the flat rows, for ``answer_many``)."""
+
+    finite: list[bool]
 
 
 class _FlatLayout:
@@ -397,6 +407,9 @@ class _FlatLayout:
             self._phi = torch.cat([learner.phi_dict()[n].detach().reshape(-1) for n in names])
             # alpha per value: the learner's scalar (or per-element) step size of each tensor
             self._alpha = torch.cat([learner.alpha(n).detach().expand(shapes[n]).reshape(-1) for n in names])
+            # Tensors the rows do not hold keep phi: their finiteness is phi's, checked once.
+            rest = [p for n, p in learner.phi_dict().items() if n not in set(names)]
+            self.phi_finite = all(bool(torch.isfinite(p).all()) for p in rest)
         self._on: dict = {}
 
     @classmethod

@@ -420,3 +420,69 @@ def test_two_writers_take_turns(tmp_path):
         t.join()
     assert not errors, errors
     assert banks[0].count() == 16 and n_versions(banks[0]) == 1 + 8
+
+
+# -- in-memory search snapshot (small banks) ----------------------------------------------------
+
+def _lance_exact(bank: GradientBank, q, k: int) -> list[tuple[str, float]]:
+    t = bank._search_query(q, k).to_arrow()
+    return list(zip(t.column("doc_id").to_pylist(), [1.0 - d for d in t.column("_distance").to_pylist()]))
+
+
+def test_memory_search_equals_lancedb_exact_search_and_follows_every_commit(tmp_path):
+    """A small bank is searched in memory: the same rows in the same order as LanceDB's exact
+    search; an append, a delete and a compaction by another handle are seen by the next search
+    and fetch of a reader opened before them (the snapshot is re-read on a new version)."""
+    path = tmp_path / "b"
+    writer = GradientBank.create(path, make_meta("int4"))
+    writer.append(make_rows("a", 12))
+    reader = GradientBank.open(path, read_only=True)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        q = rng.standard_normal(DIM).astype(np.float32)
+        got = reader.search(q, 5)
+        assert reader._snap is not None and reader._snap.usable
+        want = _lance_exact(reader, q, 5)
+        assert [h["doc_id"] for h in got] == [d for d, _ in want]
+        assert [h["score"] for h in got] == pytest.approx([s for _, s in want], abs=1e-5)
+    q = make_rows("a", 12)[4]["embedding"]
+    assert reader.search(q, 1)[0]["doc_id"] == "a4"
+
+    new = make_rows("n", 1, seed=9)
+    writer.append(new)
+    assert reader.search(new[0]["embedding"], 1)[0]["doc_id"] == "n0", "an append must be searched at once"
+    got = reader.fetch(["n0"])["n0"]
+    assert [g.shape for g in got] == [t.shape for t in LAYOUT]
+
+    writer.delete(doc_ids=["a4"])
+    assert "a4" not in [h["doc_id"] for h in reader.search(q, 12)]
+    decoded, bad = reader.fetch_checked(["a4", "a5"])
+    assert set(decoded) == {"a5"} and "a4" in bad, "a deleted row must not be fetched"
+    before = {d: [x.copy() for x in v] for d, v in reader.fetch(["a5", "a11", "n0"]).items()}
+    writer.compact()
+    after = reader.fetch(["a5", "a11", "n0"])
+    assert all(np.array_equal(x, y) for d in before for x, y in zip(before[d], after[d]))
+
+
+def test_memory_search_skipped_for_indexed_or_big_banks(tmp_path, monkeypatch):
+    import bank_format.bank as bank_mod
+
+    path = tmp_path / "b"
+    bank = GradientBank.create(path, make_meta())
+    bank.append(make_rows("a", 6))
+    monkeypatch.setattr(bank_mod, "MEMORY_SEARCH_ROWS", 5)
+    q = np.ones(DIM, dtype=np.float32)
+    hits = bank.search(q, 3)
+    assert bank._snap is not None and not bank._snap.usable, "6 rows > 5: LanceDB searches"
+    assert [h["doc_id"] for h in hits] == [d for d, _ in _lance_exact(bank, q, 3)]
+    assert set(bank.fetch(["a1", "a2"])) == {"a1", "a2"}
+
+
+def test_memory_fetch_uses_the_latest_of_duplicate_rows(tmp_path):
+    bank = GradientBank.create(tmp_path / "b", make_meta())
+    first, second = make_rows("d", 1, seed=1), make_rows("d", 1, seed=2)
+    bank.append(first)
+    bank.search(first[0]["embedding"], 1)  # builds the snapshot of the first version
+    bank.append(second)
+    got = bank.fetch(["d0"])["d0"]
+    assert bank._snap.usable and np.array_equal(got[0], second[0]["tensors"][0])

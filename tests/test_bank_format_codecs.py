@@ -371,3 +371,57 @@ def test_fuzz_meta_mutated(data):
     except BankFormatError:
         return
     assert BankMeta.from_json(m.to_json()) == m
+
+
+# -- the whole-row int4 decode ----------------------------------------------------------------
+
+def _per_tensor(blob: bytes, layout) -> list[np.ndarray]:
+    """Every tensor decoded alone with decode_values: the reference the vectorised path must equal."""
+    from bank_format.blob import _decompress, read_header
+    from bank_format.codecs import decode_values, section_size
+
+    h = read_header(blob)
+    payload = _decompress(memoryview(blob)[HEADER_SIZE:], h.payload_len)
+    out, pos = [], 0
+    for t in layout:
+        ndim = payload[pos]
+        pos += 1 + 4 * ndim
+        out.append(decode_values(payload, pos, t.shape, h.codec, h.group_size))
+        pos += section_size(t.shape, h.codec, h.group_size)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["int4", "int4s"])
+@pytest.mark.parametrize("shapes", [[(8, 16), (16, 8), (4,)], [(3, 5), (8, 8)], [(), (0, 4), (64,)]])
+def test_whole_row_decode_equals_per_tensor_decode_bit_for_bit(codec, shapes):
+    """Rows whose tensors are whole groups decode in one pass (bank_format.codecs.decode_int4_many),
+    the others tensor by tensor; either way each value is the per-tensor decode's, bit for bit,
+    and every tensor is a view of one flat float32 row (``flat``)."""
+    rng = np.random.default_rng(len(shapes))
+    layout = [TensorSpec(f"t{i}", s) for i, s in enumerate(shapes)]
+    tensors = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype(np.float32) for s in shapes]
+    blob = encode_blob(tensors, layout, CodecSpec(codec, group_size=4))
+    got = decode_blob(blob, layout)
+    want = _per_tensor(blob, layout)
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and g.shape == w.shape and g.tobytes() == w.tobytes()
+    assert got.flat.dtype == np.float32 and got.flat.size == sum(int(np.prod(s)) for s in shapes)
+    assert np.concatenate([g.reshape(-1) for g in got]).tobytes() == got.flat.tobytes()
+
+
+def test_whole_row_decode_names_the_damaged_tensor():
+    """A nibble 0 in the second tensor: the error still names tensor 1, as the per-tensor decode did."""
+    import zstandard
+
+    from bank_format.blob import read_header
+
+    layout = [TensorSpec("a", (8, 8)), TensorSpec("b", (8, 8))]
+    tensors = [np.ones((8, 8), np.float32), np.ones((8, 8), np.float32)]
+    blob = encode_blob(tensors, layout, CodecSpec("int4", zstd_level=1, group_size=8))
+    h = read_header(blob)
+    payload = bytearray(zstandard.ZstdDecompressor().decompress(blob[HEADER_SIZE:], max_output_size=h.payload_len))
+    payload[-1] = 0x08  # the last byte of tensor 1: its high nibble becomes 0 (-8), never written
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(bytes(payload))
+    # The header is unchanged: the payload keeps its length.
+    with pytest.raises(CorruptBlobError, match=r"tensor 1: int4 values hold nibble 0"):
+        decode_blob(bytes(blob[:HEADER_SIZE]) + frame, layout)

@@ -463,3 +463,48 @@ def test_batched_steps_equal_one_question_steps_bit_for_bit(threads, norm, combi
                 assert torch.equal(alone[name], together[name][i]), (i, name)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("norm,combine", [("doc", "score"), ("none", "sum"), ("tensor", "mean")])
+def test_flat_step_is_the_adapt_step_and_uses_the_decoded_row(norm, combine):
+    """pipeline.steps_from_rows computes on whole flat rows; it must give what the per-tensor
+    definition (adapt.combination_weights -> adapt.combine -> adapt.step) gives, up to the float
+    rounding of the doc norm's summation order; a bank row's decoded buffer is used as it is
+    (no copy); tensors the rows do not hold keep phi; a changed phi is seen (no stale cache)."""
+    import numpy as np
+    import torch
+
+    from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
+    from regrad_cli import adapt
+    from regrad_cli.lora import Learner, LearnerSpec
+    from regrad_cli.pipeline import GradientRow, _FlatLayout, steps_from_rows
+
+    shapes = {"up.A": (8, 64), "up.B": (96, 8), "down.A": (8, 96), "down.B": (64, 8)}
+    learner = Learner(LearnerSpec(), shapes).init_(seed=1, alpha_init=0.5)
+    learner.meta["norm"] = norm
+    stored = ["up.A", "up.B", "down.B"]  # down.A left out, as a bank with omitted tensors
+    layout = [TensorSpec(n, shapes[n]) for n in stored]
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(3):
+        blob = encode_blob([rng.standard_normal(shapes[n]).astype(np.float32) for n in stored], layout,
+                           CodecSpec("int4", group_size=32))
+        rows.append(GradientRow(stored, decode_blob(blob, layout)))
+    assert all(r.flat is not None for r in rows)
+    assert _FlatLayout.of(learner, stored).row(rows[0]) is rows[0].flat, "a bank row must not be copied"
+    cos = [0.7, 0.5, 0.3]
+
+    def reference():
+        w = adapt.combination_weights(torch.tensor([cos]), combine, learner.log_temp.detach())
+        g = {n: torch.from_numpy(np.stack([r[n] for r in rows]))[None] for n in stored}
+        return adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(g, w, norm=norm), 1.5,
+                          batched=True)
+
+    for _ in range(2):
+        got, _ = steps_from_rows(learner, [rows], [cos], combine, 1.5)
+        want = reference()
+        for name in shapes:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["down.A"][0], learner.phi_dict()["down.A"].detach())
+        with torch.no_grad():  # an optimiser step on phi: the flat copy must follow
+            learner.phi_dict()["up.B"].add_(0.25)
