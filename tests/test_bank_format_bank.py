@@ -477,6 +477,15 @@ def test_memory_search_skipped_for_indexed_or_big_banks(tmp_path, monkeypatch):
     assert [h["doc_id"] for h in hits] == [d for d, _ in _lance_exact(bank, q, 3)]
     assert set(bank.fetch(["a1", "a2"])) == {"a1", "a2"}
 
+    monkeypatch.setattr(bank_mod, "MEMORY_SEARCH_ROWS", 1000)
+    bank._snap = None  # the choice is made once per version: forget this version's
+    bank.search(q, 3)
+    assert bank._snap.usable, "6 rows, no index: searched in memory"
+    bank.create_index(num_partitions=2)
+    hits = bank.search(q, 3)
+    assert not bank._snap.usable, "an indexed bank is searched by LanceDB (its ANN index)"
+    assert len(hits) == 3 and set(bank.fetch(["a1"])) == {"a1"}
+
 
 def test_memory_fetch_uses_the_latest_of_duplicate_rows(tmp_path):
     bank = GradientBank.create(tmp_path / "b", make_meta())
