@@ -66,12 +66,14 @@ COMPACT_TARGET_BYTES = 256 * 1024 * 1024
 # doc ids per filtered scan in fetch: keeps the SQL predicate short.
 _FETCH_CHUNK = 256
 # A bank of at most this many rows and without a vector index is searched and fetched through an
-# in-memory snapshot of its small columns (doc ids, hashes, sources, embeddings: at most 48 MiB at
-# dim 384), read once per committed version: a search is then one matrix-vector product and a
+# in-memory snapshot of its small columns (doc ids, hashes, sources, embeddings: 48 MiB of
+# embeddings at dim 384, and never more than MEMORY_SEARCH_BYTES in all), read once per committed
+# version: a search is then one matrix-vector product and a
 # fetch a positional take, instead of a LanceDB query each (measured on the 36-row demo bank,
 # docs/performance.md "Query latency": about 8 to 16 ms a search and 10 ms a filtered fetch,
 # against well under 1 ms each). Bigger or indexed banks are searched by LanceDB.
 MEMORY_SEARCH_ROWS = 32768
+MEMORY_SEARCH_BYTES = 64 << 20  # and at most this much of those columns held in memory
 
 _ROW_KEYS = {"doc_id", "content_hash", "embedding", "tensors", "blob", "n_tokens", "source"}
 _CHECK_COLUMNS = ["doc_id", "content_hash", "codec", "checksum", "blob"]
@@ -1004,11 +1006,26 @@ class _Snapshot:
 
     @classmethod
     def read(cls, ds: Any, dim: int) -> "_Snapshot":
+        """The snapshot of ``ds``'s version; unusable (LanceDB searches) for a bank with an index,
+        more than ``MEMORY_SEARCH_ROWS`` rows, or more than ``MEMORY_SEARCH_BYTES`` in these
+        columns (read in small batches and abandoned past the budget: a hostile bank with huge
+        ids or sources costs at most the budget and one batch)."""
+        import pyarrow as pa
+
         n = ds.count_rows()
-        if n > MEMORY_SEARCH_ROWS or ds.describe_indices():
+        if n > MEMORY_SEARCH_ROWS or 4 * n * dim > MEMORY_SEARCH_BYTES or ds.describe_indices():
             return cls(ds.version, ds, usable=False)
-        t = ds.to_table(columns=["doc_id", "content_hash", "source", "embedding", "created_at"])
+        columns = ["doc_id", "content_hash", "source", "embedding", "created_at"]
+        batches, budget = [], MEMORY_SEARCH_BYTES
+        for batch in ds.to_batches(columns=columns, batch_size=64):
+            budget -= batch.nbytes
+            if budget < 0:
+                return cls(ds.version, ds, usable=False)
+            batches.append(batch)
         snap = cls(ds.version, ds, usable=True)
+        if not batches:
+            return snap
+        t = pa.Table.from_batches(batches)
         snap.doc_ids = t.column("doc_id").to_pylist()
         snap.hashes = t.column("content_hash").to_pylist()
         snap.sources = t.column("source").to_pylist()

@@ -4,8 +4,8 @@
 gets its *own* side-path adapter (phi' for a row that takes a step, phi, or zeros for a row that
 runs the bare base model), stacked [N, ...] so that the base matmuls run once for the batch and
 each row adds its own low-rank term. With a single request the adapter is the plain 2-D one, so
-``regrad query`` answers exactly as before. The step itself is ``adapt.step``; the combination
-``adapt.combine``; nothing here re-implements them.
+``regrad query`` answers exactly as before. The step and the combination are ``adapt``'s
+(``adapt.flat_steps`` on flat gradient rows); nothing here re-implements them.
 
 What the pipeline reads (retrieval, passage texts, decoded gradients) comes from a ``Corpus``:
 ``query.WorkspaceCorpus`` over a workspace's documents table and gradient bank, or an in-memory
@@ -324,11 +324,9 @@ def steps_from_rows(learner, rows: Sequence[Sequence[dict[str, np.ndarray]]], co
     ``step_from_rows`` gives it alone (each question's arithmetic is its own: tests/test_serve.py
     checks it).
 
-    The arithmetic is ``adapt.combine`` then ``adapt.step`` on each gradient row as one flat
-    vector (a bank row decodes into one, ``bank_format.decode_blob``): phi' = phi - gamma *
-    alpha (.) sum_d w_d N(g_d) in a handful of whole-row operations instead of a few per tensor.
-    The one difference from the per-tensor functions is the order of the sum of squares in the
-    ``doc`` normalisation (one dot product over the row), a float rounding."""
+    The arithmetic is ``adapt.flat_steps`` (``adapt.combine`` then ``adapt.step`` on each
+    gradient row as one flat vector; a bank row decodes into one, ``bank_format.decode_blob``),
+    with phi and alpha kept flat on the learner."""
     scores = torch.tensor([list(c) for c in cosines], dtype=torch.float32)
     w = adapt.combination_weights(scores, combine, learner.log_temp.detach().cpu())
     names = list(rows[0][0])
@@ -338,44 +336,11 @@ def steps_from_rows(learner, rows: Sequence[Sequence[dict[str, np.ndarray]]], co
             raise RegradError(f"the bank's rows are normalised per {row_norm!r}, the learner per {norm!r}: "
                               "rebuild the bank with `regrad build-bank`")
         norm = "none"
-    if norm not in adapt.NORMALISATIONS:
-        raise RegradError(f"unknown normalisation {norm!r} (use {', '.join(adapt.NORMALISATIONS)})")
     flat = _FlatLayout.of(learner, names)
-    grads: dict[int, tuple[torch.Tensor, float]] = {}  # id(row) -> (flat g, its N() factor)
-
-    def doc(row) -> tuple[torch.Tensor, float]:
-        if id(row) not in grads:
-            g = torch.from_numpy(flat.row(row))
-            if norm == "tensor":  # a factor per tensor: scale the row itself
-                inv = [(torch.dot(v, v) + adapt._EPS).rsqrt() for v in torch.split(g, flat.sizes)]
-                grads[id(row)] = (g * torch.cat([i.expand(m) for i, m in zip(inv, flat.sizes)]), 1.0)
-            else:
-                f = (torch.dot(g, g) + adapt._EPS).rsqrt() if norm == "doc" else torch.ones((), dtype=torch.float32)
-                grads[id(row)] = (g, f)
-        return grads[id(row)]
-
-    # Per question, into one [n, N] buffer: c = sum_d (w_d N_d) g_d, then phi - gamma alpha c,
-    # through one scratch row (every fresh 3 MB temporary costs its page faults, more than its
-    # arithmetic). Only correctly rounded elementwise products and sums (no fused multiply-add),
-    # so a value does not depend on how threads split the rows: a batch equals its rows alone.
-    n_values = sum(flat.sizes)
-    stepped = torch.empty(len(rows), n_values, dtype=torch.float32)
-    tmp = torch.empty(n_values, dtype=torch.float32)
-    for i, (q, wq) in enumerate(zip(rows, w)):
-        c = stepped[i]
-        for j, (row, wd) in enumerate(zip(q, wq)):
-            g, f = doc(row)
-            coef = float(f * wd)  # a float32 product, exact as a Python float
-            if j == 0:
-                torch.mul(g, coef, out=c)
-            else:
-                c.add_(torch.mul(g, coef, out=tmp))
-    if device is not None:
-        stepped = stepped.to(device)
-        tmp = tmp.to(device)
-    phi, ga = flat.tensors(stepped.device, gamma)
-    for c in stepped:
-        torch.sub(phi, torch.mul(ga, c, out=tmp), out=c)  # phi - gamma alpha (.) c
+    as_tensor: dict[int, torch.Tensor] = {}  # one tensor per document, however many questions use it
+    flat_rows = [[as_tensor.setdefault(id(row), torch.from_numpy(flat.row(row))) for row in q] for q in rows]
+    phi, ga = flat.tensors(device if device is not None else "cpu", gamma)
+    stepped = adapt.flat_steps(phi, ga, flat_rows, w, norm, flat.sizes)
     finite = torch.isfinite(stepped).all(1).tolist()
     out, n = {}, stepped.shape[0]
     views = dict(zip(names, torch.split(stepped, flat.sizes, dim=1)))

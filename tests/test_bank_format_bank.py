@@ -487,6 +487,23 @@ def test_memory_search_skipped_for_indexed_or_big_banks(tmp_path, monkeypatch):
     assert len(hits) == 3 and set(bank.fetch(["a1"])) == {"a1"}
 
 
+def test_memory_search_budget_bounds_a_hostile_bank(tmp_path, monkeypatch):
+    """Sources of 64 KiB each: past the byte budget the snapshot is abandoned (LanceDB searches),
+    so a bank's strings cannot make a reader hold more than the budget."""
+    import bank_format.bank as bank_mod
+
+    bank = GradientBank.create(tmp_path / "b", make_meta())
+    bank.append(make_rows("s", 8, source="x" * 65536))
+    monkeypatch.setattr(bank_mod, "MEMORY_SEARCH_BYTES", 256 * 1024)
+    q = np.ones(DIM, dtype=np.float32)
+    hits = bank.search(q, 3)
+    assert not bank._snap.usable
+    assert [h["doc_id"] for h in hits] == [d for d, _ in _lance_exact(bank, q, 3)]
+    monkeypatch.setattr(bank_mod, "MEMORY_SEARCH_BYTES", 64 << 20)
+    bank._snap = None
+    assert [h["doc_id"] for h in bank.search(q, 3)] == [h["doc_id"] for h in hits] and bank._snap.usable
+
+
 def test_memory_fetch_uses_the_latest_of_duplicate_rows(tmp_path):
     bank = GradientBank.create(tmp_path / "b", make_meta())
     first, second = make_rows("d", 1, seed=1), make_rows("d", 1, seed=2)
