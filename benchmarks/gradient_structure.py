@@ -10,9 +10,12 @@ tensor):
 - codecs: the relative L2 error of encode + decode (int8g/g128, int4/g32, int4/g64, int4/g128,
   int4s/g64) and of leaving the A tensors out;
 - the weight change: the relative error of every module's B'A' - BA (phi' = phi - alpha (.) g),
-  which is what the side path adds to the model.
+  which is what the side path adds to the model;
+- what documents share: the cosine between two documents' steps, and the part of each step left
+  after removing the documents' mean step (what a bank-wide shared component would leave to
+  store per document).
 
-    python benchmarks/gradient_structure.py --threads 2
+    python benchmarks/gradient_structure.py --threads 2 --docs 8
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def main() -> None:
         return {m: p2[m + ".B"].double() @ p2[m + ".A"].double() - phi[m + ".B"].double() @ phi[m + ".A"].double()
                 for m in modules}
 
-    per_doc = []
+    per_doc, steps = [], []
     for text in texts:
         raw = document_gradients(model, learner, tok, [text])[0][0]
         g = adapt.normalise({n: raw[n][None] for n in names}, learner.trained_norm)
         g = {n: t[0] for n, t in g.items()}
         step = {n: alpha[n] * g[n] for n in names}
+        steps.append(torch.cat([step[n].reshape(-1) for n in names]).double())
         ref_dw = delta_w(g)
         row = {"low_rank": {}, "codecs": {}}
         for k in (1, 2, 4):
@@ -88,6 +92,16 @@ def main() -> None:
         }
         per_doc.append(row)
 
+    unit = torch.stack([v / v.norm() for v in steps])
+    cos = unit @ unit.T
+    off = cos[~torch.eye(len(steps), dtype=torch.bool)]
+    residual = (unit - unit.mean(0)).norm(dim=1)
+    shared = {"pairwise_cosine_mean": float(off.mean()), "pairwise_cosine_max": float(off.max()),
+              "residual_after_mean_removed": float(residual.mean())}
+    print(f"documents' steps: pairwise cosine mean {shared['pairwise_cosine_mean']:.3f} (max "
+          f"{shared['pairwise_cosine_max']:.3f}); after removing their mean step {shared['residual_after_mean_removed']:.3f} "
+          "of each step's norm is left")
+
     def mean(path) -> float:
         vals = [path(r) for r in per_doc]
         return float(np.mean(vals))
@@ -106,6 +120,7 @@ def main() -> None:
         "n_documents": len(per_doc),
         "low_rank_step_rel_error": low_rank,
         "codecs": codecs,
+        "shared_between_documents": shared,
         "per_document": per_doc,
         "learner": checkpoint_info(engine),
     }, args.out, args, name="gradient_structure")
