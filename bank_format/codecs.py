@@ -86,8 +86,8 @@ def _quantize(x2d: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _dequantize(q2d: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
     """float32(float64(q) x float64(scale) / qmax) per value, through one reused float64 buffer
-    of about ``_DEQ_CHUNK`` values with in-place products (measured: about 4x faster than
-    temporaries for a whole row of the shipped learner's gradient, the same bits)."""
+    of about ``_DEQ_CHUNK`` values with in-place products instead of float64 temporaries (the
+    same bits; part of the fetch + decode time cut in docs/performance.md "Query latency")."""
     out = np.empty(q2d.shape, dtype=np.float32)
     step = max(1, _DEQ_CHUNK // max(1, q2d.shape[1]))
     s64 = scales.astype(np.float64, copy=False)[:, None]

@@ -164,19 +164,6 @@ def flat_steps(phi: torch.Tensor, gamma_alpha: torch.Tensor, rows: Sequence[Sequ
     return out
 
 
-def is_finite(weights: Mapping[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in weights.values())
-
-
-def finite_rows(weights: Mapping[str, torch.Tensor]) -> list[bool]:
-    """Per question of a stack [N, ...]: True when every value of its adapter is finite."""
-    ok = None
-    for t in weights.values():
-        row = torch.isfinite(t).flatten(1).all(1)
-        ok = row if ok is None else ok & row
-    return [bool(x) for x in ok.tolist()] if ok is not None else []
-
-
 @contextmanager
 def applied(learner, weights: Mapping[str, torch.Tensor] | None | str) -> Iterator[None]:
     """Point the side paths at ``weights`` for the block: a name -> tensor mapping, None (phi

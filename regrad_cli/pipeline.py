@@ -373,7 +373,8 @@ class _FlatLayout:
             # alpha per value: the learner's scalar (or per-element) step size of each tensor
             self._alpha = torch.cat([learner.alpha(n).detach().expand(shapes[n]).reshape(-1) for n in names])
             # Tensors the rows do not hold keep phi: their finiteness is phi's, checked once.
-            rest = [p for n, p in learner.phi_dict().items() if n not in set(names)]
+            stored = set(names)
+            rest = [p for n, p in learner.phi_dict().items() if n not in stored]
             self.phi_finite = all(bool(torch.isfinite(p).all()) for p in rest)
         self._on: dict = {}
 
@@ -414,8 +415,7 @@ class GradientRow(dict):
     def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray]):
         super().__init__(zip(names, arrays))
         self.names = list(names)
-        flat = getattr(arrays, "flat", None)  # bank_format.blob.DecodedRow
-        self.flat = flat if isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1 else None
+        self.flat = getattr(arrays, "flat", None)  # bank_format.blob.DecodedRow's buffer
 
 
 def _batch_adapter(learner, group: list[_Row]):
