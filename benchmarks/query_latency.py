@@ -11,7 +11,9 @@ question is run twice per mode (also interleaved):
   natural - as ``regrad query`` runs it; also reported as ms per generated token;
   fixed   - exactly ``max_new_tokens`` new tokens (stopping disabled): the fair comparison.
 ``param_vs_closed_book`` and ``param_vs_rag`` are ratios of median end-to-end latency in the
-fixed-length run; the natural-length ratios are reported beside them.
+fixed-length run; the natural-length ratios are reported beside them. ``paired_fixed_length``
+pairs each question's latencies across modes: the geometric-mean ratio with its paired bootstrap
+interval and p-value.
 """
 
 from __future__ import annotations
@@ -143,6 +145,25 @@ def main() -> None:
                        "param_vs_rag": ratio(length, "param", "context")} for length in stats}
     print_table("Ratios of median end-to-end latency", ["length", "param / closed-book", "param / RAG"],
                 [[k, v["param_vs_closed_book"], v["param_vs_rag"]] for k, v in ratios.items()])
+    # Paired over questions: the same question in both modes, fixed length. The bootstrap of the
+    # mean log-latency difference gives the geometric-mean ratio param / closed-book with its
+    # interval and a p-value against "no difference" (regrad_cli.metrics.paired_bootstrap).
+    import math
+
+    from regrad_cli.metrics import paired_bootstrap
+
+    paired = {}
+    for other in ("closed-book", "context"):
+        a = [math.log(r["total_ms"]) for r in records[("fixed", "param")]]
+        b = [math.log(r["total_ms"]) for r in records[("fixed", other)]]
+        t = paired_bootstrap(a, b)
+        paired[f"param_vs_{other}"] = {
+            "geomean_ratio": math.exp(t["diff"]), "ci95": [math.exp(x) for x in t["ci95"]],
+            "p_value": t["p_value"], "significant": t["significant"], "n": t["n"]}
+    print_table("Paired over questions (fixed length): geometric-mean ratio, 95 % bootstrap interval",
+                ["comparison", "ratio", "95 % interval", "p", "significant"],
+                [[k, v["geomean_ratio"], f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", v["p_value"],
+                  "yes" if v["significant"] else "no"] for k, v in paired.items()])
     param_fixed = stats["fixed"]["param"]["stages_p50_ms"]
     overhead = sum(param_fixed[s] for s in ("fetch_decode", "apply", "restore"))
     print(f"\nparam-only overhead outside generation (fixed run, p50 fetch+decode+apply+restore): {overhead:.1f} ms; "
@@ -155,6 +176,7 @@ def main() -> None:
         "param_vs_rag": ratios["fixed"]["param_vs_rag"],
         "ratios_basis": f"median end-to-end latency, exactly {max_new} new tokens in every mode",
         "natural_length": ratios["natural"],
+        "paired_fixed_length": paired,
         "param_overhead_ms": overhead,
         "stats": stats,
         "n_questions": len(timed),
