@@ -70,7 +70,7 @@ _FETCH_CHUNK = 256
 # embeddings at dim 384, and never more than MEMORY_SEARCH_BYTES in all), read once per committed
 # version: a search is then one matrix-vector product and a fetch a positional take, instead of
 # a LanceDB query each (docs/performance.md "Query latency": retrieval on the demo bank went from
-# 22 to 1.7 ms). Bigger or indexed banks are searched by LanceDB.
+# 22 ms to under 2 ms). Bigger or indexed banks are searched by LanceDB.
 MEMORY_SEARCH_ROWS = 32768
 MEMORY_SEARCH_BYTES = 64 << 20  # and at most this much of those columns held in memory
 
