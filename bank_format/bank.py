@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import lance_ops
+from . import lance_ops, links
 from .blob import decode_blob, encode_blob, read_header
 from .errors import BankFormatError, BankMismatchError, CorruptBlobError
 from .lance_ops import LOCK_NAME, LOCK_TIMEOUT_S, sql_str as _sql_str  # noqa: F401 - re-exported
@@ -220,6 +220,7 @@ class GradientBank:
         if isinstance(loc, Path):
             with _lance_errors(f"cannot create bank directory {loc}"):
                 loc.mkdir(parents=True, exist_ok=True)
+            links.refuse_links(loc, f"bank directory {loc}")
         with cls._lock(loc):
             if cls.exists(loc, storage_options):
                 raise BankFormatError(
@@ -337,6 +338,8 @@ class GradientBank:
     def _writing(self):
         if self._read_only is not None:
             raise BankFormatError(self._read_only)
+        if isinstance(self._path, Path):  # never write or delete through a link (bank_format.links)
+            links.refuse_links(self._path, f"bank at {self._path}")
         return self._lock(self._path)
 
     def _dataset(self):
@@ -503,6 +506,8 @@ class GradientBank:
 
         if self._read_only is not None:
             raise BankFormatError(self._read_only)
+        if isinstance(self._path, Path):
+            links.refuse_links(self._path, f"bank at {self._path}")
         with _lance_errors(f"cannot read bank at {self._path}"):
             version = self._dataset().data_storage_version
         return FragmentWriter(self._path, self._meta, self._storage, version)

@@ -28,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from . import links
 from .errors import BankFormatError
 
 LOCK_NAME = ".regrad-bank.lock"
@@ -57,6 +58,16 @@ def committed(table_dir: Path) -> bool:
         return any(p.name.endswith(".manifest") for p in (Path(table_dir) / "_versions").iterdir())
     except OSError:
         return False
+
+
+def local_dir(ds: Any) -> Path | None:
+    """The directory of a local Lance dataset, None for an object-store one."""
+    uri = str(getattr(ds, "uri", "") or "")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if not uri or "://" in uri:
+        return None
+    return Path(uri)
 
 
 def _machine_lock_dir() -> Path:
@@ -97,6 +108,7 @@ def writer_lock(location: "Path | str", timeout: float = LOCK_TIMEOUT_S) -> Iter
             Path(location).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BankFormatError(f"cannot create {location} for its lock: {e}") from None
+    links.check_lock_file(path)
     lock = _lock(path)
     try:
         lock.acquire(timeout=timeout)
@@ -115,6 +127,7 @@ def build_lease(location: "Path | str"):
     """The lease a build holds for its whole run (a ``filelock.FileLock``; acquire it yourself)."""
     path = _lock_file(location, "build")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    links.check_lock_file(path)
     return _lock(path)
 
 
@@ -148,7 +161,12 @@ def purge_dataset(ds: Any, *, all_deletions: bool, orphans_now: bool, what: str,
     the disk (unlearning). ``orphans_now``: unreferenced files (of failed or in-flight writes)
     are deleted whatever their age; otherwise only those older than ``ORPHAN_GRACE``.
     ``reopen()`` gives the latest version; ``after_compaction`` runs before the cleanup.
+    A local dataset holding a symbolic link anywhere is refused before anything is rewritten or
+    deleted (``links.refuse_links``): Lance's cleanup would follow it out of the dataset.
     """
+    local = local_dir(ds)
+    if local is not None:
+        links.refuse_links(local, what)
     options: dict[str, Any] = {"materialize_deletions": True}
     if all_deletions:
         # Lance rewrites a fragment only past 10 % deleted rows by default: 0 rewrites every
@@ -165,6 +183,8 @@ def purge_dataset(ds: Any, *, all_deletions: bool, orphans_now: bool, what: str,
     if after_compaction is not None:
         after_compaction()
         ds = reopen()
+    if local is not None:  # checked again right before the deletions
+        links.refuse_links(local, what)
     try:
         cleanup = ds.cleanup_old_versions(older_than=timedelta(0), delete_unverified=orphans_now,
                                           error_if_tagged_old_versions=True)

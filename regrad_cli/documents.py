@@ -83,7 +83,10 @@ def workspace_lock(ws, timeout: float = 5.0, what: str = "writing") -> Iterator[
     """The lock every writer of a workspace's documents (and tombstones) holds."""
     from filelock import FileLock, Timeout
 
+    from bank_format.links import check_lock_file
+
     ws.root.mkdir(parents=True, exist_ok=True)
+    check_lock_file(ws.root / "ingest.lock")
     lock = FileLock(str(ws.root / "ingest.lock"))
     try:
         lock.acquire(timeout=timeout)
@@ -281,14 +284,23 @@ class DocumentStore:
                 return False
         from lancedb.index import FTS
 
+        self.check_links()
         # Native Lance FTS (not tantivy): lives inside the table, versioned with it. The column
         # goes in create_index's first argument when a config is given (lancedb >= 0.25).
         table.create_index("text", config=FTS(), replace=True)
         return True
 
     # Writing ------------------------------------------------------------------------------
+    def check_links(self) -> None:
+        """Refuse to write or delete in a documents database holding a symbolic link (Lance's
+        cleanup would follow it out of the workspace: bank_format.links)."""
+        from bank_format.links import refuse_links
+
+        refuse_links(self.db_path, f"the documents database {self.db_path}")
+
     def create(self, dim: int, fingerprint: dict):
         """Create the empty table for vectors of ``dim`` from the embedder ``fingerprint``."""
+        self.check_links()
         if self.table() is not None:
             return self._table
         try:
@@ -312,6 +324,7 @@ class DocumentStore:
         sources = sorted(set(sources))
         if not sources:
             return
+        self.check_links()
         data = pa.Table.from_pylist(rows, schema=table.schema)
         where = " OR ".join(f"({_in_filter('source', b)})" for b in _batches(sources))
         try:
@@ -334,6 +347,7 @@ class DocumentStore:
         where = " OR ".join(f"({_in_filter('source', b)})" for b in _batches(sources))
         n = table.count_rows(where)
         if n:  # a delete matching nothing would still commit a new version
+            self.check_links()
             try:
                 table.delete(where)
             except (OSError, ValueError, RuntimeError) as exc:
@@ -359,6 +373,7 @@ class DocumentStore:
         if not n and not purge:
             return 0
         uri = self.db_path / f"{TABLE_NAME}.lance"
+        self.check_links()
         try:
             if n:
                 table.delete(" OR ".join(clauses))

@@ -1,0 +1,141 @@
+"""Links planted in a bank or workspace (issue 32, item 1): nothing is written or deleted through
+them.
+
+A bank from someone else with ``gradients.lance/data/evil -> /victim`` made ``regrad bank
+compact`` and ``regrad bank rm --keep-documents`` delete every unreferenced ``*.lance`` file under
+``/victim`` (Lance's cleanup follows links). Every command that writes or deletes now refuses such
+a bank with one line naming the link; reading it stays allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bank_format import BankFormatError, BankMeta, CodecSpec, GradientBank, TensorSpec
+from reliability_helpers import run_cli
+
+DIM = 8
+LAYOUT = [TensorSpec("A", (4, 6)), TensorSpec("B", (6, 4))]
+
+
+def _meta() -> BankMeta:
+    return BankMeta(producer="regrad 0.1.0", model={"id": "tiny", "weights_sha256": "ab" * 32},
+                    learner={"checkpoint_id": "ckpt-1"}, embedder={"id": "fake", "dim": DIM},
+                    layout=LAYOUT, codec=CodecSpec("fp32"))
+
+
+def _rows(prefix: str, n: int):
+    rng = np.random.default_rng(0)
+    return [{"doc_id": f"{prefix}{i}", "content_hash": f"h{prefix}{i}",
+             "embedding": rng.standard_normal(DIM).astype(np.float32),
+             "tensors": [rng.standard_normal(t.shape).astype(np.float32) for t in LAYOUT],
+             "n_tokens": 3, "source": "c.jsonl"} for i in range(n)]
+
+
+def _victim(root: Path) -> dict[str, bytes]:
+    """Files a cleanup following the link would delete: a real Lance table's data files and
+    plain *.lance files, all unreferenced from the bank's point of view."""
+    victim = root / "victim"
+    other = GradientBank.create(victim / "bank", _meta())
+    for i in range(3):
+        other.append(_rows(f"v{i}-", 2))
+    (victim / "loose").mkdir()
+    for i in range(3):
+        (victim / "loose" / f"f{i}.lance").write_bytes(b"precious" * 10)
+    return {str(p): p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+
+
+def _bank_with_link(root: Path, where: str) -> tuple[Path, Path]:
+    bank_dir = root / "bank"
+    b = GradientBank.create(bank_dir, _meta())
+    b.append(_rows("d", 3))
+    b.append(_rows("e", 2))
+    b.delete(["d0"])
+    link = bank_dir / "gradients.lance" / where / "evil"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(root / "victim", link)
+    return bank_dir, link
+
+
+def _unchanged(before: dict[str, bytes]) -> None:
+    after = {p: Path(p).read_bytes() for p in before if Path(p).exists()}
+    assert after == before, f"files outside the bank changed: {sorted(set(before) - set(after))}"
+
+
+@pytest.mark.parametrize("where", ["data", "_indices", "_versions", "."])
+@pytest.mark.parametrize("command", [["bank", "compact"], ["bank", "rm", "d1", "--keep-documents"]],
+                         ids=["compact", "rm"])
+def test_a_link_in_a_bank_is_refused_by_every_writer(tmp_path, capsys, monkeypatch, command, where):
+    before = _victim(tmp_path)
+    bank_dir, link = _bank_with_link(tmp_path, where)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli([*command, "--bank", bank_dir], capsys, monkeypatch)
+    assert code == 1, (out, err)
+    assert "symbolic link" in err and str(link) in err and len(err.strip().splitlines()) == 1, err
+    _unchanged(before)
+    # Reading is still allowed (it never deletes).
+    code, out, err = run_cli(["bank", "stats", "--json", "--bank", bank_dir], capsys, monkeypatch)
+    assert code == 0 and '"rows": 4' in out, (out, err)
+
+
+def test_the_library_refuses_every_write_and_cleanup(tmp_path):
+    before = _victim(tmp_path)
+    bank_dir, link = _bank_with_link(tmp_path, "data")
+    bank = GradientBank.open(bank_dir)
+    for attempt in (lambda: bank.append(_rows("x", 1)), lambda: bank.delete(["d1"]), bank.purge,
+                    bank.compact, bank.fragment_writer, lambda: bank.create_index("IVF_FLAT")):
+        with pytest.raises(BankFormatError, match="symbolic link"):
+            attempt()
+    # Maintenance shared with the documents table refuses on its own too (no bank in between).
+    import lance
+
+    from bank_format import lance_ops
+
+    uri = str(bank_dir / "gradients.lance")
+    with pytest.raises(BankFormatError, match="symbolic link"):
+        lance_ops.purge_dataset(lance.dataset(uri), all_deletions=True, orphans_now=True, what="t",
+                                reopen=lambda: lance.dataset(uri))
+    _unchanged(before)
+    assert GradientBank.open(bank_dir, read_only=True).count() == 4
+
+
+def test_a_linked_lock_file_is_never_truncated(tmp_path):
+    """filelock opens its file with O_TRUNC: a lock file that is a link would truncate its target."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    bank_dir = tmp_path / "bank"
+    GradientBank.create(bank_dir, _meta()).append(_rows("d", 2))
+    lock = bank_dir / ".regrad-bank.lock"
+    lock.unlink(missing_ok=True)
+    os.symlink(victim, lock)
+    with pytest.raises(BankFormatError, match="symbolic link"):
+        GradientBank.open(bank_dir).append(_rows("x", 1))
+    lock.unlink()
+    os.link(victim, lock)  # a hard link to a file with content
+    with pytest.raises(BankFormatError, match="hard link"):
+        GradientBank.open(bank_dir).append(_rows("x", 1))
+    assert victim.read_text() == "keep me"
+
+
+def test_a_link_in_the_documents_table_is_refused(tmp_path, capsys, monkeypatch):
+    """A workspace whose documents database holds a link: ingest and bank rm refuse it."""
+    before = _victim(tmp_path)
+    ws = tmp_path / "ws"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha document text")
+    common = ["--workspace", ws, "--model", "fake:llama", "--embedder", "fake:hash-32"]
+    code, out, err = run_cli(["ingest", corpus, *common], capsys, monkeypatch)
+    assert code == 0, err
+    link = ws / "db" / "documents.lance" / "data" / "evil"
+    os.symlink(tmp_path / "victim", link)
+    (corpus / "b.txt").write_text("beta document text")
+    code, out, err = run_cli(["ingest", corpus, "--workspace", ws], capsys, monkeypatch)
+    assert code == 1 and "symbolic link" in err and str(link) in err, err
+    code, out, err = run_cli(["bank", "rm", "x", "--workspace", ws], capsys, monkeypatch)
+    assert code == 1 and "symbolic link" in err and str(link) in err, err
+    _unchanged(before)
