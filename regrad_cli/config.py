@@ -167,7 +167,15 @@ class RegradConfig:
             log.warning("%s: ignoring section(s) %s (added by a newer regrad)", source, ", ".join(sorted(unknown)))
         elif unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
+        cfg.validate(source)
         return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """ConfigError naming the field and its allowed range unless every setting has an
+        allowed type and value (the schema: regrad_cli/config_schema.py)."""
+        from regrad_cli.config_schema import validate
+
+        validate(asdict(self), source)
 
 
 def upgrade(data: dict, source: str = "config") -> tuple[dict, list[str], bool]:
@@ -354,7 +362,9 @@ class Workspace:
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read {cfg_path}: {exc}") from exc
             config = RegradConfig.from_dict(data, source=str(cfg_path))
-            _apply_overrides(config, overrides)
+            if overrides:
+                _apply_overrides(config, overrides)
+                config.validate(f"{cfg_path} with the command-line options")
             return cls(root, config)
         if not create:
             raise ConfigError(
@@ -362,6 +372,7 @@ class Workspace:
             )
         config = RegradConfig()
         _apply_overrides(config, overrides)
+        config.validate("the command-line options")
         ws = cls(root, config)
         ws.save()
         return ws
