@@ -186,11 +186,10 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     checkpoint id does not change)."""
     from regrad_cli.lora import CHECKPOINT_CONFIG
 
+    from regrad_cli.learner_io import read_config
+
     path = Path(checkpoint_dir) / CHECKPOINT_CONFIG
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RegradError(f"cannot read learner checkpoint config {path}: {exc}") from exc
+    meta = read_config(path)
     meta[META_KEY] = record
     tmp = path.with_suffix(".json.tmp")
     try:

@@ -66,13 +66,16 @@ def load_learner(directory: str | Path, cls=None):
 
     from regrad_cli.lora import Learner, LearnerSpec
 
+    from safetensors import SafetensorError
+
     cls = cls or Learner
     directory = Path(directory)
+    meta = read_config(directory / CHECKPOINT_CONFIG)
     try:
-        meta = json.loads((directory / CHECKPOINT_CONFIG).read_text())
         tensors = load_file(str(directory / CHECKPOINT_TENSORS))
-    except (OSError, ValueError) as exc:
-        raise RegradError(f"cannot read learner checkpoint {directory}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, damaged header
+        raise RegradError(f"cannot read learner checkpoint {directory / CHECKPOINT_TENSORS}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     meta, tensors = upgrade(meta, tensors, directory)
     try:
         spec = LearnerSpec(**meta["spec"])
@@ -83,7 +86,7 @@ def load_learner(directory: str | Path, cls=None):
                 learner.tensor(n).copy_(tensors["phi." + n])
                 learner.log_alpha[_key(n)].copy_(tensors["log_alpha." + n])
             learner.log_temp.copy_(tensors["combine.log_temp"])
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
     learner.meta = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
     if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
@@ -92,6 +95,31 @@ def load_learner(directory: str | Path, cls=None):
             f"!= recorded {meta['checkpoint_id'][:16]}"
         )
     return learner
+
+
+# learner.json holds a spec, names and a few records: far below this.
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint's learner.json as a dict; RegradError (one line) when it is missing, too large,
+    not JSON, nested too deeply for the parser, or not an object."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise RegradError(f"cannot read learner checkpoint config {path}: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise RegradError(f"learner checkpoint config {path} is larger than {MAX_CONFIG_BYTES >> 20} MB: refused")
+    try:
+        meta = json.loads(raw)
+    except RecursionError:
+        raise RegradError(f"learner checkpoint config {path} is nested too deeply: refused") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise RegradError(f"learner checkpoint config {path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise RegradError(f"learner checkpoint config {path} is not a JSON object")
+    return meta
 
 
 def upgrade(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
