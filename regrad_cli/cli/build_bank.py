@@ -29,9 +29,9 @@ def build_bank_cmd(
 ):
     """Compute the gradient of every ingested document that has no bank row yet."""
     from bank_format import CODECS, CodecSpec
-    from regrad_cli.build import build_bank
-    from regrad_cli.config import Workspace
-    from regrad_cli.engine import Engine
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError
 
     ws = Workspace.open(workspace, create=False)
@@ -39,7 +39,7 @@ def build_bank_cmd(
         raise ConfigError(f"unknown codec {codec!r} (use {', '.join(CODECS)})")
     bcfg = ws.config.bank
     spec = CodecSpec(name=codec or bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    from regrad_cli.gradients import check_compute_dtype
+    from regrad_cli.learner.gradients import check_compute_dtype
 
     if compute_dtype is not None:  # before the model loads
         check_compute_dtype(compute_dtype)
@@ -53,7 +53,7 @@ def build_bank_cmd(
     with progress_bar("build-bank", enabled=not json_out) as update:
         report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731
         if engine_name == "ray":
-            from regrad_cli.ray_build import EngineLoader, build_bank_ray
+            from regrad_cli.offline.ray_build import EngineLoader, build_bank_ray
 
             summary = build_bank_ray(ws, engine, loader=EngineLoader.for_workspace(ws, checkpoint, device),
                                      codec=spec, batch_size=batch_size, limit=limit, workers=workers,

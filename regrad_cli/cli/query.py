@@ -52,8 +52,8 @@ def query_cmd(
         answers = _remote(server, token, records, {k: v for k, v in fields.items() if v is not None},
                           pipeline, max_batch)
     else:
-        from regrad_cli.config import Workspace
-        from regrad_cli.query import QueryEngine, Request
+        from regrad_cli.workspace.config import Workspace
+        from regrad_cli.online.query import QueryEngine, Request
 
         ws = Workspace.open(workspace, create=False)
         q = ws.config.query
