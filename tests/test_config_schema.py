@@ -9,7 +9,7 @@ from reliability_helpers import run_cli
 
 
 def _write(tmp_path, section, key, value):
-    from regrad_cli.config import RegradConfig
+    from regrad_cli.workspace.config import RegradConfig
 
     import tomli_w
 
@@ -51,7 +51,7 @@ def test_a_bad_setting_is_one_line_naming_field_and_range(tmp_path, capsys, monk
 
 
 def test_the_defaults_and_a_written_workspace_validate(tmp_path):
-    from regrad_cli.config import RegradConfig, Workspace
+    from regrad_cli.workspace.config import RegradConfig, Workspace
 
     RegradConfig().validate()
     ws = Workspace.open(tmp_path / "ws", overrides={"chunking.max_tokens": 128, "lora.rank": 16})
@@ -59,7 +59,7 @@ def test_the_defaults_and_a_written_workspace_validate(tmp_path):
 
 
 def test_a_bad_command_line_override_names_the_field(tmp_path):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"chunking.overlap = 64 .*must be below max_tokens \(32\)"):

@@ -186,7 +186,7 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     checkpoint id does not change)."""
     from regrad_cli.learner.lora import CHECKPOINT_CONFIG
 
-    from regrad_cli.learner_io import read_config
+    from regrad_cli.learner.persistence import read_config
 
     path = Path(checkpoint_dir) / CHECKPOINT_CONFIG
     meta = read_config(path)

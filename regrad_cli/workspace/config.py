@@ -172,8 +172,8 @@ class RegradConfig:
 
     def validate(self, source: str = "config") -> None:
         """ConfigError naming the field and its allowed range unless every setting has an
-        allowed type and value (the schema: regrad_cli/config_schema.py)."""
-        from regrad_cli.config_schema import validate
+        allowed type and value (the schema: regrad_cli/workspace/config_schema.py)."""
+        from regrad_cli.workspace.config_schema import validate
 
         validate(asdict(self), source)
 

@@ -1,6 +1,6 @@
 """The validated schema of ``regrad.toml``: types and ranges of every setting (pydantic).
 
-``RegradConfig`` (regrad_cli/config.py) keeps the defaults and the comments on what each setting
+``RegradConfig`` (regrad_cli/workspace/config.py) keeps the defaults and the comments on what each setting
 means; this module only says what values are allowed. Every configuration is checked here when
 it is read and after command-line overrides (``validate``), so a hostile or mistyped file ends
 in one ``ConfigError`` naming the field, the value and the allowed range, never in a traceback
