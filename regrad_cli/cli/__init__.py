@@ -70,6 +70,9 @@ def main() -> None:
     except OSError as exc:  # the environment, not a bug: a full disk, a read-only or missing path
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except MemoryError:  # the user's memory limit (ulimit -v, a cgroup) was reached
+        typer.echo("Error: out of memory (raise the memory limit, or lower the batch or size settings)", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -34,6 +34,8 @@ BUNDLED_CHECKPOINT = "bundled"
 # files are upgraded in memory by CONFIG_MIGRATIONS (below) and written back only by save().
 CONFIG_VERSION = Version(1, 1)
 CONFIG_MIGRATIONS = Migrations("workspace config")
+# A regrad.toml is a few hundred bytes; anything past this is not one.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -358,9 +360,15 @@ class Workspace:
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         if cfg_path.exists():
             try:
-                data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+                with open(cfg_path, "rb") as fh:
+                    raw = fh.read(MAX_CONFIG_BYTES + 1)
+                if len(raw) > MAX_CONFIG_BYTES:
+                    raise ConfigError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES >> 10} KiB: refused")
+                data = tomllib.loads(raw.decode("utf-8"))
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read {cfg_path}: {exc}") from exc
+                raise ConfigError(f"cannot read {cfg_path}: {exc}") from None
+            except RecursionError:
+                raise ConfigError(f"cannot read {cfg_path}: nested too deeply") from None
             config = RegradConfig.from_dict(data, source=str(cfg_path))
             if overrides:
                 _apply_overrides(config, overrides)

@@ -99,6 +99,25 @@ def workspace_lock(ws, timeout: float = 5.0, what: str = "writing") -> Iterator[
         lock.release()
 
 
+def _readable(method):
+    """A damaged table (a data file missing or cut short, a manifest that does not parse) is one
+    IngestError naming the table, not Lance's RuntimeError with its stack."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RegradError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise IngestError(f"the documents table in {self.db_path} cannot be read ({first[:400]}); "
+                              f"it is damaged: restore it from a backup, or delete {self.db_path} "
+                              f"and run `regrad ingest` again") from None
+    return wrapper
+
+
 def _batches(values: list, n: int = _IN_BATCH):
     for i in range(0, len(values), n):
         yield values[i : i + n]
@@ -126,8 +145,11 @@ class DocumentStore:
         if self._table is None and _committed(self.db_path / f"{TABLE_NAME}.lance"):
             try:
                 self._table = self._connect().open_table(TABLE_NAME)
-            except (ValueError, OSError) as exc:
-                raise IngestError(f"cannot open the documents table in {self.db_path}: {exc}") from exc
+            except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a damaged manifest
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise IngestError(f"cannot open the documents table in {self.db_path} ({first[:400]}); "
+                                  f"it is damaged: restore it from a backup, or delete {self.db_path} "
+                                  f"and run `regrad ingest` again") from None
             self._check_format(self._table.schema)
         if self._table is None and required:
             raise IngestError(f"no documents in {self.db_path.parent}: run `regrad ingest PATH` first")
@@ -172,15 +194,18 @@ class DocumentStore:
         return fp
 
     @property
+    @_readable
     def version(self) -> int | None:
         table = self.table()
         return None if table is None else table.version
 
     # Reading ------------------------------------------------------------------------------
+    @_readable
     def count(self) -> int:
         table = self.table()
         return 0 if table is None else table.count_rows()
 
+    @_readable
     def arrow(self, columns: list[str] | None = None, where: str | None = None):
         """The rows as a pyarrow Table (all columns unless ``columns``), optionally filtered."""
         import pyarrow as pa
@@ -199,6 +224,7 @@ class DocumentStore:
         """Every row as a dict (pass ``columns`` to skip the embeddings)."""
         return self.arrow(columns).to_pylist()
 
+    @_readable
     def get(self, ids: Iterable[str], columns: list[str] | None = None) -> dict[str, dict]:
         """id -> row for the given ids (missing ids are absent from the result)."""
         ids = list(dict.fromkeys(ids))
@@ -216,6 +242,7 @@ class DocumentStore:
         """id -> text."""
         return {k: r["text"] for k, r in self.get(ids, ["text"]).items()}
 
+    @_readable
     def keys(self) -> dict[str, str]:
         """id -> content_hash for every row."""
         t = self.arrow(["id", "content_hash"])
@@ -223,6 +250,7 @@ class DocumentStore:
             return {}
         return dict(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist()))
 
+    @_readable
     def sources(self) -> list[str]:
         """Sorted distinct sources."""
         if self.table() is None:
@@ -230,6 +258,7 @@ class DocumentStore:
         return sorted(set(self.arrow(["source"]).column("source").to_pylist()))
 
     # Search -------------------------------------------------------------------------------
+    @_readable
     def search_vector(self, vector, k: int) -> list[tuple[str, float]]:
         """Top-k (id, cosine similarity), best first (exact search)."""
         import numpy as np
@@ -245,6 +274,7 @@ class DocumentStore:
         )
         return [(r["id"], 1.0 - float(r["_distance"])) for r in rows]
 
+    @_readable
     def search_text(self, query: str, k: int) -> list[tuple[str, float]]:
         """Top-k (id, BM25 score), best first, via LanceDB's native full-text index.
 
@@ -259,6 +289,7 @@ class DocumentStore:
         rows = table.search(query, query_type="fts", fts_columns="text").select(["id", "_score"]).limit(int(k)).to_list()
         return [(r["id"], float(r["_score"])) for r in rows]
 
+    @_readable
     def _fts_index(self):
         table = self.table()
         if table is None:
@@ -268,6 +299,7 @@ class DocumentStore:
                 return idx
         return None
 
+    @_readable
     def ensure_fts_index(self) -> bool:
         """Create (or rebuild, when rows were written after it) the full-text index on ``text``.
 
@@ -310,6 +342,7 @@ class DocumentStore:
             raise IngestError(f"cannot create the documents table in {self.db_path}: {exc}") from exc
         return self._table
 
+    @_readable
     def replace_sources(self, rows: list[dict], sources: Iterable[str]) -> None:
         """Make ``rows`` the complete content of ``sources``, in one atomic commit.
 
@@ -338,6 +371,7 @@ class DocumentStore:
         except (OSError, ValueError, RuntimeError) as exc:
             raise IngestError(f"cannot write the documents table in {self.db_path}: {exc}") from exc
 
+    @_readable
     def delete_sources(self, sources: Iterable[str]) -> int:
         """Delete every row of these sources; returns the number of rows deleted."""
         table = self.table()
@@ -355,6 +389,7 @@ class DocumentStore:
         return n
 
 
+    @_readable
     def delete(self, ids: Iterable[str] = (), sources: Iterable[str] = (), *, purge: bool = True) -> int:
         """Unlearn documents: delete rows by id and/or source, then rewrite the affected fragments
         and drop every old version, so the texts leave the disk (also from the FTS index, which
