@@ -22,6 +22,10 @@ def serve_cmd(
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0.0, max=10000.0,
                                                    help="How long a batch waits for another request to join; each arrival restarts the wait, up to 10 windows in all.")] = 10.0,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body accepted (KiB).")] = 1024,
+    client_timeout_s: Annotated[float, typer.Option("--client-timeout-s", min=0.5, max=3600.0,
+                                                     help="A client's request headers must arrive within this many seconds of connecting (its body within 3 times as long), else the connection is closed.")] = 10.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=8, max=100000,
+                                                 help="Most open connections (lowered to fit the open-file limit); beyond it the oldest stalled one is closed.")] = 1000,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a request on a corrupt gradient row instead of skipping the row.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
     device: DeviceOpt = None,
@@ -37,7 +41,9 @@ def serve_cmd(
                           "REGRAD_SERVE_TOKEN) so that every request must carry it")
     ws = Workspace.open(workspace, create=False)
     settings = ServeSettings(host=host, port=port, token=token or None, max_batch=max_batch,
-                             batch_window_ms=batch_window_ms, max_body_bytes=max_body_kb * 1024)
+                             batch_window_ms=batch_window_ms, max_body_bytes=max_body_kb * 1024,
+                             header_timeout_s=client_timeout_s, body_timeout_s=3 * client_timeout_s,
+                             max_connections=max_connections)
     typer.echo(f"regrad serve: loading {ws.root}; listening on http://{host}:{port} "
                f"(ready when GET /healthz answers 200){'; bearer token required' if token else ''}", err=True)
     serve(ws, settings, checkpoint=checkpoint, device=device, strict=strict)

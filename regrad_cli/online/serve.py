@@ -61,6 +61,11 @@ class ServeSettings:
     batch_window_ms: float = 10.0  # how long the worker waits for another request to join a batch
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int = 1024  # requests waiting beyond this get 503
+    # Stalled clients are shed (regrad_cli/online/shedding.py, docs/serving.md).
+    header_timeout_s: float = 10.0  # request headers complete within this after connecting
+    body_timeout_s: float = 30.0  # request body complete within this after its headers
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # open connections (lowered to fit the descriptor limit)
     defaults: dict = field(default_factory=dict)  # set from the workspace's [query] once loaded
 
 
@@ -583,9 +588,18 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
 def _uvicorn_config(app, settings: ServeSettings, **kw):
     import uvicorn
 
-    return uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
-                          log_level=kw.pop("log_level", "warning"), access_log=False,
-                          timeout_graceful_shutdown=kw.pop("timeout_graceful_shutdown", None), **kw)
+    from regrad_cli.online.shedding import ClientLimits, install_log_limits, protocol_class
+
+    limits = ClientLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+                          keep_alive_s=settings.keep_alive_s, max_connections=settings.max_connections)
+    backlog = limits.backlog()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
+                            log_level=kw.pop("log_level", "warning"), access_log=False,
+                            timeout_graceful_shutdown=kw.pop("timeout_graceful_shutdown", None),
+                            http=protocol_class(limits, backlog), timeout_keep_alive=settings.keep_alive_s,
+                            backlog=backlog, **kw)
+    install_log_limits()
+    return config
 
 
 def serve(ws, settings: ServeSettings, *, checkpoint: str | None = None, device: str | None = None,

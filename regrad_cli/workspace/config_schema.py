@@ -129,7 +129,7 @@ class _Bank(BaseModel):
 class _Query(BaseModel):
     model_config = _Strict
     top_k: _int(0, MAX_TOP_K)
-    gamma: _float(-1e6, 1e6)
+    gamma: _float(-100.0, 100.0)  # as the server's request limit
     combine: Annotated[Literal["", "sum", "mean", "score"], Field(description='"", sum, mean or score')]
     retriever: Annotated[Literal["dense", "bm25", "hybrid"], Field(description="dense, bm25 or hybrid")]
     max_new_tokens: _int(1, MAX_NEW_TOKENS)
