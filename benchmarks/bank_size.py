@@ -106,7 +106,8 @@ def main() -> None:
         gold = [names.index(q.meta["source"]) for q in questions]
     else:
         # A regrad dataset spec: the sampled questions' gold passages form the corpus.
-        from regrad_cli.learning.datasets import corpus_of, load_dataset
+        from regrad_cli.learning.datasets import load_dataset
+        from regrad_cli.learning.qa import corpus_of
 
         questions = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
         questions = random.Random(args.seed).sample(questions, min(len(questions), n_questions or 60))

@@ -60,7 +60,8 @@ def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence
     one the learner was trained with, ``learner.meta['norm']``, else none). With
     ``with_grad_share`` also returns the shares of the raw gradient (no alpha) as a second dict.
     """
-    from regrad_cli.learner.gradients import encode_documents, grouped_gradients
+    from regrad_cli.learner.gradients import grouped_gradients
+    from regrad_cli.lm.tokens import encode_documents
 
     model = getattr(engine_or_model, "model", engine_or_model)
     learner = learner if learner is not None else engine_or_model.learner
@@ -184,7 +185,7 @@ class _WithMeta:
 def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     """Set ``stored_tensors`` in a checkpoint's learner.json (atomically; tensors untouched, so the
     checkpoint id does not change)."""
-    from regrad_cli.learner.lora import CHECKPOINT_CONFIG
+    from regrad_cli.learner.persistence import CHECKPOINT_CONFIG
 
     path = Path(checkpoint_dir) / CHECKPOINT_CONFIG
     try:
@@ -199,15 +200,6 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     except OSError as exc:
         raise RegradError(f"cannot write {path}: {exc}") from exc
     return path
-
-
-def checkpoint_dir(choice: str) -> Path:
-    """The directory of a learner checkpoint choice ('bundled' or a directory; not 'init')."""
-    from regrad_cli.workspace.banks import checkpoint_dir as resolve
-
-    if choice == "init":
-        raise RegradError("the untrained 'init' learner has no checkpoint directory to record into")
-    return resolve(choice)
 
 
 def measure(engine, texts: Sequence[str], *, max_tokens: int = 256, threshold: float | None = None,

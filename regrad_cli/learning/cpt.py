@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from regrad_cli.errors import ConfigError
-from regrad_cli.learner.gradients import encode_documents, per_sample_nll
+from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 from regrad_cli.learner.lora import LoRALinear
 
 log = logging.getLogger("regrad")

@@ -80,7 +80,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     over prompt and answer. ``nll_out`` stays empty where that is not possible (a cache other than
     plain dynamic layers, or Hugging Face's ``generate``): call ``answer_nll`` then."""
     if not _plain_greedy(model):
-        return _generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
+        return generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(prompts, pad)
@@ -180,7 +180,7 @@ def _cached_answer_nll(model, last_logits, cache, mask, last_pos, answers) -> li
     return (total / tm.sum(1).clamp_min(1.0)).tolist()
 
 
-def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
+def generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
                  stop: bool = True, stats: dict | None = None) -> list[str]:
     """``generate`` through Hugging Face's ``model.generate`` (every row runs to the last one's
     end); the reference the loop above is tested against, and the path for generation configs
@@ -236,7 +236,7 @@ def teacher_forced_batch(tokenizer, prompts: Sequence[Sequence[int]], answers: S
 
 def answer_nll(model, tokenizer, prompts, answers) -> torch.Tensor:
     """Mean NLL per answer token, per row [N] (differentiable if grad is enabled)."""
-    from regrad_cli.learner.gradients import per_sample_nll
+    from regrad_cli.lm.tokens import per_sample_nll
 
     device = next(model.parameters()).device
     ids, mask, tmask = teacher_forced_batch(tokenizer, prompts, answers)

@@ -45,7 +45,7 @@ def perplexity(model, tokenizer, text: str, window: int = 256, batch_size: int =
                max_tokens: int | None = None) -> float:
     """Perplexity of ``text`` (its first ``max_tokens`` tokens) in non-overlapping windows, each
     opened with a document-start token."""
-    from regrad_cli.learner.gradients import doc_start_token, per_sample_nll
+    from regrad_cli.lm.tokens import doc_start_token, per_sample_nll
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or window
     window = max(8, min(window, int(limit)))
