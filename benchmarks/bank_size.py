@@ -73,7 +73,7 @@ def main() -> None:
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
     from regrad_cli.workspace.config import BankConfig, QueryConfig
-    from regrad_cli.workspace.engine import NEGLIGIBLE_ALPHA
+    from regrad_cli.learner.energy import NEGLIGIBLE_ALPHA
     from regrad_cli.lm.generation import answer_nll, generate
     from regrad_cli.learner.gradients import document_gradients
     from regrad_cli.learning.scores import exact_match, f1_score

@@ -37,17 +37,18 @@ NEGLIGIBLE_ALPHA = 1e-8
 
 
 def _doc_scale(grads: dict, norm: str, n_docs: int):
-    """Per-document factor of N(g) for 'doc' normalisation (1 for 'none'); None for 'tensor'."""
+    """Per-document factor of N(g) (adapt.normalise): 1 / ||g_d|| for 'doc', 1 for 'none'; None
+    for 'tensor' (a factor per tensor, applied by the caller)."""
     import torch
 
+    from regrad_cli.learner import adapt
+
+    adapt.check_norm(norm)
     if norm == "none":
         return torch.ones(n_docs, dtype=torch.float64)
     if norm == "doc":
-        sq = sum(g.double().pow(2).flatten(1).sum(1) for g in grads.values())
-        return (sq + 1e-24).rsqrt()
-    if norm == "tensor":
-        return None
-    raise RegradError(f"unknown normalisation {norm!r} (use none, doc or tensor)")
+        return adapt.doc_factors(grads)
+    return None
 
 
 def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence[str] = (),

@@ -14,9 +14,6 @@ from regrad_cli.lm.models import LoadedModel, load_language_model
 from regrad_cli.workspace.checkpoints import resolve_learner
 from regrad_cli.workspace.config import BUNDLED_MODEL, Workspace
 
-# Step sizes below this contribute nothing measurable: their tensors are not stored in banks.
-NEGLIGIBLE_ALPHA = 1e-8
-
 
 @dataclass
 class Engine:

@@ -150,7 +150,8 @@ class DriftMeter:
                 raise RegradError(f"drift: gradient rows of {', '.join(bad)} could not be read again")
             cos = qe.corpus.cosines(v, ids)
             step, w = step_from_rows(learner, [rows[d] for d in ids], [cos.get(d, 0.0) for d in ids],
-                                     learner.trained_combine, self.gamma, device)
+                                     learner.trained_combine, self.gamma, device,
+                                     row_norm=getattr(qe.corpus, "row_norm", None))
             match = match and np.allclose(w, r["weights"], atol=1e-5)
             out.append(self.ppl(self.engine.model, step))
         return out, match
