@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from regrad_cli.lm.prompting import answer_ids, extract_answer
+from regrad_cli.lm.tokens import left_pad, pad_id, pad_rows
 
 
 def _newline_token_ids(tokenizer) -> torch.Tensor:
@@ -26,16 +27,6 @@ def _newline_token_ids(tokenizer) -> torch.Tensor:
                            dtype=torch.long)
         tokenizer._regrad_newline_ids = ids
     return ids
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 # Generation settings that would make Hugging Face's greedy ``generate`` do more than argmax: a
@@ -136,9 +127,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     if stats is not None:
         stats.update(steps=steps, row_steps=row_steps, new_tokens=[len(t) for t in new], tokens=new)
     # The same [n, steps] tensor generate returns (finished rows padded), decoded the same way.
-    gen = torch.full((n, steps), pad, dtype=torch.long)
-    for i, t in enumerate(new):
-        gen[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    gen, _ = pad_rows(new, pad, width=steps)
     texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
     return [extract_answer(t) for t in texts]
 
@@ -222,15 +211,8 @@ def teacher_forced_batch(tokenizer, prompts: Sequence[Sequence[int]], answers: S
         t = answer_ids(tokenizer, a)
         rows.append(list(p) + t)
         tmasks.append([0] * len(p) + [1] * len(t))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    tmask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, m) in enumerate(zip(rows, tmasks)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        tmask[i, : len(r)] = torch.tensor(m)
+    ids, mask = pad_rows(rows, pad_id(tokenizer))
+    tmask, _ = pad_rows(tmasks, 0)
     return ids, mask, tmask
 
 

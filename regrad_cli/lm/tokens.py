@@ -10,6 +10,30 @@ import torch
 import torch.nn.functional as F
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one long tensor [N, width] (default: the longest row) filled with
+    ``pad`` after each row (before it with ``left``), and the attention mask (1 on the rows' ids)."""
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts for generation: padded on the left, so every row's last token is at the end."""
+    return pad_rows(rows, pad, left=True)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a right-padded batch (masked out): the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def doc_start_token(tokenizer) -> int | None:
     """The token a document starts with when the model saw documents in pre-training.
 
@@ -45,13 +69,7 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> 
             # token and EOS so that its gradient is defined (and near-uninformative).
             ids = (ids + [tokenizer.eos_token_id])[:2] if ids else [tokenizer.eos_token_id] * 2
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    input_ids, mask = pad_rows(rows, pad_id(tokenizer))
     return EncodedDocs(input_ids, mask, [len(r) for r in rows])
 
 
