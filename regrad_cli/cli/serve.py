@@ -6,13 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, WorkspaceOpt
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@app.command("serve")
 def serve_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default; anything else needs --token).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,

@@ -44,7 +44,7 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     tensors = {}
     for n in learner.names:
         tensors["phi." + n] = learner.tensor(n).detach().cpu().contiguous()
-        tensors["log_alpha." + n] = learner.log_alpha[_key(n)].detach().cpu().contiguous()
+        tensors["log_alpha." + n] = learner.log_alpha_of(n).detach().cpu().contiguous()
     tensors["combine.log_temp"] = learner.log_temp.detach().cpu().reshape(())
     cid = learner.checkpoint_id()
     meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
@@ -58,17 +58,13 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     return cid
 
 
-def load_learner(directory: str | Path, cls=None):
-    """The learner saved in ``directory`` (of class ``cls``, default lora.Learner), checked against
-    its recorded content id."""
+def load_learner(directory: str | Path, cls, spec_cls):
+    """The learner saved in ``directory``, made as ``cls(spec_cls(**spec), shapes)`` (``Learner.load``
+    passes lora.Learner and lora.LearnerSpec), checked against its recorded content id."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from regrad_cli.learner.lora import Learner, LearnerSpec
-
-    from safetensors import SafetensorError
-
-    cls = cls or Learner
     directory = Path(directory)
     meta = read_config(directory / CHECKPOINT_CONFIG)
     try:
@@ -78,13 +74,13 @@ def load_learner(directory: str | Path, cls=None):
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     meta, tensors = upgrade(meta, tensors, directory)
     try:
-        spec = LearnerSpec(**meta["spec"])
+        spec = spec_cls(**meta["spec"])
         shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
         learner = cls(spec, shapes)
         with torch.no_grad():
             for n in learner.names:
                 learner.tensor(n).copy_(tensors["phi." + n])
-                learner.log_alpha[_key(n)].copy_(tensors["log_alpha." + n])
+                learner.log_alpha_of(n).copy_(tensors["log_alpha." + n])
             learner.log_temp.copy_(tensors["combine.log_temp"])
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
@@ -133,12 +129,6 @@ def upgrade(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
     data, _ = LEARNER_MIGRATIONS.upgrade({"meta": meta, "tensors": tensors}, found, LEARNER_VERSION,
                                          str(directory))
     return data["meta"], data["tensors"]
-
-
-def _key(name: str) -> str:
-    from regrad_cli.learner.lora import _key as key
-
-    return key(name)
 
 
 # Migrations: append only, never edit (versions.py) ------------------------------------------------

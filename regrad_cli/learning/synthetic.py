@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from regrad_cli.learning.datasets import QAItem
+from regrad_cli.learning.qa import QAItem
 from regrad_cli.errors import DatasetError
 
 MAX_ENTITIES = 1_000_000

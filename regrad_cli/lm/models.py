@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from regrad_cli.workspace.config import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.errors import ModelLoadError
 
 log = logging.getLogger("regrad")
+
+# The ids of the bundled model and embedder (the defaults of [model] id and [embedder] id).
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"

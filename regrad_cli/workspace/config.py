@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
+from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
 if sys.version_info >= (3, 11):
@@ -25,8 +26,6 @@ else:  # pragma: no cover
 log = logging.getLogger("regrad")
 
 DEFAULT_WORKSPACE = ".regrad"
-BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
-BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 BUNDLED_CHECKPOINT = "bundled"
 
 # regrad.toml's top-level format_version. A file without one predates versioning (0.0). A newer
@@ -262,13 +261,13 @@ class Workspace:
     def banks_location(self) -> "Path | str":
         """Where this workspace's banks live: WORKSPACE/banks, or [bank] uri (a directory or an
         object-store URI, kept as a string)."""
-        from bank_format.bank import _location
+        from bank_format.location import location
 
         env = os.environ.get("REGRAD_BANK_URI") if self.use_bank_env else None
         uri = (env or self.config.bank.uri or "").strip()
         if not uri:
             return self.banks_dir
-        loc = _location(uri)  # a remote URI string, or a local Path (file:// stripped)
+        loc = location(uri)  # a remote URI string, or a local Path (file:// stripped)
         if isinstance(loc, str):
             return loc
         loc = loc.expanduser()

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from regrad_cli import __version__
-from regrad_cli.learning.datasets import QAItem, corpus_of, load_dataset
+from regrad_cli.learning.datasets import load_dataset
+from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.errors import ConfigError
 from regrad_cli.learning.evaluation import workspace as wsmod
 from regrad_cli.learning.evaluation.config import CPT_SYSTEMS, REFERENCES, RUN_KEY_FIELDS, SYSTEMS_TABLE, EvalConfig, check_config

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from regrad_cli.learning.datasets import QAItem, corpus_of, is_dataset_spec, load_dataset
+from regrad_cli.learning.datasets import is_dataset_spec, load_dataset
+from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.errors import ConfigError
 
 log = logging.getLogger("regrad")
