@@ -23,6 +23,8 @@ def _isolated_user_state(tmp_path, monkeypatch):
     monkeypatch.setenv("REGRAD_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    # Confirmed endpoints (regrad --allow-endpoint sets it in this process) never leak between tests.
+    monkeypatch.delenv("REGRAD_ALLOW_ENDPOINT", raising=False)
     yield
 
 

@@ -229,6 +229,9 @@ def s3():
 def s3_workspace(root: Path, uri: str, opts: dict, corpus: Path):
     from regrad_cli.workspace.config import Workspace
 
+    # The bucket and its endpoint come from regrad.toml: used only once confirmed (issue 32).
+    os.environ["REGRAD_ALLOW_ENDPOINT"] = "1"
+
     ws = open_ws(root)
     ws.config.bank.uri = uri
     ws.config.bank.storage_options = {k: v for k, v in opts.items() if not k.startswith("aws_secret")}

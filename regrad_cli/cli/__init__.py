@@ -30,6 +30,8 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    allow_endpoint: bool = typer.Option(False, "--allow-endpoint",
+                                        help="Use the object-store bank location and endpoints named in regrad.toml (else refused; also REGRAD_ALLOW_ENDPOINT=1)."),
 ):
     """ReGrad: keep a language model up to date with retrievable per-document gradients."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -38,6 +40,8 @@ def _root(
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if allow_endpoint:
+        os.environ["REGRAD_ALLOW_ENDPOINT"] = "1"
 
 
 from regrad_cli.cli import bank, build_bank, ingest, learner, meta_train, query, serve  # noqa: E402

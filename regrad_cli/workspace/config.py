@@ -269,6 +269,10 @@ class Workspace:
             return self.banks_dir
         loc = location(uri)  # a remote URI string, or a local Path (file:// stripped)
         if isinstance(loc, str):
+            from regrad_cli.workspace import endpoints
+
+            endpoints.use(f"remote bank location {loc}", "REGRAD_BANK_URI" if env else str(self.config_path),
+                          from_config=not env)
             return loc
         loc = loc.expanduser()
         return loc if loc.is_absolute() else self.root / loc
@@ -329,6 +333,10 @@ class Workspace:
         if not isinstance(opts, dict):
             raise ConfigError(f"{self.config_path}: [bank] storage_options must be a table")
         opts = dict(opts)
+        from regrad_cli.workspace import endpoints
+
+        for key, value in endpoints.endpoint_options(opts).items():
+            endpoints.use(f"object-store {key} = {value}", str(self.config_path), from_config=True)
         raw = os.environ.get("REGRAD_BANK_STORAGE_OPTIONS")
         if raw:
             try:
@@ -337,6 +345,8 @@ class Workspace:
                 raise ConfigError(f"REGRAD_BANK_STORAGE_OPTIONS is not valid JSON: {exc}") from None
             if not isinstance(extra, dict):
                 raise ConfigError("REGRAD_BANK_STORAGE_OPTIONS must be a JSON object")
+            for key, value in endpoints.endpoint_options(extra).items():
+                endpoints.use(f"object-store {key} = {value}", "REGRAD_BANK_STORAGE_OPTIONS", from_config=False)
             opts.update(extra)
         return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in opts.items()}
 
