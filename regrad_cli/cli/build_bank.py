@@ -64,7 +64,16 @@ def build_bank_cmd(
     out = summary.to_dict()
     if json_out:
         print_json(out)
-        return
+    else:
+        _render(out)
+    if out["failed"] and not out["built"]:
+        from regrad_cli.errors import RegradError
+
+        raise RegradError(f"every document to build failed ({len(out['failed'])}); nothing was added "
+                          f"to the bank")
+
+
+def _render(out: dict) -> None:
     typer.echo(f"built {out['built']}, skipped {out['skipped']} (already banked), "
                f"removed {out['removed_stale']} stale, failed {len(out['failed'])}; "
                f"{out['rows']} rows in {out['bank']} ({out['docs_per_s']:.2f} docs/s, "

@@ -42,7 +42,11 @@ def ingest_cmd(
     if not summary.ok:
         # Raised, not typer.Exit(1): main() runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it; a RegradError always exits 1.
-        raise IngestError(f"nothing could be ingested ({len(summary.skipped)} path(s) skipped)")
+        if summary.skipped:
+            raise IngestError(f"nothing could be ingested ({len(summary.skipped)} path(s) skipped)")
+        where = ", ".join(str(p) for p in paths)
+        raise IngestError(f"no files found under {where} (missing, empty or unmounted?): nothing was "
+                          f"ingested{' and nothing pruned' if prune else ''}")
 
 
 def _render(summary, root: Path) -> None:

@@ -77,7 +77,9 @@ class QueryEngine:
 
     def _no_bank(self):
         loc = self.ws.banks_location
-        others = sorted(p.name for p in loc.glob("bank-*")) if not isinstance(loc, str) and loc.exists() else []
+        # Bank directories only: a build's lease file (bank-<id>.build.lock) sits beside them.
+        others = sorted(p.name for p in loc.glob("bank-*") if p.is_dir()) \
+            if not isinstance(loc, str) and loc.exists() else []
         hint = (f" (the workspace has banks for other learner checkpoints: {', '.join(others)}; "
                 "gradients depend on the checkpoint, so rebuild)") if others else ""
         raise NoBankError(f"no gradient bank for learner checkpoint {self.engine.learner.checkpoint_id()[:16]} "
