@@ -190,17 +190,20 @@ def _torch_dtype(name: str):
         raise ModelLoadError(f"unknown dtype {name!r} (use float32 or bfloat16)") from None
 
 
-def weights_sha256(model) -> str:
-    """sha256 over every parameter and buffer (sorted by name): the model's identity."""
+def hash_tensor(h, tensor) -> None:
+    """Feed ``tensor``'s values to the hash ``h`` as raw bytes (native byte order, row-major; any
+    dtype, bfloat16 included): the one way regrad hashes a tensor."""
     import torch
 
+    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter and buffer (sorted by name): the model's identity."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
+        hash_tensor(h, tensor)
     return h.hexdigest()
 
 
