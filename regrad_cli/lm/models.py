@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from regrad_cli.errors import ModelLoadError
+from regrad_cli.files import atomic_write_text
 
 log = logging.getLogger("regrad")
 
@@ -127,9 +128,7 @@ def bundled_model_dir() -> tuple[Path, str]:
         digest = sha256_file(gguf)
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({key: digest}))
-            os.replace(tmp, memo)
+            atomic_write_text(memo, json.dumps({key: digest}))
         except OSError:
             pass
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}"

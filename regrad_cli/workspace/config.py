@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
+from regrad_cli.files import atomic_write_text
 from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
@@ -370,9 +371,7 @@ class Workspace:
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.config_path.with_suffix(".toml.tmp")
-            tmp.write_text(tomli_w.dumps(self.config.to_dict()), encoding="utf-8")
-            os.replace(tmp, self.config_path)
+            atomic_write_text(self.config_path, tomli_w.dumps(self.config.to_dict()))
         except OSError as exc:
             raise ConfigError(f"cannot write workspace config {self.config_path}: {exc}") from exc
 
