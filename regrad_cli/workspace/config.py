@@ -128,6 +128,14 @@ class QueryConfig:
     retriever: str = "dense"
     max_new_tokens: int = 20
 
+    def request_options(self, *, top_k: int | None = None, gamma: float | None = None, combine: str | None = None,
+                        retriever: str | None = None, max_new_tokens: int | None = None) -> dict:
+        """The answering options of one request: each one given, else this [query] default
+        (combine None: what the learner was meta-trained with)."""
+        return {"top_k": self.top_k if top_k is None else top_k, "gamma": self.gamma if gamma is None else gamma,
+                "combine": combine or self.combine or None, "retriever": retriever or self.retriever,
+                "max_new_tokens": max_new_tokens or self.max_new_tokens}
+
 
 @dataclass
 class RegradConfig:
