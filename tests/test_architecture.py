@@ -26,7 +26,8 @@ def module_name(path: Path, root: Path) -> str:
 
 def source_modules(root: Path = REPO) -> dict[str, Path]:
     """{dotted name: file} of every module of regrad_cli and bank_format under ``root``."""
-    return {module_name(p, root): p for pkg in ("regrad_cli", "bank_format") for p in sorted((root / pkg).rglob("*.py"))}
+    return {module_name(p, root): p for pkg in ("regrad_cli", "bank_format")
+            for p in sorted((root / pkg).rglob("*.py"))}
 
 
 def imports(path: Path, name: str, modules: dict[str, Path]) -> list[tuple[str, str | None, int]]:

@@ -54,11 +54,8 @@ def query_cmd(
         from regrad_cli.online.query import QueryEngine, Request
 
         ws = Workspace.open(workspace, create=False)
-        q = ws.config.query
-        opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
-                    gamma=gamma if gamma is not None else q.gamma, combine=combine or q.combine or None,
-                    retriever=retriever or q.retriever,
-                    max_new_tokens=max_new_tokens or q.max_new_tokens, show_docs=show_docs)
+        opts = dict(mode=mode, show_docs=show_docs, **ws.config.query.request_options(
+            top_k=top_k, gamma=gamma, combine=combine, retriever=retriever, max_new_tokens=max_new_tokens))
         engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
                              need_bank=mode in ("param", "param+context"))
         if not pipeline:

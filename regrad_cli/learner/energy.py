@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_write_text
 
 META_KEY = "stored_tensors"
 # Per-tensor share of the step energy at or below which a tensor is not stored. Chosen by
@@ -193,10 +194,8 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     path = Path(checkpoint_dir) / CHECKPOINT_CONFIG
     meta = read_config(path)
     meta[META_KEY] = record
-    tmp = path.with_suffix(".json.tmp")
     try:
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(meta, indent=2))
     except OSError as exc:
         raise RegradError(f"cannot write {path}: {exc}") from exc
     return path

@@ -27,6 +27,7 @@ from torch import nn
 from regrad_cli.learner import targets
 from regrad_cli.errors import RegradError
 from regrad_cli.learner.persistence import load_learner, save_learner
+from regrad_cli.lm.models import hash_tensor
 
 
 @dataclass
@@ -330,9 +331,9 @@ class Learner(nn.Module):
         h.update(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
         for n in self.names:
             h.update(n.encode())
-            h.update(self.phi[_key(n)].detach().cpu().contiguous().numpy().tobytes())
-            h.update(self.log_alpha[_key(n)].detach().cpu().contiguous().numpy().tobytes())
-        h.update(self.log_temp.detach().cpu().numpy().tobytes())
+            hash_tensor(h, self.phi[_key(n)])
+            hash_tensor(h, self.log_alpha[_key(n)])
+        hash_tensor(h, self.log_temp)
         return h.hexdigest()
 
     def fingerprint(self) -> dict:

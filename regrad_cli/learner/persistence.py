@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_path
 from regrad_cli.versions import Migrations, Version
 
 CHECKPOINT_TENSORS = "learner.safetensors"
@@ -49,12 +50,10 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     cid = learner.checkpoint_id()
     meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
             "spec": learner.spec.to_dict(), "names": learner.names, **learner.meta, **(extra or {})}
-    tmp_t = directory / (CHECKPOINT_TENSORS + ".tmp")
-    tmp_c = directory / (CHECKPOINT_CONFIG + ".tmp")
-    save_file(tensors, str(tmp_t))
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    tmp_t.replace(directory / CHECKPOINT_TENSORS)
-    tmp_c.replace(directory / CHECKPOINT_CONFIG)
+    # The tensors are renamed into place first, then learner.json (the inner block ends first).
+    with atomic_path(directory / CHECKPOINT_CONFIG) as tmp_c, atomic_path(directory / CHECKPOINT_TENSORS) as tmp_t:
+        save_file(tensors, str(tmp_t))
+        tmp_c.write_text(json.dumps(meta, indent=2))
     return cid
 
 

@@ -39,8 +39,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     """
     from contextlib import ExitStack
 
-    from bank_format import GradientBank
-    from regrad_cli.workspace.banks import select_bank, workspace_banks
+    from regrad_cli.workspace.banks import open_bank, select_bank, workspace_banks
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.workspace.documents import DocumentStore, workspace_lock
     from regrad_cli.errors import NoBankError
@@ -59,8 +58,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     p_ids, p_srcs = tombs.pending() if tombs is not None else (set(), set())
     if not ids and not srcs and not p_ids and not p_srcs:
         raise RegradError("name DOC_ID... or --source PATH")
-    banks = [GradientBank.open(loc, read_only=False, storage_options=opts)
-             for loc in locations if GradientBank.exists(loc, opts)]
+    banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in locations) if b is not None]
     if bank is not None and not banks:
         raise NoBankError(f"no bank at {bank}")
     if keep_documents and not banks:

@@ -113,13 +113,12 @@ def weight_hashes(engine) -> dict[str, str]:
 
 
 def _hash_state(state: dict) -> str:
-    import torch
+    from regrad_cli.lm.models import hash_tensor
 
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0")
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(name.encode() + b"\0" + str(state[name].dtype).encode() + b"\0")
+        hash_tensor(h, state[name])
     return h.hexdigest()
 
 

@@ -33,9 +33,7 @@ class BankChoice:
     explicit: bool = False  # named with --bank
 
     def open(self, read_only: bool = True):
-        from bank_format import GradientBank
-
-        return GradientBank.open(self.location, read_only=read_only, storage_options=self.storage_options)
+        return open_bank(self.location, self.storage_options, read_only=read_only)
 
 
 def workspace_banks(ws) -> list["Path | str"]:
@@ -117,14 +115,19 @@ def expected_fingerprints(engine, embedder_fp: dict) -> dict:
             "layout": [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]}
 
 
+def open_bank(location, storage_options: dict, *, read_only: bool = True, expect: dict | None = None,
+              missing_ok: bool = False):
+    """The bank at ``location`` (a directory or an object-store URI), checked against ``expect``
+    when given: the one way regrad opens a bank. None when there is none and ``missing_ok``."""
+    from bank_format import GradientBank
+
+    if missing_ok and not GradientBank.exists(location, storage_options):
+        return None
+    return GradientBank.open(location, expect=expect, read_only=read_only, storage_options=storage_options)
+
+
 def open_checkpoint_bank(ws, engine, embedder_fp: dict, *, read_only: bool):
     """The workspace's bank for ``engine``'s learner checkpoint, opened against the contract
     (``expected_fingerprints``); None when that bank does not exist yet."""
-    from bank_format import GradientBank
-
-    path = ws.bank_path(engine.learner.checkpoint_id())
-    opts = ws.bank_storage_options()
-    if not GradientBank.exists(path, opts):
-        return None
-    return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp), read_only=read_only,
-                             storage_options=opts)
+    return open_bank(ws.bank_path(engine.learner.checkpoint_id()), ws.bank_storage_options(), read_only=read_only,
+                     expect=expected_fingerprints(engine, embedder_fp), missing_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
+from regrad_cli.files import atomic_write_text
 from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
@@ -128,6 +129,14 @@ class QueryConfig:
     combine: str = ""
     retriever: str = "dense"
     max_new_tokens: int = 20
+
+    def request_options(self, *, top_k: int | None = None, gamma: float | None = None, combine: str | None = None,
+                        retriever: str | None = None, max_new_tokens: int | None = None) -> dict:
+        """The answering options of one request: each one given, else this [query] default
+        (combine None: what the learner was meta-trained with)."""
+        return {"top_k": self.top_k if top_k is None else top_k, "gamma": self.gamma if gamma is None else gamma,
+                "combine": combine or self.combine or None, "retriever": retriever or self.retriever,
+                "max_new_tokens": max_new_tokens or self.max_new_tokens}
 
 
 @dataclass
@@ -399,9 +408,7 @@ class Workspace:
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.config_path.with_suffix(".toml.tmp")
-            tmp.write_text(tomli_w.dumps(self.config.to_dict()), encoding="utf-8")
-            os.replace(tmp, self.config_path)
+            atomic_write_text(self.config_path, tomli_w.dumps(self.config.to_dict()))
         except OSError as exc:
             raise ConfigError(f"cannot write workspace config {self.config_path}: {exc}") from exc
 

@@ -4,12 +4,12 @@ ingest skips and build-bank never computes or commits."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_write_text
 
 
 class Tombstones:
@@ -46,13 +46,8 @@ class Tombstones:
         return data
 
     def _save(self, data: dict) -> None:
-        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(data, sort_keys=True), fsync=True)
         except OSError as exc:
             raise RegradError(f"cannot write {self.path}: {exc}") from exc
 
