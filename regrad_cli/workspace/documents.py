@@ -118,6 +118,25 @@ def _readable(method):
     return wrapper
 
 
+def _rows_table(rows: list[dict], schema):
+    """An Arrow table of ``rows`` built column by column; the embedding column from one float32
+    array (rows may hold arrays or lists), not from a Python float per value."""
+    import numpy as np
+    import pyarrow as pa
+
+    columns = []
+    for f in schema:
+        if f.name == "embedding" and pa.types.is_fixed_size_list(f.type):
+            dim = f.type.list_size
+            flat = np.zeros(len(rows) * dim, dtype=np.float32)
+            for i, r in enumerate(rows):
+                flat[i * dim:(i + 1) * dim] = np.asarray(r["embedding"], dtype=np.float32).reshape(dim)
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, type=f.type.value_type), dim))
+        else:
+            columns.append(pa.array([r.get(f.name) for r in rows], type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _batches(values: list, n: int = _IN_BATCH):
     for i in range(0, len(values), n):
         yield values[i : i + n]
@@ -358,7 +377,7 @@ class DocumentStore:
         if not sources:
             return
         self.check_links()
-        data = pa.Table.from_pylist(rows, schema=table.schema)
+        data = _rows_table(rows, table.schema)
         where = " OR ".join(f"({_in_filter('source', b)})" for b in _batches(sources))
         try:
             (
