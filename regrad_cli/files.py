@@ -15,6 +15,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
     the temporary file to disk before the rename (for state that must survive a power cut)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if os.path.lexists(tmp):  # left by a dead process, or planted as a link: never written through
+        tmp.unlink()
     try:
         yield tmp
         if fsync:

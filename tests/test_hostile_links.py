@@ -139,3 +139,17 @@ def test_a_link_in_the_documents_table_is_refused(tmp_path, capsys, monkeypatch)
     code, out, err = run_cli(["bank", "rm", "x", "--workspace", ws], capsys, monkeypatch)
     assert code == 1 and "symbolic link" in err and str(link) in err, err
     _unchanged(before)
+
+
+def test_a_planted_temporary_link_is_never_written_through(tmp_path):
+    """Atomic writes go through NAME.PID.tmp: one planted as a link in a copied workspace or
+    checkpoint is replaced, never followed."""
+    from regrad_cli.files import atomic_write_text
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    target = tmp_path / "ws" / "regrad.toml"
+    target.parent.mkdir()
+    os.symlink(victim, target.with_name(f"regrad.toml.{os.getpid()}.tmp"))
+    atomic_write_text(target, "x = 1\n")
+    assert victim.read_text() == "keep me" and target.read_text() == "x = 1\n"

@@ -320,6 +320,8 @@ class Workspace:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"workspace-id.{os.getpid()}.tmp")
+            if os.path.lexists(tmp):  # never write through a planted link
+                tmp.unlink()
             tmp.write_text(wid + "\n", encoding="ascii")
             try:
                 os.link(tmp, path)  # fails if another process made it first: use theirs
