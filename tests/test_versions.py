@@ -246,8 +246,8 @@ def test_documents_table_reads_its_format_and_refuses_a_newer_major(tmp_path):
     assert str(DOCUMENTS_VERSION) == "1.0"
     store = DocumentStore(tmp_path)
     for readable in (b"1", b"1.0", b"1.7"):
-        store._check_format(SimpleNamespace(metadata={_FORMAT_KEY: readable}))
+        store.check_format(SimpleNamespace(metadata={_FORMAT_KEY: readable}))
     for tag, error in ((b"2", "newer than this regrad understands"), (b"0", "never existed"),
                        (b"x", "not MAJOR.MINOR")):
         with pytest.raises(IngestError, match=error):
-            store._check_format(SimpleNamespace(metadata={_FORMAT_KEY: tag}))
+            store.check_format(SimpleNamespace(metadata={_FORMAT_KEY: tag}))

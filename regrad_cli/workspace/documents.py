@@ -130,12 +130,13 @@ class DocumentStore:
                 self._table = self._connect().open_table(TABLE_NAME)
             except (ValueError, OSError) as exc:
                 raise IngestError(f"cannot open the documents table in {self.db_path}: {exc}") from exc
-            self._check_format(self._table.schema)
+            self.check_format(self._table.schema)
         if self._table is None and required:
             raise IngestError(f"no documents in {self.db_path.parent}: run `regrad ingest PATH` first")
         return self._table
 
-    def _check_format(self, schema) -> None:
+    def check_format(self, schema) -> None:
+        """Refuse a documents table (its Arrow schema) of a format this regrad cannot read."""
         meta = schema.metadata or {}
         where = f"{self.db_path}/{TABLE_NAME}.lance"
         raw = meta.get(_FORMAT_KEY, b"1").decode("utf-8", "replace")
