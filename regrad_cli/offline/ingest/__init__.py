@@ -88,16 +88,7 @@ def ingest(
     from regrad_cli.workspace.documents import LIGHT_COLUMNS, DocumentStore, workspace_lock
     from regrad_cli.workspace.tombstones import Tombstones
 
-    chunking = ws.config.chunking
-    max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)
-    if max_tokens < 1 or overlap < 0 or overlap >= max_tokens:
-        raise ConfigError(
-            f"chunking.max_tokens must be >= 1 and 0 <= chunking.overlap < max_tokens "
-            f"(got {max_tokens} and {overlap})"
-        )
-    if max_file_mb <= 0:
-        raise ConfigError(f"--max-file-mb must be positive (got {max_file_mb})")
-    limit = int(max_file_mb * 1e6)
+    max_tokens, overlap, limit = _settings(ws, max_file_mb)
     summary = IngestSummary()
     if embedder is None:
         from regrad_cli.lm.models import Embedder
@@ -106,13 +97,7 @@ def ingest(
 
     with workspace_lock(ws, timeout=5, what="writing"):
         store = DocumentStore(ws)
-        fp = store.embedder_fingerprint
-        name = _embedder_name(embedder)
-        if fp is not None and fp.get("id") not in (None, name):
-            raise IngestError(
-                f"the workspace {ws.root} was ingested with embedder {fp['id']!r} (dim {fp['dim']}), "
-                f"not {name!r}: use --embedder {fp['id']} or a new --workspace"
-            )
+        _check_embedder(ws, store, embedder)
         tombstones = Tombstones(ws)
         tomb = tombstones.load()
         readmitted: tuple[set, set] = (set(), set())
@@ -131,17 +116,7 @@ def ingest(
         if progress:
             progress(0, total, "")
         for i, f in enumerate(files):
-            docs = None
-            if f.source in tomb["sources"] and not readmit:
-                summary.skip(f.display, "unlearned by `regrad bank rm --source`; `regrad ingest --readmit` "
-                                        "ingests it again")
-            else:
-                try:
-                    docs = _read_docs(f, limit, summary)
-                except _Skip as exc:
-                    summary.skip(f.display, str(exc))
-                except OSError as exc:
-                    summary.skip(f.display, _stat_reason(f.path, exc))
+            docs = _read_file(f, tomb, readmit, limit, summary)
             if docs:
                 if tokenizer is None:
                     from regrad_cli.lm.models import load_tokenizer
@@ -157,19 +132,63 @@ def ingest(
         if readmitted[0] or readmitted[1]:
             tombstones.readmit(*readmitted)  # before the write: a crash leaves them readmitted, unwritten
         writer.flush()
-
         if prune:
             summary.pruned = _prune(paths, files, existing, seen_sources, store, force, summary)
-        if writer.wrote or summary.pruned:
-            try:
-                store.ensure_fts_index()
-            except (OSError, ValueError, RuntimeError) as exc:  # search still works without it
-                summary.warnings.append(f"full-text index not rebuilt: {exc}")
-        summary.documents = store.count()
-        log.info("ingest: %d added, %d updated, %d unchanged, %d removed, %d pruned, %d skipped; %d documents",
-                 summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
-                 len(summary.skipped), summary.documents)
+        _finish(store, writer, summary)
         return summary
+
+
+def _settings(ws, max_file_mb: float) -> tuple[int, int, int]:
+    """(chunk tokens, overlap, file size limit in bytes), checked."""
+    chunking = ws.config.chunking
+    max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)
+    if max_tokens < 1 or overlap < 0 or overlap >= max_tokens:
+        raise ConfigError(
+            f"chunking.max_tokens must be >= 1 and 0 <= chunking.overlap < max_tokens "
+            f"(got {max_tokens} and {overlap})"
+        )
+    if max_file_mb <= 0:
+        raise ConfigError(f"--max-file-mb must be positive (got {max_file_mb})")
+    return max_tokens, overlap, int(max_file_mb * 1e6)
+
+
+def _check_embedder(ws, store, embedder) -> None:
+    """A workspace's documents are all embedded by one embedder: refuse another."""
+    fp = store.embedder_fingerprint
+    name = _embedder_name(embedder)
+    if fp is not None and fp.get("id") not in (None, name):
+        raise IngestError(
+            f"the workspace {ws.root} was ingested with embedder {fp['id']!r} (dim {fp['dim']}), "
+            f"not {name!r}: use --embedder {fp['id']} or a new --workspace"
+        )
+
+
+def _read_file(f, tomb: dict, readmit: bool, limit: int, summary: IngestSummary):
+    """The documents of one discovered file, or None (skipped, with the reason in ``summary``)."""
+    if f.source in tomb["sources"] and not readmit:
+        summary.skip(f.display, "unlearned by `regrad bank rm --source`; `regrad ingest --readmit` "
+                                "ingests it again")
+        return None
+    try:
+        return _read_docs(f, limit, summary)
+    except _Skip as exc:
+        summary.skip(f.display, str(exc))
+    except OSError as exc:
+        summary.skip(f.display, _stat_reason(f.path, exc))
+    return None
+
+
+def _finish(store, writer, summary: IngestSummary) -> None:
+    """Rebuild the full-text index after a change, count the documents, log the summary."""
+    if writer.wrote or summary.pruned:
+        try:
+            store.ensure_fts_index()
+        except (OSError, ValueError, RuntimeError) as exc:  # search still works without it
+            summary.warnings.append(f"full-text index not rebuilt: {exc}")
+    summary.documents = store.count()
+    log.info("ingest: %d added, %d updated, %d unchanged, %d removed, %d pruned, %d skipped; %d documents",
+             summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
+             len(summary.skipped), summary.documents)
 
 
 def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb, readmit, readmitted,
