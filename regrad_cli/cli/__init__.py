@@ -27,15 +27,22 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr (also after the command)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no warnings on stderr, errors only (also after the command)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ):
     """ReGrad: keep a language model up to date with retrievable per-document gradients."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    from regrad_cli.cli import common
+
+    common.QUIET = quiet
+    # -v: regrad's own loggers at INFO; third-party libraries stay at WARNING (no config dumps).
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Quiet third-party chatter on stderr unless asked for.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    for name in ("regrad", "regrad_cli", "bank_format"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose and not quiet else logging.NOTSET)
+    # Quiet third-party chatter on stderr (transformers would print whole model configs).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,15 +55,18 @@ from regrad_cli.cli import learner as _learner  # noqa: E402
 from regrad_cli.cli import meta_train as _meta_train  # noqa: E402,F401
 from regrad_cli.cli import query as _query  # noqa: E402,F401
 from regrad_cli.cli import serve as _serve  # noqa: E402,F401
+from regrad_cli.cli import status as _status  # noqa: E402
 
 app.add_typer(_bank.bank_app, name="bank")
 app.add_typer(_learner.learner_app, name="learner")
+app.add_typer(_status.docs_app, name="docs")
 
 
 def main() -> None:
     """Entry point: domain errors become one line on stderr and exit status 1."""
-    from regrad_cli.errors import RegradError
+    from regrad_cli.errors import OptionError, RegradError
 
+    sys.argv[1:] = hoist_global_options(sys.argv[1:])
     try:
         from bank_format import BankFormatError
     except ImportError:  # pragma: no cover
@@ -65,6 +75,9 @@ def main() -> None:
         # standalone_mode=False returns a command's typer.Exit code instead of exiting.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
+    except OptionError as exc:  # a bad option value: a usage error, refused before any work
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     except (RegradError, BankFormatError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
@@ -84,6 +97,19 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """The arguments with -v/--verbose/-q/--quiet moved before the command, so that they work
+    after it too (`regrad build-bank -q`). Nothing after a bare "--" is moved."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    if not flags:
+        return args
+    return flags + [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
 
 
 def _click_exceptions() -> tuple[type, ...]:

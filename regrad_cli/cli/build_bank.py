@@ -10,6 +10,35 @@ from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, safe_text, ws_help
 
 
+def up_to_date(ws, checkpoint: str | None) -> dict | None:
+    """The summary of a build with nothing to do (every document has a current row, no row is
+    stale), told from the documents table, the bank and the learner's files without loading a
+    model; None when there is work, or when that cannot be told without the model. A workspace
+    without documents is refused here too."""
+    from bank_format import GradientBank
+    from regrad_cli.banks import current_checkpoint_id
+    from regrad_cli.documents import DocumentStore
+    from regrad_cli.errors import RegradError
+    from regrad_cli.status import freshness
+
+    store = DocumentStore(ws)
+    if store.count() == 0:
+        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
+    cid = current_checkpoint_id(ws, required=False) if checkpoint is None else None
+    if cid is None:
+        return None
+    path, opts = ws.bank_path(cid), ws.bank_storage_options()
+    if not GradientBank.exists(path, opts):
+        return None
+    bank = GradientBank.open(path, read_only=True, storage_options=opts)
+    fresh = freshness(store, bank)
+    if fresh["pending"] or fresh["stale"]:
+        return None
+    rows = bank.count()
+    return {"built": 0, "skipped": store.count(), "removed_stale": 0, "failed": [], "docs_per_s": 0.0,
+            "bank": str(path), "rows": rows, "checkpoint_id": cid, "compute_dtype": ""}
+
+
 @app.command("build-bank")
 def build_bank_cmd(
     codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8, int8g, int4 or int4s (group size: bank.group_size)", "bank.codec"))] = None,
@@ -49,6 +78,14 @@ def build_bank_cmd(
         raise ConfigError("--ray-address and --gpus-per-worker need --engine ray")
     if engine_name == "ray" and device is None and gpus_per_worker > 0:
         device = "cuda"
+    done = up_to_date(ws, checkpoint)  # before any model loads: nothing to do costs nothing
+    if done is not None:
+        if json_out:
+            print_json(done)
+        else:
+            typer.echo(f"up to date: {done['skipped']} documents have their gradient in {done['bank']} "
+                       f"({done['rows']} rows); nothing to build")
+        return
     engine = Engine.load(ws, checkpoint=checkpoint, device="cpu" if engine_name == "ray" else device)
     with progress_bar("build-bank", enabled=not json_out) as update:
         report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731

@@ -56,6 +56,8 @@ def _render(summary, root: Path) -> None:
     table.add_column("count", justify="right")
     for name in ("added", "updated", "unchanged", "removed", "pruned"):
         table.add_row(name, str(getattr(summary, name)))
+    if summary.pruned_rows:
+        table.add_row("pruned gradient rows", str(summary.pruned_rows))
     table.add_row("skipped paths", str(len(summary.skipped)))
     table.add_row("total in workspace", str(summary.documents), style="bold")
     Console().print(table)

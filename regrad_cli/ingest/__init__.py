@@ -125,6 +125,7 @@ def ingest(
             by_source.setdefault(r["source"], []).append(r)
 
         writer = _Writer(store, embedder, ws.config.embedder.batch_size, summary)
+        quick = UnchangedSources(ws, (max_tokens, overlap, ws.config.model.id))
         seen_ids: dict[str, str] = {}
         seen_sources: set[str] = set()
         total = len(files)
@@ -142,24 +143,34 @@ def ingest(
                     summary.skip(f.display, str(exc))
                 except OSError as exc:
                     summary.skip(f.display, _stat_reason(f.path, exc))
+            if docs and quick.unchanged(f, docs, by_source.get(f.source, []), seen_ids):
+                # The same documents as when this source was last chunked, and the table still
+                # holds exactly those rows: nothing to do, and no tokenizer to load for it.
+                summary.unchanged += len(by_source[f.source])
+                seen_sources.add(f.source)
+                docs = None
             if docs:
                 if tokenizer is None:
                     from regrad_cli.models import load_tokenizer
 
                     tokenizer = load_tokenizer(ws.config.model.id)
+                n_skipped = len(summary.skipped)
                 rows = _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
                                     readmit, readmitted, summary)
                 if rows:
                     seen_sources.add(f.source)
                     _stage_source(f.source, rows, by_id, by_source.get(f.source, []), store, writer, summary)
+                    if len(summary.skipped) == n_skipped:  # a skipped document is reported every time
+                        quick.record(f, docs, rows)
             if progress:
                 progress(i + 1, total, f.display)
         if readmitted[0] or readmitted[1]:
             tombstones.readmit(*readmitted)  # before the write: a crash leaves them readmitted, unwritten
         writer.flush()
+        quick.save()
 
         if prune:
-            summary.pruned = _prune(paths, files, existing, seen_sources, store, force, summary)
+            summary.pruned = _prune(ws, paths, files, existing, seen_sources, store, force, summary)
         if writer.wrote or summary.pruned:
             try:
                 store.ensure_fts_index()
@@ -170,6 +181,76 @@ def ingest(
                  summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
                  len(summary.skipped), summary.documents)
         return summary
+
+
+class UnchangedSources:
+    """Tells an unchanged source without chunking it (chunking needs the model's tokenizer).
+
+    ``WORKSPACE/ingest-digests.json`` maps each source to a digest of its documents as read (ids,
+    titles, texts, metadata) and the chunking settings, with the (id, content hash, path) of the
+    rows they gave. A source whose digest is the same *and* whose rows in the table are still
+    exactly those is unchanged; anything else (a missing or damaged file, other rows) is chunked
+    as usual, so the file is a shortcut, never a source of truth."""
+
+    NAME = "ingest-digests.json"
+
+    def __init__(self, ws, settings: tuple):
+        import json
+
+        self.path = Path(ws.root) / self.NAME
+        self.settings = list(settings)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries = data["sources"] if data.get("settings") == self.settings else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def digest(f, docs) -> str:
+        import hashlib
+        import json
+
+        h = hashlib.sha256(f.source.encode("utf-8") + b"\0")
+        for d in docs:
+            h.update(json.dumps([d.base_id, d.suffix_always, d.title, d.text, d.metadata], sort_keys=True,
+                                default=str).encode("utf-8"))
+        return h.hexdigest()
+
+    @staticmethod
+    def _keys(rows) -> list:
+        return sorted([r["id"], r["content_hash"], r.get("path") or ""] for r in rows)
+
+    def unchanged(self, f, docs, table_rows, seen_ids) -> bool:
+        entry = self.entries.get(f.source)
+        if not isinstance(entry, dict) or not table_rows or entry.get("digest") != self.digest(f, docs):
+            return False
+        if entry.get("rows") != self._keys(table_rows) or any(r.get("path") != f.path for r in table_rows):
+            return False  # the table changed since, or the file moved: chunk it
+        if any(r["id"] in seen_ids for r in table_rows):
+            return False  # an id taken earlier in this run: the usual path reports it
+        for r in table_rows:
+            seen_ids[r["id"]] = f.display
+        return True
+
+    def record(self, f, docs, rows) -> None:
+        self.entries[f.source] = {"digest": self.digest(f, docs), "rows": self._keys(rows)}
+        self.changed = True
+
+    def save(self) -> None:
+        import json
+        import os
+
+        if not self.changed:
+            return
+        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"settings": self.settings, "sources": self.entries}), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # only a shortcut: the next ingest chunks again
+            log.warning("cannot write %s: %s", self.path, exc)
 
 
 def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb, readmit, readmitted,
@@ -206,9 +287,11 @@ def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
     return rows
 
 
-def _prune(paths, files, existing, seen_sources, store, force: bool, summary: IngestSummary) -> int:
-    """Delete the documents of files under ``paths`` that no longer exist. A path that is missing,
-    not a directory or holds no file at all (an unmounted disk, say) prunes nothing."""
+def _prune(ws, paths, files, existing, seen_sources, store, force: bool, summary: IngestSummary) -> int:
+    """Delete the documents of files under ``paths`` that no longer exist, and their gradient
+    rows from every bank of the workspace (``unlearn.prune_sources``: as `bank rm` deletes). A
+    path that is missing, not a directory or holds no file at all (an unmounted disk, say) prunes
+    nothing."""
     from regrad_cli.documents import is_within
 
     roots = []
@@ -230,4 +313,8 @@ def _prune(paths, files, existing, seen_sources, store, force: bool, summary: In
         raise IngestError(f"--prune would delete {n} documents of {len(stale)} files that no longer exist "
                           f"(e.g. {sorted(stale)[0]!r}); run again with --force if that is meant "
                           "(the new files were ingested)")
-    return store.delete_sources(stale)
+    from regrad_cli.unlearn import prune_sources
+
+    docs, rows = prune_sources(ws, store, stale)
+    summary.pruned_rows = rows
+    return docs

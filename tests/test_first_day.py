@@ -1,0 +1,157 @@
+"""A user's first day (issue 31), through the CLI: instant errors, nothing loaded when there is
+nothing to do, state that never goes silently stale, `status` and `docs ls`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reliability_helpers import run_cli
+
+FAKE = ["--model", "fake:llama", "--embedder", "fake:hash-32"]
+
+
+def _corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "quorra.md").write_text("Quorra Vell founded the Tessaly Guild in 1887.\n\nIt keeps maps.", encoding="utf-8")
+    (root / "felix.md").write_text("Felix Darrow built the Ombra bridge in 1921.", encoding="utf-8")
+    return root
+
+
+def _learner_dir(ws_root: Path) -> Path:
+    """The workspace's learner saved as a checkpoint directory and named in regrad.toml, so that
+    its id (and so its bank) can be told from its files, as for the shipped checkpoint."""
+    from regrad_cli.config import Workspace
+    from regrad_cli.engine import Engine
+
+    ws = Workspace.open(ws_root, create=False)
+    out = ws_root.parent / "learner"
+    Engine.load(ws).learner.save(out)
+    ws.config.learner.checkpoint = str(out)
+    ws.save()
+    return out
+
+
+@pytest.fixture
+def built(tmp_path, capsys, monkeypatch):
+    """A workspace (the test's $REGRAD_WORKSPACE) with two documents and their bank."""
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
+    assert code == 0, err
+    _learner_dir(tmp_path / "ws")
+    code, _, err = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    return tmp_path
+
+
+def _loads(monkeypatch, tmp_path) -> Path:
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("REGRAD_FAKE_LOAD_LOG", str(log))
+    return log
+
+
+def test_bad_options_and_inputs_are_refused_before_any_model_loads(built, capsys, monkeypatch):
+    log = _loads(monkeypatch, built)
+    for args, code, words in [
+        (["query", "q", "--mode", "parm"], 2, "--mode: unknown mode 'parm'"),
+        (["query", "q", "--top-k", "-1"], 2, "--top-k: must be an integer from 0 to 64"),
+        (["query", "q", "--retriever", "bm26"], 2, "--retriever: unknown retriever 'bm26'"),
+        (["query", "q", "--min-score", "3"], 2, "--min-score"),
+        (["query", "--batch", "missing.jsonl"], 1, "cannot read missing.jsonl"),
+    ]:
+        got, out, err = run_cli(args, capsys, monkeypatch)
+        assert got == code and words in err, (args, got, err)
+        assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1, (args, err)
+    assert not log.exists(), log.read_text()
+
+
+def test_an_empty_workspace_is_told_to_run_ingest(tmp_path, capsys, monkeypatch):
+    from regrad_cli.config import Workspace
+
+    Workspace.open(tmp_path / "ws", overrides={"model.id": "fake:llama", "embedder.id": "fake:hash-32"})
+    log = _loads(monkeypatch, tmp_path)
+    for args in (["query", "q"], ["query", "q", "--mode", "rag+phi"], ["build-bank"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 1 and "run `regrad ingest PATH`" in err, (args, err)
+    assert not log.exists()
+
+
+def test_commands_with_nothing_to_do_load_no_model(built, capsys, monkeypatch):
+    log = _loads(monkeypatch, built)
+    code, out, _ = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["unchanged"] == 2
+    code, out, _ = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["built"] == 0 and json.loads(out)["rows"] == 2
+    code, out, _ = run_cli(["build-bank"], capsys, monkeypatch)
+    assert code == 0 and out.startswith("up to date")
+    for args in (["bank", "stats", "--json"], ["status", "--json"], ["docs", "ls"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, (args, err)
+    assert not log.exists(), log.read_text()
+    # A changed file is noticed (chunked and embedded again), and then the build has work.
+    (built / "corpus" / "felix.md").write_text("Felix Darrow built the Ombra bridge in 1922.", encoding="utf-8")
+    code, out, _ = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["updated"] == 1
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert (s["pending"], s["stale"], s["next"]) == (1, 1, "regrad build-bank")
+
+
+def test_bank_rm_of_an_unknown_id_names_the_chunk_ids(built, capsys, monkeypatch):
+    code, _, err = run_cli(["bank", "rm", "corpus/quorra.md"], capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "corpus/quorra.md#0" in err and "--source corpus/quorra.md" in err and "nothing was removed" in err
+    code, _, err = run_cli(["bank", "rm", "nothing-like-it"], capsys, monkeypatch)
+    assert code == 1 and "regrad docs ls" in err
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["rows"] == 2  # nothing removed
+    code, out, _ = run_cli(["bank", "rm", "corpus/quorra.md#0", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["removed_rows"] == 1
+
+
+def test_prune_removes_gradients_and_new_documents_are_found_with_a_warning(built, capsys, monkeypatch):
+    corpus = built / "corpus"
+    (corpus / "felix.md").unlink()
+    (corpus / "zara.md").write_text("Zara Quell painted the Amber Gate in 1760.", encoding="utf-8")
+    code, out, _ = run_cli(["ingest", "corpus", "--prune", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert code == 0 and (s["pruned"], s["pruned_rows"], s["added"]) == (1, 1, 1)
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    st = json.loads(out)
+    assert (st["documents"], st["rows"], st["pending"], st["stale"]) == (2, 1, 1, 0)
+
+    # A passage-only mode searches the documents table: the new document is found at once.
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "rag+phi", "--top-k", "1",
+                              "--json"], capsys, monkeypatch)
+    res = json.loads(out)
+    assert code == 0 and res["retrieved"][0]["doc_id"] == "corpus/zara.md#0" and res["warnings"] == []
+    # A mode that applies gradients says, in the JSON and on stderr, what it cannot see and the fix.
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "--json"],
+                             capsys, monkeypatch)
+    res = json.loads(out)
+    assert code == 0 and "corpus/felix.md#0" not in [r["doc_id"] for r in res["retrieved"]]
+    assert any("no gradient yet" in w and "regrad build-bank" in w for w in res["warnings"])
+    assert "warning: 1 document(s) have no gradient yet" in err
+
+    code, _, _ = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "--top-k", "1",
+                              "--json"], capsys, monkeypatch)
+    res = json.loads(out)
+    assert res["warnings"] == [] and res["retrieved"][0]["applied"] and "warning" not in err
+
+
+def test_status_and_docs_ls(built, capsys, monkeypatch):
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert (s["documents"], s["chunks"], s["rows"], s["pending"], s["stale"], s["next"]) == (2, 2, 2, 0, 0, None)
+    assert s["bank"]["learner_checkpoint_id"] == s["learner"]["checkpoint_id"] and s["default_mode"] == "param+context"
+    code, out, _ = run_cli(["status"], capsys, monkeypatch)
+    assert code == 0 and "pending" in out
+    code, out, _ = run_cli(["docs", "ls", "--source", "corpus/quorra.md", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["documents"] == [{"source": "corpus/quorra.md", "document": "corpus/quorra.md",
+                                             "chunks": ["corpus/quorra.md#0"], "tokens": json.loads(out)["documents"][0]["tokens"]}]
+    code, out, _ = run_cli(["docs", "ls"], capsys, monkeypatch)
+    assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
