@@ -280,7 +280,7 @@ def corpus_texts() -> list[tuple[str, str]]:
 
 
 def demo_questions():
-    from regrad_cli.datasets import load_dataset
+    from regrad_cli.learning.datasets import load_dataset
 
     return load_dataset(f"jsonl:{DEMO_QUESTIONS}")
 
@@ -299,8 +299,8 @@ def make_corpus_copies(dest: Path, copies: int) -> Path:
 
 def ingest_workspace(ws_dir: Path, corpus: Path, embedder=None, tokenizer=None):
     """A fresh workspace at ``ws_dir`` (default config) with ``corpus`` ingested via the Python API."""
-    from regrad_cli.config import Workspace
-    from regrad_cli.ingest import ingest
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.offline.ingest import ingest
 
     ws = Workspace.open(ws_dir)
     ws.use_bank_env = False  # never the user's $REGRAD_BANK_URI: benchmarks move and delete banks
@@ -317,7 +317,7 @@ def on_demo_workspace(workspace: Path | None, prefix: str, run) -> None:
         run(workspace)
         return
     with temp_dir(prefix) as tmp:
-        from regrad_cli.build import build_bank
+        from regrad_cli.offline.build import build_bank
 
         log("ingesting the demo corpus and building its bank (not timed)")
         ws = ingest_workspace(tmp / "ws", DEMO_CORPUS)
@@ -326,7 +326,7 @@ def on_demo_workspace(workspace: Path | None, prefix: str, run) -> None:
 
 
 def load_engine(checkpoint: str | None = None, ws=None):
-    from regrad_cli.engine import Engine
+    from regrad_cli.workspace.engine import Engine
 
     return Engine.load(ws, checkpoint=checkpoint)
 

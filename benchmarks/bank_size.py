@@ -72,13 +72,13 @@ def main() -> None:
     from safetensors.torch import save as st_save
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
-    from regrad_cli.config import BankConfig, QueryConfig
-    from regrad_cli.engine import NEGLIGIBLE_ALPHA
-    from regrad_cli.generation import answer_nll, generate
-    from regrad_cli.gradients import document_gradients
-    from regrad_cli.metrics import exact_match, f1_score
-    from regrad_cli.models import Embedder
-    from regrad_cli.prompting import prompt_ids
+    from regrad_cli.workspace.config import BankConfig, QueryConfig
+    from regrad_cli.workspace.engine import NEGLIGIBLE_ALPHA
+    from regrad_cli.lm.generation import answer_nll, generate
+    from regrad_cli.learner.gradients import document_gradients
+    from regrad_cli.learning.scores import exact_match, f1_score
+    from regrad_cli.lm.models import Embedder
+    from regrad_cli.lm.prompting import prompt_ids
 
     bcfg, qcfg = BankConfig(), QueryConfig()
     top_k = args.top_k or qcfg.top_k
@@ -106,7 +106,7 @@ def main() -> None:
         gold = [names.index(q.meta["source"]) for q in questions]
     else:
         # A regrad dataset spec: the sampled questions' gold passages form the corpus.
-        from regrad_cli.datasets import corpus_of, load_dataset
+        from regrad_cli.learning.datasets import corpus_of, load_dataset
 
         questions = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
         questions = random.Random(args.seed).sample(questions, min(len(questions), n_questions or 60))

@@ -42,12 +42,14 @@ def run(args, ws_dir: Path) -> None:
     import numpy as np
     import torch
 
-    from regrad_cli import adapt, pipeline
-    from regrad_cli.config import Workspace
-    from regrad_cli.generation import _generate_hf, generate, left_pad
-    from regrad_cli.pipeline import step_from_rows
-    from regrad_cli.prompting import prompt_ids
-    from regrad_cli.query import QueryEngine, Request
+    from regrad_cli.learner import adapt
+
+    from regrad_cli.online import pipeline
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.lm.generation import _generate_hf, generate, left_pad
+    from regrad_cli.online.pipeline import step_from_rows
+    from regrad_cli.lm.prompting import prompt_ids
+    from regrad_cli.online.query import QueryEngine, Request
 
     t_start = time.monotonic()
     ws = Workspace.open(ws_dir, create=False)

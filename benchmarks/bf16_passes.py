@@ -25,7 +25,7 @@ def main() -> None:
     import torch
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
-    from regrad_cli.gradients import document_gradients, fast_bf16
+    from regrad_cli.learner.gradients import document_gradients, fast_bf16
 
     speed = []
     for m, k, n in [(164, 576, 1536), (164, 1536, 576), (164, 576, 49152)]:

@@ -3,7 +3,7 @@
 The bare loop is the minimum work a bank needs: for each document (tokenised beforehand), one
 forward of the model with the LoRA side path on phi and ``loss.backward()`` into phi, nothing
 else (no per-sample copies, no encoding, no LanceDB). ``build_bank`` runs on a fresh bank of a
-fresh workspace (the demo corpus ingested through ``regrad_cli.ingest``; ``--copies N`` in full
+fresh workspace (the demo corpus ingested through ``regrad_cli.offline.ingest``; ``--copies N`` in full
 mode ingests N distinct copies), once per batch size. The bare loop runs before and after the
 builds; its mean is the baseline, so slow drift in machine load hits both sides alike. Builds run
 in increasing batch size: freed memory stays in the process (allocator), so each peak RSS is
@@ -65,10 +65,10 @@ def main() -> None:
     thread_counts = [int(t) for t in args.thread_counts.split(",")] if args.thread_counts else \
         list(dict.fromkeys([1, default_threads]))
 
-    from regrad_cli.build import build_bank
-    from regrad_cli.config import BankConfig
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.gradients import compute_context, document_gradients, encode_documents, per_sample_nll, resolve_compute_dtype
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.config import BankConfig
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.learner.gradients import compute_context, document_gradients, encode_documents, per_sample_nll, resolve_compute_dtype
 
     default_batch = BankConfig().batch_size
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else (

@@ -3,7 +3,7 @@
 Each run's answers come from its predictions file (`docs/results/<name>-predictions.jsonl.gz`, or
 a run's `predictions.jsonl`); answers are paired by (system, question id), and every system both
 runs answered is compared by the paired bootstrap `regrad eval` uses
-(regrad_cli.metrics.paired_bootstrap): F1 of run A minus F1 of run B, its 95 % interval and p.
+(regrad_cli.learning.scores.paired_bootstrap): F1 of run A minus F1 of run B, its 95 % interval and p.
 
     python benchmarks/compare_runs.py docs/results/nq-open-dev-init-predictions.jsonl.gz \\
         docs/results/nq-open-dev-predictions.jsonl.gz --names init,shipped
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--names", default="a,b", help="the two runs' names, comma-separated")
     args = p.parse_args()
     setup(args)
-    from regrad_cli.metrics import paired_bootstrap
+    from regrad_cli.learning.scores import paired_bootstrap
 
     name_a, name_b = args.names.split(",")
     a, b = load(args.a), load(args.b)

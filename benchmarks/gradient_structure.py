@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
-    from regrad_cli import adapt
-    from regrad_cli.gradients import document_gradients
+    from regrad_cli.learner import adapt
+    from regrad_cli.learner.gradients import document_gradients
 
     engine = load_engine()
     model, tok, learner = engine.model, engine.tokenizer, engine.learner

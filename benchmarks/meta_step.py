@@ -48,10 +48,10 @@ def main() -> None:
 
     import dataclasses
 
-    from regrad_cli.generation import teacher_forced_batch
-    from regrad_cli.gradients import encode_documents, per_sample_nll
-    from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, outer_loss
-    from regrad_cli.prompting import prompt_ids
+    from regrad_cli.lm.generation import teacher_forced_batch
+    from regrad_cli.learner.gradients import encode_documents, per_sample_nll
+    from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, outer_loss
+    from regrad_cli.lm.prompting import prompt_ids
 
     B = args.meta_batch or (2 if args.quick else 4)
     reps = args.reps or (2 if args.quick else 4)

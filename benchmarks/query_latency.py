@@ -78,8 +78,8 @@ def main() -> None:
     args = p.parse_args()
     setup(args)
 
-    from regrad_cli.build import build_bank
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.online.query import QueryEngine
 
     n_q = args.questions or (6 if args.quick else 40)
     n_warm = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -147,10 +147,10 @@ def main() -> None:
                 [[k, v["param_vs_closed_book"], v["param_vs_rag"]] for k, v in ratios.items()])
     # Paired over questions: the same question in both modes, fixed length. The bootstrap of the
     # mean log-latency difference gives the geometric-mean ratio param / closed-book with its
-    # interval and a p-value against "no difference" (regrad_cli.metrics.paired_bootstrap).
+    # interval and a p-value against "no difference" (regrad_cli.learning.scores.paired_bootstrap).
     import math
 
-    from regrad_cli.metrics import paired_bootstrap
+    from regrad_cli.learning.scores import paired_bootstrap
 
     paired = {}
     for other in ("closed-book", "context"):

@@ -58,8 +58,8 @@ def main() -> None:
     setup(args)
 
     from bank_format import GradientBank
-    from regrad_cli.build import build_bank
-    from regrad_cli.ray_build import EngineLoader, build_bank_ray
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.offline.ray_build import EngineLoader, build_bank_ray
 
     copies = args.copies or (1 if args.quick else 3)
     worker_counts = [int(w) for w in args.workers.split(",")]

@@ -22,7 +22,7 @@ models, param mode, the workspace's top-k and token limit):
 
 Where the time goes is recorded too: per level, the mean of every answer's ``timings_ms`` and,
 per generation call, its rows, decode steps and row-steps (finished rows leave the batch, see
-``regrad_cli.generation``), and how many rows ran to ``max_new_tokens``. Both sides use the
+``regrad_cli.lm.generation``), and how many rows ran to ``max_new_tokens``. Both sides use the
 same torch thread count (torch's default, one per core, unless --threads is given).
 
 Bounded: --questions requests per level and --time-limit seconds in all (levels are cut short,
@@ -78,12 +78,14 @@ def run(args, ws_dir: Path) -> None:
 
     import torch
 
-    from regrad_cli import adapt, pipeline
-    from regrad_cli.config import Workspace
-    from regrad_cli.generation import generate
-    from regrad_cli.prompting import prompt_ids
-    from regrad_cli.query import QueryEngine, Request
-    from regrad_cli.serve import BackgroundServer, BatchWorker, ServeSettings
+    from regrad_cli.learner import adapt
+
+    from regrad_cli.online import pipeline
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.lm.generation import generate
+    from regrad_cli.lm.prompting import prompt_ids
+    from regrad_cli.online.query import QueryEngine, Request
+    from regrad_cli.online.serve import BackgroundServer, BatchWorker, ServeSettings
 
     # Every generation call of the pipeline, recorded (rows, steps, row-steps, rows at the limit).
     gen_calls: list[dict] = []

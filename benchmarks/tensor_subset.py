@@ -3,7 +3,7 @@ per document against fp32 of the whole gradient.
 
 What `build-bank` + `query` would do, without a bank on disk: every corpus document's gradient
 under the learner (default: the bundled one, or --checkpoint; re-run it on a new checkpoint), each
-LoRA tensor's share of the step energy (``regrad_cli.energy.tensor_energy`` over the corpus), then
+LoRA tensor's share of the step energy (``regrad_cli.learner.energy.tensor_energy`` over the corpus), then
 for every setting (a threshold, which decides the stored tensors, and a codec) the stored tensors
 are encoded and decoded with ``bank_format`` exactly as a bank stores them, combined over the top-k
 retrieved documents with the learner's trained combination, and applied as one step before
@@ -84,14 +84,14 @@ def main() -> None:
     import torch
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
-    from regrad_cli import adapt
-    from regrad_cli.config import BankConfig
-    from regrad_cli.energy import EnergyAccumulator
-    from regrad_cli.generation import answer_nll, generate
-    from regrad_cli.gradients import document_gradients
-    from regrad_cli.metrics import exact_match, f1_score
-    from regrad_cli.models import Embedder
-    from regrad_cli.prompting import prompt_ids
+    from regrad_cli.learner import adapt
+    from regrad_cli.workspace.config import BankConfig
+    from regrad_cli.learner.energy import EnergyAccumulator
+    from regrad_cli.lm.generation import answer_nll, generate
+    from regrad_cli.learner.gradients import document_gradients
+    from regrad_cli.learning.scores import exact_match, f1_score
+    from regrad_cli.lm.models import Embedder
+    from regrad_cli.lm.prompting import prompt_ids
 
     bcfg = BankConfig()
     log("loading model and learner")
@@ -104,7 +104,7 @@ def main() -> None:
         if n_questions and n_questions < len(questions):
             questions = random.Random(args.seed).sample(questions, n_questions)
     else:
-        from regrad_cli.datasets import corpus_of, load_dataset
+        from regrad_cli.learning.datasets import corpus_of, load_dataset
 
         pool = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
         questions = random.Random(args.seed).sample(pool, min(len(pool), n_questions or 100))
@@ -284,11 +284,11 @@ def main() -> None:
 def _step_functions(learner):
     """(step, weights): phi' for one question from its documents' gradients and weights, and the
     combination weights from retrieval scores, through the one definition the query uses
-    (regrad_cli.adapt when present, else the learner's own methods)."""
+    (regrad_cli.learner.adapt when present, else the learner's own methods)."""
     import torch
 
     try:
-        from regrad_cli import adapt
+        from regrad_cli.learner import adapt
     except ImportError:
         adapt = None
     if adapt is not None and hasattr(learner, "alpha_dict"):

@@ -1,6 +1,6 @@
 """Paired significance for a tensor_subset result: per-question F1 of every setting against the
 reference (full layout, fp32), and of every bf16-pass setting against the same setting with
-float32 passes, by the paired bootstrap `regrad eval` uses (regrad_cli.metrics.paired_bootstrap).
+float32 passes, by the paired bootstrap `regrad eval` uses (regrad_cli.learning.scores.paired_bootstrap).
 
 The result file keeps each setting's answers and the questions; the gold answers come from the
 same dataset (demo, or the dataset spec the file names), matched by question text.
@@ -22,13 +22,13 @@ def main() -> None:
     p.add_argument("result", type=Path, help="a tensor_subset JSON file (with its answers)")
     args = p.parse_args()
     setup(args)
-    from regrad_cli.metrics import f1_score, paired_bootstrap
+    from regrad_cli.learning.scores import f1_score, paired_bootstrap
 
     res = json.loads(args.result.read_text())
     if res["dataset"] == "demo":
         items = demo_questions()
     else:
-        from regrad_cli.datasets import load_dataset
+        from regrad_cli.learning.datasets import load_dataset
 
         items = load_dataset(res["dataset"])
     gold = {}

@@ -1,6 +1,6 @@
 """Shared fixtures: user state in tmp dirs, a tiny random Llama, a deterministic fake embedder.
 
-The same fakes reach the CLI through ids (regrad_cli/fakes.py): ``--model fake:llama`` (or
+The same fakes reach the CLI through ids (regrad_cli/lm/fakes.py): ``--model fake:llama`` (or
 fake:gpt2, fake:gpt_neox, ...) and ``--embedder fake:hash-32``; prefer them to monkeypatching.
 """
 
@@ -97,7 +97,7 @@ class FakeTokenizer:
 
 
 class FakeEmbedder:
-    """Deterministic bag-of-words hashing embedder: ``--embedder fake:hash-DIM`` (regrad_cli/fakes.py)
+    """Deterministic bag-of-words hashing embedder: ``--embedder fake:hash-DIM`` (regrad_cli/lm/fakes.py)
     as an object, for tests that call the core directly."""
 
     name = "fake-embedder"
@@ -115,7 +115,7 @@ class FakeEmbedder:
         return {"id": self.name, "dim": self.dim_}
 
     def embed(self, texts):
-        from regrad_cli.fakes import HashEncoder
+        from regrad_cli.lm.fakes import HashEncoder
 
         return HashEncoder(self.dim_).encode(list(texts))
 
@@ -140,9 +140,9 @@ def make_tiny_engine(learner_seed: int = 0, *, alpha_init: float = 1.0, b_std: f
     """The tiny Llama (seed 0) with a seeded, non-zero learner attached, as an Engine: the one
     fixture behind the query, eval, energy, serve and reliability tests. ``hash_weights`` records
     the real sha256 of the base weights in the fingerprint (eval's drift check reads it)."""
-    from regrad_cli.engine import Engine
-    from regrad_cli.lora import Learner
-    from regrad_cli.models import LoadedModel, weights_sha256
+    from regrad_cli.workspace.engine import Engine
+    from regrad_cli.learner.lora import Learner
+    from regrad_cli.lm.models import LoadedModel, weights_sha256
 
     model = make_tiny_llama(seed=0)
     learner = Learner.for_model(model).init_(seed=learner_seed, b_std=b_std, alpha_init=alpha_init)

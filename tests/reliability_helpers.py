@@ -54,15 +54,15 @@ def make_engine(seed: int = 0):
 
 
 def open_ws(root: Path):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
 
     return Workspace.open(root, overrides=CHUNKING)
 
 
 def do_ingest(ws, corpus: Path, progress=None, flush_rows: int | None = None):
     from conftest import FakeEmbedder, FakeTokenizer
-    import regrad_cli.ingest.writer as writer_mod
-    from regrad_cli.ingest import ingest
+    import regrad_cli.offline.ingest.writer as writer_mod
+    from regrad_cli.offline.ingest import ingest
 
     if flush_rows is not None:
         writer_mod.FLUSH_ROWS = flush_rows  # many small commits: more moments to be killed in
@@ -71,7 +71,7 @@ def do_ingest(ws, corpus: Path, progress=None, flush_rows: int | None = None):
 
 
 def do_build(ws, engine, batch_size: int = 2, progress=None):
-    from regrad_cli.build import build_bank
+    from regrad_cli.offline.build import build_bank
 
     return build_bank(ws, engine, batch_size=batch_size, progress=progress)
 
@@ -114,7 +114,7 @@ def worker_main(argv: list[str]) -> int:
             time.sleep(a.pause)
 
     if a.build and a.ray:
-        from regrad_cli.ray_build import build_bank_ray
+        from regrad_cli.offline.ray_build import build_bank_ray
 
         s = build_bank_ray(ws, engine, loader=make_engine, batch_size=a.batch_size, workers=a.ray,
                            address=a.ray_address, progress=built)

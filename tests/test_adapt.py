@@ -1,14 +1,14 @@
 """The adaptation core: combination weights, normalisation, combine, step and the nesting-safe
-side-path context manager (regrad_cli/adapt.py)."""
+side-path context manager (regrad_cli/learner/adapt.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from regrad_cli import adapt
+from regrad_cli.learner import adapt
 from regrad_cli.errors import RegradError
-from regrad_cli.lora import Learner
+from regrad_cli.learner.lora import Learner
 
 from conftest import make_tiny_llama
 

@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
-from regrad_cli.engine import init_learner
+from regrad_cli.workspace.engine import init_learner
 from regrad_cli.errors import RegradError
-from regrad_cli.fakes import byte_tokenizer, tiny_model
-from regrad_cli.gradients import encode_documents, grouped_gradients, per_sample_nll
-from regrad_cli.lora import Learner, LoRALinear
-from regrad_cli.targets import FAMILY_TARGETS, in_out_features
+from regrad_cli.lm.fakes import byte_tokenizer, tiny_model
+from regrad_cli.learner.gradients import encode_documents, grouped_gradients, per_sample_nll
+from regrad_cli.learner.lora import Learner, LoRALinear
+from regrad_cli.learner.targets import FAMILY_TARGETS, in_out_features
 from reliability_helpers import run_cli
 
 FAMILIES = ["llama", "gpt2", "gpt_neox", "opt", "phi", "qwen2"]
@@ -203,8 +203,8 @@ def test_cli_ingest_build_query_with_model_dir(family, tmp_path, capsys, monkeyp
 
 
 def test_checkpoint_of_another_family_is_refused(tmp_path):
-    from regrad_cli.config import Workspace
-    from regrad_cli.engine import Engine
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.engine import Engine
 
     Learner.for_model(tiny_model("llama")).init_(seed=0).save(tmp_path / "ck")
     ws = Workspace.open(tmp_path / "ws", overrides={"model.id": "fake:gpt2",
@@ -217,8 +217,8 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
 
 
 def test_init_learner_reads_lora_and_sizes_by_model():
-    from regrad_cli.config import LoraConfig
-    from regrad_cli.lora import default_lora
+    from regrad_cli.workspace.config import LoraConfig
+    from regrad_cli.learner.lora import default_lora
 
     model = tiny_model("phi")
     auto = init_learner(model, LoraConfig())
@@ -233,7 +233,7 @@ def test_init_learner_reads_lora_and_sizes_by_model():
 
 def test_fake_ids_enter_through_the_model_registry():
     from regrad_cli.errors import ModelLoadError
-    from regrad_cli.models import Embedder, load_language_model, load_tokenizer
+    from regrad_cli.lm.models import Embedder, load_language_model, load_tokenizer
 
     lm = load_language_model("fake:gpt_neox")
     assert lm.model.config.model_type == "gpt_neox" and lm.fingerprint["id"] == "fake:gpt_neox"
@@ -252,7 +252,7 @@ def test_fake_ids_enter_through_the_model_registry():
 def test_cpt_mlp_trains_the_family_mlp_projections(family, tokenizer):
     # CPT's "mlp" set comes from the family table, not from a name test (OPT's fc1/fc2 are not
     # under a module called mlp): every layer's projections, weights and biases, nothing else.
-    from regrad_cli.cpt import ContinualPretrainer, CPTConfig
+    from regrad_cli.learning.cpt import ContinualPretrainer, CPTConfig
 
     model = tiny_model(family)
     cpt = ContinualPretrainer(model, tokenizer, CPTConfig(params="mlp", epochs=1))
@@ -268,8 +268,8 @@ def test_cpt_mlp_trains_the_family_mlp_projections(family, tokenizer):
 
 def test_meta_training_starts_from_the_init_learner():
     # One default: the untrained 'init' learner ([lora]) is exactly meta-training's starting point.
-    from regrad_cli.config import LoraConfig
-    from regrad_cli.metatrain import MetaTrainConfig
+    from regrad_cli.workspace.config import LoraConfig
+    from regrad_cli.learning.metatrain import MetaTrainConfig
 
     assert MetaTrainConfig().alpha_init == LoraConfig().alpha_init
     assert MetaTrainConfig().b_std == LoraConfig().init_b_std

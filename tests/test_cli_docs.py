@@ -64,7 +64,7 @@ def _targets() -> list[str]:
 
 
 def test_commands_read_their_defaults_from_configs():
-    assert {"regrad_cli.metatrain:MetaTrainConfig", "regrad_cli.cpt:CPTConfig"} <= set(_targets())
+    assert {"regrad_cli.learning.metatrain:MetaTrainConfig", "regrad_cli.learning.cpt:CPTConfig"} <= set(_targets())
 
 
 @pytest.mark.parametrize("target", _targets())
@@ -87,10 +87,10 @@ def test_cli_defaults_are_the_configs():
     from regrad_cli.cli import app
 
     root = typer.main.get_command(app)
-    cpt = defaults_of("regrad_cli.cpt:CPTConfig")
+    cpt = defaults_of("regrad_cli.learning.cpt:CPTConfig")
     checked = 0
     eval_target = next(t for t in _targets() if t.endswith(":EvalConfig"))
-    for command, target in (("meta-train", "regrad_cli.metatrain:MetaTrainConfig"), ("eval", eval_target)):
+    for command, target in (("meta-train", "regrad_cli.learning.metatrain:MetaTrainConfig"), ("eval", eval_target)):
         fields = defaults_of(target)
         for p in root.commands[command].params:
             if p.name in fields:

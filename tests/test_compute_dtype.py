@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from regrad_cli.build import build_bank
-from regrad_cli.config import Workspace
+from regrad_cli.offline.build import build_bank
+from regrad_cli.workspace.config import Workspace
 from regrad_cli.errors import ConfigError
-from regrad_cli.gradients import document_gradients, fast_bf16, resolve_compute_dtype
-from regrad_cli.ingest import ingest
+from regrad_cli.learner.gradients import document_gradients, fast_bf16, resolve_compute_dtype
+from regrad_cli.offline.ingest import ingest
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_engine, param_hash
 
@@ -86,8 +86,8 @@ def test_build_records_and_uses_its_compute_dtype(tmp_path):
 
 
 def test_eval_workspaces_compute_in_float32(tmp_path):
-    from regrad_cli.evaluation.config import EvalConfig
-    from regrad_cli.evaluation.workspace import fresh_workspace
+    from regrad_cli.learning.evaluation.config import EvalConfig
+    from regrad_cli.learning.evaluation.workspace import fresh_workspace
 
     ws = fresh_workspace(tmp_path / "ev", EvalConfig(datasets=["demo"]), make_tiny_engine(), injected=True)
     assert ws.config.bank.compute_dtype == "float32"
@@ -103,7 +103,7 @@ def test_cli_refuses_an_unknown_compute_dtype(tmp_path, capsys, monkeypatch):
 
 
 def test_ray_build_refuses_an_unknown_compute_dtype_before_starting_ray(tmp_path):
-    from regrad_cli.ray_build import build_bank_ray
+    from regrad_cli.offline.ray_build import build_bank_ray
 
     ws = _workspace(tmp_path, "ray")
     with pytest.raises(ConfigError, match="unknown compute dtype 'fp8'"):

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrad_cli import distributed
-from regrad_cli.distributed import Dist
+from regrad_cli.learning import distributed
+from regrad_cli.learning.distributed import Dist
 from regrad_cli.errors import RegradError
-from regrad_cli.lora import Learner
-from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
+from regrad_cli.learner.lora import Learner
+from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
 from test_metatrain import DOCS, ITEMS  # the same four tiny questions
@@ -55,7 +55,7 @@ class _Stop(Exception):
 def _run_phases(data: Path, runs: Path) -> list[dict]:
     """Three meta-steps into runs/a; the same run into runs/b stopped in step 3 (state.pt holds
     step 2), then resumed."""
-    import regrad_cli.metatrain as mt
+    import regrad_cli.learning.metatrain as mt
 
     def run(out, **kw):
         return meta_train(_config(data, runs / out), make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder(),
@@ -85,7 +85,7 @@ def _record_writes(root: Path, writes: list[str]) -> None:
     """Note every write meta-train makes under ``root`` (it writes through these calls only)."""
     import pathlib
 
-    import regrad_cli.metatrain as mt
+    import regrad_cli.learning.metatrain as mt
 
     def wrap(owner, name, target):
         orig = getattr(owner, name)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import FakeEmbedder
-from regrad_cli.config import Workspace
-from regrad_cli.documents import DocumentStore, documents_schema
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.workspace.documents import DocumentStore, documents_schema
 from regrad_cli.errors import IngestError
 
 EMB = FakeEmbedder(dim=16)

@@ -73,8 +73,8 @@ def test_stdin_pipeline_json(demo_ws):
 def test_all_modes_and_parameters_unchanged(demo_ws):
     import torch
 
-    from regrad_cli.config import Workspace
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.online.query import QueryEngine
 
     qe = QueryEngine(Workspace.open(demo_ws, create=False))
 
@@ -92,9 +92,9 @@ def test_all_modes_and_parameters_unchanged(demo_ws):
         assert res["mode"] == mode and isinstance(res["answer"], str)
     assert digest() == before
     # The gradients change what the model would say next.
-    from regrad_cli.adapt import applied
-    from regrad_cli.pipeline import step_from_rows
-    from regrad_cli.prompting import prompt_ids
+    from regrad_cli.learner.adapt import applied
+    from regrad_cli.online.pipeline import step_from_rows
+    from regrad_cli.lm.prompting import prompt_ids
 
     ids = torch.tensor([prompt_ids(qe.engine.tokenizer, QUESTIONS[0])])
     qvec = qe.embedder.embed([QUESTIONS[0]])[0]

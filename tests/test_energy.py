@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from regrad_cli.energy import (
+from regrad_cli.learner.energy import (
     META_KEY,
     energy_record,
     measure,
@@ -18,9 +18,9 @@ from regrad_cli.energy import (
     tensor_energy,
     write_record,
 )
-from regrad_cli.engine import Engine
+from regrad_cli.workspace.engine import Engine
 from regrad_cli.errors import RegradError
-from regrad_cli.lora import Learner
+from regrad_cli.learner.lora import Learner
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_engine
 
@@ -55,7 +55,7 @@ def _engine() -> Engine:
 
 def _brute_force_energy(engine: Engine, norm: str) -> dict:
     """sum_d ||alpha (.) N(g_d)||^2 per tensor from one document at a time, normalised to shares."""
-    from regrad_cli.gradients import document_gradients
+    from regrad_cli.learner.gradients import document_gradients
 
     learner = engine.learner
     total = {n: 0.0 for n in learner.names}
@@ -137,10 +137,10 @@ def test_a_subset_bank_applies_exactly_that_subset(tmp_path):
     """build-bank stores only the selected tensors (the rest recorded as omitted) and a query moves
     exactly those: every other tensor stays phi, bit for bit."""
     from bank_format import GradientBank
-    from regrad_cli.build import build_bank
-    from regrad_cli.config import Workspace
-    from regrad_cli.ingest import ingest
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.offline.ingest import ingest
+    from regrad_cli.online.query import QueryEngine
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -177,13 +177,13 @@ def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_who
     the document's WHOLE gradient (bank key row_norm, format 1.2) and the query does not normalise
     again, so the stored tensors move exactly as with the full gradient; the rest stay phi."""
     from bank_format import GradientBank
-    from regrad_cli import adapt
-    from regrad_cli.build import build_bank
-    from regrad_cli.config import Workspace
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.gradients import document_gradients
-    from regrad_cli.ingest import ingest
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.learner import adapt
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.learner.gradients import document_gradients
+    from regrad_cli.offline.ingest import ingest
+    from regrad_cli.online.query import QueryEngine
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -233,7 +233,7 @@ def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_who
 
 @pytest.mark.real
 def test_cli_learner_energy_writes_the_record(tmp_path, monkeypatch, capsys):
-    from regrad_cli.engine import bundled_checkpoint_dir
+    from regrad_cli.workspace.engine import bundled_checkpoint_dir
     from reliability_helpers import run_cli
 
     ck = tmp_path / "ck"

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from regrad_cli.cpt import ContinualPretrainer, CPTConfig
-from regrad_cli.evaluate import REGRAD_SYSTEMS, SYSTEMS, EvalConfig, parse_systems, run_eval, split_groups
+from regrad_cli.learning.cpt import ContinualPretrainer, CPTConfig
+from regrad_cli.learning.evaluation import REGRAD_SYSTEMS, SYSTEMS, EvalConfig, parse_systems, run_eval, split_groups
 from regrad_cli.errors import ConfigError
-from regrad_cli.models import weights_sha256
+from regrad_cli.lm.models import weights_sha256
 
 from conftest import FakeEmbedder, make_tiny_engine
 

@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from regrad_cli import adapt
-from regrad_cli.cpt import CPTConfig
-from regrad_cli.datasets import load_dataset
-from regrad_cli.documents import DocumentStore
-from regrad_cli.evaluation import run_eval
-from regrad_cli.evaluation.report import fail_under_message, significance_sentence
-from regrad_cli.evaluation.workspace import doc_id
-from regrad_cli.generation import answer_nll
-from regrad_cli.pipeline import step_from_rows
-from regrad_cli.prompting import prompt_ids
+from regrad_cli.learner import adapt
+from regrad_cli.learning.cpt import CPTConfig
+from regrad_cli.learning.datasets import load_dataset
+from regrad_cli.workspace.documents import DocumentStore
+from regrad_cli.learning.evaluation import run_eval
+from regrad_cli.learning.evaluation.report import fail_under_message, significance_sentence
+from regrad_cli.learning.evaluation.workspace import doc_id
+from regrad_cli.lm.generation import answer_nll
+from regrad_cli.online.pipeline import step_from_rows
+from regrad_cli.lm.prompting import prompt_ids
 
 from conftest import DEMO_DIR, FakeEmbedder
 from test_eval import RECORDS, _cfg as eval_cfg, _engine, write_dataset
@@ -63,8 +63,8 @@ def test_rag_phi_differs_from_rag_only_by_the_learner(tmp_path, dataset):
 
 
 def test_oracle_applies_exactly_the_gold_gradient(tmp_path, dataset):
-    from regrad_cli.query import QueryEngine
-    from regrad_cli.config import Workspace
+    from regrad_cli.online.query import QueryEngine
+    from regrad_cli.workspace.config import Workspace
 
     engine, emb = _engine(), FakeEmbedder()
     res = run_eval(_cfg(tmp_path, dataset, systems=["oracle", "regrad"]), engine=engine, embedder=emb)
@@ -118,7 +118,7 @@ def test_hard_retrieval_pool_and_workspace_reuse(tmp_path, dataset):
 
 
 def _ws(ds):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
 
     ws = Workspace.open(ds["workspace"]["path"], create=False)
     ws.use_bank_env = False
@@ -204,7 +204,7 @@ def _strip(recs):
 
 
 def test_resume_keeps_answered_systems_and_runs_only_the_rest(tmp_path, dataset, monkeypatch):
-    from regrad_cli.evaluation import systems as sysmod
+    from regrad_cli.learning.evaluation import systems as sysmod
 
     engine, emb = _engine(), FakeEmbedder()
     first = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "cpt"], limit=4), engine=engine, embedder=emb)
@@ -215,7 +215,7 @@ def test_resume_keeps_answered_systems_and_runs_only_the_rest(tmp_path, dataset,
         ran.append(name)
         return real(qe, name, *a, **kw)
 
-    monkeypatch.setattr("regrad_cli.evaluation.harness.run_system", spy)
+    monkeypatch.setattr("regrad_cli.learning.evaluation.harness.run_system", spy)
     second = run_eval(_cfg(tmp_path, dataset, systems=["regrad", "rag+phi", "cpt"], limit=4, resume=True),
                       engine=engine, embedder=emb)
     assert ran == ["rag+phi"]  # regrad and cpt (its drift recorded) are kept, CPT is not trained again

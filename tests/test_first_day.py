@@ -23,8 +23,8 @@ def _corpus(root: Path) -> Path:
 def _learner_dir(ws_root: Path) -> Path:
     """The workspace's learner saved as a checkpoint directory and named in regrad.toml, so that
     its id (and so its bank) can be told from its files, as for the shipped checkpoint."""
-    from regrad_cli.config import Workspace
-    from regrad_cli.engine import Engine
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.engine import Engine
 
     ws = Workspace.open(ws_root, create=False)
     out = ws_root.parent / "learner"
@@ -69,7 +69,7 @@ def test_bad_options_and_inputs_are_refused_before_any_model_loads(built, capsys
 
 
 def test_an_empty_workspace_is_told_to_run_ingest(tmp_path, capsys, monkeypatch):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
 
     Workspace.open(tmp_path / "ws", overrides={"model.id": "fake:llama", "embedder.id": "fake:hash-32"})
     log = _loads(monkeypatch, tmp_path)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regrad_cli import adapt
-from regrad_cli.fakes import FAMILIES, byte_tokenizer, tiny_model
-from regrad_cli.generation import _generate_hf, generate, left_pad
+from regrad_cli.learner import adapt
+from regrad_cli.lm.fakes import FAMILIES, byte_tokenizer, tiny_model
+from regrad_cli.lm.generation import _generate_hf, generate, left_pad
 
 PROMPTS = ["the observatory was founded in", "who", "a much longer prompt about the comet and its return",
            "x y z", "eighteen eighty", "the lens is"]
@@ -82,7 +82,7 @@ def test_one_prompt_without_padding_matches_generate(one_thread):
 def test_per_row_adapters_follow_the_rows_that_remain(one_thread):
     """Each row on its own stacked side-path adapter: dropping rows slices the stack with them, and
     every row's tokens equal its tokens when generated alone on its own (2-D) adapter."""
-    from regrad_cli.lora import Learner
+    from regrad_cli.learner.lora import Learner
 
     model, tok = _model("llama"), byte_tokenizer()
     learner = Learner.for_model(model).init_(seed=0, b_std=0.5).attach(model)
@@ -137,8 +137,8 @@ def test_a_wrapped_generate_is_honoured():
 def test_answer_likelihood_on_the_prefill_cache_equals_a_second_pass(family, one_thread):
     """The gold answers scored on the prompts' cache give answer_nll's values, and the answers
     generated afterwards are those of a run that scores nothing (the cache is put back)."""
-    from regrad_cli.generation import answer_nll
-    from regrad_cli.prompting import answer_ids
+    from regrad_cli.lm.generation import answer_nll
+    from regrad_cli.lm.prompting import answer_ids
 
     model, tok = _model(family), byte_tokenizer()
     prompts = _prompt_ids(tok)
@@ -154,9 +154,9 @@ def test_answer_likelihood_on_the_prefill_cache_equals_a_second_pass(family, one
 
 
 def test_answer_likelihood_with_per_row_adapters(one_thread):
-    from regrad_cli.generation import answer_nll
-    from regrad_cli.lora import Learner
-    from regrad_cli.prompting import answer_ids
+    from regrad_cli.lm.generation import answer_nll
+    from regrad_cli.learner.lora import Learner
+    from regrad_cli.lm.prompting import answer_ids
 
     model, tok = _model("llama"), byte_tokenizer()
     learner = Learner.for_model(model).init_(seed=0, b_std=0.5).attach(model)

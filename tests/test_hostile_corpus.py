@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _ingest(ws, paths, **kw):
-    from regrad_cli.ingest import ingest
+    from regrad_cli.offline.ingest import ingest
 
     return ingest(ws, list(paths), embedder=FakeEmbedder(), tokenizer=FakeTokenizer(), **kw)
 
@@ -60,8 +60,8 @@ def test_gzip_bomb_stops_at_the_limit_with_bounded_memory(tmp_path, line):
 import json, resource, sys
 sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
 from conftest import FakeEmbedder, FakeTokenizer
-from regrad_cli.config import Workspace
-from regrad_cli.ingest import ingest
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.offline.ingest import ingest
 ws = Workspace.open(sys.argv[1])
 import lance, lancedb  # loaded before the cap: the cap is on what reading the corpus adds
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
@@ -80,7 +80,7 @@ print(json.dumps({"skipped": s.skipped, "added": s.added, "hwm_kb": hwm}))
 
 
 def test_line_splitting_finds_every_line_once_across_blocks():
-    from regrad_cli.ingest.readers import _lines
+    from regrad_cli.offline.ingest.readers import _lines
 
     data = b"".join(b"line %d " % i + b"y" * (i % 37) + b"\n" for i in range(2000)) + b"tail"
     fh = io.BytesIO(data[100:])
@@ -111,7 +111,7 @@ def test_plain_jsonl_over_the_limit_without_newlines_is_skipped(tmp_path):
 
 # Ids -------------------------------------------------------------------------------------------------
 def test_explicit_id_cannot_replace_a_document_from_another_file(tmp_path):
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     corpus = tmp_path / "c"
     corpus.mkdir()
@@ -148,7 +148,7 @@ def test_ids_with_control_characters_are_skipped(tmp_path):
 
 def test_an_id_the_bank_refuses_fails_one_row_not_every_build(tmp_path):
     """A document table written by an older regrad may hold an id the bank refuses (NUL)."""
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     ws = open_ws(tmp_path / "ws")
     _ingest(ws, [write_corpus(tmp_path / "corpus", 3)])
@@ -212,7 +212,7 @@ def test_symlinks_out_of_the_folder_are_not_followed(tmp_path):
     s = _ingest(ws, [corpus])
     r = _reasons(s)
     assert "symlink out of" in r["key.txt"] and "symlink out of" in r["home"]
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     texts = [d["text"] for d in DocumentStore(ws).all(["text"])]
     assert "PRIVATE KEY" not in texts and "private notes" not in texts and "public text" in texts
@@ -224,7 +224,7 @@ def test_symlinks_out_of_the_folder_are_not_followed(tmp_path):
     {"p1": {"QUESTION": "q", "final_decision": "yes", "CONTEXTS": "(" * 5000 + ")" * 5000}},
 ], ids=["unclosed", "deep"])
 def test_malformed_dataset_string_is_a_dataset_error(tmp_path, payload):
-    from regrad_cli.datasets import load_dataset
+    from regrad_cli.learning.datasets import load_dataset
     from regrad_cli.errors import DatasetError
 
     path = tmp_path / "ori_pqal.json"
@@ -234,7 +234,7 @@ def test_malformed_dataset_string_is_a_dataset_error(tmp_path, payload):
 
 
 def test_deeply_nested_jsonl_dataset_is_a_dataset_error(tmp_path):
-    from regrad_cli.datasets import load_dataset
+    from regrad_cli.learning.datasets import load_dataset
     from regrad_cli.errors import DatasetError
 
     path = tmp_path / "d.jsonl"
@@ -245,8 +245,8 @@ def test_deeply_nested_jsonl_dataset_is_a_dataset_error(tmp_path):
 
 # Unlearned documents -----------------------------------------------------------------------------
 def test_ingest_skips_unlearned_documents_unless_readmitted(tmp_path, capsys, monkeypatch):
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.unlearn import Tombstones, remove_documents
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.offline.unlearn import Tombstones, remove_documents
 
     corpus = write_corpus(tmp_path / "corpus", 3)
     ws = open_ws(tmp_path / "ws")
@@ -261,7 +261,7 @@ def test_ingest_skips_unlearned_documents_unless_readmitted(tmp_path, capsys, mo
 
 def test_damaged_tombstones_stop_ingest_build_and_rm_with_a_regrad_error(tmp_path):
     from regrad_cli.errors import RegradError
-    from regrad_cli.unlearn import remove_documents
+    from regrad_cli.offline.unlearn import remove_documents
 
     ws = open_ws(tmp_path / "ws")
     _ingest(ws, [write_corpus(tmp_path / "corpus", 2)])

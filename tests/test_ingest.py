@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import DEMO_DIR, FakeEmbedder
-from regrad_cli.config import Workspace
-from regrad_cli.documents import DocumentStore
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.workspace.documents import DocumentStore
 from regrad_cli.errors import IngestError
-from regrad_cli.ingest import chunk_text, ingest
+from regrad_cli.offline.ingest import chunk_text, ingest
 from reliability_helpers import run_cli
 
 
@@ -51,11 +51,11 @@ class CountingEmbedder(FakeEmbedder):
 
 
 def _real_tokenizer_or_skip():
-    from regrad_cli.models import cache_dir
+    from regrad_cli.lm.models import cache_dir
 
     if not any((cache_dir() / "models").glob("smollm2-135m-instruct-*/DONE")):
         pytest.skip("the converted bundled model is not cached (set REGRAD_CACHE_DIR)")
-    from regrad_cli.models import load_tokenizer
+    from regrad_cli.lm.models import load_tokenizer
 
     return load_tokenizer()
 
@@ -329,7 +329,7 @@ def deny_locked(monkeypatch):
     """Root reads a chmod-000 file anyway: make opening it fail as it would for a user."""
     import builtins
 
-    import regrad_cli.ingest.readers as mod
+    import regrad_cli.offline.ingest.readers as mod
 
     real_open = builtins.open
 
@@ -398,7 +398,7 @@ def test_real_unreadable_file(tmp_path):
 # CLI ----------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_models(monkeypatch):
-    import regrad_cli.models as models
+    import regrad_cli.lm.models as models
 
     monkeypatch.setattr(models, "Embedder", lambda *a, **k: FakeEmbedder())
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: WordTokenizer())
@@ -429,7 +429,7 @@ def test_cli_all_bad_exits_1(tmp_path, fake_models, capsys, monkeypatch):
 def test_cli_embedder_mismatch_is_one_line(corpus, fake_models, capsys, monkeypatch):
     code, _, _ = run_cli(["ingest", corpus], capsys, monkeypatch)
     assert code == 0
-    import regrad_cli.models as models
+    import regrad_cli.lm.models as models
 
     monkeypatch.setattr(models, "Embedder", lambda *a, **k: CountingEmbedder(name="some/other-model"))
     code, out, err = run_cli(["ingest", corpus, "--embedder", "some/other-model"], capsys, monkeypatch)
@@ -459,14 +459,14 @@ def test_cli_skips_a_real_50mb_file(tmp_path, fake_models, capsys, monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, regrad_cli.ingest, regrad_cli.documents;"
+    code = ("import sys, regrad_cli.offline.ingest, regrad_cli.workspace.documents;"
             "bad = {'torch', 'transformers', 'lancedb'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # Demo corpus --------------------------------------------------------------------------------
 def test_demo_corpus_ingests(tmp_path):
-    from regrad_cli.models import cache_dir
+    from regrad_cli.lm.models import cache_dir
 
     cached = any((cache_dir() / "models").glob("smollm2-135m-instruct-*/DONE"))
     tok = _real_tokenizer_or_skip() if cached else WordTokenizer()
@@ -484,7 +484,7 @@ def test_demo_corpus_with_the_real_embedder(capsys, monkeypatch):
     assert json.loads(out)["documents"] == 36
     store = DocumentStore(Workspace.open())
     assert store.embedder_fingerprint == {"id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384}
-    from regrad_cli.models import Embedder
+    from regrad_cli.lm.models import Embedder
 
     q = Embedder().embed(["Who founded the Velmora Ridge Observatory?"])[0]
     assert store.search_vector(q, 1)[0][0] == "corpus/01-velmora-ridge-observatory.md#0"

@@ -7,9 +7,9 @@ import pytest
 import numpy as np
 import torch
 
-from regrad_cli.datasets import QAItem, load_dataset
-from regrad_cli.lora import Learner
-from regrad_cli.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
+from regrad_cli.learning.datasets import QAItem, load_dataset
+from regrad_cli.learner.lora import Learner
+from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama, require_shared_data
 
@@ -177,7 +177,7 @@ def test_shared_dataset_adapters_parse():
 
 def test_fake_quantisation_matches_the_bank_codec_and_passes_gradients_through():
     from bank_format.codecs import decode_values, encode_values
-    from regrad_cli.metatrain import fake_quantise
+    from regrad_cli.learning.metatrain import fake_quantise
 
     gen = torch.Generator().manual_seed(0)
     g = (torch.randn(3, 8, 100, generator=gen) * torch.logspace(-4, 1, 100)).requires_grad_(True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from regrad_cli.metrics import (bootstrap_ci, exact_match, f1_score, gold_retrieved, normalize_answer, paired_bootstrap,
+from regrad_cli.learning.scores import (bootstrap_ci, exact_match, f1_score, gold_retrieved, normalize_answer, paired_bootstrap,
                                 yes_no_accuracy, yes_no_label)
 
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from regrad_cli.adapt import applied
-from regrad_cli.build import build_bank
-from regrad_cli.config import Workspace
-from regrad_cli.engine import Engine
+from regrad_cli.learner.adapt import applied
+from regrad_cli.offline.build import build_bank
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.workspace.engine import Engine
 from regrad_cli.errors import NoBankError, RegradError
-from regrad_cli.ingest import ingest
-from regrad_cli.pipeline import step_from_rows
-from regrad_cli.prompting import prompt_ids
-from regrad_cli.query import QueryEngine, Request
+from regrad_cli.offline.ingest import ingest
+from regrad_cli.online.pipeline import step_from_rows
+from regrad_cli.lm.prompting import prompt_ids
+from regrad_cli.online.query import QueryEngine, Request
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_engine, param_hash
 
@@ -55,7 +55,7 @@ def test_build_then_rebuild_builds_nothing(workspace):
 
 def test_stored_gradients_equal_fresh_gradients(workspace):
     from bank_format import GradientBank
-    from regrad_cli.gradients import document_gradients
+    from regrad_cli.learner.gradients import document_gradients
 
     ws, _ = workspace
     engine = _engine()
@@ -63,7 +63,7 @@ def test_stored_gradients_equal_fresh_gradients(workspace):
     ws.config.bank.compute_dtype = "float32"  # bf16 passes are close, not equal (test_compute_dtype.py)
     build_bank(ws, engine)
     bank = GradientBank.open(ws.bank_path(engine.learner.checkpoint_id()))
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     doc = DocumentStore(ws).all(columns=["id", "text"])[0]
     stored = bank.fetch([doc["id"]])[doc["id"]]
@@ -75,7 +75,7 @@ def test_stored_gradients_equal_fresh_gradients(workspace):
 def test_resume_after_simulated_kill(workspace, monkeypatch):
     ws, _ = workspace
     engine = _engine()
-    import regrad_cli.gradients as gradients
+    import regrad_cli.learner.gradients as gradients
 
     real = gradients.document_gradients
     calls = {"n": 0}
@@ -153,7 +153,7 @@ def test_restore_when_generation_raises(workspace, monkeypatch):
     qe = QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
     before = param_hash(engine)
     phi = engine.learner.phi_dict()
-    import regrad_cli.pipeline as query_mod
+    import regrad_cli.online.pipeline as query_mod
 
     def boom(*a, **k):
         # Generation sees the adapted weights, not phi, before it fails.

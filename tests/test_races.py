@@ -157,9 +157,9 @@ def _texts_on_disk(root: Path, needle: bytes) -> list[str]:
 
 
 def test_rm_between_planning_and_append_is_never_undone(tmp_path, engine):
-    from regrad_cli.build import build_bank
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.unlearn import Tombstones, remove_documents
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.offline.unlearn import Tombstones, remove_documents
 
     ws = _ws_with_docs(tmp_path)
     victim = "corpus/doc001.txt#0"
@@ -187,8 +187,8 @@ def test_rm_between_planning_and_append_is_never_undone(tmp_path, engine):
 
 def test_interrupted_rm_is_finished_by_a_rerun_and_a_build_in_between_skips_it(tmp_path, engine, monkeypatch,
                                                                               capsys):
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.unlearn import Tombstones, remove_documents
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.offline.unlearn import Tombstones, remove_documents
 
     ws = _ws_with_docs(tmp_path)
     do_build(ws, engine)
@@ -217,7 +217,7 @@ def test_interrupted_rm_is_finished_by_a_rerun_and_a_build_in_between_skips_it(t
 
 
 def test_rm_with_bank_option_also_removes_documents(tmp_path, engine, capsys, monkeypatch):
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     ws = _ws_with_docs(tmp_path, 4)
     do_build(ws, engine)
@@ -229,7 +229,7 @@ def test_rm_with_bank_option_also_removes_documents(tmp_path, engine, capsys, mo
 
 
 def test_rm_reaches_every_bank_of_the_workspace(tmp_path, engine):
-    from regrad_cli.unlearn import remove_documents
+    from regrad_cli.offline.unlearn import remove_documents
 
     ws = _ws_with_docs(tmp_path, 4)
     do_build(ws, engine)
@@ -256,7 +256,7 @@ def test_two_workspaces_sharing_a_bank_location_keep_their_rows(tmp_path, engine
 
 
 def test_a_build_asks_for_force_before_deleting_many_rows(tmp_path, engine):
-    from regrad_cli.build import FEW_ROWS, build_bank
+    from regrad_cli.offline.build import FEW_ROWS, build_bank
     from regrad_cli.errors import RegradError
 
     ws = open_ws(tmp_path / "ws")
@@ -266,7 +266,7 @@ def test_a_build_asks_for_force_before_deleting_many_rows(tmp_path, engine):
     assert rows > FEW_ROWS
     # Documents gone from the table without `ingest --prune` (which deletes their rows with them):
     # a workspace emptied or pointed at the wrong place.
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     gone = sorted(p.relative_to(corpus.parent).as_posix() for p in corpus.glob("*.txt"))[2:]
     DocumentStore(ws).delete_sources(gone)
@@ -278,7 +278,7 @@ def test_a_build_asks_for_force_before_deleting_many_rows(tmp_path, engine):
 
 
 def test_throwaway_workspaces_never_use_the_users_bank_location(tmp_path, monkeypatch):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
 
     monkeypatch.setenv("REGRAD_BANK_URI", str(tmp_path / "users-banks"))
     ws = Workspace.open(tmp_path / "eval-ws")
@@ -288,7 +288,7 @@ def test_throwaway_workspaces_never_use_the_users_bank_location(tmp_path, monkey
 
 
 def test_eval_workspace_ignores_bank_env_and_is_deleted_only_if_eval_made_it(tmp_path, monkeypatch):
-    """The place eval makes throwaway workspaces (regrad_cli.evaluation.workspace, or the older
+    """The place eval makes throwaway workspaces (regrad_cli.learning.evaluation.workspace, or the older
     single module): a workspace made there ignores $REGRAD_BANK_URI, and an existing folder
     without eval's marker is never deleted."""
     from types import SimpleNamespace
@@ -296,7 +296,7 @@ def test_eval_workspace_ignores_bank_env_and_is_deleted_only_if_eval_made_it(tmp
     from regrad_cli.errors import ConfigError
 
     try:
-        from regrad_cli.evaluation import workspace as evws
+        from regrad_cli.learning.evaluation import workspace as evws
     except ImportError:
         pytest.skip("eval workspaces are made elsewhere in this version")
     monkeypatch.setenv("REGRAD_BANK_URI", str(tmp_path / "users-banks"))

@@ -83,8 +83,8 @@ def built(template, tmp_path):
 @pytest.fixture
 def tiny_cli(monkeypatch, engine):
     """The CLI loads the tiny engine and the fake embedder/tokenizer instead of the real models."""
-    import regrad_cli.models as models
-    from regrad_cli.engine import Engine
+    import regrad_cli.lm.models as models
+    from regrad_cli.workspace.engine import Engine
 
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
     monkeypatch.setattr(models, "Embedder", lambda *a, **k: FakeEmbedder())
@@ -93,14 +93,14 @@ def tiny_cli(monkeypatch, engine):
 
 
 def chunk_hashes(text: str) -> set[str]:
-    from regrad_cli.ingest import chunk_text
+    from regrad_cli.offline.ingest import chunk_text
 
     chunks = chunk_text(text, FakeTokenizer(), CHUNKING["chunking.max_tokens"], CHUNKING["chunking.overlap"])
     return {hashlib.sha256(c.text.encode("utf-8")).hexdigest() for c in chunks}
 
 
 def doc_rows(ws) -> list[dict]:
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     return DocumentStore(ws).all(columns=["id", "source", "content_hash"])
 
@@ -279,7 +279,7 @@ def _flip_blob_on_disk(bank, doc_id: str) -> None:
 
 
 def _question_for(ws, doc_id: str) -> str:
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
 
     return DocumentStore(ws).texts([doc_id])[doc_id]
 
@@ -387,7 +387,7 @@ def _set_metadata(table_dir: Path, key: str, value: str | None, original: dict) 
 @given(data=st.data())
 def test_fuzzed_bank_metadata_only_bank_format_error(fuzz_bank, engine, data):
     from bank_format import BankFormatError, GradientBank
-    from regrad_cli.build import expected_fingerprints
+    from regrad_cli.offline.build import expected_fingerprints
 
     ws, path, original = fuzz_bank
     good = json.loads(original[b"regrad.bank"])
@@ -426,7 +426,7 @@ def test_fuzzed_bank_metadata_only_bank_format_error(fuzz_bank, engine, data):
 def test_fuzzed_documents_metadata_only_ingest_error(fuzz_bank, key, value):
     import lance
 
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
     from regrad_cli.errors import IngestError
 
     ws, _, _ = fuzz_bank
@@ -448,12 +448,12 @@ def test_fuzzed_documents_metadata_only_ingest_error(fuzz_bank, key, value):
 # 4. Concurrency -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_queries_while_another_process_builds(tmp_path, engine):
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.online.query import QueryEngine
 
     corpus = write_corpus(tmp_path / "corpus", 16)
     ws = open_ws(tmp_path / "ws")
     do_ingest(ws, corpus)
-    from regrad_cli.build import build_bank
+    from regrad_cli.offline.build import build_bank
 
     build_bank(ws, engine, limit=3)
     docs = {r["id"] for r in doc_rows(ws)}
@@ -500,7 +500,7 @@ def _deeper_than_path_max(root: Path) -> None:
 
 @pytest.fixture
 def fake_models(monkeypatch):
-    import regrad_cli.models as models
+    import regrad_cli.lm.models as models
 
     monkeypatch.setattr(models, "Embedder", lambda *a, **k: FakeEmbedder())
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: FakeTokenizer())
@@ -511,8 +511,8 @@ def test_cli_hostile_input_loses_nothing_and_never_tracebacks(tmp_path, fake_mod
     ws_root = tmp_path / "ws"
     code, out, err = run_cli(["ingest", good, "--json", "-w", ws_root], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["added"] >= 3, err
-    from regrad_cli.documents import DocumentStore
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.workspace.config import Workspace
 
     before = DocumentStore(Workspace.open(ws_root)).get(DocumentStore(Workspace.open(ws_root)).keys())
 
@@ -551,7 +551,7 @@ class OtherEmbedder(FakeEmbedder):
 def test_query_with_another_embedder_is_refused(built, engine):
     from bank_format import BankMismatchError
     from regrad_cli.errors import RegradError
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.online.query import QueryEngine
 
     ws, _ = built
     with pytest.raises(BankMismatchError) as e:
@@ -574,8 +574,8 @@ def _mismatch_cli(args, capsys, monkeypatch) -> str:
 
 
 def test_cli_mismatches_name_both_values(built, tiny_cli, capsys, monkeypatch):
-    import regrad_cli.models as models
-    from regrad_cli.engine import Engine
+    import regrad_cli.lm.models as models
+    from regrad_cli.workspace.engine import Engine
 
     ws, corpus = built
     q = ["query", "zarn river", "--json", "-w", ws.root]
@@ -665,8 +665,8 @@ def test_cli_ingest_write_failure_keeps_previous_documents(built, fake_models, c
 
 # CLI error paths ----------------------------------------------------------------------------------
 def test_cli_error_paths_are_one_line(tmp_path, tiny_cli, capsys, monkeypatch):
-    import regrad_cli.models as models
-    from regrad_cli.models import LoadedModel
+    import regrad_cli.lm.models as models
+    from regrad_cli.lm.models import LoadedModel
 
     from conftest import make_tiny_llama
 
@@ -693,7 +693,7 @@ def test_cli_error_paths_are_one_line(tmp_path, tiny_cli, capsys, monkeypatch):
         (["ingest", tmp_path / "missing", "-w", empty], "nothing could be ingested"),
         (["meta-train", "--train", f"jsonl:{tmp_path / 'missing.jsonl'}", "--out", tmp_path / "mt"], "does not exist"),
     ]
-    if importlib.util.find_spec("regrad_cli.evaluate") is not None:
+    if importlib.util.find_spec("regrad_cli.learning.evaluation") is not None:
         cases += [
             (["eval", "--dataset", "bogus:/x", "--out", tmp_path / "ev"], "FORMAT:PATH"),
             (["eval", "--dataset", f"jsonl:{tmp_path / 'missing.jsonl'}", "--out", tmp_path / "ev"], "does not exist"),

@@ -34,7 +34,7 @@ from reliability_helpers import (
 pytest.importorskip("ray")
 
 from bank_format import CodecSpec, GradientBank  # noqa: E402
-from regrad_cli.ray_build import build_bank_ray  # noqa: E402
+from regrad_cli.offline.ray_build import build_bank_ray  # noqa: E402
 
 FP32 = CodecSpec(name="fp32")
 
@@ -106,7 +106,7 @@ def test_ray_build_of_demo_corpus_equals_single_process(tmp_path, engine, ray_en
 @pytest.mark.slow
 def test_ray_build_fp32_gradients_equal_and_stale_rows_replaced(tmp_path, engine, ray_env):
     corpus = write_corpus(tmp_path / "corpus", 10)
-    from regrad_cli.build import build_bank
+    from regrad_cli.offline.build import build_bank
 
     single2, distributed = two_workspaces(tmp_path, corpus)
     build_bank(single2, engine, codec=FP32)
@@ -227,7 +227,7 @@ def s3():
 
 
 def s3_workspace(root: Path, uri: str, opts: dict, corpus: Path):
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
 
     ws = open_ws(root)
     ws.config.bank.uri = uri
@@ -239,8 +239,8 @@ def s3_workspace(root: Path, uri: str, opts: dict, corpus: Path):
 
 def test_workspace_bank_on_object_store(tmp_path, engine, s3, monkeypatch, capsys):
     from conftest import FakeEmbedder
-    from regrad_cli.build import build_bank
-    from regrad_cli.query import QueryEngine
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.online.query import QueryEngine
     from reliability_helpers import run_cli
 
     bucket, opts = s3
@@ -291,7 +291,7 @@ def test_ray_build_into_object_store_bank(tmp_path, engine, s3, ray_env, monkeyp
     ws = s3_workspace(tmp_path / "ws", f"{bucket}/team-b", opts, corpus)
     s = build_bank_ray(ws, engine, loader=make_engine, workers=2, codec=FP32).to_dict()
     assert s["bank"].startswith("s3://banks/team-b/") and s["built"] == s["rows"] > 8
-    from regrad_cli.build import build_bank
+    from regrad_cli.offline.build import build_bank
 
     local = open_ws(tmp_path / "local")
     do_ingest(local, corpus)
@@ -364,8 +364,7 @@ def test_local_ray_cluster_is_its_own_and_ignores_ray_auth_mode(monkeypatch):
     import sys
     import types
 
-    from regrad_cli import ray_build
-
+    from regrad_cli.offline import ray_build
     seen = {}
 
     def init(**kw):

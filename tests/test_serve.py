@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from regrad_cli.build import build_bank
-from regrad_cli.config import Workspace
-from regrad_cli.engine import Engine
-from regrad_cli.ingest import ingest
-from regrad_cli.pipeline import Request
-from regrad_cli.query import QueryEngine
-from regrad_cli.serve import BackgroundServer, BatchWorker, ServeSettings
+from regrad_cli.offline.build import build_bank
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.workspace.engine import Engine
+from regrad_cli.offline.ingest import ingest
+from regrad_cli.online.pipeline import Request
+from regrad_cli.online.query import QueryEngine
+from regrad_cli.online.serve import BackgroundServer, BatchWorker, ServeSettings
 
 from conftest import DEMO_DIR, FakeEmbedder, FakeTokenizer, make_tiny_engine, param_hash
 
@@ -330,7 +330,7 @@ def test_cli_batch_uses_the_batched_path(tiny_ws, monkeypatch, tmp_path):
     """`regrad query --batch` answers in chunks of --max-batch through answer_many."""
     from typer.testing import CliRunner
 
-    import regrad_cli.query as query_mod
+    import regrad_cli.online.query as query_mod
     from regrad_cli.cli import app
 
     ws, engine = tiny_ws
@@ -441,8 +441,8 @@ def test_batched_steps_equal_one_question_steps_bit_for_bit(threads, norm, combi
     import numpy as np
     import torch
 
-    from regrad_cli.lora import Learner, LearnerSpec
-    from regrad_cli.pipeline import step_from_rows, steps_from_rows
+    from regrad_cli.learner.lora import Learner, LearnerSpec
+    from regrad_cli.online.pipeline import step_from_rows, steps_from_rows
 
     shapes = {"up.A": (8, 576), "up.B": (1536, 8), "down.A": (8, 1536), "down.B": (576, 8)}
     learner = Learner(LearnerSpec(), shapes).init_(seed=0, alpha_init=0.5)
@@ -475,9 +475,9 @@ def test_flat_step_is_the_adapt_step_and_uses_the_decoded_row(norm, combine):
     import torch
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
-    from regrad_cli import adapt
-    from regrad_cli.lora import Learner, LearnerSpec
-    from regrad_cli.pipeline import GradientRow, _FlatLayout, steps_from_rows
+    from regrad_cli.learner import adapt
+    from regrad_cli.learner.lora import Learner, LearnerSpec
+    from regrad_cli.online.pipeline import GradientRow, _FlatLayout, steps_from_rows
 
     shapes = {"up.A": (8, 64), "up.B": (96, 8), "down.A": (8, 96), "down.B": (64, 8)}
     learner = Learner(LearnerSpec(), shapes).init_(seed=1, alpha_init=0.5)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from regrad_cli.config import CONFIG_MIGRATIONS, CONFIG_VERSION, Workspace, tomllib
+from regrad_cli.workspace.config import CONFIG_MIGRATIONS, CONFIG_VERSION, Workspace, tomllib
 from regrad_cli.errors import ConfigError, RegradError
-from regrad_cli.lora import (CHECKPOINT_CONFIG, CHECKPOINT_TENSORS, LEARNER_MIGRATIONS, LEARNER_VERSION,
+from regrad_cli.learner.lora import (CHECKPOINT_CONFIG, CHECKPOINT_TENSORS, LEARNER_MIGRATIONS, LEARNER_VERSION,
                              Learner)
 from regrad_cli.versions import Migrations, Version
 
@@ -146,8 +146,8 @@ def test_golden_learner_v1_0_loads_with_its_id():
 
 
 def test_golden_learner_v1_1_loads_and_fits_its_model():
-    from regrad_cli.fakes import tiny_model
-    from regrad_cli.lora import target_shapes
+    from regrad_cli.lm.fakes import tiny_model
+    from regrad_cli.learner.lora import target_shapes
 
     recorded = json.loads((GOLDEN / "learner_v1_1" / CHECKPOINT_CONFIG).read_text())
     learner = Learner.load(GOLDEN / "learner_v1_1")
@@ -157,7 +157,7 @@ def test_golden_learner_v1_1_loads_and_fits_its_model():
 
 
 def test_shipped_checkpoint_loads_with_its_recorded_id():
-    from regrad_cli.engine import bundled_checkpoint_dir
+    from regrad_cli.workspace.engine import bundled_checkpoint_dir
 
     path = bundled_checkpoint_dir()
     recorded = json.loads((path / CHECKPOINT_CONFIG).read_text())

@@ -9,7 +9,6 @@ import sys
 import typer
 
 from regrad_cli import __version__
-
 app = typer.Typer(
     name="regrad",
     help="ReGrad: keep a language model up to date with retrievable per-document gradients.",

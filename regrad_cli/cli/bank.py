@@ -16,7 +16,7 @@ BankOpt = Annotated[Optional[str], typer.Option(
 
 
 def _open(workspace, bank, read_only=True):
-    from regrad_cli.banks import select_bank
+    from regrad_cli.workspace.banks import select_bank
 
     choice = select_bank(workspace, bank)
     return choice.open(read_only=read_only), choice
@@ -90,7 +90,7 @@ def rm_cmd(
     json_out: JsonOpt = False,
 ):
     """Unlearn documents: remove their gradients and texts for good (re-run to finish an interrupted run)."""
-    from regrad_cli.unlearn import remove_documents
+    from regrad_cli.offline.unlearn import remove_documents
 
     out = remove_documents(workspace, bank, doc_ids or [], source or [], keep_documents=keep_documents)
     if json_out:

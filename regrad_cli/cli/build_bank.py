@@ -16,10 +16,10 @@ def up_to_date(ws, checkpoint: str | None) -> dict | None:
     model; None when there is work, or when that cannot be told without the model. A workspace
     without documents is refused here too."""
     from bank_format import GradientBank
-    from regrad_cli.banks import current_checkpoint_id
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.banks import current_checkpoint_id
+    from regrad_cli.workspace.documents import DocumentStore
     from regrad_cli.errors import RegradError
-    from regrad_cli.status import freshness
+    from regrad_cli.workspace.status import freshness
 
     store = DocumentStore(ws)
     if store.count() == 0:
@@ -58,9 +58,9 @@ def build_bank_cmd(
 ):
     """Compute the gradient of every ingested document that has no bank row yet."""
     from bank_format import CODECS, CodecSpec
-    from regrad_cli.build import build_bank
-    from regrad_cli.config import Workspace
-    from regrad_cli.engine import Engine
+    from regrad_cli.offline.build import build_bank
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError
 
     ws = Workspace.open(workspace, create=False)
@@ -68,7 +68,7 @@ def build_bank_cmd(
         raise ConfigError(f"unknown codec {codec!r} (use {', '.join(CODECS)})")
     bcfg = ws.config.bank
     spec = CodecSpec(name=codec or bcfg.codec, zstd_level=bcfg.zstd_level, group_size=bcfg.group_size)
-    from regrad_cli.gradients import check_compute_dtype
+    from regrad_cli.learner.gradients import check_compute_dtype
 
     if compute_dtype is not None:  # before the model loads
         check_compute_dtype(compute_dtype)
@@ -90,7 +90,7 @@ def build_bank_cmd(
     with progress_bar("build-bank", enabled=not json_out) as update:
         report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731
         if engine_name == "ray":
-            from regrad_cli.ray_build import EngineLoader, build_bank_ray
+            from regrad_cli.offline.ray_build import EngineLoader, build_bank_ray
 
             summary = build_bank_ray(ws, engine, loader=EngineLoader.for_workspace(ws, checkpoint, device),
                                      codec=spec, batch_size=batch_size, limit=limit, workers=workers,

@@ -110,7 +110,7 @@ class PlainProgress:
 # command's config dataclass (its CLI default IS that field's default, via defaults_of).
 def ws_default(setting: str):
     """Default of a regrad.toml setting ("query.top_k"), from RegradConfig."""
-    from regrad_cli.config import RegradConfig
+    from regrad_cli.workspace.config import RegradConfig
 
     section, _, key = setting.partition(".")
     return getattr(getattr(RegradConfig(), section), key)
@@ -127,7 +127,7 @@ def ws_help(text: str, setting: str) -> str:
 def defaults_of(target: str) -> dict[str, Any]:
     """{field: default} of the dataclass ``"module:Class"`` (fields without one are left out).
 
-    Read from the module's source, not imported: command modules such as regrad_cli.metatrain
+    Read from the module's source, not imported: command modules such as regrad_cli.learning.metatrain
     import torch, and ``regrad --help`` must stay light. A class the module only re-exports
     (``from x import Class``) is followed to its definition. Only literal defaults are read
     (numbers, strings, booleans, None, tuples/lists of them); others are left out."""

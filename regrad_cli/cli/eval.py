@@ -12,8 +12,8 @@ from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, defaults_of, print_json, progress_bar
 
 # The options' defaults are EvalConfig's and CPTConfig's (read without importing torch).
-EVAL = defaults_of("regrad_cli.evaluation.config:EvalConfig")
-CPT = defaults_of("regrad_cli.cpt:CPTConfig")
+EVAL = defaults_of("regrad_cli.learning.evaluation.config:EvalConfig")
+CPT = defaults_of("regrad_cli.learning.cpt:CPTConfig")
 
 
 @app.command("eval")
@@ -48,10 +48,10 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ):
     """Evaluate closed-book, RAG, CPT and ReGrad systems on QA datasets, with weight drift."""
-    from regrad_cli.cpt import CPTConfig
+    from regrad_cli.learning.cpt import CPTConfig
     from regrad_cli.errors import RegradError
-    from regrad_cli.evaluation import EvalConfig, parse_fail_under, parse_systems, run_eval
-    from regrad_cli.evaluation.report import baseline_lines, fail_under_message
+    from regrad_cli.learning.evaluation import EvalConfig, parse_fail_under, parse_systems, run_eval
+    from regrad_cli.learning.evaluation.report import baseline_lines, fail_under_message
 
     cfg = EvalConfig(
         datasets=list(dataset), out=str(out), limit=limit, top_k=top_k, systems=parse_systems(systems),

@@ -26,9 +26,9 @@ def ingest_cmd(
     json_out: JsonOpt = False,
 ):
     """Ingest text files into the workspace (incremental: unchanged files cost nothing)."""
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import IngestError
-    from regrad_cli.ingest import ingest
+    from regrad_cli.offline.ingest import ingest
 
     ws = Workspace.open(workspace, overrides={
         "chunking.max_tokens": chunk_tokens, "chunking.overlap": chunk_overlap,

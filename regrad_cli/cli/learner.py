@@ -24,9 +24,9 @@ def energy_cmd(
     json_out: JsonOpt = False,
 ):
     """Measure each LoRA tensor's share of the step energy; which tensors a bank stores."""
-    from regrad_cli.config import BUNDLED_CHECKPOINT, Workspace
-    from regrad_cli.energy import checkpoint_dir, measure, write_record
-    from regrad_cli.engine import Engine
+    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
+    from regrad_cli.learner.energy import checkpoint_dir, measure, write_record
+    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError, RegradError
 
     if docs < 1:
@@ -69,7 +69,7 @@ def _sample_texts(ws, n: int, seed: int) -> list[str]:
 
     texts: list[str] = []
     if ws is not None:
-        from regrad_cli.documents import DocumentStore
+        from regrad_cli.workspace.documents import DocumentStore
 
         store = DocumentStore(ws)
         if store.count():

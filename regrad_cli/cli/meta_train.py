@@ -11,7 +11,7 @@ from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, defaults_of, print_json, progress_bar
 
 # The options' defaults are MetaTrainConfig's (read without importing torch).
-META = defaults_of("regrad_cli.metatrain:MetaTrainConfig")
+META = defaults_of("regrad_cli.learning.metatrain:MetaTrainConfig")
 
 
 @app.command("meta-train")
@@ -52,10 +52,10 @@ def meta_train_cmd(
     """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer (data-parallel under torchrun)."""
     from importlib.resources import files
 
-    from regrad_cli import distributed
-    from regrad_cli.config import Workspace
-    from regrad_cli.metatrain import MetaTrainConfig, meta_train
-    from regrad_cli.models import Embedder, load_language_model
+    from regrad_cli.learning import distributed
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.learning.metatrain import MetaTrainConfig, meta_train
+    from regrad_cli.lm.models import Embedder, load_language_model
 
     ws = Workspace.open(workspace, create=False) if workspace else None
     mcfg = ws.config.model if ws else None

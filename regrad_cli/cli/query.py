@@ -12,7 +12,7 @@ import typer
 from regrad_cli.cli import app
 from regrad_cli.cli import common
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, ws_help
-from regrad_cli.modes import check_options, uses_step
+from regrad_cli.online.modes import check_options, uses_step
 
 
 def check_cli_options(**options) -> None:
@@ -28,9 +28,9 @@ def check_cli_options(**options) -> None:
 def check_ready(ws, mode: str, checkpoint: str | None) -> None:
     """Refuse, before any model loads, a query the workspace cannot answer: no documents (run
     ingest), or a mode that applies gradients without a bank for the learner (run build-bank)."""
-    from regrad_cli.documents import DocumentStore
+    from regrad_cli.workspace.documents import DocumentStore
     from regrad_cli.errors import NoBankError, RegradError
-    from regrad_cli.modes import MODES
+    from regrad_cli.online.modes import MODES
 
     if not MODES[mode].retrieve:
         return
@@ -38,7 +38,7 @@ def check_ready(ws, mode: str, checkpoint: str | None) -> None:
         raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
     if not uses_step(mode) or ws.banks_remote:
         return
-    from regrad_cli.banks import workspace_banks
+    from regrad_cli.workspace.banks import workspace_banks
 
     if not workspace_banks(ws):  # never built (a bank for another checkpoint is told once loaded)
         raise NoBankError(f"workspace {ws.root} has no gradient bank yet: run `regrad build-bank` (mode "
@@ -91,14 +91,14 @@ def query_cmd(
         answers = _remote(server, token, records, {k: v for k, v in fields.items() if v is not None},
                           pipeline, max_batch)
     else:
-        from regrad_cli.config import Workspace
+        from regrad_cli.workspace.config import Workspace
 
         ws = Workspace.open(workspace, create=False)
         q = ws.config.query
         mode = mode or q.mode
         check_cli_options(mode=mode, retriever=retriever or q.retriever, combine=combine or q.combine or None)
         check_ready(ws, mode, checkpoint)  # before any model loads
-        from regrad_cli.query import QueryEngine, Request
+        from regrad_cli.online.query import QueryEngine, Request
 
         opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
                     gamma=gamma if gamma is not None else q.gamma, combine=combine or q.combine or None,

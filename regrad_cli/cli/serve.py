@@ -28,9 +28,9 @@ def serve_cmd(
     workspace: WorkspaceOpt = None,
 ):
     """Serve /v1/query, /v1/query:batch, /v1/bank/stats, /healthz and /metrics (docs/serving.md)."""
-    from regrad_cli.config import Workspace
+    from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import RegradError
-    from regrad_cli.serve import ServeSettings, serve
+    from regrad_cli.online.serve import ServeSettings, serve
 
     if host not in _LOOPBACK and not token:
         raise RegradError(f"--host {host} exposes the server beyond this machine: give --token (or "

@@ -15,10 +15,13 @@ docs_app = typer.Typer(help="List the workspace's documents and their chunk ids.
 @app.command("status")
 def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
     """Documents, chunks, bank rows, pending and stale gradients, fingerprints (no model loads)."""
-    from regrad_cli.config import Workspace
-    from regrad_cli.status import workspace_status
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.offline.unlearn import Tombstones
+    from regrad_cli.workspace.status import workspace_status
 
-    s = workspace_status(Workspace.open(workspace, create=False))
+    ws = Workspace.open(workspace, create=False)
+    tomb = Tombstones(ws).load()
+    s = workspace_status(ws, unlearned=len(tomb["ids"]) + len(tomb["sources"]))
     if json_out:
         print_json(s)
         return
@@ -53,8 +56,8 @@ def ls_cmd(
     json_out: JsonOpt = False,
 ):
     """One line per document: its source, its id and its chunk ids (what `bank rm` takes)."""
-    from regrad_cli.config import Workspace
-    from regrad_cli.status import list_documents
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.status import list_documents
 
     docs = list_documents(Workspace.open(workspace, create=False), source)
     if json_out:

@@ -6,7 +6,7 @@ new format version, into a new folder; never regenerate an existing one (tests/t
 Writes, next to this script:
 * ``workspace_v1_0/regrad.toml``: a workspace config of format 1.0 with non-default values;
 * ``learner_v1_1/``: a learner checkpoint of format 1.1 for the tiny random GPT-2 of
-  regrad_cli/fakes.py (Conv1D targets) chosen by [lora] target_patterns.
+  regrad_cli/lm/fakes.py (Conv1D targets) chosen by [lora] target_patterns.
 
 The older ones were written by the code of commit d9ed61e (before versioning):
 ``workspace_v0/regrad.toml`` (the defaults then) and ``learner_v1_0/`` (the tiny Llama of
@@ -22,9 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from regrad_cli.config import RegradConfig, Workspace  # noqa: E402
-from regrad_cli.fakes import tiny_model  # noqa: E402
-from regrad_cli.lora import Learner  # noqa: E402
+from regrad_cli.workspace.config import RegradConfig, Workspace  # noqa: E402
+from regrad_cli.lm.fakes import tiny_model  # noqa: E402
+from regrad_cli.learner.lora import Learner  # noqa: E402
 
 PATTERNS = [r"transformer\.h\.[23]\.mlp\.c_fc", r"transformer\.h\.3\.attn\.c_proj"]
 

@@ -1,0 +1,642 @@
+"""Meta-training recipe: learn phi and alpha so that one gradient step on retrieved documents
+makes the model answer (method.md §1.4).
+
+    min_{phi, alpha}  E_q [ -log p_{theta0, phi'_q}(a | prompt(q [, D_q])) ]
+    phi'_q = phi - alpha (.) sum_{d in D_q} grad_phi L_NTP(d)
+
+Training runs under the query's conditions: documents are chunked as ``ingest`` chunks them, D_q
+is the top-k of the query's dense retriever over the training pool (so the gold chunk is sometimes
+missing or not first), every document gradient passes through the bank codec (fake quantisation
+with a straight-through estimator), and the k gradients are normalised, weighted and stepped by the
+same ``adapt`` functions a query calls. A fraction of questions (``context_mix``) also see the
+passages in the prompt, so one learner serves both ``param`` and ``param+context``. The dev check
+answers through the real answering pipeline (``pipeline.answer_many``) over an in-memory corpus of
+the dev pool with gradients computed by the current learner. The inner gradients are taken with
+create_graph (second order) unless --first-order. One meta-step handles a meta-batch of questions
+in two passes: one forward/backward over all their documents (per-question gradient sums come out
+of a single backward, see gradients.py), then one batched outer forward with one adapter per row.
+Under torchrun each process takes a shard of every meta-batch and the gradients are summed
+(distributed.py); the result is the single-process step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from regrad_cli.learner import adapt
+
+from regrad_cli.learning import distributed
+from regrad_cli.learning.datasets import QAItem, corpus_of, load_dataset
+from regrad_cli.learning.distributed import Dist
+from regrad_cli.errors import RegradError
+from regrad_cli.lm.generation import answer_nll
+from regrad_cli.learner.gradients import encode_documents, grouped_gradients
+from regrad_cli.learner.lora import Learner
+from regrad_cli.learning.scores import exact_match, f1_score, yes_no_accuracy
+from regrad_cli.lm.prompting import prompt_ids
+
+log = logging.getLogger("regrad")
+
+
+@dataclass
+class MetaTrainConfig:
+    train: list[str] = field(default_factory=list)
+    dev: list[str] = field(default_factory=list)
+    out: str = "runs/meta"
+    k: int = 3
+    steps: int = 100
+    epochs: float | None = None
+    meta_batch: int = 16
+    lr: float = 4e-4
+    alpha_lr: float = 5e-2
+    warmup: float = 0.1
+    clip: float = 0.5
+    first_order: bool = False
+    # Warm-up: the first N steps are first order (cheaper), second order after.
+    first_order_steps: int = 0
+    with_context: bool = False
+    locality: float = 0.0
+    seed: int = 0
+    max_doc_tokens: int = 256
+    max_passage_tokens: int = 256
+    dev_limit: int = 48
+    eval_every: int = 25
+    max_new_tokens: int = 16
+    # Untrained init (when not resuming from a checkpoint).
+    rank: int | None = None
+    lora_alpha: float | None = None
+    b_std: float = 1e-3
+    alpha_init: float = 1.0  # = LoraConfig.alpha_init: the 'init' learner is where training starts
+    init_checkpoint: str | None = None
+    mix_weights: list[float] | None = None
+    # How the k gradients are combined (the same choice must be used at query time).
+    combine: str = "score"
+    # Gradient normalisation before combining (adapt.normalise): "none", "doc" or "tensor".
+    norm: str = "doc"
+    # Fraction of training questions that also get the k passages in the prompt.
+    context_mix: float = 0.5
+    # "retrieved": D_q = the dense retriever's top-k over the pool (as a query); "gold": the
+    # question's supporting documents plus retrieved distractors (the old construction).
+    retrieval: str = "retrieved"
+    # Inner-step gradients pass through this bank codec (straight-through); None: exact fp32.
+    codec: str | None = "int4"
+    group_size: int = 64
+    # Chunking of pool documents, as `regrad ingest` does (max tokens = max_doc_tokens).
+    chunk_overlap: int = 32
+    # Documents of the first training pool over which the tensors' step-energy shares are measured
+    # at the end (energy.py): a bank then stores only the tensors above the threshold. 0: skip.
+    energy_docs: int = 64
+    # Dev checkpoint selection: mean F1 of these pipeline modes.
+    select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
+
+
+# Data ------------------------------------------------------------------------------------------
+@dataclass
+class Pool:
+    """One dataset with its own retrieval corpus (chunks), for retrieval as a query would do it."""
+
+    name: str
+    items: list[QAItem]
+    corpus: list[str]
+    neighbours: dict[str, list[str]]  # item id -> retrieved non-gold chunks, best first
+    index: dict[str, int] = field(default_factory=dict)
+    doc_emb: np.ndarray | None = None
+    q_emb: dict[str, np.ndarray] = field(default_factory=dict)
+    ranked: dict[str, list[str]] = field(default_factory=dict)  # item id -> top chunks, gold included
+    gold: dict[str, list[str]] = field(default_factory=dict)  # item id -> its gold chunks
+
+    def scores(self, item: QAItem, docs: list[str]) -> list[float]:
+        """Retrieval scores (cosine) of the documents for the question, as a query would see."""
+        if self.doc_emb is None:
+            return [0.0] * len(docs)
+        q = self.q_emb[item.id]
+        return [float(self.doc_emb[self.index[d]] @ q) for d in docs]
+
+    def recall(self, k: int) -> float:
+        """Fraction of questions whose top-k holds one of their gold chunks."""
+        if not self.ranked:
+            return 1.0
+        hits = [bool(set(self.ranked[it.id][:k]) & set(self.gold.get(it.id, it.documents))) for it in self.items]
+        return float(np.mean(hits)) if hits else 0.0
+
+
+def build_pool(name: str, items: list[QAItem], embedder, depth: int = 8, *, tokenizer=None,
+               max_tokens: int = 256, overlap: int = 32) -> Pool:
+    """The pool's corpus (each distinct document chunked like ``ingest`` when a tokenizer is
+    given), embeddings, and every question's ranking by cosine, as the dense retriever ranks."""
+    chunks_of: dict[str, list[str]] = {}
+    if tokenizer is not None:
+        from regrad_cli.offline.ingest import chunk_text
+
+        for d in corpus_of(items):
+            chunks_of[d] = [c.text for c in chunk_text(d, tokenizer, max_tokens, min(overlap, max_tokens - 1))] or [d]
+    corpus = list(dict.fromkeys(c for d in corpus_of(items) for c in chunks_of.get(d, [d])))
+    index = {d: i for i, d in enumerate(corpus)}
+    gold = {it.id: [c for d in it.documents for c in chunks_of.get(d, [d])] for it in items}
+    neighbours: dict[str, list[str]] = {}
+    ranked: dict[str, list[str]] = {}
+    docs, q_emb = None, {}
+    if embedder is not None and len(corpus) > 1:
+        docs = np.asarray(embedder.embed(corpus), dtype=np.float32)
+        qs = np.asarray(embedder.embed([it.question for it in items]), dtype=np.float32)
+        q_emb = {it.id: v for it, v in zip(items, qs)}
+        for start in range(0, len(items), 1024):
+            scores = qs[start:start + 1024] @ docs.T
+            top = np.argsort(-scores, axis=1)[:, : depth + 4]
+            for it, row in zip(items[start:start + 1024], top):
+                g = {index[c] for c in gold[it.id]}
+                ranked[it.id] = [corpus[j] for j in row[:depth]]
+                neighbours[it.id] = [corpus[j] for j in row if j not in g][:depth]
+    return Pool(name, items, corpus, neighbours, index, docs, q_emb, ranked, gold)
+
+
+def documents_for(item: QAItem, pool: Pool, k: int, rng: random.Random, retrieval: str = "gold") -> list[str]:
+    """The k documents whose gradients question ``item`` gets in training.
+
+    ``retrieved``: the dense retriever's top-k over the pool, in rank order, exactly what a query
+    would apply (the gold chunk may be missing or not first). ``gold``: the supporting documents
+    plus retrieved distractors, k in all, in a random order."""
+    if retrieval == "retrieved" and pool.ranked.get(item.id):
+        return list(pool.ranked[item.id][:k])
+    docs = list(pool.gold.get(item.id, item.documents)[:k])
+    extra = pool.neighbours.get(item.id) or []
+    if len(extra) < k - len(docs):
+        extra = extra + [d for d in rng.sample(pool.corpus, min(len(pool.corpus), k + 2))
+                         if d not in docs and d not in extra]
+    docs += extra[: max(0, k - len(docs))]
+    rng.shuffle(docs)
+    return docs
+
+
+# One meta-step ---------------------------------------------------------------------------------
+def fake_quantise(grads: dict[str, torch.Tensor], codec: str | None, group_size: int) -> dict[str, torch.Tensor]:
+    """Per-document gradients [N, ...] as the bank would return them, with a straight-through
+    estimator: the forward value is decode(encode(g)), the backward is the identity."""
+    if not codec or codec == "fp32":
+        return grads
+    out = {}
+    for n, g in grads.items():
+        with torch.no_grad():
+            q = _codec_roundtrip(g.detach(), codec, group_size)
+        out[n] = g + (q - g).detach()
+    return out
+
+
+def _codec_roundtrip(g: torch.Tensor, codec: str, group_size: int) -> torch.Tensor:
+    if codec == "int4":
+        # Vectorised bank_format int4: per group of group_size values, absmax scale, round to
+        # -7..7 (tests/test_metatrain.py checks it against bank_format's encoder/decoder).
+        n = g.shape[0]
+        flat = g.reshape(n, -1).float()
+        pad = (-flat.shape[1]) % group_size
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, pad))
+        grp = flat.view(n, -1, group_size)
+        scale = grp.abs().amax(-1, keepdim=True)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(grp / safe * 7).clamp_(-7, 7)
+        deq = (q.double() * scale.double() / 7).float().view(n, -1)
+        return deq[:, : g[0].numel()].reshape(g.shape).to(g.dtype)
+    from bank_format.codecs import decode_values, encode_values
+
+    arr = g.cpu().float().numpy()
+    rows = []
+    for i in range(arr.shape[0]):
+        buf = b"".join(encode_values(arr[i], codec, group_size))
+        rows.append(decode_values(buf, 0, arr[i].shape, codec, group_size))
+    return torch.from_numpy(np.stack(rows)).to(g.device, g.dtype)
+
+
+def _with_context(batch_entry, cfg: MetaTrainConfig) -> bool:
+    if cfg.with_context:
+        return True
+    return bool(batch_entry[3]) if len(batch_entry) > 3 else False
+
+
+def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
+               cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None, *,
+               share: float = 1.0, general_share: float = 1.0):
+    """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha, T).
+
+    ``batch`` holds (item, documents, retrieval scores[, passages in prompt]) per question. Every
+    document's gradient is taken at phi (second order unless cfg.first_order), passed through the
+    bank codec, and combined and stepped by ``adapt`` exactly as a query does. The loss is the mean
+    over questions of each answer's mean token NLL, plus ``cfg.locality`` times the KL averaged
+    over the rows of ``general_ids``. When a meta-batch is split over processes, ``share`` and
+    ``general_share`` are this shard's fractions of the questions and of the general-text rows: the
+    shards' losses, and so their gradients, then sum exactly to the whole batch's.
+    """
+    texts = [d for entry in batch for d in entry[1]]
+    enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
+    phi = learner.phi_dict()
+    grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order)
+    if cfg.first_order:
+        grads = {n: g.detach() for n, g in grads.items()}
+    grads = fake_quantise(grads, cfg.codec, cfg.group_size)
+    combined: dict[str, list[torch.Tensor]] = {n: [] for n in learner.names}
+    start = 0
+    for entry in batch:
+        k = len(entry[1])
+        scores = torch.tensor(entry[2], dtype=torch.float32, device=learner.log_temp.device)
+        w = adapt.combination_weights(scores, cfg.combine, learner.log_temp)
+        c = adapt.combine({n: g[start:start + k] for n, g in grads.items()}, w, norm=cfg.norm)
+        for n in learner.names:
+            combined[n].append(c[n])
+        start += k
+    stacked = {n: torch.stack(v) for n, v in combined.items()}
+    adapted = adapt.step(phi, learner.alpha_dict(), stacked, 1.0, batched=True, differentiable=True)
+    prompts = [prompt_ids(tokenizer, e[0].question, e[1] if _with_context(e, cfg) else (), e[0].kind,
+                          cfg.max_passage_tokens) for e in batch]
+    answers = [e[0].answers[0] for e in batch]
+    with learner.using(adapted):
+        nll = answer_nll(model, tokenizer, prompts, answers)
+    loss = nll.mean() * share
+    kl = torch.zeros(())
+    if cfg.locality > 0 and general_ids is not None and len(general_ids):
+        ids = general_ids.to(nll.device)
+        mask = torch.ones_like(ids)
+        with torch.no_grad(), learner.disabled():
+            base_logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        with learner.using(adapted):
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        kl = (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+        loss = loss + cfg.locality * general_share * kl
+    return loss, {"nll": nll.detach().mean().item(), "doc_nll": doc_losses.mean().item(),
+                  "kl": float(kl.detach())}
+
+
+# Evaluation during training --------------------------------------------------------------------
+DEV_MODES = ("param", "param+context", "closed-book+phi", "rag+phi")
+
+
+@dataclass
+class DevSet:
+    """Dev questions and their pool: answered through the real pipeline over an in-memory corpus."""
+
+    items: list[QAItem]
+    pool: Pool
+    docs: dict[str, list[str]]  # item id -> explicit documents when the pool has no embeddings
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _dev_corpus(model, tokenizer, learner: Learner, pool: Pool, cfg: MetaTrainConfig, batch_size: int = 8):
+    """An in-memory Corpus of the dev pool whose gradient rows are computed on demand (only the
+    retrieved chunks) under the current learner and passed through the bank codec like a bank row."""
+    from regrad_cli.online.pipeline import MemoryCorpus
+
+    ids = [f"dev-{i}" for i in range(len(pool.corpus))]
+    text_of = dict(zip(ids, pool.corpus))
+
+    def compute(wanted: list[str]) -> dict:
+        rows = {}
+        for start in range(0, len(wanted), batch_size):
+            part = wanted[start:start + batch_size]
+            enc = encode_documents(tokenizer, [text_of[d] for d in part], cfg.max_doc_tokens)
+            g, _ = grouped_gradients(model, learner, enc)
+            g = fake_quantise({n: v.detach() for n, v in g.items()}, cfg.codec, cfg.group_size)
+            for j, d in enumerate(part):
+                rows[d] = {n: v[j].cpu().numpy() for n, v in g.items()}
+        return rows
+
+    return MemoryCorpus(ids, list(pool.corpus), pool.doc_emb, {}, compute), {t: i for i, t in text_of.items()}
+
+
+@torch.no_grad()
+def evaluate_dev(model, tokenizer, learner: Learner, dev: DevSet, cfg: MetaTrainConfig, batch_size: int = 8,
+                 modes=DEV_MODES, embedder=None) -> dict:
+    """Dev F1/EM/NLL per mode, every answer produced by ``pipeline.answer_many`` as a query would."""
+    from types import SimpleNamespace
+
+    from regrad_cli.online.pipeline import Request, answer_many
+
+    if not len(dev):
+        return {}
+    corpus, id_of = _dev_corpus(model, tokenizer, learner, dev.pool, cfg)
+    engine = SimpleNamespace(model=model, tokenizer=tokenizer, learner=learner)
+    emb = embedder if (embedder is not None and dev.pool.doc_emb is not None) else _ZeroEmbedder()
+    results = {}
+    for mode in modes:
+        f1s, ems, nlls = [], [], []
+        for start in range(0, len(dev.items), batch_size):
+            chunk = dev.items[start:start + batch_size]
+            reqs = []
+            for it in chunk:
+                explicit = None if dev.pool.doc_emb is not None else [id_of[d] for d in dev.docs[it.id]]
+                reqs.append(Request(it.question, mode=mode, top_k=cfg.k, combine=cfg.combine,
+                                    max_new_tokens=cfg.max_new_tokens, kind=it.kind, docs=explicit,
+                                    gold=it.answers[0], max_passage_tokens=cfg.max_passage_tokens))
+            out = answer_many(engine, emb, corpus, reqs)
+            for it, res in zip(chunk, out):
+                p = res["answer"]
+                if it.kind == "yesno":
+                    f1s.append(yes_no_accuracy(p, it.answers))
+                    ems.append(f1s[-1])
+                else:
+                    f1s.append(f1_score(p, it.answers))
+                    ems.append(exact_match(p, it.answers))
+                nlls.append(res.get("nll", float("nan")))
+        results[mode] = {"f1": float(np.mean(f1s)), "em": float(np.mean(ems)),
+                         "nll": float(np.nanmean(nlls)) if nlls else float("nan"), "n": len(f1s)}
+    return results
+
+
+class _ZeroEmbedder:
+    """Question vectors for a pool without embeddings (documents are then given explicitly)."""
+
+    def embed(self, texts):
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+
+def select_score(res: dict, cfg: MetaTrainConfig) -> float:
+    vals = [res[m]["f1"] for m in cfg.select_modes if m in res]
+    return float(np.mean(vals)) if vals else -1.0
+
+
+# The recipe -------------------------------------------------------------------------------------
+def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
+    w = max(1, int(round(total * warmup)))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return max(0.0, (total - step) / max(1, total - w))
+
+    return f
+
+
+def _evaluate_dev_sharded(model, tokenizer, learner: Learner, dev: DevSet, cfg: MetaTrainConfig,
+                          dist: Dist, embedder=None) -> dict:
+    """``evaluate_dev`` on rank 0 (the pipeline answers one process's batches); every rank takes
+    the same best/last decision from rank 0's numbers."""
+    res = evaluate_dev(model, tokenizer, learner, dev, cfg, embedder=embedder) if dist.main else None
+    return dist.broadcast_object(res) if dist.enabled else res
+
+
+def _batch_stats(dist: Dist, loss: torch.Tensor, info: dict, shard: list, share: float,
+                 general_share: float) -> tuple[float, dict]:
+    """The logged loss and its parts for the whole meta-batch (a rank saw only its shard)."""
+    if not dist.enabled:
+        return float(loss.detach()), info
+    n_docs = sum(len(entry[1]) for entry in shard)
+    t = torch.tensor([float(loss.detach()), info["nll"] * share, info["doc_nll"] * n_docs, n_docs,
+                      info["kl"] * general_share], dtype=torch.float64, device=loss.device)
+    dist.sum_(t)
+    loss_v, nll, doc_sum, docs, kl = t.tolist()
+    return loss_v, {"nll": nll, "doc_nll": doc_sum / docs, "kl": kl}
+
+
+def meta_train(
+    cfg: MetaTrainConfig,
+    model,
+    tokenizer,
+    embedder,
+    *,
+    learner: Learner | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, dict], None] | None = None,
+    general_text: str | None = None,
+    dist: Dist | None = None,
+    lora_cfg=None,
+) -> dict:
+    """Run meta-training; returns a summary. Writes into cfg.out:
+    ``best/`` and ``last/`` learner checkpoints, ``state.pt`` (resume), ``log.json``, ``curves.png``.
+
+    Under torchrun (``dist``, default: the job this process joined, see distributed.py) every
+    process runs this function on its shard of each meta-batch; only rank 0 writes files and
+    calls ``progress``. ``cfg.meta_batch`` stays the global batch, so the run equals the
+    single-process one up to float rounding."""
+    dist = dist or distributed.current()
+    if cfg.meta_batch < dist.world:
+        raise RegradError(f"--meta-batch {cfg.meta_batch} is smaller than the {dist.world} processes: "
+                          "each process needs at least one question per meta-step")
+    out = Path(cfg.out)
+    if dist.main and not resume and ((out / "best").exists() or (out / "state.pt").exists()):
+        # Never overwrite a run (or checkpoints meta-train did not make) without being asked.
+        raise RegradError(f"{out} already holds a meta-training run (best/ or state.pt): pass --resume "
+                          "to continue it, or choose another --out")
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if learner is None:
+        if cfg.init_checkpoint:
+            learner = Learner.load(cfg.init_checkpoint)
+        else:
+            # The one learner initialisation (engine.init_learner): the workspace's [lora] shape
+            # and targets, with this run's explicit settings on top.
+            from regrad_cli.workspace.engine import init_learner
+
+            over = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "init_b_std": cfg.b_std,
+                    "alpha_init": cfg.alpha_init, "seed": cfg.seed}
+            learner = init_learner(model, lora_cfg, **{k: v for k, v in over.items() if v is not None})
+        learner.attach(model)
+
+    # Rank 0 reads and embeds the data once; every rank gets the same pools, so the same
+    # neighbours and scores, and draws the same meta-batches from them.
+    if cfg.norm not in adapt.NORMALISATIONS:
+        raise RegradError(f"unknown normalisation {cfg.norm!r} (use {', '.join(adapt.NORMALISATIONS)})")
+    if cfg.retrieval not in ("retrieved", "gold"):
+        raise RegradError(f"unknown training retrieval {cfg.retrieval!r} (use retrieved or gold)")
+    pool_kw = dict(tokenizer=tokenizer, max_tokens=cfg.max_doc_tokens, overlap=cfg.chunk_overlap)
+    pools, dev_pools = dist.broadcast_object(
+        ([build_pool(spec, load_dataset(spec), embedder, **pool_kw) for spec in cfg.train],
+         [build_pool(spec, load_dataset(spec), embedder, **pool_kw) for spec in cfg.dev]) if dist.main else None)
+    weights = cfg.mix_weights or [len(p.items) for p in pools]
+    if len(weights) != len(pools):
+        raise RegradError("--mix needs one weight per --train dataset")
+    dev_rng = random.Random(cfg.seed + 1)
+    devs: list[DevSet] = []
+    per_dev = max(1, cfg.dev_limit // max(1, len(dev_pools)))
+    for p in dev_pools:
+        chosen = dev_rng.sample(p.items, min(per_dev, len(p.items)))
+        devs.append(DevSet(chosen, p, {it.id: documents_for(it, p, cfg.k, dev_rng, "gold") for it in chosen}))
+    pool_stats = {p.name: {"questions": len(p.items), "chunks": len(p.corpus), f"recall@{cfg.k}": p.recall(cfg.k)}
+                  for p in pools + dev_pools}
+    if dist.main:
+        log.info("pools: %s", json.dumps(pool_stats))
+    total_items = sum(len(p.items) for p in pools)
+    steps = cfg.steps
+    if cfg.epochs:
+        steps = max(1, int(math.ceil(cfg.epochs * total_items / cfg.meta_batch)))
+
+    general_ids, general_share = None, 1.0
+    if cfg.locality > 0 and general_text:
+        ids = tokenizer(general_text).input_ids
+        chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
+        general_ids = torch.tensor(chunks[: max(1, cfg.meta_batch)])
+        # The rows are split over the processes like the questions.
+        g_lo, g_hi = dist.bounds(len(general_ids))
+        general_share = (g_hi - g_lo) / max(1, len(general_ids))
+        general_ids = general_ids[g_lo:g_hi]
+
+    params_phi = [learner.phi[k] for k in learner.phi.keys()]
+    params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
+    if cfg.combine == "score":
+        params_alpha.append(learner.log_temp)
+    learner.meta["combine"] = cfg.combine
+    learner.meta["norm"] = cfg.norm
+    for p in params_phi + params_alpha:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": params_phi, "lr": cfg.lr},
+                             {"params": params_alpha, "lr": cfg.alpha_lr, "weight_decay": 0.0}],
+                            lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup))
+    history: dict = {"config": asdict(cfg), "pools": pool_stats, "train": [], "dev": []}
+    start_step, best_f1 = 0, -1.0
+    state_path = out / "state.pt"
+    # Rank 0 reads the state and sends it to the others: OUT need not be shared between nodes.
+    state = dist.broadcast_object(
+        # weights_only: a run directory may come from someone else; never unpickle code from it.
+        torch.load(state_path, weights_only=True, map_location="cpu")
+        if resume and dist.main and state_path.exists() else None)
+    if state is not None:
+        learner.load_state_dict(state["learner"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_step, best_f1, history = state["step"], state["best_f1"], state["history"]
+        if dist.main:
+            log.info("resumed from step %d", start_step)
+    # Identical by construction (same seed, same checkpoint); the broadcast makes it certain.
+    dist.broadcast_(learner.parameters())
+
+    def save_state(step: int) -> None:
+        tmp = out / "state.pt.tmp"
+        torch.save({"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step, "best_f1": best_f1, "history": history}, tmp)
+        tmp.replace(state_path)
+
+    def run_dev(step: int) -> None:
+        nonlocal best_f1
+        dist.check_in_sync(learner.parameters())
+        per_set = {d.pool.name: _evaluate_dev_sharded(model, tokenizer, learner, d, cfg, dist, embedder)
+                   for d in devs}
+        # Modes averaged over the dev sets (the curve and the selection), and each set apart.
+        res = {m: {**{k: float(np.mean([r[m][k] for r in per_set.values()])) for k in ("f1", "em", "nll")},
+                   "n": int(sum(r[m]["n"] for r in per_set.values()))}
+               for m in DEV_MODES}
+        res["select"] = float(np.mean([select_score(r, cfg) for r in per_set.values()]))
+        res["sets"] = per_set
+        history["dev"].append({"step": step, **res})
+        f1 = res["select"]
+        if f1 > best_f1:
+            best_f1 = f1
+            if dist.main:
+                learner.save(out / "best", {"trained": {"step": step, "dev": res, "config": asdict(cfg)}})
+        if dist.main:
+            log.info("dev step %d: %s", step, json.dumps(res))
+
+    t0 = time.time()
+    if start_step == 0 and devs:
+        run_dev(0)
+    for step in range(start_step, steps):
+        # Data order depends only on (seed, step): a resumed run sees the same batches. Every
+        # process draws the whole meta-batch (the same random stream as one process) and keeps
+        # its shard.
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        batch = []
+        for _ in range(cfg.meta_batch):
+            pool = rng.choices(pools, weights=weights)[0]
+            item = rng.choice(pool.items)
+            docs = documents_for(item, pool, cfg.k, rng, cfg.retrieval)
+            batch.append((item, docs, pool.scores(item, docs), rng.random() < cfg.context_mix))
+        lo, hi = dist.bounds(len(batch))
+        share = (hi - lo) / len(batch)
+        opt.zero_grad(set_to_none=True)
+        step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
+        loss, info = outer_loss(model, tokenizer, learner, batch[lo:hi], step_cfg, general_ids,
+                                share=share, general_share=general_share)
+        loss.backward()
+        # Sum before clipping: every rank then clips the same whole-batch gradient.
+        dist.sum_grads(params_phi + params_alpha)
+        gnorm = torch.nn.utils.clip_grad_norm_(params_phi + params_alpha, cfg.clip)
+        opt.step()
+        sched.step()
+        loss_value, info = _batch_stats(dist, loss, info, batch[lo:hi], share, general_share)
+        alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
+        rec = {"step": step + 1, "loss": loss_value, **info, "grad_norm": float(gnorm),
+               "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
+               "temp": float(learner.log_temp.detach().exp()),
+               "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+        history["train"].append(rec)
+        if progress and dist.main:
+            progress(step + 1, steps, rec)
+        if devs and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+            run_dev(step + 1)
+        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+            save_state(step + 1)
+            (out / "log.json").write_text(json.dumps(history, indent=1))
+    for p in params_phi + params_alpha:
+        p.requires_grad_(False)
+    dist.check_in_sync(learner.parameters())
+    if dist.main:
+        learner.save(out / "last", {"trained": {"step": steps, "config": asdict(cfg)}})
+        if not (out / "best").exists():
+            learner.save(out / "best", {"trained": {"step": steps, "config": asdict(cfg)}})
+        if cfg.energy_docs > 0 and pools:
+            _record_energy(model, tokenizer, learner, out, pools[0].corpus[: cfg.energy_docs], cfg)
+        (out / "log.json").write_text(json.dumps(history, indent=1))
+        try:
+            plot_curves(history, out / "curves.png")
+        except Exception as exc:  # a plot must never lose a training run
+            log.warning("could not draw curves: %s", exc)
+    # The others wait for rank 0's files: when any process returns, the run is on disk.
+    dist.barrier()
+    return {"steps": steps, "best_dev_f1": best_f1, "out": str(out), "world_size": dist.world,
+            "wall_s": round(time.time() - t0, 1), "last": history["train"][-1] if history["train"] else None}
+
+
+def _record_energy(model, tokenizer, learner: Learner, out: Path, texts: list[str], cfg: MetaTrainConfig) -> None:
+    """Measure and record in ``best/`` and ``last/`` which tensors a bank stores (energy.py),
+    each with its own weights; a failure here is logged, never loses the run."""
+    from regrad_cli.learner import energy
+    try:
+        for name in ("last", "best"):
+            ck = Learner.load(out / name)
+            learner.detach_from(model)
+            ck.attach(model)
+            try:
+                # An engine-like holder: a causal-LM's own ``.model`` is its decoder stack.
+                holder = SimpleNamespace(model=model, learner=ck, tokenizer=tokenizer)
+                shares = energy.tensor_energy(holder, ck, tokenizer, texts, cfg.max_doc_tokens)
+            finally:
+                ck.detach_from(model)
+                learner.attach(model)
+            energy.write_record(out / name, energy.energy_record(
+                shares, n_docs=len(texts), max_tokens=cfg.max_doc_tokens, norm=cfg.norm))
+    except Exception as exc:  # noqa: BLE001 - the checkpoints are already on disk
+        log.warning("could not record tensor energy: %s (run `regrad learner energy --write`)", exc)
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    tr = history["train"]
+    if tr:
+        axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="outer loss")
+        axes[0].set_xlabel("step")
+        axes[0].legend()
+    for mode in DEV_MODES:
+        pts = [(d["step"], d[mode]["f1"]) for d in history["dev"] if mode in d]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=f"dev F1 {mode}")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""The offline half: ingesting documents, building a bank (local or Ray), removing documents."""

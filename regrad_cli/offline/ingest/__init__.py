@@ -1,0 +1,320 @@
+"""`regrad ingest`: read text files into the workspace's ``documents`` table, incrementally.
+
+Inputs are files and directories (walked recursively, in sorted order, following symlinks that
+stay inside the folder given, never entering a directory twice, so symlink loops end). In a directory only ``.txt``, ``.md``,
+``.markdown``, ``.json``, ``.jsonl`` and ``.jsonl.gz`` files are read, and hidden entries (names
+starting with ".", e.g. ``.git`` or the default ``.regrad`` workspace) are passed over silently; a
+file named on the command line is read as text whatever its extension. A JSON file holds one
+record, a list of records, or ``{"documents": [...]}``; JSONL holds one record per line. A record
+needs ``text``; ``id`` and ``title`` are optional and every other key is kept as metadata.
+
+Document ids (stable: the same input ingested twice gives the same ids, from any directory):
+
+* ``source`` is the file's path relative to the *parent* of the command-line argument it was
+  found under, in posix form: ``regrad ingest notes/`` gives ``notes/a.md``, ``notes/sub/b.txt``;
+  ``regrad ingest notes/a.md`` gives ``a.md``. (So ingest a folder the same way each time; two
+  folders with the same name ingested from different places share sources and ids.)
+* a text or Markdown file: ``<source>#<chunk>``, e.g. ``notes/a.md#0`` (always suffixed);
+* a JSON/JSONL record with an ``id``: that id, plus ``#<chunk>`` only when the record is split
+  into several chunks; without an ``id``: ``<source>@<n>`` (n = the 1-based line in JSONL, the
+  1-based position in JSON) with the same chunk rule. A repeated id is skipped (first one wins),
+  so is an id already held by a document of another file that still exists, and an id with
+  control characters.
+
+Chunking is by tokens of the workspace language model's tokenizer: windows of at most
+``chunking.max_tokens`` tokens, cut preferably at a paragraph end, else a sentence end, else a line
+end, else between words (searched in the window's second half); consecutive chunks share up to
+``chunking.overlap`` tokens. A document that fits is one chunk.
+
+Incremental: every file is read and chunked, then compared with the table (content hash, title,
+metadata, chunk layout). An unchanged source costs no write at all; a changed one is written with
+its new rows replacing all its old ones in one atomic commit; only new or changed texts are
+embedded. ``prune`` deletes the documents of files under the given paths that no longer exist
+(never under a path where nothing was found, and more than ``FEW_PRUNED`` only with ``force``).
+Documents unlearned by ``regrad bank rm`` are skipped unless ``readmit``.
+
+The package: ``discovery`` (finding files), ``readers`` (formats, bounded reading), ``chunking``,
+``writer`` (the incremental merge_insert writer); this module runs them under the workspace lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from regrad_cli.errors import ConfigError, IngestError
+from regrad_cli.offline.ingest.chunking import Chunk, chunk_text
+from regrad_cli.offline.ingest.discovery import (RECORD_EXTENSIONS, SUPPORTED_EXTENSIONS, TEXT_EXTENSIONS, _stat_reason,
+                                        discover)
+from regrad_cli.offline.ingest.readers import BINARY_SNIFF_BYTES, _read_docs, _Skip
+from regrad_cli.offline.ingest.summary import IngestSummary
+from regrad_cli.offline.ingest.writer import _doc_rows, _embedder_name, _stage_source, _Writer
+
+__all__ = ["ingest", "IngestSummary", "Chunk", "chunk_text", "discover", "DEFAULT_MAX_FILE_MB",
+           "TEXT_EXTENSIONS", "RECORD_EXTENSIONS", "SUPPORTED_EXTENSIONS", "BINARY_SNIFF_BYTES"]
+
+log = logging.getLogger("regrad.ingest")
+
+DEFAULT_MAX_FILE_MB = 20.0
+
+ProgressFn = Callable[..., None]
+
+
+# Documents of files that no longer exist a prune may delete without ``force``.
+FEW_PRUNED = 10
+
+
+def ingest(
+    ws,
+    paths: list[Path],
+    *,
+    prune: bool = False,
+    embedder=None,
+    tokenizer=None,
+    progress: ProgressFn | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    force: bool = False,
+    readmit: bool = False,
+) -> IngestSummary:
+    """Ingest ``paths`` into the workspace ``ws``; returns what changed. Never prints.
+
+    ``embedder`` (``.embed(texts)``, ``.name``/``.fingerprint``) and ``tokenizer`` (a Hugging Face
+    style callable) default to the workspace's; ``progress(done, total, info)`` is called per file.
+    ``force`` lets ``prune`` delete more than ``FEW_PRUNED`` documents; ``readmit`` ingests again
+    documents that ``regrad bank rm`` unlearned (otherwise they are skipped).
+    """
+    from regrad_cli.workspace.documents import LIGHT_COLUMNS, DocumentStore, workspace_lock
+    from regrad_cli.offline.unlearn import Tombstones
+
+    chunking = ws.config.chunking
+    max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)
+    if max_tokens < 1 or overlap < 0 or overlap >= max_tokens:
+        raise ConfigError(
+            f"chunking.max_tokens must be >= 1 and 0 <= chunking.overlap < max_tokens "
+            f"(got {max_tokens} and {overlap})"
+        )
+    if max_file_mb <= 0:
+        raise ConfigError(f"--max-file-mb must be positive (got {max_file_mb})")
+    limit = int(max_file_mb * 1e6)
+    summary = IngestSummary()
+    if embedder is None:
+        from regrad_cli.lm.models import Embedder
+
+        embedder = Embedder(ws.config.embedder.id, batch_size=ws.config.embedder.batch_size)
+
+    with workspace_lock(ws, timeout=5, what="writing"):
+        store = DocumentStore(ws)
+        fp = store.embedder_fingerprint
+        name = _embedder_name(embedder)
+        if fp is not None and fp.get("id") not in (None, name):
+            raise IngestError(
+                f"the workspace {ws.root} was ingested with embedder {fp['id']!r} (dim {fp['dim']}), "
+                f"not {name!r}: use --embedder {fp['id']} or a new --workspace"
+            )
+        tombstones = Tombstones(ws)
+        tomb = tombstones.load()
+        readmitted: tuple[set, set] = (set(), set())
+
+        files = discover(paths, summary, exclude=str(ws.root))
+        existing = store.arrow(LIGHT_COLUMNS).to_pylist() if store.exists else []
+        by_id = {r["id"]: r for r in existing}
+        by_source: dict[str, list[dict]] = {}
+        for r in existing:
+            by_source.setdefault(r["source"], []).append(r)
+
+        writer = _Writer(store, embedder, ws.config.embedder.batch_size, summary)
+        quick = UnchangedSources(ws, (max_tokens, overlap, ws.config.model.id))
+        seen_ids: dict[str, str] = {}
+        seen_sources: set[str] = set()
+        total = len(files)
+        if progress:
+            progress(0, total, "")
+        for i, f in enumerate(files):
+            docs = None
+            if f.source in tomb["sources"] and not readmit:
+                summary.skip(f.display, "unlearned by `regrad bank rm --source`; `regrad ingest --readmit` "
+                                        "ingests it again")
+            else:
+                try:
+                    docs = _read_docs(f, limit, summary)
+                except _Skip as exc:
+                    summary.skip(f.display, str(exc))
+                except OSError as exc:
+                    summary.skip(f.display, _stat_reason(f.path, exc))
+            if docs and quick.unchanged(f, docs, by_source.get(f.source, []), seen_ids):
+                # The same documents as when this source was last chunked, and the table still
+                # holds exactly those rows: nothing to do, and no tokenizer to load for it.
+                summary.unchanged += len(by_source[f.source])
+                seen_sources.add(f.source)
+                docs = None
+            if docs:
+                if tokenizer is None:
+                    from regrad_cli.lm.models import load_tokenizer
+
+                    tokenizer = load_tokenizer(ws.config.model.id)
+                n_skipped = len(summary.skipped)
+                rows = _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
+                                    readmit, readmitted, summary)
+                if rows:
+                    seen_sources.add(f.source)
+                    _stage_source(f.source, rows, by_id, by_source.get(f.source, []), store, writer, summary)
+                    if len(summary.skipped) == n_skipped:  # a skipped document is reported every time
+                        quick.record(f, docs, rows)
+            if progress:
+                progress(i + 1, total, f.display)
+        if readmitted[0] or readmitted[1]:
+            tombstones.readmit(*readmitted)  # before the write: a crash leaves them readmitted, unwritten
+        writer.flush()
+        quick.save()
+
+        if prune:
+            summary.pruned = _prune(ws, paths, files, existing, seen_sources, store, force, summary)
+        if writer.wrote or summary.pruned:
+            try:
+                store.ensure_fts_index()
+            except (OSError, ValueError, RuntimeError) as exc:  # search still works without it
+                summary.warnings.append(f"full-text index not rebuilt: {exc}")
+        summary.documents = store.count()
+        log.info("ingest: %d added, %d updated, %d unchanged, %d removed, %d pruned, %d skipped; %d documents",
+                 summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
+                 len(summary.skipped), summary.documents)
+        return summary
+
+
+class UnchangedSources:
+    """Tells an unchanged source without chunking it (chunking needs the model's tokenizer).
+
+    ``WORKSPACE/ingest-digests.json`` maps each source to a digest of its documents as read (ids,
+    titles, texts, metadata) and the chunking settings, with the (id, content hash, path) of the
+    rows they gave. A source whose digest is the same *and* whose rows in the table are still
+    exactly those is unchanged; anything else (a missing or damaged file, other rows) is chunked
+    as usual, so the file is a shortcut, never a source of truth."""
+
+    NAME = "ingest-digests.json"
+
+    def __init__(self, ws, settings: tuple):
+        import json
+
+        self.path = Path(ws.root) / self.NAME
+        self.settings = list(settings)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries = data["sources"] if data.get("settings") == self.settings else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def digest(f, docs) -> str:
+        import hashlib
+        import json
+
+        h = hashlib.sha256(f.source.encode("utf-8") + b"\0")
+        for d in docs:
+            h.update(json.dumps([d.base_id, d.suffix_always, d.title, d.text, d.metadata], sort_keys=True,
+                                default=str).encode("utf-8"))
+        return h.hexdigest()
+
+    @staticmethod
+    def _keys(rows) -> list:
+        return sorted([r["id"], r["content_hash"], r.get("path") or ""] for r in rows)
+
+    def unchanged(self, f, docs, table_rows, seen_ids) -> bool:
+        entry = self.entries.get(f.source)
+        if not isinstance(entry, dict) or not table_rows or entry.get("digest") != self.digest(f, docs):
+            return False
+        if entry.get("rows") != self._keys(table_rows) or any(r.get("path") != f.path for r in table_rows):
+            return False  # the table changed since, or the file moved: chunk it
+        if any(r["id"] in seen_ids for r in table_rows):
+            return False  # an id taken earlier in this run: the usual path reports it
+        for r in table_rows:
+            seen_ids[r["id"]] = f.display
+        return True
+
+    def record(self, f, docs, rows) -> None:
+        self.entries[f.source] = {"digest": self.digest(f, docs), "rows": self._keys(rows)}
+        self.changed = True
+
+    def save(self) -> None:
+        import json
+        import os
+
+        if not self.changed:
+            return
+        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"settings": self.settings, "sources": self.entries}), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # only a shortcut: the next ingest chunks again
+            log.warning("cannot write %s: %s", self.path, exc)
+
+
+def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb, readmit, readmitted,
+                 summary: IngestSummary) -> list[dict]:
+    """The rows of one file's documents, leaving out (with a reason) any document whose id is
+    taken: earlier in this run, by another file in the table, or by an unlearned document."""
+    rows: list[dict] = []
+    for doc in docs:
+        doc_rows = _doc_rows(doc, f, chunk_text(doc.text, tokenizer, max_tokens, overlap))
+        clash = next((r["id"] for r in doc_rows if r["id"] in seen_ids), None)
+        if clash is not None:
+            summary.skip(doc.where, f"duplicate id {clash!r} (first in {seen_ids[clash]})")
+            continue
+        # An explicit id must not take over a document that came from another file (one that
+        # still exists: a file that moved may take its records along).
+        other = next((by_id[r["id"]]["source"] for r in doc_rows
+                      if r["id"] in by_id and by_id[r["id"]]["source"] != f.source
+                      and (not by_id[r["id"]].get("path") or os.path.exists(by_id[r["id"]]["path"]))), None)
+        if other is not None:
+            summary.skip(doc.where, f"id {doc_rows[0]['id']!r} is already used by a document from {other!r}; "
+                                    "ids must be unique across files (remove that file with --prune first)")
+            continue
+        unlearned = [r["id"] for r in doc_rows if r["id"] in tomb["ids"]]
+        if unlearned and not readmit:
+            summary.skip(doc.where, f"document {unlearned[0]!r} was unlearned by `regrad bank rm`; "
+                                    "`regrad ingest --readmit` ingests it again")
+            continue
+        readmitted[0].update(unlearned)
+        if f.source in tomb["sources"]:
+            readmitted[1].add(f.source)
+        for r in doc_rows:
+            seen_ids[r["id"]] = doc.where
+        rows.extend(doc_rows)
+    return rows
+
+
+def _prune(ws, paths, files, existing, seen_sources, store, force: bool, summary: IngestSummary) -> int:
+    """Delete the documents of files under ``paths`` that no longer exist, and their gradient
+    rows from every bank of the workspace (``unlearn.prune_sources``: as `bank rm` deletes). A
+    path that is missing, not a directory or holds no file at all (an unmounted disk, say) prunes
+    nothing."""
+    from regrad_cli.workspace.documents import is_within
+
+    roots = []
+    for p in paths:
+        root = os.path.abspath(os.fspath(p))
+        if not any(is_within(f.path, root) for f in files):
+            summary.warnings.append(f"--prune: nothing found under {p} (missing, empty or unmounted?): "
+                                    "its documents are kept")
+            continue
+        roots.append(root)
+    stale = {
+        r["source"] for r in existing
+        if r["source"] not in seen_sources and r.get("path")
+        and any(is_within(r["path"], root) for root in roots)
+        and not os.path.exists(r["path"])
+    }
+    n = sum(1 for r in existing if r["source"] in stale)
+    if n > FEW_PRUNED and not force:
+        raise IngestError(f"--prune would delete {n} documents of {len(stale)} files that no longer exist "
+                          f"(e.g. {sorted(stale)[0]!r}); run again with --force if that is meant "
+                          "(the new files were ingested)")
+    from regrad_cli.offline.unlearn import prune_sources
+
+    docs, rows = prune_sources(ws, store, stale)
+    summary.pruned_rows = rows
+    return docs

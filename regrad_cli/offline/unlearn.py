@@ -1,0 +1,248 @@
+"""Unlearning: ``regrad bank rm`` as one transaction, and the tombstones that make it stick.
+
+``remove_documents`` holds the workspace lock (no ingest meanwhile) and each bank's writer lock,
+and works in an order that a crash at any point cannot undo:
+
+1. the documents to remove are resolved (named ids, and every document and bank row of the named
+   sources) and written to the tombstones as "pending", before anything is deleted;
+2. their rows are deleted from every bank of the workspace (and the ``--bank`` one) and each bank
+   is purged (fragments rewritten, old versions removed: the bytes leave the disk);
+3. their texts are deleted from the documents table, which is purged the same way;
+4. the tombstones are marked "done".
+
+Each step also takes up whatever an interrupted run left "pending", and purges even when nothing
+is left to delete, so re-running any ``bank rm`` finishes the removal. ingest skips tombstoned
+documents (``--readmit`` brings them back on purpose) and build-bank never computes or commits
+their rows: a build planned before the removal checks the tombstones under the bank's writer
+lock, just before each commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from regrad_cli.errors import RegradError
+
+log = logging.getLogger("regrad")
+
+
+class Tombstones:
+    """Documents unlearned by ``regrad bank rm`` (``WORKSPACE/tombstones.json``).
+
+    ``{"format": 1, "ids": {doc_id: state}, "sources": {source: state}}``, state "pending" while
+    a removal is under way and "done" once its rows and documents are gone and purged. Written
+    atomically (temporary file, fsync, rename); the caller holds :func:`workspace_lock`.
+    """
+
+    NAME = "tombstones.json"
+
+    def __init__(self, ws):
+        self.path = Path(ws.root) / self.NAME
+
+    def load(self) -> dict:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"format": 1, "ids": {}, "sources": {}}
+        except OSError as exc:
+            raise RegradError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            data = None
+        ok = (isinstance(data, dict) and data.get("format") == 1
+              and all(isinstance(data.get(k), dict) for k in ("ids", "sources"))
+              and all(isinstance(k, str) and v in ("pending", "done")
+                      for part in ("ids", "sources") for k, v in data[part].items()))
+        if not ok:
+            raise RegradError(f"{self.path} is damaged: it lists unlearned documents, so regrad will not "
+                              "guess; restore it from a backup (or delete it to forget every removal)")
+        return data
+
+    def _save(self, data: dict) -> None:
+        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise RegradError(f"cannot write {self.path}: {exc}") from exc
+
+    def ids(self) -> set[str]:
+        return set(self.load()["ids"])
+
+    def sources(self) -> set[str]:
+        return set(self.load()["sources"])
+
+    def pending(self) -> tuple[set[str], set[str]]:
+        data = self.load()
+        return ({k for k, v in data["ids"].items() if v == "pending"},
+                {k for k, v in data["sources"].items() if v == "pending"})
+
+    def mark(self, ids: Iterable[str], sources: Iterable[str], state: str) -> None:
+        data = self.load()
+        for k in ids:
+            data["ids"][k] = state
+        for k in sources:
+            data["sources"][k] = state
+        data["updated_at"] = datetime.now(timezone.utc).isoformat()
+        self._save(data)
+
+    def readmit(self, ids: Iterable[str] = (), sources: Iterable[str] = ()) -> int:
+        """Forget the removal of these documents (ingest --readmit); returns how many."""
+        data = self.load()
+        n = sum(data["ids"].pop(k, None) is not None for k in set(ids))
+        n += sum(data["sources"].pop(k, None) is not None for k in set(sources))
+        if n:
+            self._save(data)
+        return n
+
+
+def forbidden_ids(ws):
+    """A callable for GradientBank.append/commit_fragments: the workspace's tombstoned doc ids,
+    read at call time (under the bank's writer lock)."""
+    return lambda: Tombstones(ws).ids()
+
+
+def _check_named(ws, store, banks, ids: set, tombs) -> None:
+    """RegradError for a named id that no document, bank row or earlier removal has, naming the
+    ids that start with it (a file's chunks are "PATH#0", "PATH#1"...) and --source; before
+    anything is removed."""
+    if not ids:
+        return
+    known = set(tombs.ids()) if tombs is not None else set()
+    all_ids: set[str] = set()
+    if store is not None and store.exists:
+        all_ids |= set(store.arrow(["id"]).column("id").to_pylist())
+    for b in banks:
+        all_ids |= b.doc_ids()
+    unknown = sorted(ids - known - all_ids)
+    if not unknown:
+        return
+    given = unknown[0]
+    starts = sorted(d for d in all_ids if d.startswith(given))
+    where = ws.root if ws is not None else "the bank"
+    msg = f"no document {given!r} in {where}"
+    if len(unknown) > 1:
+        msg += f" (nor {len(unknown) - 1} more of the ids given)"
+    if starts:
+        msg += (f"; ids that start with it: {', '.join(starts[:8])}{', ...' if len(starts) > 8 else ''}"
+                f"; to remove a whole file: `regrad bank rm --source {given.split('#')[0]}`")
+    else:
+        msg += "; `regrad docs ls` lists the document ids, `--source PATH` removes a whole file"
+    raise RegradError(msg + "; nothing was removed")
+
+
+def _delete(banks, store, ids: set, srcs: set, *, purge: bool) -> tuple[int, int, list]:
+    """Steps 2 and 3 of a removal, under the caller's locks: the bank rows of ``ids`` and
+    ``srcs`` from every bank, then their documents (bank rows first: a crash between the two
+    leaves documents without gradients, which queries report, never gradients without documents).
+    With ``purge`` old versions are removed too (the bytes leave the disk, even when nothing is
+    left to delete: an earlier run may have stopped between its delete and its purge)."""
+    removed_rows, purges = 0, []
+    for b in banks:
+        removed_rows += b.delete(doc_ids=sorted(ids), where_sources=sorted(srcs))
+        if purge:
+            purges.append(b.purge())
+    removed_docs = store.delete(ids=ids, sources=srcs, purge=purge) if store is not None else 0
+    return removed_rows, removed_docs, purges
+
+
+def prune_sources(ws, store, sources: Iterable[str]) -> tuple[int, int]:
+    """(documents, bank rows) removed for ``sources``, files that no longer exist (`ingest
+    --prune`): the same deletion as `bank rm` (bank rows, then documents, each bank under its
+    writer lock; the caller holds the workspace lock), without tombstones: the file may come back."""
+    from contextlib import ExitStack
+
+    from bank_format import GradientBank
+    from regrad_cli.workspace.banks import workspace_banks
+
+    srcs = set(sources)
+    if not srcs:
+        return 0, 0
+    opts = ws.bank_storage_options()
+    banks = [GradientBank.open(loc, read_only=False, storage_options=opts)
+             for loc in workspace_banks(ws) if GradientBank.exists(loc, opts)]
+    with ExitStack() as stack:
+        for b in banks:
+            stack.enter_context(b.locked())
+        rows, docs, _ = _delete(banks, store, set(), srcs, purge=False)
+    log.info("prune: %d documents and %d bank rows of %d sources", docs, rows, len(srcs))
+    return docs, rows
+
+
+def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[str] = (),
+                     sources: Iterable[str] = (), *, keep_documents: bool = False) -> dict:
+    """Unlearn documents (see the module docstring) from the workspace at ``workspace`` and every
+    bank of it, and from the bank ``bank`` (``--bank``), with the workspace when there is one.
+
+    With ``keep_documents`` only the bank rows go (a repair: build-bank computes them again), and
+    nothing is tombstoned; otherwise ``bank``'s rows go and those of every bank of the workspace. Returns {"removed_rows", "removed_documents", "rows", "banks", "purge",
+    "documents_kept"}.
+    """
+    from contextlib import ExitStack
+
+    from bank_format import GradientBank
+    from regrad_cli.workspace.banks import select_bank, workspace_banks
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.documents import DocumentStore, workspace_lock
+    from regrad_cli.errors import NoBankError
+
+    ids, srcs = set(doc_ids or ()), set(sources or ())
+    if bank is not None:
+        choice = select_bank(workspace, bank)
+        ws, opts, locations = choice.workspace, choice.storage_options, [choice.location]
+        if ws is not None and not keep_documents:  # unlearning: the workspace's other banks too
+            locations += [b for b in workspace_banks(ws) if str(b) != str(choice.location)]
+    else:
+        ws = Workspace.open(workspace, create=False)
+        # Every bank of the workspace (old checkpoints' too: each holds the gradients).
+        opts, locations = ws.bank_storage_options(), workspace_banks(ws)
+    tombs = Tombstones(ws) if ws is not None and not keep_documents else None
+    p_ids, p_srcs = tombs.pending() if tombs is not None else (set(), set())
+    if not ids and not srcs and not p_ids and not p_srcs:
+        raise RegradError("name DOC_ID... or --source PATH")
+    banks = [GradientBank.open(loc, read_only=False, storage_options=opts)
+             for loc in locations if GradientBank.exists(loc, opts)]
+    if bank is not None and not banks:
+        raise NoBankError(f"no bank at {bank}")
+    if keep_documents and not banks:
+        raise NoBankError(f"workspace {ws.root} has no gradient bank: nothing to remove with --keep-documents")
+    store = DocumentStore(ws) if ws is not None and not keep_documents else None
+
+    with ExitStack() as stack:
+        if store is not None:
+            stack.enter_context(workspace_lock(ws, timeout=60, what="unlearning"))
+        for b in banks:
+            stack.enter_context(b.locked())
+        if tombs is not None:  # again, under the lock: what an interrupted run left
+            p_ids, p_srcs = tombs.pending()
+        _check_named(ws, store, banks, ids, tombs)
+        # 1. resolve and tombstone first
+        if srcs:
+            if store is not None and store.exists:
+                t = store.arrow(["id", "source"])
+                ids |= {d for d, s in zip(t.column("id").to_pylist(), t.column("source").to_pylist()) if s in srcs}
+            for b in banks:
+                ids |= b.doc_ids(where_sources=sorted(srcs))
+        if tombs is not None:
+            tombs.mark(ids, srcs, "pending")
+            ids |= p_ids
+            srcs |= p_srcs
+        # 2. bank rows, then purge; 3. documents, then purge
+        removed_rows, removed_docs, purges = _delete(banks, store, ids, srcs, purge=True)
+        # 4. done
+        if tombs is not None:
+            tombs.mark(ids, srcs, "done")
+        rows = sum(b.count() for b in banks)
+    log.info("bank rm: %d rows from %d banks, %d documents", removed_rows, len(banks), removed_docs)
+    return {"removed_rows": removed_rows, "removed_documents": removed_docs, "rows": rows,
+            "banks": [str(b.path) for b in banks], "purge": purges[0] if len(purges) == 1 else purges,
+            "documents_kept": ws is None and not keep_documents}

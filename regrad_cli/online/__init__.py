@@ -1,0 +1,1 @@
+"""The online half: the answering pipeline, the workspace query engine and the HTTP server."""
