@@ -155,3 +155,17 @@ def test_status_and_docs_ls(built, capsys, monkeypatch):
                                              "chunks": ["corpus/quorra.md#0"], "tokens": json.loads(out)["documents"][0]["tokens"]}]
     code, out, _ = run_cli(["docs", "ls"], capsys, monkeypatch)
     assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
+
+
+def test_settings_that_do_not_load_are_never_saved(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    toml = tmp_path / "ws" / "regrad.toml"
+    code, _, err = run_cli(["ingest", "corpus", "--model", str(tmp_path / "no" / "such" / "dir")], capsys, monkeypatch)
+    assert code == 1 and "no such directory" in err and not toml.exists()
+    # conftest sets HF_HUB_OFFLINE=1: a hub id that is not cached fails at once, with the hint.
+    code, _, err = run_cli(["ingest", "corpus", "--model", "fake:llama", "--embedder", "no-org/no-such-embedder"],
+                           capsys, monkeypatch)
+    assert code == 1 and "HF_HUB_OFFLINE" in err and "local directory" in err and not toml.exists()
+    code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
+    assert code == 0 and 'id = "fake:llama"' in toml.read_text()

@@ -30,13 +30,14 @@ def ingest_cmd(
     from regrad_cli.errors import IngestError
     from regrad_cli.offline.ingest import ingest
 
+    loaded: dict = {}
     ws = Workspace.open(workspace, overrides={
         "chunking.max_tokens": chunk_tokens, "chunking.overlap": chunk_overlap,
         "model.id": model, "embedder.id": embedder,
-    })
+    }, check=lambda config: loaded.update(check_models(config)))
     with progress_bar("ingest", enabled=not json_out) as update:
         summary = ingest(ws, list(paths), prune=prune, progress=update, max_file_mb=max_file_mb,
-                         force=force, readmit=readmit)
+                         force=force, readmit=readmit, **loaded)
     if json_out:
         print_json(summary.to_dict())
     else:
@@ -45,6 +46,14 @@ def ingest_cmd(
         # Raised, not typer.Exit(1): main() runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it; a RegradError always exits 1.
         raise IngestError(f"nothing could be ingested ({len(summary.skipped)} path(s) skipped)")
+
+
+def check_models(config) -> dict:
+    """A new workspace's model (its tokenizer, which ingest uses) and embedder, loaded before its
+    regrad.toml is written: an id that does not load is never saved. Returns them for the ingest."""
+    from regrad_cli.lm import models
+
+    return models.load_checked(config.model.id, config.embedder.id, config.embedder.batch_size)
 
 
 def _render(summary, root: Path) -> None:

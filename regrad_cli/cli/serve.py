@@ -22,12 +22,15 @@ def serve_cmd(
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0.0, max=10000.0,
                                                    help="How long a batch waits for another request to join; each arrival restarts the wait, up to 10 windows in all.")] = 10.0,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body accepted (KiB).")] = 1024,
+    access_log: Annotated[bool, typer.Option("--access-log", help="One line per request on stderr: client, method, path, status, milliseconds.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a request on a corrupt gradient row instead of skipping the row.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
 ):
-    """Serve /v1/query, /v1/query:batch, /v1/bank/stats, /healthz and /metrics (docs/serving.md)."""
+    """Serve /v1/query, /v1/query:batch, OpenAI's /v1/chat/completions and /v1/models,
+    /v1/bank/stats, /healthz and /metrics (docs/serving.md). Prints a "ready" line on stderr once
+    /healthz answers 200."""
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import RegradError
     from regrad_cli.online.serve import ServeSettings, serve
@@ -37,7 +40,8 @@ def serve_cmd(
                           "REGRAD_SERVE_TOKEN) so that every request must carry it")
     ws = Workspace.open(workspace, create=False)
     settings = ServeSettings(host=host, port=port, token=token or None, max_batch=max_batch,
-                             batch_window_ms=batch_window_ms, max_body_bytes=max_body_kb * 1024)
+                             batch_window_ms=batch_window_ms, max_body_bytes=max_body_kb * 1024,
+                             ready_line=True, access_log=access_log)
     typer.echo(f"regrad serve: loading {ws.root}; listening on http://{host}:{port} "
                f"(ready when GET /healthz answers 200){'; bearer token required' if token else ''}", err=True)
     serve(ws, settings, checkpoint=checkpoint, device=device, strict=strict)

@@ -357,11 +357,14 @@ class Workspace:
         *,
         create: bool = True,
         overrides: dict | None = None,
+        check=None,
     ) -> "Workspace":
         """Open (and on first use create) a workspace.
 
         ``overrides`` maps "section.key" to a value given on the command line; on first use they
-        are written into regrad.toml, later they apply to this run only.
+        are written into regrad.toml, later they apply to this run only. ``check(config)``, when
+        given, runs on a new workspace's configuration before regrad.toml is written (say, loading
+        the model and embedder it names): a setting that does not work is never saved.
         """
         root = resolve_workspace(path)
         cfg_path = root / cls.CONFIG_NAME
@@ -380,6 +383,8 @@ class Workspace:
             )
         config = RegradConfig()
         _apply_overrides(config, overrides)
+        if check is not None:
+            check(config)
         ws = cls(root, config)
         ws.save()
         return ws
