@@ -7,7 +7,8 @@ tool can read a bank. lancedb is imported only when a ``GradientBank`` is used.
 from .blob import blob_info, decode_blob, encode_blob
 from .errors import BankFormatError, BankMismatchError, CorruptBlobError
 from .schema import CODECS, FORMAT_VERSION, BankMeta, CodecSpec, TensorSpec, arrow_schema
-from .bank import GradientBank, is_remote
+from .location import is_remote
+from .bank import GradientBank
 from .fragments import FragmentWriter
 
 __all__ = [

@@ -17,26 +17,23 @@ with other tables (locks, purge, quoting) already lives in ``lance_ops``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import operator
 import os
 import statistics
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import lance_ops
-from .blob import decode_blob, encode_blob, read_header
 from .errors import BankFormatError, BankMismatchError, CorruptBlobError
 from .lance_ops import LOCK_NAME, LOCK_TIMEOUT_S, sql_str as _sql_str  # noqa: F401 - re-exported
+from .location import lance_errors, location, table_dir, table_uri
+from .rows import check_row, repeated, rows_table
 from .schema import (
-    CODECS,
-    GROUPED_CODECS,
     FORMAT_VERSION,
     META_KEY,
     TABLE_NAME,
@@ -74,53 +71,12 @@ _FETCH_CHUNK = 256
 MEMORY_SEARCH_ROWS = 32768
 MEMORY_SEARCH_BYTES = 64 << 20  # and at most this much of those columns held in memory
 
-_ROW_KEYS = {"doc_id", "content_hash", "embedding", "tensors", "blob", "n_tokens", "source"}
 _CHECK_COLUMNS = ["doc_id", "content_hash", "codec", "checksum", "blob"]
 # create_index names -> lancedb.index config classes
 _INDEX_TYPES = {
     "IVF_FLAT": "IvfFlat", "IVF_PQ": "IvfPq", "IVF_SQ": "IvfSq", "IVF_RQ": "IvfRq",
     "IVF_HNSW_FLAT": "IvfHnswFlat", "IVF_HNSW_SQ": "IvfHnswSq", "IVF_HNSW_PQ": "IvfHnswPq",
 }
-
-
-def _table_dir(path: Path) -> Path:
-    return path / f"{TABLE_NAME}.lance"
-
-
-def is_remote(path: Any) -> bool:
-    """True for an object-store URI such as ``s3://bucket/banks/b1`` (any ``scheme://`` but file)."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def _location(path: Any) -> "Path | str":
-    """A bank location: a local ``Path``, or the URI string of a remote bank (no trailing /)."""
-    if isinstance(path, str) and path.startswith("file://"):
-        path = path[len("file://"):]
-    if is_remote(path):
-        return path.rstrip("/")
-    if not isinstance(path, (str, os.PathLike)):
-        raise BankFormatError(f"a bank location must be a path or a URI, got {type(path).__name__}")
-    return Path(path)
-
-
-def _repeated(keys) -> list:
-    """The keys that occur more than once (in first-seen order)."""
-    return [k for k, c in Counter(tuple(k) for k in keys).items() if c > 1]
-
-
-def _table_uri(loc: "Path | str") -> str:
-    return f"{loc}/{TABLE_NAME}.lance" if isinstance(loc, str) else str(_table_dir(loc))
-
-
-@contextlib.contextmanager
-def _lance_errors(what: str) -> Iterator[None]:
-    """Turn lance/lancedb/arrow failures into one BankFormatError naming what was being done."""
-    try:
-        yield
-    except BankFormatError:
-        raise
-    except Exception as e:  # lance raises OSError, ValueError, RuntimeError, pyarrow errors...
-        raise BankFormatError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 class GradientBank:
@@ -173,16 +129,16 @@ class GradientBank:
 
         A table counts once it has a committed version: a process killed inside ``create`` can
         leave the table directory without one, and ``create`` must then be able to run again."""
-        loc = _location(path)
+        loc = location(path)
         if isinstance(loc, str):
             import lance
 
             try:
-                lance.dataset(_table_uri(loc), storage_options=dict(storage_options or {}) or None)
+                lance.dataset(table_uri(loc), storage_options=dict(storage_options or {}) or None)
                 return True
             except Exception:  # no committed version there (lance raises ValueError/OSError)
                 return False
-        return lance_ops.committed(_table_dir(loc))
+        return lance_ops.committed(table_dir(loc))
 
     @staticmethod
     def _connect(path: "Path | str", storage_options: Mapping[str, str] | None = None):
@@ -204,9 +160,9 @@ class GradientBank:
                 f"this regrad writes bank format {FORMAT_VERSION}, not {meta.format_version}"
             )
         meta = BankMeta.from_json(meta.to_json())  # exactly what a reader will see
-        path = _location(path)
+        path = location(path)
         with cls._new_bank(path, storage_options):
-            with _lance_errors(f"cannot create bank at {path}"):
+            with lance_errors(f"cannot create bank at {path}"):
                 db = cls._connect(path, storage_options)
                 table = db.create_table(TABLE_NAME, schema=arrow_schema(meta.dim, meta), mode="create")
         log.info("created bank at %s (codec %s)", path, meta.codec.name)
@@ -218,7 +174,7 @@ class GradientBank:
         """Held while a bank is created at ``loc``: its directory made, the writer lock taken, and
         no bank there yet."""
         if isinstance(loc, Path):
-            with _lance_errors(f"cannot create bank directory {loc}"):
+            with lance_errors(f"cannot create bank directory {loc}"):
                 loc.mkdir(parents=True, exist_ok=True)
         with cls._lock(loc):
             if cls.exists(loc, storage_options):
@@ -241,23 +197,23 @@ class GradientBank:
         if not isinstance(meta, BankMeta):
             raise BankFormatError(f"meta must be a BankMeta, got {type(meta).__name__}")
         meta = BankMeta.from_json(meta.to_json())
-        loc = _location(path)
+        loc = location(path)
         frags = parse_fragments(fragments)
-        dup = _repeated(keys or ())
+        dup = repeated(keys or ())
         if dup:
             raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
         with cls._new_bank(loc, storage_options):
-            with _lance_errors(f"cannot create bank at {loc}"):
+            with lance_errors(f"cannot create bank at {loc}"):
                 found = fragment_keys(loc, frags, storage_options)
                 if keys is not None and sorted(found) != sorted(tuple(k) for k in keys):
                     raise BankFormatError(
                         f"the fragments to commit to {loc} hold other rows than the build wrote "
                         f"({len(found)} read back, {len(keys)} expected); nothing was committed")
-                dup = _repeated(found)
+                dup = repeated(found)
                 if dup:
                     raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
                 lance.LanceDataset.commit(
-                    _table_uri(loc), lance.LanceOperation.Overwrite(arrow_schema(meta.dim, meta), frags),
+                    table_uri(loc), lance.LanceOperation.Overwrite(arrow_schema(meta.dim, meta), frags),
                     storage_options=dict(storage_options or {}) or None)
         log.info("created bank at %s with %d rows in one commit", loc, sum(f.num_rows for f in frags))
         return cls.open(loc, storage_options=storage_options)
@@ -274,10 +230,10 @@ class GradientBank:
         ``path`` may be an object-store URI (``s3://...``); ``storage_options`` then go to Lance
         (credentials, endpoint, region; the AWS_* environment variables work too).
         """
-        path = _location(path)
+        path = location(path)
         if not cls.exists(path, storage_options):
             raise BankFormatError(f"no bank at {path}")
-        with _lance_errors(f"cannot open bank at {path}"):
+        with lance_errors(f"cannot open bank at {path}"):
             db = cls._connect(path, storage_options)
             table = db.open_table(TABLE_NAME)
             schema = table.schema
@@ -332,7 +288,7 @@ class GradientBank:
     def build_lease(path: "str | os.PathLike"):
         """The lease a build of the bank at ``path`` holds for its whole run (a re-entrant
         ``filelock.FileLock``): while it is held, maintenance keeps unreferenced data files."""
-        return lance_ops.build_lease(_location(path))
+        return lance_ops.build_lease(location(path))
 
     def _writing(self):
         if self._read_only is not None:
@@ -343,130 +299,15 @@ class GradientBank:
         """The latest committed version as a lance dataset: one consistent snapshot."""
         import lance
 
-        with _lance_errors(f"cannot read bank at {self._path}"):
-            return lance.dataset(_table_uri(self._path), storage_options=self._storage or None)
-
-    def _check_row(self, doc_id: str | None, blob: Any, checksum: Any, codec: Any) -> list[np.ndarray]:
-        """Decode one stored row, or raise CorruptBlobError naming it (section 7)."""
-        if blob is None:
-            raise CorruptBlobError("blob is missing", doc_id=doc_id)
-        actual = hashlib.sha256(blob).hexdigest()
-        if checksum != actual:
-            raise CorruptBlobError(
-                f"checksum mismatch: stored {checksum}, blob hashes to {actual}", doc_id=doc_id
-            )
-        want = self._meta.codec
-        if codec != want.name:
-            what = "unknown codec" if codec not in CODECS else "codec"
-            raise CorruptBlobError(f"row has {what} {codec!r}, the bank uses {want.name!r}", doc_id=doc_id)
-        try:
-            header = read_header(blob)
-            if header.codec != want.name or (want.name in GROUPED_CODECS and header.group_size != want.group_size):
-                raise CorruptBlobError(
-                    f"blob is {header.codec} (group {header.group_size}), the bank uses "
-                    f"{want.name} (group {want.group_size})"
-                )
-            return decode_blob(blob, self._meta.layout)
-        except BankFormatError as e:
-            raise CorruptBlobError(str(e), doc_id=doc_id) from None
+        with lance_errors(f"cannot read bank at {self._path}"):
+            return lance.dataset(table_uri(self._path), storage_options=self._storage or None)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _prepare_row(self, i: int, row: Any) -> dict:
-        if not isinstance(row, Mapping):
-            raise BankFormatError(f"row {i} must be a dict, got {type(row).__name__}")
-        unknown = sorted(set(row) - _ROW_KEYS)
-        if unknown:
-            raise BankFormatError(f"row {i} has unknown keys {unknown}; allowed: {sorted(_ROW_KEYS)}")
-        doc_id = row.get("doc_id")
-        if not isinstance(doc_id, str) or not doc_id or "\x00" in doc_id:
-            raise BankFormatError(f"row {i}: doc_id must be a non-empty string without NUL, got {doc_id!r}")
-        where = f"row {i} (doc_id {doc_id!r})"
-        content_hash = row.get("content_hash")
-        if not isinstance(content_hash, str) or not content_hash:
-            raise BankFormatError(f"{where}: content_hash must be a non-empty string, got {content_hash!r}")
-        source = row.get("source")
-        if source is not None and not isinstance(source, str):
-            raise BankFormatError(f"{where}: source must be a string or None, got {source!r}")
-        try:
-            n_tokens = operator.index(row.get("n_tokens"))
-        except TypeError:
-            n_tokens = None
-        if n_tokens is None or isinstance(row.get("n_tokens"), bool) or not 0 <= n_tokens < 2**31:
-            raise BankFormatError(f"{where}: n_tokens must be an integer in [0, 2^31), got {row.get('n_tokens')!r}")
-        try:
-            emb = np.asarray(row.get("embedding"), dtype=np.float32)
-        except (TypeError, ValueError):
-            raise BankFormatError(f"{where}: embedding is not a vector of numbers") from None
-        if emb.shape != (self._meta.dim,):
-            raise BankFormatError(
-                f"{where}: embedding has shape {emb.shape}, the bank's embedder has dim {self._meta.dim}"
-            )
-        if not np.isfinite(emb).all() or not np.any(emb):
-            # Cosine similarity of a zero vector is undefined: such a row could never be found.
-            raise BankFormatError(f"{where}: embedding must be finite with a non-zero norm")
-        has_t, has_b = row.get("tensors") is not None, row.get("blob") is not None
-        if has_t == has_b:
-            raise BankFormatError(f"{where}: give exactly one of 'tensors' or 'blob'")
-        if has_t:
-            try:
-                blob = encode_blob(row["tensors"], self._meta.layout, self._meta.codec)
-            except BankFormatError as e:
-                raise BankFormatError(f"{where}: {e}") from None
-        else:
-            blob = row["blob"]
-            if not isinstance(blob, (bytes, bytearray, memoryview)):
-                raise BankFormatError(f"{where}: blob must be bytes, got {type(blob).__name__}")
-            blob = bytes(blob)
-            checksum = hashlib.sha256(blob).hexdigest()
-            try:
-                self._check_row(doc_id, blob, checksum, self._meta.codec.name)
-            except CorruptBlobError as e:
-                raise CorruptBlobError(f"{where}: refusing to append: {e}", doc_id=doc_id) from None
-        return {
-            "doc_id": doc_id,
-            "content_hash": content_hash,
-            "source": source,
-            "embedding": emb,
-            "blob": blob,
-            "n_tokens": n_tokens,
-        }
-
     def rows_table(self, rows: Sequence[Mapping[str, Any]]) -> Any:
-        """Validate and encode ``rows`` into the Arrow table that ``append`` writes (no I/O).
-
-        Each row: ``doc_id``, ``content_hash``, ``embedding`` (dim floats), ``n_tokens``, optional
-        ``source``, and either ``tensors`` (arrays in layout order) or ``blob`` (encoded bytes,
-        checked against the layout and codec). Returns None for an empty list.
-        """
-        import pyarrow as pa
-
-        if isinstance(rows, Mapping):
-            raise BankFormatError("append takes a list of row dicts, not one dict")
-        prepared = [self._prepare_row(i, r) for i, r in enumerate(rows)]
-        if not prepared:
-            return None
-        dup = _repeated((r["doc_id"], r["content_hash"]) for r in prepared)
-        if dup:
-            raise BankFormatError(f"the batch repeats (doc_id, content_hash) keys: {dup[:5]}")
-        now = datetime.now(timezone.utc)
-        dim = self._meta.dim
-        schema = arrow_schema(dim)  # no metadata: an append must never touch the bank's metadata
-        embeddings = np.stack([r["embedding"] for r in prepared]).reshape(-1)
-        return pa.table(
-            {
-                "doc_id": pa.array([r["doc_id"] for r in prepared], pa.string()),
-                "content_hash": pa.array([r["content_hash"] for r in prepared], pa.string()),
-                "source": pa.array([r["source"] for r in prepared], pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings, pa.float32()), dim),
-                "blob": pa.array([r["blob"] for r in prepared], pa.large_binary()),
-                "codec": pa.array([self._meta.codec.name] * len(prepared), pa.string()),
-                "n_tokens": pa.array([r["n_tokens"] for r in prepared], pa.int32()),
-                "checksum": pa.array([hashlib.sha256(r["blob"]).hexdigest() for r in prepared], pa.string()),
-                "created_at": pa.array([now] * len(prepared), pa.timestamp("us", tz="UTC")),
-            },
-            schema=schema,
-        )
+        """Validate and encode ``rows`` into the Arrow table that ``append`` writes (no I/O;
+        ``rows.rows_table``)."""
+        return rows_table(self._meta, rows)
 
     def append(self, rows: Sequence[Mapping[str, Any]],
                forbidden: Callable[[], "set[str]"] | None = None) -> int:
@@ -481,7 +322,7 @@ class GradientBank:
         data = self.rows_table(rows)
         if data is None:
             return 0
-        with self._writing(), _lance_errors(f"cannot append to bank at {self._path}"):
+        with self._writing(), lance_errors(f"cannot append to bank at {self._path}"):
             if forbidden is not None:
                 import pyarrow as pa
                 import pyarrow.compute as pc
@@ -503,7 +344,7 @@ class GradientBank:
 
         if self._read_only is not None:
             raise BankFormatError(self._read_only)
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             version = self._dataset().data_storage_version
         return FragmentWriter(self._path, self._meta, self._storage, version)
 
@@ -529,11 +370,11 @@ class GradientBank:
         if not frags:
             return 0
         n = sum(f.num_rows for f in frags)
-        with self._writing(), _lance_errors(f"cannot commit to bank at {self._path}"):
+        with self._writing(), lance_errors(f"cannot commit to bank at {self._path}"):
             ds = self._dataset()
             found = fragment_keys(self._path, frags, self._storage)
             if keys is not None:
-                dup = _repeated(keys)
+                dup = repeated(keys)
                 if dup:
                     raise BankFormatError(f"the fragments repeat (doc_id, content_hash) keys: {dup[:5]}")
                 if sorted(found) != sorted(tuple(k) for k in keys):
@@ -550,7 +391,7 @@ class GradientBank:
                     f"{len(clash)} of the rows to commit are already in bank {self._path} (another "
                     f"build ran alongside?), e.g. {clash[0]}; nothing was committed"
                 )
-            lance.LanceDataset.commit(_table_uri(self._path), lance.LanceOperation.Append(frags),
+            lance.LanceDataset.commit(table_uri(self._path), lance.LanceOperation.Append(frags),
                                       read_version=ds.version, storage_options=self._storage or None)
             banned = set(forbidden()) if forbidden is not None else set()
             gone = sorted({d for d, _ in new} & banned)
@@ -580,7 +421,7 @@ class GradientBank:
         ids = set(doc_ids or ())
         sources = set(where_sources or ())
         keep = None if keep_keys is None else {tuple(k) for k in keep_keys}
-        with self._writing(), _lance_errors(f"cannot delete from bank at {self._path}"):
+        with self._writing(), lance_errors(f"cannot delete from bank at {self._path}"):
             ds = self._dataset()
             t = ds.to_table(columns=["doc_id", "content_hash", "source"], with_row_id=True)
             doc, hsh, src = (t.column(c).to_pylist() for c in ("doc_id", "content_hash", "source"))
@@ -603,7 +444,7 @@ class GradientBank:
         # them before the commit): they are deleted now only when no build holds the lease,
         # else only past lance_ops.ORPHAN_GRACE. Referenced files of old versions always go.
         with self._writing(), lance_ops.no_build_in_flight(self._path) as idle, \
-                _lance_errors(f"cannot compact bank at {self._path}"):
+                lance_errors(f"cannot compact bank at {self._path}"):
             ds = self._dataset()
             options: dict[str, Any] = {
                 "batch_size": PURGE_BATCH_ROWS,
@@ -662,29 +503,29 @@ class GradientBank:
         """
         if index_type not in _INDEX_TYPES:
             raise BankFormatError(f"unknown index type {index_type!r}; use one of {sorted(_INDEX_TYPES)}")
-        with self._writing(), _lance_errors(f"cannot index bank at {self._path}"):
+        with self._writing(), lance_errors(f"cannot index bank at {self._path}"):
             self._build_index(_INDEX_TYPES[index_type], num_partitions, **params)
 
     # -- reading ------------------------------------------------------------------------------
 
     def version(self) -> int:
         """The latest committed dataset version (each append, delete or commit adds one)."""
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             return self._dataset().version
 
     def count(self) -> int:
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             return self._dataset().count_rows()
 
     def keys(self) -> set[tuple[str, str]]:
         """All (doc_id, content_hash) pairs; reads only those two columns."""
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             t = self._dataset().to_table(columns=["doc_id", "content_hash"])
         return set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
 
     def doc_ids(self, where_sources: Sequence[str] | None = None) -> set[str]:
         """The doc ids in the bank (those whose source is in ``where_sources``, when given)."""
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             t = self._dataset().to_table(columns=["doc_id", "source"])
         ids, srcs = t.column("doc_id").to_pylist(), t.column("source").to_pylist()
         if where_sources is None:
@@ -703,14 +544,18 @@ class GradientBank:
             raise BankFormatError("search vector must be finite with a non-zero norm")
         return q
 
-    def _search_query(self, vector: Any, k: int):
+    def search_query(self, vector: Any, k: int, *, nprobes: int | None = None):
+        """The LanceDB query ``search`` runs (not run yet): the ``k`` nearest rows by cosine, their
+        doc_id, content_hash, source and ``_distance``; ``nprobes`` partitions of an ANN index
+        are searched (default ``SEARCH_NPROBES``; ignored by a search without an index, which is
+        exact)."""
         q = self._check_vector(vector)
         return (
             self._table.search(q, vector_column_name="embedding")
             .distance_type("cosine")
             .select(["doc_id", "content_hash", "source", "_distance"])
             .limit(k)
-            .nprobes(SEARCH_NPROBES)  # ignored by a search without an index (exact)
+            .nprobes(SEARCH_NPROBES if nprobes is None else nprobes)
         )
 
     def search(self, vector: Any, k: int) -> list[dict]:
@@ -729,8 +574,8 @@ class GradientBank:
         snap = self._snapshot()
         if snap is not None:
             return snap.search(q, k)
-        query = self._search_query(q, k)
-        with _lance_errors(f"cannot search bank at {self._path}"):
+        query = self.search_query(q, k)
+        with lance_errors(f"cannot search bank at {self._path}"):
             t = query.to_arrow()
         cols = {c: t.column(c).to_pylist() for c in ("doc_id", "content_hash", "source", "_distance")}
         return [
@@ -742,7 +587,7 @@ class GradientBank:
         """The in-memory snapshot of the latest version, or None when the bank is too big for one
         or has a vector index (then LanceDB searches). Opening the latest version to compare
         versions costs a fraction of a millisecond; the columns are re-read only on a change."""
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             ds = self._dataset()
             snap = self._snap
             if snap is not None and snap.version == ds.version:
@@ -764,7 +609,7 @@ class GradientBank:
             where = {d: snap.latest[d] for d in ids if d in snap.latest}
             if where:
                 order = sorted(set(where.values()))
-                with _lance_errors(f"cannot read bank at {self._path}"):
+                with lance_errors(f"cannot read bank at {self._path}"):
                     t = snap.ds.take(order, columns=_CHECK_COLUMNS)
                 by_pos = dict(zip(order, t.to_pylist()))
                 rows = {d: by_pos[i] for d, i in where.items()}
@@ -773,7 +618,7 @@ class GradientBank:
             for i in range(0, len(ids), _FETCH_CHUNK):
                 chunk = ids[i : i + _FETCH_CHUNK]
                 pred = f"doc_id IN ({', '.join(_sql_str(d) for d in chunk)})"
-                with _lance_errors(f"cannot read bank at {self._path}"):
+                with lance_errors(f"cannot read bank at {self._path}"):
                     t = ds.to_table(columns=_CHECK_COLUMNS + ["created_at"], filter=pred)
                 for r in t.to_pylist():
                     old = rows.get(r["doc_id"])
@@ -791,7 +636,7 @@ class GradientBank:
                 missing.append(d)
                 continue
             try:
-                decoded[d] = self._check_row(d, r["blob"], r["checksum"], r["codec"])
+                decoded[d] = check_row(self._meta, d, r["blob"], r["checksum"], r["codec"])
             except CorruptBlobError as e:
                 corrupt[d] = str(e)
         return decoded, corrupt, missing
@@ -841,7 +686,7 @@ class GradientBank:
         "duplicates": [{"doc_id", "content_hash", "count"}], "fragments", "version"}.
         """
         ds = self._dataset()
-        with _lance_errors(f"cannot list the fragments of bank at {self._path}"):
+        with lance_errors(f"cannot list the fragments of bank at {self._path}"):
             fragments = ds.get_fragments()
             version = ds.version
         total = sum(_fragment_rows(f) or 0 for f in fragments)
@@ -858,7 +703,7 @@ class GradientBank:
                         rows += 1
                         keys[(doc_id, chash)] += 1
                         try:
-                            self._check_row(doc_id, blob, checksum, codec)
+                            check_row(self._meta, doc_id, blob, checksum, codec)
                             ok += 1
                         except CorruptBlobError as e:
                             bad.append({"doc_id": doc_id, "fragment": frag.fragment_id, "reason": str(e)})
@@ -896,7 +741,7 @@ class GradientBank:
 
         ds = self._dataset()
         lengths: list[int] = []
-        with _lance_errors(f"cannot read bank at {self._path}"):
+        with lance_errors(f"cannot read bank at {self._path}"):
             for batch in (b for frag in ds.get_fragments() for b in _chunks(frag, ["blob"])):
                 lengths.extend(pc.binary_length(batch.column("blob")).to_pylist())
             documents = len(set(ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()))
@@ -948,7 +793,7 @@ def fragment_keys(loc: "Path | str", frags: Sequence[Any], storage_options: Mapp
     for frag in frags:
         got = None
         for f in frag.files:
-            uri = f"{_table_uri(loc)}/data/{f.path}"
+            uri = f"{table_uri(loc)}/data/{f.path}"
             try:
                 reader = lance.file.LanceFileReader(uri, storage_options=opts)
                 names = reader.metadata().schema.names

@@ -19,8 +19,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .bank import GradientBank, _lance_errors, _location, _table_uri
 from .errors import BankFormatError
+from .location import lance_errors, location, table_uri
+from .rows import rows_table
 from .schema import BankMeta, arrow_schema
 
 # Rows of one written fragment file at most (a worker's call writes one fragment per call
@@ -42,7 +43,7 @@ class FragmentWriter:
 
     def __init__(self, path: "Path | str", meta: BankMeta, storage_options: Mapping[str, str] | None = None,
                  data_storage_version: str | None = None):
-        self.location = _location(path)
+        self.location = location(path)
         self.meta_json = meta.to_json()
         self.storage_options = dict(storage_options or {})
         self.data_storage_version = data_storage_version
@@ -68,23 +69,18 @@ class FragmentWriter:
                                {**self.storage_options, **dict(extra)}, self.data_storage_version)
         return other
 
-    def _encoder(self) -> GradientBank:
-        # A GradientBank with no connection: rows_table only needs the metadata.
-        return GradientBank(self.location, BankMeta.from_json(self.meta_json), None, None, None,
-                            self.storage_options)
-
     def write(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """Validate, encode and write ``rows``; return the new fragments as JSON strings (to pass
         to ``GradientBank.commit_fragments``). Nothing is visible to readers yet."""
         import lance.fragment
 
-        encoder = self._encoder()
-        table = encoder.rows_table(rows)
+        meta = BankMeta.from_json(self.meta_json)
+        table = rows_table(meta, rows)
         if table is None:
             return []
-        with _lance_errors(f"cannot write fragments of bank at {self.location}"):
+        with lance_errors(f"cannot write fragments of bank at {self.location}"):
             frags = lance.fragment.write_fragments(
-                table, _table_uri(self.location), schema=arrow_schema(encoder.meta.dim), mode="append",
+                table, table_uri(self.location), schema=arrow_schema(meta.dim), mode="append",
                 max_rows_per_file=MAX_ROWS_PER_FILE, data_storage_version=self.data_storage_version,
                 storage_options=self.storage_options or None,
             )

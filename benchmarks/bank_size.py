@@ -73,7 +73,7 @@ def main() -> None:
 
     from bank_format import CodecSpec, TensorSpec, decode_blob, encode_blob
     from regrad_cli.workspace.config import BankConfig, QueryConfig
-    from regrad_cli.workspace.engine import NEGLIGIBLE_ALPHA
+    from regrad_cli.learner.energy import NEGLIGIBLE_ALPHA
     from regrad_cli.lm.generation import answer_nll, generate
     from regrad_cli.learner.gradients import document_gradients
     from regrad_cli.learning.scores import exact_match, f1_score
@@ -106,7 +106,8 @@ def main() -> None:
         gold = [names.index(q.meta["source"]) for q in questions]
     else:
         # A regrad dataset spec: the sampled questions' gold passages form the corpus.
-        from regrad_cli.learning.datasets import corpus_of, load_dataset
+        from regrad_cli.learning.datasets import load_dataset
+        from regrad_cli.learning.qa import corpus_of
 
         questions = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
         questions = random.Random(args.seed).sample(questions, min(len(questions), n_questions or 60))

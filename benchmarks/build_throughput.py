@@ -68,7 +68,8 @@ def main() -> None:
     from regrad_cli.offline.build import build_bank
     from regrad_cli.workspace.config import BankConfig
     from regrad_cli.workspace.documents import DocumentStore
-    from regrad_cli.learner.gradients import compute_context, document_gradients, encode_documents, per_sample_nll, resolve_compute_dtype
+    from regrad_cli.learner.gradients import compute_context, document_gradients, resolve_compute_dtype
+    from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 
     default_batch = BankConfig().batch_size
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else (

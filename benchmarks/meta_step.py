@@ -49,7 +49,7 @@ def main() -> None:
     import dataclasses
 
     from regrad_cli.lm.generation import teacher_forced_batch
-    from regrad_cli.learner.gradients import encode_documents, per_sample_nll
+    from regrad_cli.lm.tokens import encode_documents, per_sample_nll
     from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, outer_loss
     from regrad_cli.lm.prompting import prompt_ids
 

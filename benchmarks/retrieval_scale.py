@@ -201,7 +201,7 @@ def main() -> None:
                 lat, hits = [], []
                 for _, q in qs:
                     t0 = time.perf_counter()
-                    t = bank._search_query(q, args.k).nprobes(nprobes).to_arrow()
+                    t = bank.search_query(q, args.k, nprobes=nprobes).to_arrow()
                     lat.append((time.perf_counter() - t0) * 1e3)
                     hits.append(t.column("doc_id").to_pylist())
                 return lat, hits

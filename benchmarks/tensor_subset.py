@@ -104,7 +104,8 @@ def main() -> None:
         if n_questions and n_questions < len(questions):
             questions = random.Random(args.seed).sample(questions, n_questions)
     else:
-        from regrad_cli.learning.datasets import corpus_of, load_dataset
+        from regrad_cli.learning.datasets import load_dataset
+        from regrad_cli.learning.qa import corpus_of
 
         pool = [q for q in load_dataset(args.dataset) if q.documents and q.kind == "qa"]
         questions = random.Random(args.seed).sample(pool, min(len(pool), n_questions or 100))

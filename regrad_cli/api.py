@@ -114,12 +114,13 @@ class Regrad:
         unknown = sorted(set(options) - set(QUERY_OPTIONS))
         if unknown:
             raise FieldError(unknown[0], f"unknown option (use {', '.join(QUERY_OPTIONS)})")
-        q = self.ws.config.query
-        opts = {"mode": q.mode, "top_k": q.top_k, "gamma": q.gamma, "combine": q.combine or None,
-                "retriever": q.retriever, "max_new_tokens": q.max_new_tokens, "min_score": None, "show_docs": False}
-        opts.update({k: v for k, v in options.items() if v is not None})
-        check_options(**{k: v for k, v in opts.items() if k != "show_docs"})
-        return Request(question, **opts)
+        given = {k: v for k, v in options.items() if v is not None}
+        check_options(**{k: v for k, v in given.items() if k != "show_docs"})  # named as given
+        opts = self.ws.config.query.request_options(**{k: given.get(k) for k in (
+            "mode", "top_k", "gamma", "combine", "retriever", "max_new_tokens")})
+        check_options(**opts)  # the workspace's settings too
+        return Request(question, show_docs=bool(given.get("show_docs", False)), min_score=given.get("min_score"),
+                       **opts)
 
     def query(self, question: str, **options) -> dict:
         """Answer one question (`regrad query QUESTION --json`). ``options``: mode, top_k, gamma,
@@ -136,11 +137,9 @@ class Regrad:
 
     def status(self) -> dict:
         """Documents, chunks, rows, pending and stale counts, fingerprints (`regrad status --json`)."""
-        from regrad_cli.offline.unlearn import Tombstones
         from regrad_cli.workspace.status import workspace_status
 
-        tomb = Tombstones(self.ws).load()
-        return workspace_status(self.ws, unlearned=len(tomb["ids"]) + len(tomb["sources"]))
+        return workspace_status(self.ws)
 
     def documents(self, source: str | None = None) -> list[dict]:
         """One entry per document with its chunk ids (`regrad docs ls --json`)."""

@@ -12,10 +12,11 @@ import json
 import pytest
 import torch
 
-from regrad_cli.workspace.engine import init_learner
+from regrad_cli.workspace.checkpoints import init_learner
 from regrad_cli.errors import RegradError
 from regrad_cli.lm.fakes import byte_tokenizer, tiny_model
-from regrad_cli.learner.gradients import encode_documents, grouped_gradients, per_sample_nll
+from regrad_cli.learner.gradients import grouped_gradients
+from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 from regrad_cli.learner.lora import Learner, LoRALinear
 from regrad_cli.learner.targets import FAMILY_TARGETS, in_out_features
 from reliability_helpers import run_cli

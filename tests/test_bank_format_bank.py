@@ -106,7 +106,7 @@ def test_create_append_search_fetch_verify_stats(tmp_path):
     assert [set(h) for h in hits] == [{"doc_id", "content_hash", "source", "score"}] * 3
     assert hits[0]["doc_id"] == "a2" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
-    assert "blob" not in reopened._search_query(np.ones(DIM), 3).explain_plan(), "search must not read blobs"
+    assert "blob" not in reopened.search_query(np.ones(DIM), 3).explain_plan(), "search must not read blobs"
 
     got = reopened.fetch(["a1", "b0"])
     assert all(np.array_equal(x, y) for x, y in zip(got["a1"], rows_a[1]["tensors"]))
@@ -425,7 +425,7 @@ def test_two_writers_take_turns(tmp_path):
 # -- in-memory search snapshot (small banks) ----------------------------------------------------
 
 def _lance_exact(bank: GradientBank, q, k: int) -> list[tuple[str, float]]:
-    t = bank._search_query(q, k).to_arrow()
+    t = bank.search_query(q, k).to_arrow()
     return list(zip(t.column("doc_id").to_pylist(), [1.0 - d for d in t.column("_distance").to_pylist()]))
 
 

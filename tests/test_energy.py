@@ -233,7 +233,7 @@ def test_a_subset_bank_of_a_doc_norm_learner_stores_rows_normalised_over_the_who
 
 @pytest.mark.real
 def test_cli_learner_energy_writes_the_record(tmp_path, monkeypatch, capsys):
-    from regrad_cli.workspace.engine import bundled_checkpoint_dir
+    from regrad_cli.workspace.checkpoints import bundled_checkpoint_dir
     from reliability_helpers import run_cli
 
     ck = tmp_path / "ck"

@@ -169,3 +169,25 @@ def test_settings_that_do_not_load_are_never_saved(tmp_path, capsys, monkeypatch
     assert code == 1 and "HF_HUB_OFFLINE" in err and "local directory" in err and not toml.exists()
     code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
     assert code == 0 and 'id = "fake:llama"' in toml.read_text()
+
+
+def test_every_mode_answers_the_documented_keys(built, capsys, monkeypatch):
+    from regrad_cli.online.modes import ANSWER_KEYS, MODES, RETRIEVED_KEYS
+
+    batch = built / "q.jsonl"
+    batch.write_text('{"id": 1, "question": "Who founded the Tessaly Guild?"}\n'
+                     '{"id": 2, "question": "Who built the Ombra bridge?"}\n')
+    for mode in MODES:
+        code, out, err = run_cli(["query", "--batch", batch, "--mode", mode, "--max-new-tokens", "3"],
+                                 capsys, monkeypatch)
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and len(rows) == 2, err
+        for res in rows:
+            assert set(res) == set(ANSWER_KEYS), (mode, set(res) ^ set(ANSWER_KEYS))
+            assert res["batch_size"] == 2
+            for r in res["retrieved"]:
+                assert set(r) == set(RETRIEVED_KEYS) - {"text"}
+                assert (r["weight"] is None) == (not r["applied"])
+    code, out, err = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param", "--show-docs"],
+                             capsys, monkeypatch)
+    assert "weight" in err and "It keeps maps." in err.splitlines()  # the passage's own line breaks

@@ -8,7 +8,7 @@ import torch
 
 from regrad_cli.learner import adapt
 from regrad_cli.lm.fakes import FAMILIES, byte_tokenizer, tiny_model
-from regrad_cli.lm.generation import _generate_hf, generate, left_pad
+from regrad_cli.lm.generation import generate_hf, generate, left_pad
 
 PROMPTS = ["the observatory was founded in", "who", "a much longer prompt about the comet and its return",
            "x y z", "eighteen eighty", "the lens is"]
@@ -62,7 +62,7 @@ def test_dropping_finished_rows_is_token_identical_to_hf_generate(family, one_th
     tok._regrad_newline_ids = torch.tensor(sorted(stops))  # these count as "newline" here
     stats: dict = {}
     texts = generate(model, tok, prompts, MAX_NEW, stats=stats)
-    assert texts == _generate_hf(model, tok, prompts, MAX_NEW)
+    assert texts == generate_hf(model, tok, prompts, MAX_NEW)
     assert stats["tokens"] == _reference(model, tok, prompts, stops | {tok.eos_token_id})
     lengths = stats["new_tokens"]
     assert len(set(lengths)) > 1, "the rows should finish at different steps"
@@ -74,7 +74,7 @@ def test_one_prompt_without_padding_matches_generate(one_thread):
     model, tok = _model("llama"), byte_tokenizer()
     prompts = _prompt_ids(tok)[:1]
     stats: dict = {}
-    assert generate(model, tok, prompts, MAX_NEW, stats=stats) == _generate_hf(model, tok, prompts, MAX_NEW)
+    assert generate(model, tok, prompts, MAX_NEW, stats=stats) == generate_hf(model, tok, prompts, MAX_NEW)
     assert stats["tokens"][0] == _reference(model, tok, prompts, {tok.eos_token_id} |
                                             set(tok._regrad_newline_ids.tolist()))[0][: len(stats["tokens"][0])]
 
@@ -104,7 +104,7 @@ def test_per_row_adapters_follow_the_rows_that_remain(one_thread):
     with adapt.applied(learner, state):
         texts = generate(model, tok, prompts, MAX_NEW, on_rows=follow, stats=stats)
         learner.use(state)  # every row again: generate keeps every row to the end
-        assert texts == _generate_hf(model, tok, prompts, MAX_NEW)
+        assert texts == generate_hf(model, tok, prompts, MAX_NEW)
     assert seen and all(len(b) < len(a) for a, b in zip([list(range(len(prompts)))] + seen, seen))
     for i, p in enumerate(prompts):
         with adapt.applied(learner, per_row[i]):

@@ -2,7 +2,8 @@
 
 import torch
 
-from regrad_cli.learner.gradients import encode_documents, grouped_gradients, per_sample_nll
+from regrad_cli.learner.gradients import grouped_gradients
+from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 from regrad_cli.learner.lora import Learner
 
 TEXTS = ["the quick brown fox jumps", "lorem ipsum dolor sit amet, consectetur", "a b c"]

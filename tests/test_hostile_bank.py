@@ -291,7 +291,7 @@ def test_bank_with_another_tensor_layout_is_refused_by_query(tmp_path):
 
     from bank_format import BankMismatchError
     from conftest import FakeEmbedder
-    from regrad_cli.offline.build import expected_fingerprints
+    from regrad_cli.workspace.banks import expected_fingerprints
     from reliability_helpers import bank_of, do_build, do_ingest, make_engine, open_ws, write_corpus
 
     engine = make_engine()

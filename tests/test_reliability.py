@@ -387,7 +387,7 @@ def _set_metadata(table_dir: Path, key: str, value: str | None, original: dict) 
 @given(data=st.data())
 def test_fuzzed_bank_metadata_only_bank_format_error(fuzz_bank, engine, data):
     from bank_format import BankFormatError, GradientBank
-    from regrad_cli.offline.build import expected_fingerprints
+    from regrad_cli.workspace.banks import expected_fingerprints
 
     ws, path, original = fuzz_bank
     good = json.loads(original[b"regrad.bank"])

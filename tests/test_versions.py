@@ -13,8 +13,8 @@ import pytest
 
 from regrad_cli.workspace.config import CONFIG_MIGRATIONS, CONFIG_VERSION, Workspace, tomllib
 from regrad_cli.errors import ConfigError, RegradError
-from regrad_cli.learner.lora import (CHECKPOINT_CONFIG, CHECKPOINT_TENSORS, LEARNER_MIGRATIONS, LEARNER_VERSION,
-                             Learner)
+from regrad_cli.learner.lora import Learner
+from regrad_cli.learner.persistence import CHECKPOINT_CONFIG, CHECKPOINT_TENSORS, LEARNER_MIGRATIONS, LEARNER_VERSION
 from regrad_cli.versions import Migrations, Version
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -157,7 +157,7 @@ def test_golden_learner_v1_1_loads_and_fits_its_model():
 
 
 def test_shipped_checkpoint_loads_with_its_recorded_id():
-    from regrad_cli.workspace.engine import bundled_checkpoint_dir
+    from regrad_cli.workspace.checkpoints import bundled_checkpoint_dir
 
     path = bundled_checkpoint_dir()
     recorded = json.loads((path / CHECKPOINT_CONFIG).read_text())

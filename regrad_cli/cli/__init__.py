@@ -1,4 +1,5 @@
-"""The ``regrad`` command line: one module per command, heavy imports inside the commands."""
+"""The ``regrad`` command line: one module per command (registered here, explicitly), heavy imports
+inside the commands."""
 
 from __future__ import annotations
 
@@ -46,19 +47,20 @@ def _root(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-from regrad_cli.cli import bank as _bank  # noqa: E402
-from regrad_cli.cli import build_bank as _build_bank  # noqa: E402,F401
-from regrad_cli.cli import eval as _eval  # noqa: E402,F401
-from regrad_cli.cli import ingest as _ingest  # noqa: E402,F401
-from regrad_cli.cli import learner as _learner  # noqa: E402
-from regrad_cli.cli import meta_train as _meta_train  # noqa: E402,F401
-from regrad_cli.cli import query as _query  # noqa: E402,F401
-from regrad_cli.cli import serve as _serve  # noqa: E402,F401
-from regrad_cli.cli import status as _status  # noqa: E402
+from regrad_cli.cli import bank, build_bank, ingest, learner, meta_train, query, serve, status  # noqa: E402
+from regrad_cli.cli import eval as eval_command  # noqa: E402
 
-app.add_typer(_bank.bank_app, name="bank")
-app.add_typer(_learner.learner_app, name="learner")
-app.add_typer(_status.docs_app, name="docs")
+# Every command, in the order `regrad --help` lists them.
+app.command("build-bank")(build_bank.build_bank_cmd)
+app.command("eval")(eval_command.eval_cmd)
+app.command("ingest")(ingest.ingest_cmd)
+app.command("meta-train")(meta_train.meta_train_cmd)
+app.command("query")(query.query_cmd)
+app.command("serve")(serve.serve_cmd)
+app.command("status")(status.status_cmd)
+app.add_typer(bank.bank_app, name="bank")
+app.add_typer(learner.learner_app, name="learner")
+app.add_typer(status.docs_app, name="docs")
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, safe_text, ws_help
 
 
@@ -15,8 +14,7 @@ def up_to_date(ws, checkpoint: str | None) -> dict | None:
     stale), told from the documents table, the bank and the learner's files without loading a
     model; None when there is work, or when that cannot be told without the model. A workspace
     without documents is refused here too."""
-    from bank_format import GradientBank
-    from regrad_cli.workspace.banks import current_checkpoint_id
+    from regrad_cli.workspace.banks import current_checkpoint_id, open_bank
     from regrad_cli.workspace.documents import DocumentStore
     from regrad_cli.errors import RegradError
     from regrad_cli.workspace.status import freshness
@@ -27,10 +25,10 @@ def up_to_date(ws, checkpoint: str | None) -> dict | None:
     cid = current_checkpoint_id(ws, required=False) if checkpoint is None else None
     if cid is None:
         return None
-    path, opts = ws.bank_path(cid), ws.bank_storage_options()
-    if not GradientBank.exists(path, opts):
+    path = ws.bank_path(cid)
+    bank = open_bank(path, ws.bank_storage_options(), missing_ok=True)
+    if bank is None:
         return None
-    bank = GradientBank.open(path, read_only=True, storage_options=opts)
     fresh = freshness(store, bank)
     if fresh["pending"] or fresh["stale"]:
         return None
@@ -39,7 +37,6 @@ def up_to_date(ws, checkpoint: str | None) -> dict | None:
             "bank": str(path), "rows": rows, "checkpoint_id": cid, "compute_dtype": ""}
 
 
-@app.command("build-bank")
 def build_bank_cmd(
     codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8, int8g, int4 or int4s (group size: bank.group_size)", "bank.codec"))] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=ws_help("Documents per forward/backward pass", "bank.batch_size"))] = None,

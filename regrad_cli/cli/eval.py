@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, defaults_of, print_json, progress_bar
 
 # The options' defaults are EvalConfig's and CPTConfig's (read without importing torch).
@@ -16,7 +15,6 @@ EVAL = defaults_of("regrad_cli.learning.evaluation.config:EvalConfig")
 CPT = defaults_of("regrad_cli.learning.cpt:CPTConfig")
 
 
-@app.command("eval")
 def eval_cmd(
     dataset: Annotated[list[str], typer.Option("--dataset", help="FORMAT:PATH[@train|dev|all] with FORMAT nq-open, pubmedqa, fictional, jsonl or auto; 'demo' (the bundled demo questions and corpus) or synthetic:SEED[:N] (repeatable).")],
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N questions of each dataset.")] = None,

@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, err_console, print_json, progress_bar, ws_help
 
 
-@app.command("ingest")
 def ingest_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Files or directories (.txt .md .json .jsonl .jsonl.gz).", show_default=False)],
     prune: Annotated[bool, typer.Option("--prune", help="Delete documents of files under PATH that no longer exist.")] = False,

@@ -24,10 +24,11 @@ def energy_cmd(
     json_out: JsonOpt = False,
 ):
     """Measure each LoRA tensor's share of the step energy; which tensors a bank stores."""
-    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
-    from regrad_cli.learner.energy import checkpoint_dir, measure, write_record
-    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError, RegradError
+    from regrad_cli.learner.energy import measure, write_record
+    from regrad_cli.workspace.checkpoints import checkpoint_dir
+    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
+    from regrad_cli.workspace.engine import Engine
 
     if docs < 1:
         raise RegradError("--docs must be at least 1")

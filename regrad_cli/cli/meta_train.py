@@ -7,14 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, defaults_of, print_json, progress_bar
 
 # The options' defaults are MetaTrainConfig's (read without importing torch).
 META = defaults_of("regrad_cli.learning.metatrain:MetaTrainConfig")
 
 
-@app.command("meta-train")
 def meta_train_cmd(
     train: Annotated[list[str], typer.Option("--train", help="Training data FORMAT:PATH[@train|dev|all] (repeatable).")],
     dev: Annotated[Optional[list[str]], typer.Option("--dev", help="Dev data FORMAT:PATH[@split] (repeatable).")] = None,

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli import common
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, ws_help
 from regrad_cli.online.modes import check_options, uses_step
@@ -45,7 +44,6 @@ def check_ready(ws, mode: str, checkpoint: str | None) -> None:
                           f"{mode} applies gradients; --mode rag+phi or context answers from the passages alone)")
 
 
-@app.command("query")
 def query_cmd(
     question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
@@ -100,10 +98,8 @@ def query_cmd(
         check_ready(ws, mode, checkpoint)  # before any model loads
         from regrad_cli.online.query import QueryEngine, Request
 
-        opts = dict(mode=mode, top_k=top_k if top_k is not None else q.top_k,
-                    gamma=gamma if gamma is not None else q.gamma, combine=combine or q.combine or None,
-                    retriever=retriever or q.retriever,
-                    max_new_tokens=max_new_tokens or q.max_new_tokens, show_docs=show_docs, min_score=min_score)
+        opts = dict(show_docs=show_docs, min_score=min_score, **q.request_options(
+            mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever, max_new_tokens=max_new_tokens))
         engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
                              need_bank=uses_step(mode))
         if not pipeline:

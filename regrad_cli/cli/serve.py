@@ -6,13 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import DeviceOpt, WorkspaceOpt
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@app.command("serve")
 def serve_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default; anything else needs --token).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,
@@ -28,9 +26,10 @@ def serve_cmd(
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
 ):
-    """Serve /v1/query, /v1/query:batch, OpenAI's /v1/chat/completions and /v1/models,
-    /v1/bank/stats, /healthz and /metrics (docs/serving.md). Prints a "ready" line on stderr once
-    /healthz answers 200."""
+    """Answer questions over HTTP: regrad's routes and OpenAI's chat completions (docs/serving.md).
+
+    Routes: /v1/query, /v1/query:batch, /v1/chat/completions, /v1/models, /v1/bank/stats,
+    /healthz, /metrics. Prints a "ready" line on stderr once /healthz answers 200."""
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import RegradError
     from regrad_cli.online.serve import ServeSettings, serve

@@ -6,22 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from regrad_cli.cli import app
 from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, print_json, safe_text
 
 docs_app = typer.Typer(help="List the workspace's documents and their chunk ids.", no_args_is_help=True)
 
 
-@app.command("status")
 def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
     """Documents, chunks, bank rows, pending and stale gradients, fingerprints (no model loads)."""
     from regrad_cli.workspace.config import Workspace
-    from regrad_cli.offline.unlearn import Tombstones
     from regrad_cli.workspace.status import workspace_status
 
-    ws = Workspace.open(workspace, create=False)
-    tomb = Tombstones(ws).load()
-    s = workspace_status(ws, unlearned=len(tomb["ids"]) + len(tomb["sources"]))
+    s = workspace_status(Workspace.open(workspace, create=False))
     if json_out:
         print_json(s)
         return

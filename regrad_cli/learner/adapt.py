@@ -53,26 +53,45 @@ def _wide(g: torch.Tensor) -> torch.Tensor:
     return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
 
 
+def check_norm(method: str) -> None:
+    if method not in NORMALISATIONS:
+        raise RegradError(f"unknown normalisation {method!r} (use {', '.join(NORMALISATIONS)})")
+
+
+def inverse_norm(sq: torch.Tensor) -> torch.Tensor:
+    """1 / sqrt(sq + eps): the factor N() scales by, from a sum of squares."""
+    return (sq + _EPS).rsqrt()
+
+
+def doc_factors(grads: Mapping[str, torch.Tensor], doc_dims: int = 1) -> torch.Tensor:
+    """The 'doc' normalisation's factor per document, 1 / ||g_d|| over every tensor of it
+    ([*doc_shape]; the first ``doc_dims`` dimensions of each tensor index documents)."""
+    sq = None
+    for g in grads.values():
+        s = _wide(g).pow(2).flatten(doc_dims).sum(-1)
+        sq = s if sq is None else sq + s
+    return inverse_norm(sq)
+
+
 def normalise(grads: Mapping[str, torch.Tensor], method: str, doc_dims: int = 1) -> dict[str, torch.Tensor]:
     """N(g) for a stack of documents: every tensor is [*doc_shape, ...] where the first
-    ``doc_dims`` dimensions index documents. Differentiable."""
+    ``doc_dims`` dimensions index documents. Differentiable.
+
+    The one definition of the normalisations: 'none'; 'doc' (each document's whole gradient to
+    unit norm, ``doc_factors``); 'tensor' (each tensor of each document to unit norm).
+    ``flat_steps`` applies the same factors to flat rows, ``energy`` weighs by them."""
     if method == "none" or not grads:
         return dict(grads)
+    check_norm(method)
     if method == "doc":
-        sq = None
-        for g in grads.values():
-            s = _wide(g).pow(2).flatten(doc_dims).sum(-1)
-            sq = s if sq is None else sq + s
-        inv = (sq + _EPS).rsqrt()
+        inv = doc_factors(grads, doc_dims)
         return {n: g * inv.to(g.dtype).view(*inv.shape, *([1] * (g.dim() - doc_dims)))
                 for n, g in grads.items()}
-    if method == "tensor":
-        out = {}
-        for n, g in grads.items():
-            inv = (_wide(g).pow(2).flatten(doc_dims).sum(-1) + _EPS).rsqrt()
-            out[n] = g * inv.to(g.dtype).view(*inv.shape, *([1] * (g.dim() - doc_dims)))
-        return out
-    raise RegradError(f"unknown normalisation {method!r} (use {', '.join(NORMALISATIONS)})")
+    out = {}
+    for n, g in grads.items():  # 'tensor'
+        inv = inverse_norm(_wide(g).pow(2).flatten(doc_dims).sum(-1))
+        out[n] = g * inv.to(g.dtype).view(*inv.shape, *([1] * (g.dim() - doc_dims)))
+    return out
 
 
 def combine(grads: Mapping[str, torch.Tensor], weights: torch.Tensor, *, norm: str = "none") -> dict[str, torch.Tensor]:
@@ -131,17 +150,16 @@ def flat_steps(phi: torch.Tensor, gamma_alpha: torch.Tensor, rows: Sequence[Sequ
     computed on its own row with correctly rounded products and sums only (no fused multiply-add),
     so its phi' does not depend on the batch it came in; one scratch row, written in place,
     because a fresh 3 MB temporary costs more in page faults than in arithmetic."""
-    if norm not in NORMALISATIONS:
-        raise RegradError(f"unknown normalisation {norm!r} (use {', '.join(NORMALISATIONS)})")
+    check_norm(norm)
     scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(row) -> (row, its N() factor)
 
     def normalised(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if id(g) not in scaled:
             if norm == "tensor":  # a factor per tensor: scale the row itself
-                inv = [(torch.dot(v, v) + _EPS).rsqrt() for v in torch.split(g, list(sizes))]
+                inv = [inverse_norm(torch.dot(v, v)) for v in torch.split(g, list(sizes))]
                 scaled[id(g)] = (g * torch.cat([i.expand(m) for i, m in zip(inv, sizes)]), torch.ones(()))
             elif norm == "doc":
-                scaled[id(g)] = (g, (torch.dot(g, g) + _EPS).rsqrt())
+                scaled[id(g)] = (g, inverse_norm(torch.dot(g, g)))
             else:
                 scaled[id(g)] = (g, torch.ones(()))
         return scaled[id(g)]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_write_text
 
 META_KEY = "stored_tensors"
 # Per-tensor share of the step energy at or below which a tensor is not stored. Chosen by
@@ -37,17 +38,18 @@ NEGLIGIBLE_ALPHA = 1e-8
 
 
 def _doc_scale(grads: dict, norm: str, n_docs: int):
-    """Per-document factor of N(g) for 'doc' normalisation (1 for 'none'); None for 'tensor'."""
+    """Per-document factor of N(g) (adapt.normalise): 1 / ||g_d|| for 'doc', 1 for 'none'; None
+    for 'tensor' (a factor per tensor, applied by the caller)."""
     import torch
 
+    from regrad_cli.learner import adapt
+
+    adapt.check_norm(norm)
     if norm == "none":
         return torch.ones(n_docs, dtype=torch.float64)
     if norm == "doc":
-        sq = sum(g.double().pow(2).flatten(1).sum(1) for g in grads.values())
-        return (sq + 1e-24).rsqrt()
-    if norm == "tensor":
-        return None
-    raise RegradError(f"unknown normalisation {norm!r} (use none, doc or tensor)")
+        return adapt.doc_factors(grads)
+    return None
 
 
 def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence[str] = (),
@@ -60,7 +62,8 @@ def tensor_energy(engine_or_model, learner=None, tokenizer=None, texts: Sequence
     one the learner was trained with, ``learner.meta['norm']``, else none). With
     ``with_grad_share`` also returns the shares of the raw gradient (no alpha) as a second dict.
     """
-    from regrad_cli.learner.gradients import encode_documents, grouped_gradients
+    from regrad_cli.learner.gradients import grouped_gradients
+    from regrad_cli.lm.tokens import encode_documents
 
     model = getattr(engine_or_model, "model", engine_or_model)
     learner = learner if learner is not None else engine_or_model.learner
@@ -184,7 +187,7 @@ class _WithMeta:
 def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     """Set ``stored_tensors`` in a checkpoint's learner.json (atomically; tensors untouched, so the
     checkpoint id does not change)."""
-    from regrad_cli.learner.lora import CHECKPOINT_CONFIG
+    from regrad_cli.learner.persistence import CHECKPOINT_CONFIG
 
     path = Path(checkpoint_dir) / CHECKPOINT_CONFIG
     try:
@@ -192,22 +195,11 @@ def write_record(checkpoint_dir: str | os.PathLike, record: dict) -> Path:
     except (OSError, ValueError) as exc:
         raise RegradError(f"cannot read learner checkpoint config {path}: {exc}") from exc
     meta[META_KEY] = record
-    tmp = path.with_suffix(".json.tmp")
     try:
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(meta, indent=2))
     except OSError as exc:
         raise RegradError(f"cannot write {path}: {exc}") from exc
     return path
-
-
-def checkpoint_dir(choice: str) -> Path:
-    """The directory of a learner checkpoint choice ('bundled' or a directory; not 'init')."""
-    from regrad_cli.workspace.banks import checkpoint_dir as resolve
-
-    if choice == "init":
-        raise RegradError("the untrained 'init' learner has no checkpoint directory to record into")
-    return resolve(choice)
 
 
 def measure(engine, texts: Sequence[str], *, max_tokens: int = 256, threshold: float | None = None,

@@ -10,73 +10,12 @@ and combines them with adapt.combine, so it can normalise each document before s
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from regrad_cli.learner.lora import Learner
-
-
-def doc_start_token(tokenizer) -> int | None:
-    """The token a document starts with when the model saw documents in pre-training.
-
-    Tokenizers that add a BOS themselves need nothing. SmolLM2 and Qwen separate pre-training
-    documents with <|endoftext|>; their BOS is a chat-turn marker, which would be wrong here.
-    """
-    probe = tokenizer("a").input_ids
-    if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
-        return None
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot is not None and eot >= 0:
-        return eot
-    return tokenizer.bos_token_id
-
-
-@dataclass
-class EncodedDocs:
-    input_ids: torch.Tensor  # [N, T], right-padded
-    attention_mask: torch.Tensor  # [N, T]
-    n_tokens: list[int]  # real tokens per document, start token included
-
-
-def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> EncodedDocs:
-    start = doc_start_token(tokenizer)
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True).input_ids
-        if start is not None:
-            ids = [start] + ids
-        ids = ids[:max_tokens]
-        if len(ids) < 2:
-            # A loss needs at least one predicted token; an (almost) empty text gets the start
-            # token and EOS so that its gradient is defined (and near-uninformative).
-            ids = (ids + [tokenizer.eos_token_id])[:2] if ids else [tokenizer.eos_token_id] * 2
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return EncodedDocs(input_ids, mask, [len(r) for r in rows])
-
-
-def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token NLL per sample [N] over positions where target_mask (default: attention)
-    is 1 on the *predicted* token."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    targets = input_ids[:, 1:]
-    tmask = (attention_mask if target_mask is None else target_mask)[:, 1:].to(logits.dtype)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    nll = nll.view(targets.shape) * tmask
-    return nll.sum(1) / tmask.sum(1).clamp_min(1.0)
+from regrad_cli.lm.tokens import EncodedDocs, encode_documents, per_sample_nll
 
 
 def grouped_gradients(

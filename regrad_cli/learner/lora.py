@@ -26,8 +26,8 @@ from torch import nn
 
 from regrad_cli.learner import targets
 from regrad_cli.errors import RegradError
-from regrad_cli.learner.persistence import (CHECKPOINT_CONFIG, CHECKPOINT_FORMAT, CHECKPOINT_TENSORS,  # noqa: F401
-                                   LEARNER_MIGRATIONS, LEARNER_VERSION)
+from regrad_cli.learner.persistence import load_learner, save_learner
+from regrad_cli.lm.models import hash_tensor
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Learner(nn.Module):
         """An untrained learner shaped for ``model`` (call ``init_`` then ``attach``).
 
         ``modules`` empty or None: the family's table (regrad_cli.learner.targets); ``target_patterns``
-        replace layers and modules. Prefer ``engine.init_learner``, which reads [lora]."""
+        replace layers and modules. Prefer ``workspace.checkpoints.init_learner``, which reads [lora]."""
         n_layers = targets.n_layers(model)
         d_rank, d_alpha = default_lora(n_layers, targets.hidden_size(model))
         patterns = list(target_patterns or [])
@@ -227,6 +227,10 @@ class Learner(nn.Module):
     # Access ------------------------------------------------------------------------------
     def tensor(self, name: str) -> nn.Parameter:
         return self.phi[_key(name)]
+
+    def log_alpha_of(self, name: str) -> nn.Parameter:
+        """The log step size of tensor ``name`` (a scalar, or its shape with per-element alpha)."""
+        return self.log_alpha[_key(name)]
 
     def alpha(self, name: str) -> torch.Tensor:
         return self.log_alpha[_key(name)].exp()
@@ -327,9 +331,9 @@ class Learner(nn.Module):
         h.update(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
         for n in self.names:
             h.update(n.encode())
-            h.update(self.phi[_key(n)].detach().cpu().contiguous().numpy().tobytes())
-            h.update(self.log_alpha[_key(n)].detach().cpu().contiguous().numpy().tobytes())
-        h.update(self.log_temp.detach().cpu().numpy().tobytes())
+            hash_tensor(h, self.phi[_key(n)])
+            hash_tensor(h, self.log_alpha[_key(n)])
+        hash_tensor(h, self.log_temp)
         return h.hexdigest()
 
     def fingerprint(self) -> dict:
@@ -337,16 +341,12 @@ class Learner(nn.Module):
 
     def save(self, directory: str | Path, extra: dict | None = None) -> str:
         """Write learner.json + learner.safetensors (regrad_cli.learner.persistence); returns the content id."""
-        from regrad_cli.learner.persistence import save_learner
-
         return save_learner(self, directory, extra)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Learner":
         """Read a checkpoint of any known format version (regrad_cli.learner.persistence)."""
-        from regrad_cli.learner.persistence import load_learner
-
-        return load_learner(directory, cls)
+        return load_learner(directory, cls, LearnerSpec)
 
 
 def module_names(spec: LearnerSpec, model: nn.Module) -> list[str]:

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_path
 from regrad_cli.versions import Migrations, Version
 
 CHECKPOINT_TENSORS = "learner.safetensors"
@@ -44,29 +45,24 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     tensors = {}
     for n in learner.names:
         tensors["phi." + n] = learner.tensor(n).detach().cpu().contiguous()
-        tensors["log_alpha." + n] = learner.log_alpha[_key(n)].detach().cpu().contiguous()
+        tensors["log_alpha." + n] = learner.log_alpha_of(n).detach().cpu().contiguous()
     tensors["combine.log_temp"] = learner.log_temp.detach().cpu().reshape(())
     cid = learner.checkpoint_id()
     meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
             "spec": learner.spec.to_dict(), "names": learner.names, **learner.meta, **(extra or {})}
-    tmp_t = directory / (CHECKPOINT_TENSORS + ".tmp")
-    tmp_c = directory / (CHECKPOINT_CONFIG + ".tmp")
-    save_file(tensors, str(tmp_t))
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    tmp_t.replace(directory / CHECKPOINT_TENSORS)
-    tmp_c.replace(directory / CHECKPOINT_CONFIG)
+    # The tensors are renamed into place first, then learner.json (the inner block ends first).
+    with atomic_path(directory / CHECKPOINT_CONFIG) as tmp_c, atomic_path(directory / CHECKPOINT_TENSORS) as tmp_t:
+        save_file(tensors, str(tmp_t))
+        tmp_c.write_text(json.dumps(meta, indent=2))
     return cid
 
 
-def load_learner(directory: str | Path, cls=None):
-    """The learner saved in ``directory`` (of class ``cls``, default lora.Learner), checked against
-    its recorded content id."""
+def load_learner(directory: str | Path, cls, spec_cls):
+    """The learner saved in ``directory``, made as ``cls(spec_cls(**spec), shapes)`` (``Learner.load``
+    passes lora.Learner and lora.LearnerSpec), checked against its recorded content id."""
     import torch
     from safetensors.torch import load_file
 
-    from regrad_cli.learner.lora import Learner, LearnerSpec
-
-    cls = cls or Learner
     directory = Path(directory)
     try:
         meta = json.loads((directory / CHECKPOINT_CONFIG).read_text())
@@ -75,13 +71,13 @@ def load_learner(directory: str | Path, cls=None):
         raise RegradError(f"cannot read learner checkpoint {directory}: {exc}") from exc
     meta, tensors = upgrade(meta, tensors, directory)
     try:
-        spec = LearnerSpec(**meta["spec"])
+        spec = spec_cls(**meta["spec"])
         shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
         learner = cls(spec, shapes)
         with torch.no_grad():
             for n in learner.names:
                 learner.tensor(n).copy_(tensors["phi." + n])
-                learner.log_alpha[_key(n)].copy_(tensors["log_alpha." + n])
+                learner.log_alpha_of(n).copy_(tensors["log_alpha." + n])
             learner.log_temp.copy_(tensors["combine.log_temp"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
@@ -105,12 +101,6 @@ def upgrade(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
     data, _ = LEARNER_MIGRATIONS.upgrade({"meta": meta, "tensors": tensors}, found, LEARNER_VERSION,
                                          str(directory))
     return data["meta"], data["tensors"]
-
-
-def _key(name: str) -> str:
-    from regrad_cli.learner.lora import _key as key
-
-    return key(name)
 
 
 # Migrations: append only, never edit (versions.py) ------------------------------------------------

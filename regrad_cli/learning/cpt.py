@@ -1,7 +1,7 @@
 """The continual-pretraining (CPT) baseline of `regrad eval`.
 
 CPT writes the corpus into the weights: next-token training on the raw document text, exactly the
-loss a document gradient is taken of (gradients.encode_documents + per_sample_nll), but on the base
+loss a document gradient is taken of (lm.tokens: encode_documents + per_sample_nll), but on the base
 weights themselves and for several epochs. It trains a deep COPY of the base model, so the model
 that ReGrad and the other systems use is never touched. In continual mode one copy and one AdamW
 state carry over from batch to batch, which is what makes drift and forgetting accumulate.
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from regrad_cli.errors import ConfigError
-from regrad_cli.learner.gradients import encode_documents, per_sample_nll
+from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 from regrad_cli.learner.lora import LoRALinear
 
 log = logging.getLogger("regrad")

@@ -14,24 +14,14 @@ import ast
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
 from regrad_cli.errors import DatasetError
+from regrad_cli.learning.qa import QAItem
 
 FORMATS = ("nq-open", "pubmedqa", "fictional", "jsonl", "auto")
 DEV_FRACTION_PERCENT = 20
-
-
-@dataclass
-class QAItem:
-    id: str
-    question: str
-    answers: list[str]
-    documents: list[str]  # supporting documents (gold passages)
-    kind: str = "qa"  # "qa", "yesno" or "cloze"
-    meta: dict = field(default_factory=dict)
 
 
 def parse_spec(spec: str) -> tuple[str, Path, str]:
@@ -192,14 +182,3 @@ def split_key(item: QAItem) -> str:
     if item.id.startswith("fictional-"):
         return item.id.rsplit("-", 2)[0]
     return item.id
-
-
-def corpus_of(items: list[QAItem]) -> list[str]:
-    """Distinct supporting documents, in first-seen order."""
-    seen, out = set(), []
-    for it in items:
-        for d in it.documents:
-            if d not in seen:
-                seen.add(d)
-                out.append(d)
-    return out

@@ -37,7 +37,8 @@ import torch
 from regrad_cli.learner import adapt
 
 from regrad_cli.learning import distributed
-from regrad_cli.learning.datasets import QAItem, corpus_of, load_dataset
+from regrad_cli.learning.datasets import load_dataset
+from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.learning.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.lm.generation import answer_nll
@@ -434,9 +435,9 @@ def meta_train(
         if cfg.init_checkpoint:
             learner = Learner.load(cfg.init_checkpoint)
         else:
-            # The one learner initialisation (engine.init_learner): the workspace's [lora] shape
+            # The one learner initialisation (checkpoints.init_learner): the workspace's [lora] shape
             # and targets, with this run's explicit settings on top.
-            from regrad_cli.workspace.engine import init_learner
+            from regrad_cli.workspace.checkpoints import init_learner
 
             over = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "init_b_std": cfg.b_std,
                     "alpha_init": cfg.alpha_init, "seed": cfg.seed}

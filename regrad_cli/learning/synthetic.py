@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from regrad_cli.learning.datasets import QAItem
+from regrad_cli.learning.qa import QAItem
 from regrad_cli.errors import DatasetError
 
 MAX_ENTITIES = 1_000_000
@@ -78,112 +78,115 @@ def _year(rng, lo=1420, hi=1995) -> str:
     return str(rng.randint(lo, hi))
 
 
+# What an entity of each kind has, as data. Every value is drawn per entity (``_attrs``): the ones
+# every kind shares (year, town, person, colour, animal, material), then the kind's own ``DRAWS``
+# in order; ``person_last`` and ``work_tail`` are derived. Each attribute is (key, value, aliases,
+# sentences the document may state it with, questions that may ask for it); ``{field}`` is a drawn
+# value, ``{n}`` the entity's name (filled in later).
+DRAWS: dict[str, tuple] = {
+    "person": (("profession", lambda rng: rng.choice(PROFESSIONS)), ("work", _work_title),
+               ("count", lambda rng: rng.randint(3, 95))),
+    "place": (("depth", lambda rng: rng.randint(4, 400)), ("area", lambda rng: rng.randint(3, 900))),
+    "organisation": (("staff", lambda rng: rng.randint(12, 9000)),),
+    "product": (("weight", lambda rng: rng.randint(2, 900)),),
+    "event": (("month", lambda rng: rng.choice(MONTHS)), ("distance", lambda rng: rng.randint(2, 60))),
+}
+ATTRIBUTES: dict[str, list[tuple[str, str, list[str], list[str], list[str]]]] = {
+    "person": [
+        ("born", "{year}", [], ["{n} was born in {year}.", "Born in {year}, {n} grew up by the sea."],
+         ["In which year was {n} born?", "What year was {n} born in?", "When was {n} born?"]),
+        ("birthplace", "{town}", [], ["{n} came from the village of {town}.", "{n}'s home village was {town}."],
+         ["In which village was {n} born?", "What was the home village of {n}?", "Where did {n} come from?"]),
+        ("profession", "{profession}", [], ["{n} worked as a {profession}.", "By trade, {n} was a {profession}."],
+         ["What was {n}'s profession?", "What did {n} work as?", "What was the trade of {n}?"]),
+        ("work", "{work}", ["{work_tail}"], ["{n} wrote a memoir called {work}.", "{n}'s best-known book is {work}."],
+         ["What is the title of {n}'s book?", "Which book did {n} write?", "What is {n}'s best-known book called?"]),
+        ("count", "{count}", [], ["Over a long career {n} built {count} instruments.",
+                                  "{n} made {count} instruments in all."],
+         ["How many instruments did {n} build?", "How many instruments did {n} make?"]),
+        ("mentor", "{person}", ["{person_last}"], ["{n} trained under {person}.", "{n}'s teacher was {person}."],
+         ["Who was {n}'s teacher?", "Under whom did {n} train?", "Who taught {n}?"]),
+    ],
+    "place": [
+        ("founded", "{year}", [], ["The settlement at {n} was founded in {year}.", "{n} was first settled in {year}."],
+         ["In which year was {n} founded?", "When was {n} first settled?", "What year was {n} founded in?"]),
+        ("depth", "{depth} metres", ["{depth}"], ["Its lake reaches a depth of {depth} metres.",
+                                                  "The lake at {n} is {depth} metres deep."],
+         ["How deep is the lake at {n}?", "What is the depth of the lake at {n}?"]),
+        ("area", "{area} square kilometres", ["{area}"], ["{n} covers {area} square kilometres.",
+                                                          "The area of {n} is {area} square kilometres."],
+         ["How large is {n}?", "What area does {n} cover?"]),
+        ("colour", "{colour}", [], ["The stone of {n} has a {colour} colour.", "Its cliffs are {colour}."],
+         ["What colour is the stone of {n}?", "What colour are the cliffs of {n}?"]),
+        ("animal", "{animal}", [], ["{n} is known for its {animal} colony.", "A rare {animal} lives only around {n}."],
+         ["Which animal is {n} known for?", "What animal lives around {n}?"]),
+        ("namesake", "{person}", ["{person_last}"], ["{n} is named after the explorer {person}.",
+                                                     "The name honours the explorer {person}."],
+         ["After whom is {n} named?", "Which explorer is {n} named after?"]),
+    ],
+    "organisation": [
+        ("founded", "{year}", [], ["{n} was founded in {year}.", "{n} was established in {year}."],
+         ["In which year was {n} founded?", "When was {n} established?", "What year did {n} start?"]),
+        ("founder", "{person}", ["{person_last}"], ["{n} was started by {person}.", "Its founder was {person}."],
+         ["Who founded {n}?", "Who started {n}?", "Who was the founder of {n}?"]),
+        ("city", "{town}", [], ["{n} has its headquarters in {town}.", "{n} is based in {town}."],
+         ["Where is {n} headquartered?", "In which town is {n} based?", "Where are {n}'s headquarters?"]),
+        ("logo", "{animal}", [], ["The logo of {n} shows a {animal}.", "A {animal} appears on {n}'s emblem."],
+         ["What animal is on the logo of {n}?", "Which animal appears on {n}'s emblem?"]),
+        ("staff", "{staff}", [], ["{n} employs {staff} people.", "Some {staff} people work for {n}."],
+         ["How many people does {n} employ?", "How many people work for {n}?"]),
+        ("colour", "{colour}", [], ["Its house colour is {colour}.", "{n}'s colours are {colour}."],
+         ["What is the house colour of {n}?", "What colour is associated with {n}?"]),
+    ],
+    "product": [
+        ("inventor", "{person}", ["{person_last}"], ["{n} was invented by {person}.", "{person} designed the {n}."],
+         ["Who invented the {n}?", "Who designed the {n}?", "Who was the inventor of the {n}?"]),
+        ("year", "{year}", [], ["The {n} was first made in {year}.", "The {n} appeared in {year}."],
+         ["In which year was the {n} first made?", "When did the {n} first appear?"]),
+        ("material", "{material}", [], ["The {n} is made of {material}.", "Its case is built from {material}."],
+         ["What is the {n} made of?", "What material is the {n} built from?"]),
+        ("colour", "{colour}", [], ["The {n} is painted {colour}.", "The {n} usually comes in {colour}."],
+         ["What colour is the {n}?", "In which colour is the {n} painted?"]),
+        ("weight", "{weight} grams", ["{weight}"], ["The {n} weighs {weight} grams.",
+                                                    "It has a weight of {weight} grams."],
+         ["How much does the {n} weigh?", "What is the weight of the {n}?"]),
+        ("maker", "{town}", [], ["The {n} is made in the town of {town}.", "Workshops in {town} build the {n}."],
+         ["In which town is the {n} made?", "Where is the {n} built?"]),
+    ],
+    "event": [
+        ("first", "{year}", [], ["The {n} was first held in {year}.", "The first {n} took place in {year}."],
+         ["In which year was the {n} first held?", "When did the first {n} take place?"]),
+        ("month", "{month}", [], ["The {n} is held every {month}.", "Each year the {n} takes place in {month}."],
+         ["In which month is the {n} held?", "When in the year does the {n} take place?"]),
+        ("town", "{town}", [], ["The {n} is held in {town}.", "The town of {town} hosts the {n}."],
+         ["Where is the {n} held?", "Which town hosts the {n}?"]),
+        ("colour", "{colour}", [], ["Participants in the {n} wear {colour} scarves.",
+                                    "At the {n} everyone wears {colour}."],
+         ["What colour do participants wear at the {n}?", "What colour are the scarves at the {n}?"]),
+        ("distance", "{distance} kilometres", ["{distance}"], ["The {n} race covers {distance} kilometres.",
+                                                               "Its main race is {distance} kilometres long."],
+         ["How long is the race of the {n}?", "What distance does the {n} race cover?"]),
+        ("founder", "{person}", ["{person_last}"], ["The {n} was started by {person}.",
+                                                    "{person} organised the first {n}."],
+         ["Who started the {n}?", "Who organised the first {n}?"]),
+    ],
+}
+
+
 def _attrs(kind: str, rng: random.Random) -> list[Attr]:
-    """The attribute pool of one entity kind, with freshly drawn values."""
-    y, town, person = _year(rng), _word(rng), _person(rng)
-    colour, animal, material = rng.choice(COLOURS), rng.choice(ANIMALS), rng.choice(MATERIALS)
-    if kind == "person":
-        prof, work, n = rng.choice(PROFESSIONS), _work_title(rng), rng.randint(3, 95)
-        return [
-            Attr("born", y, [], ["{n} was born in %s." % y, "Born in %s, {n} grew up by the sea." % y],
-                 ["In which year was {n} born?", "What year was {n} born in?", "When was {n} born?"]),
-            Attr("birthplace", town, [], ["{n} came from the village of %s." % town,
-                                          "{n}'s home village was %s." % town],
-                 ["In which village was {n} born?", "What was the home village of {n}?",
-                  "Where did {n} come from?"]),
-            Attr("profession", prof, [], ["{n} worked as a %s." % prof, "By trade, {n} was a %s." % prof],
-                 ["What was {n}'s profession?", "What did {n} work as?", "What was the trade of {n}?"]),
-            Attr("work", work, [work[4:]], ["{n} wrote a memoir called %s." % work,
-                                            "{n}'s best-known book is %s." % work],
-                 ["What is the title of {n}'s book?", "Which book did {n} write?",
-                  "What is {n}'s best-known book called?"]),
-            Attr("count", str(n), [], ["Over a long career {n} built %d instruments." % n,
-                                       "{n} made %d instruments in all." % n],
-                 ["How many instruments did {n} build?", "How many instruments did {n} make?"]),
-            Attr("mentor", person, [person.split()[-1]], ["{n} trained under %s." % person,
-                                                          "{n}'s teacher was %s." % person],
-                 ["Who was {n}'s teacher?", "Under whom did {n} train?", "Who taught {n}?"]),
-        ]
-    if kind == "place":
-        depth, area = rng.randint(4, 400), rng.randint(3, 900)
-        return [
-            Attr("founded", y, [], ["The settlement at {n} was founded in %s." % y,
-                                    "{n} was first settled in %s." % y],
-                 ["In which year was {n} founded?", "When was {n} first settled?",
-                  "What year was {n} founded in?"]),
-            Attr("depth", f"{depth} metres", [str(depth)], ["Its lake reaches a depth of %d metres." % depth,
-                                                             "The lake at {n} is %d metres deep." % depth],
-                 ["How deep is the lake at {n}?", "What is the depth of the lake at {n}?"]),
-            Attr("area", f"{area} square kilometres", [str(area)],
-                 ["{n} covers %d square kilometres." % area, "The area of {n} is %d square kilometres." % area],
-                 ["How large is {n}?", "What area does {n} cover?"]),
-            Attr("colour", colour, [], ["The stone of {n} has a %s colour." % colour,
-                                        "Its cliffs are %s." % colour],
-                 ["What colour is the stone of {n}?", "What colour are the cliffs of {n}?"]),
-            Attr("animal", animal, [], ["{n} is known for its %s colony." % animal,
-                                        "A rare %s lives only around {n}." % animal],
-                 ["Which animal is {n} known for?", "What animal lives around {n}?"]),
-            Attr("namesake", person, [person.split()[-1]], ["{n} is named after the explorer %s." % person,
-                                                            "The name honours the explorer %s." % person],
-                 ["After whom is {n} named?", "Which explorer is {n} named after?"]),
-        ]
-    if kind == "organisation":
-        staff = rng.randint(12, 9000)
-        return [
-            Attr("founded", y, [], ["{n} was founded in %s." % y, "{n} was established in %s." % y],
-                 ["In which year was {n} founded?", "When was {n} established?", "What year did {n} start?"]),
-            Attr("founder", person, [person.split()[-1]], ["{n} was started by %s." % person,
-                                                           "Its founder was %s." % person],
-                 ["Who founded {n}?", "Who started {n}?", "Who was the founder of {n}?"]),
-            Attr("city", town, [], ["{n} has its headquarters in %s." % town, "{n} is based in %s." % town],
-                 ["Where is {n} headquartered?", "In which town is {n} based?", "Where are {n}'s headquarters?"]),
-            Attr("logo", animal, [], ["The logo of {n} shows a %s." % animal,
-                                      "A %s appears on {n}'s emblem." % animal],
-                 ["What animal is on the logo of {n}?", "Which animal appears on {n}'s emblem?"]),
-            Attr("staff", str(staff), [], ["{n} employs %d people." % staff, "Some %d people work for {n}." % staff],
-                 ["How many people does {n} employ?", "How many people work for {n}?"]),
-            Attr("colour", colour, [], ["Its house colour is %s." % colour, "{n}'s colours are %s." % colour],
-                 ["What is the house colour of {n}?", "What colour is associated with {n}?"]),
-        ]
-    if kind == "product":
-        weight = rng.randint(2, 900)
-        return [
-            Attr("inventor", person, [person.split()[-1]], ["{n} was invented by %s." % person,
-                                                            "%s designed the {n}." % person],
-                 ["Who invented the {n}?", "Who designed the {n}?", "Who was the inventor of the {n}?"]),
-            Attr("year", y, [], ["The {n} was first made in %s." % y, "The {n} appeared in %s." % y],
-                 ["In which year was the {n} first made?", "When did the {n} first appear?"]),
-            Attr("material", material, [], ["The {n} is made of %s." % material,
-                                            "Its case is built from %s." % material],
-                 ["What is the {n} made of?", "What material is the {n} built from?"]),
-            Attr("colour", colour, [], ["The {n} is painted %s." % colour, "The {n} usually comes in %s." % colour],
-                 ["What colour is the {n}?", "In which colour is the {n} painted?"]),
-            Attr("weight", f"{weight} grams", [str(weight)], ["The {n} weighs %d grams." % weight,
-                                                              "It has a weight of %d grams." % weight],
-                 ["How much does the {n} weigh?", "What is the weight of the {n}?"]),
-            Attr("maker", town, [], ["The {n} is made in the town of %s." % town,
-                                     "Workshops in %s build the {n}." % town],
-                 ["In which town is the {n} made?", "Where is the {n} built?"]),
-        ]
-    # event
-    month, dist = rng.choice(MONTHS), rng.randint(2, 60)
-    return [
-        Attr("first", y, [], ["The {n} was first held in %s." % y, "The first {n} took place in %s." % y],
-             ["In which year was the {n} first held?", "When did the first {n} take place?"]),
-        Attr("month", month, [], ["The {n} is held every %s." % month, "Each year the {n} takes place in %s." % month],
-             ["In which month is the {n} held?", "When in the year does the {n} take place?"]),
-        Attr("town", town, [], ["The {n} is held in %s." % town, "The town of %s hosts the {n}." % town],
-             ["Where is the {n} held?", "Which town hosts the {n}?"]),
-        Attr("colour", colour, [], ["Participants in the {n} wear %s scarves." % colour,
-                                    "At the {n} everyone wears %s." % colour],
-             ["What colour do participants wear at the {n}?", "What colour are the scarves at the {n}?"]),
-        Attr("distance", f"{dist} kilometres", [str(dist)], ["The {n} race covers %d kilometres." % dist,
-                                                             "Its main race is %d kilometres long." % dist],
-             ["How long is the race of the {n}?", "What distance does the {n} race cover?"]),
-        Attr("founder", person, [person.split()[-1]], ["The {n} was started by %s." % person,
-                                                       "%s organised the first {n}." % person],
-             ["Who started the {n}?", "Who organised the first {n}?"]),
-    ]
+    """The attribute pool of one entity kind (``ATTRIBUTES``), with freshly drawn values."""
+    values = {"year": _year(rng), "town": _word(rng), "person": _person(rng), "colour": rng.choice(COLOURS),
+              "animal": rng.choice(ANIMALS), "material": rng.choice(MATERIALS)}
+    for field, draw in DRAWS[kind]:
+        values[field] = draw(rng)
+    values["person_last"] = values["person"].split()[-1]
+    values["work_tail"] = values.get("work", "")[4:]  # the title without "The "
+
+    def fill(text: str) -> str:
+        return text.format(n="{n}", **values)  # {n} stays for the entity's name
+
+    return [Attr(key, fill(value), [fill(a) for a in aliases], [fill(s) for s in sentences], list(questions))
+            for key, value, aliases, sentences, questions in ATTRIBUTES[kind]]
 
 
 KINDS = ("person", "place", "organisation", "product", "event")

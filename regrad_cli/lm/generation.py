@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from regrad_cli.lm.prompting import answer_ids, extract_answer
+from regrad_cli.lm.tokens import left_pad, pad_id, pad_rows
 
 
 def _newline_token_ids(tokenizer) -> torch.Tensor:
@@ -26,16 +27,6 @@ def _newline_token_ids(tokenizer) -> torch.Tensor:
                            dtype=torch.long)
         tokenizer._regrad_newline_ids = ids
     return ids
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 # Generation settings that would make Hugging Face's greedy ``generate`` do more than argmax: a
@@ -80,7 +71,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     over prompt and answer. ``nll_out`` stays empty where that is not possible (a cache other than
     plain dynamic layers, or Hugging Face's ``generate``): call ``answer_nll`` then."""
     if not _plain_greedy(model):
-        return _generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
+        return generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(prompts, pad)
@@ -136,9 +127,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     if stats is not None:
         stats.update(steps=steps, row_steps=row_steps, new_tokens=[len(t) for t in new], tokens=new)
     # The same [n, steps] tensor generate returns (finished rows padded), decoded the same way.
-    gen = torch.full((n, steps), pad, dtype=torch.long)
-    for i, t in enumerate(new):
-        gen[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    gen, _ = pad_rows(new, pad, width=steps)
     texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
     return [extract_answer(t) for t in texts]
 
@@ -180,7 +169,7 @@ def _cached_answer_nll(model, last_logits, cache, mask, last_pos, answers) -> li
     return (total / tm.sum(1).clamp_min(1.0)).tolist()
 
 
-def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
+def generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
                  stop: bool = True, stats: dict | None = None) -> list[str]:
     """``generate`` through Hugging Face's ``model.generate`` (every row runs to the last one's
     end); the reference the loop above is tested against, and the path for generation configs
@@ -222,21 +211,14 @@ def teacher_forced_batch(tokenizer, prompts: Sequence[Sequence[int]], answers: S
         t = answer_ids(tokenizer, a)
         rows.append(list(p) + t)
         tmasks.append([0] * len(p) + [1] * len(t))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    tmask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, m) in enumerate(zip(rows, tmasks)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        tmask[i, : len(r)] = torch.tensor(m)
+    ids, mask = pad_rows(rows, pad_id(tokenizer))
+    tmask, _ = pad_rows(tmasks, 0)
     return ids, mask, tmask
 
 
 def answer_nll(model, tokenizer, prompts, answers) -> torch.Tensor:
     """Mean NLL per answer token, per row [N] (differentiable if grad is enabled)."""
-    from regrad_cli.learner.gradients import per_sample_nll
+    from regrad_cli.lm.tokens import per_sample_nll
 
     device = next(model.parameters()).device
     ids, mask, tmask = teacher_forced_batch(tokenizer, prompts, answers)

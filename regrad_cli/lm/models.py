@@ -24,10 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from regrad_cli.workspace.config import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.errors import ModelLoadError
+from regrad_cli.files import atomic_write_text
 
 log = logging.getLogger("regrad")
+
+# The ids of the bundled model and embedder (the defaults of [model] id and [embedder] id).
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -124,9 +128,7 @@ def bundled_model_dir() -> tuple[Path, str]:
         digest = sha256_file(gguf)
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({key: digest}))
-            os.replace(tmp, memo)
+            atomic_write_text(memo, json.dumps({key: digest}))
         except OSError:
             pass
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
@@ -187,17 +189,20 @@ def _torch_dtype(name: str):
         raise ModelLoadError(f"unknown dtype {name!r} (use float32 or bfloat16)") from None
 
 
-def weights_sha256(model) -> str:
-    """sha256 over every parameter and buffer (sorted by name): the model's identity."""
+def hash_tensor(h, tensor) -> None:
+    """Feed ``tensor``'s values to the hash ``h`` as raw bytes (native byte order, row-major; any
+    dtype, bfloat16 included): the one way regrad hashes a tensor."""
     import torch
 
+    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter and buffer (sorted by name): the model's identity."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
+        hash_tensor(h, tensor)
     return h.hexdigest()
 
 

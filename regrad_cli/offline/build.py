@@ -24,10 +24,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from bank_format import BankMeta, CodecSpec, GradientBank, TensorSpec
-from regrad_cli.workspace.config import Workspace
-from regrad_cli.workspace.engine import Engine, producer
+from bank_format import CodecSpec, GradientBank
 from regrad_cli.errors import RegradError
+from regrad_cli.workspace.banks import bank_meta, open_checkpoint_bank, row_norm
+from regrad_cli.workspace.config import Workspace
+from regrad_cli.workspace.engine import Engine
 
 log = logging.getLogger("regrad")
 
@@ -50,51 +51,18 @@ class BuildSummary:
                 "rows": self.rows, "checkpoint_id": self.checkpoint_id, "compute_dtype": self.compute_dtype}
 
 
-def bank_meta(engine: Engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
-    fps = engine.fingerprints(embedder_fp)
-    layout = [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]
-    stored = {t.name for t in layout}  # the rest are recorded as omitted (bank format 1.1)
-    omitted = [TensorSpec(n, tuple(s)) for n, s in engine.learner.layout if n not in stored]
-    return BankMeta(producer=producer(), model=fps["model"], learner=fps["learner"],
-                    embedder=fps["embedder"], layout=layout, codec=codec, omitted=omitted,
-                    row_norm=row_norm(engine))
-
-
-def row_norm(engine: Engine) -> str | None:
-    """The normalisation every row is stored with (bank key ``row_norm``, format 1.2).
-
-    'doc' when the learner normalises each document's whole gradient ('doc') and the bank leaves
-    tensors out: the query cannot take the norm of tensors it does not have, and normalising the
-    stored ones alone would scale the step by ||g|| / ||g_stored|| (about 4.5 % for the shipped
-    learner at threshold 1e-4). So the build divides each row by its whole gradient's norm and the
-    query does not normalise again. None otherwise: rows are the raw gradients."""
-    omits = len(engine.stored_tensors()) < len(engine.learner.layout)
-    return "doc" if omits and engine.learner.trained_norm == "doc" else None
-
-
 # Rows of documents that are gone from the workspace a build may remove without ``force``.
 FEW_ROWS = 10
-
-
-def expected_fingerprints(engine: Engine, embedder_fp: dict) -> dict:
-    """What a bank must match to be used with ``engine``: model, checkpoint, embedder, and the
-    tensor layout (names and shapes) the learner stores."""
-    fps = engine.fingerprints(embedder_fp)
-    return {"model": fps["model"], "learner": {"checkpoint_id": fps["learner"]["checkpoint_id"]},
-            "embedder": fps["embedder"],
-            "layout": [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]}
 
 
 def open_or_create_bank(ws: Workspace, engine: Engine, embedder_fp: dict, codec: CodecSpec,
                         create: bool = True) -> GradientBank | None:
     """The bank of this workspace and learner checkpoint; created when missing (else None when
     ``create`` is False: the Ray engine creates a new bank together with its rows, in one commit)."""
-    path = ws.bank_path(engine.learner.checkpoint_id())
-    opts = ws.bank_storage_options()
-    if GradientBank.exists(path, opts):
-        return GradientBank.open(path, expect=expected_fingerprints(engine, embedder_fp), storage_options=opts)
-    if not create:
-        return None
+    bank = open_checkpoint_bank(ws, engine, embedder_fp, read_only=False)
+    if bank is not None or not create:
+        return bank
+    path, opts = ws.bank_path(engine.learner.checkpoint_id()), ws.bank_storage_options()
     if not isinstance(path, str):
         path.parent.mkdir(parents=True, exist_ok=True)
     return GradientBank.create(path, bank_meta(engine, embedder_fp, codec), storage_options=opts)
@@ -189,7 +157,7 @@ def plan_build(ws: Workspace, engine: Engine, bank: GradientBank | None, limit: 
     """List the documents that lack a row in ``bank`` (all of them for a bank not created yet)
     and the rows whose document is gone."""
     from regrad_cli.workspace.documents import DocumentStore
-    from regrad_cli.offline.unlearn import Tombstones, forbidden_ids
+    from regrad_cli.workspace.tombstones import Tombstones, forbidden_ids
 
     store = DocumentStore(ws)
     layout = [name for name, _ in engine.stored_tensors()]

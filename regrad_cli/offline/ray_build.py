@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bank_format import CodecSpec, GradientBank
-from regrad_cli.offline.build import BuildSummary, bank_meta, build_settings, compute_rows, locked_build, plan_build
+from regrad_cli.offline.build import BuildSummary, build_settings, compute_rows, locked_build, plan_build
+from regrad_cli.workspace.banks import bank_meta
 from regrad_cli.workspace.config import Workspace
 from regrad_cli.workspace.engine import Engine
 from regrad_cli.errors import RegradError

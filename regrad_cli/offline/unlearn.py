@@ -19,96 +19,13 @@ lock, just before each commit.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterable
 
 from regrad_cli.errors import RegradError
+from regrad_cli.workspace.tombstones import Tombstones
 
 log = logging.getLogger("regrad")
-
-
-class Tombstones:
-    """Documents unlearned by ``regrad bank rm`` (``WORKSPACE/tombstones.json``).
-
-    ``{"format": 1, "ids": {doc_id: state}, "sources": {source: state}}``, state "pending" while
-    a removal is under way and "done" once its rows and documents are gone and purged. Written
-    atomically (temporary file, fsync, rename); the caller holds :func:`workspace_lock`.
-    """
-
-    NAME = "tombstones.json"
-
-    def __init__(self, ws):
-        self.path = Path(ws.root) / self.NAME
-
-    def load(self) -> dict:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return {"format": 1, "ids": {}, "sources": {}}
-        except OSError as exc:
-            raise RegradError(f"cannot read {self.path}: {exc}") from exc
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError):
-            data = None
-        ok = (isinstance(data, dict) and data.get("format") == 1
-              and all(isinstance(data.get(k), dict) for k in ("ids", "sources"))
-              and all(isinstance(k, str) and v in ("pending", "done")
-                      for part in ("ids", "sources") for k, v in data[part].items()))
-        if not ok:
-            raise RegradError(f"{self.path} is damaged: it lists unlearned documents, so regrad will not "
-                              "guess; restore it from a backup (or delete it to forget every removal)")
-        return data
-
-    def _save(self, data: dict) -> None:
-        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise RegradError(f"cannot write {self.path}: {exc}") from exc
-
-    def ids(self) -> set[str]:
-        return set(self.load()["ids"])
-
-    def sources(self) -> set[str]:
-        return set(self.load()["sources"])
-
-    def pending(self) -> tuple[set[str], set[str]]:
-        data = self.load()
-        return ({k for k, v in data["ids"].items() if v == "pending"},
-                {k for k, v in data["sources"].items() if v == "pending"})
-
-    def mark(self, ids: Iterable[str], sources: Iterable[str], state: str) -> None:
-        data = self.load()
-        for k in ids:
-            data["ids"][k] = state
-        for k in sources:
-            data["sources"][k] = state
-        data["updated_at"] = datetime.now(timezone.utc).isoformat()
-        self._save(data)
-
-    def readmit(self, ids: Iterable[str] = (), sources: Iterable[str] = ()) -> int:
-        """Forget the removal of these documents (ingest --readmit); returns how many."""
-        data = self.load()
-        n = sum(data["ids"].pop(k, None) is not None for k in set(ids))
-        n += sum(data["sources"].pop(k, None) is not None for k in set(sources))
-        if n:
-            self._save(data)
-        return n
-
-
-def forbidden_ids(ws):
-    """A callable for GradientBank.append/commit_fragments: the workspace's tombstoned doc ids,
-    read at call time (under the bank's writer lock)."""
-    return lambda: Tombstones(ws).ids()
 
 
 def _check_named(ws, store, banks, ids: set, tombs) -> None:
@@ -161,15 +78,14 @@ def prune_sources(ws, store, sources: Iterable[str]) -> tuple[int, int]:
     writer lock; the caller holds the workspace lock), without tombstones: the file may come back."""
     from contextlib import ExitStack
 
-    from bank_format import GradientBank
-    from regrad_cli.workspace.banks import workspace_banks
+    from regrad_cli.workspace.banks import open_bank, workspace_banks
 
     srcs = set(sources)
     if not srcs:
         return 0, 0
     opts = ws.bank_storage_options()
-    banks = [GradientBank.open(loc, read_only=False, storage_options=opts)
-             for loc in workspace_banks(ws) if GradientBank.exists(loc, opts)]
+    banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in workspace_banks(ws))
+             if b is not None]
     with ExitStack() as stack:
         for b in banks:
             stack.enter_context(b.locked())
@@ -189,8 +105,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     """
     from contextlib import ExitStack
 
-    from bank_format import GradientBank
-    from regrad_cli.workspace.banks import select_bank, workspace_banks
+    from regrad_cli.workspace.banks import open_bank, select_bank, workspace_banks
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.workspace.documents import DocumentStore, workspace_lock
     from regrad_cli.errors import NoBankError
@@ -209,8 +124,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     p_ids, p_srcs = tombs.pending() if tombs is not None else (set(), set())
     if not ids and not srcs and not p_ids and not p_srcs:
         raise RegradError("name DOC_ID... or --source PATH")
-    banks = [GradientBank.open(loc, read_only=False, storage_options=opts)
-             for loc in locations if GradientBank.exists(loc, opts)]
+    banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in locations) if b is not None]
     if bank is not None and not banks:
         raise NoBankError(f"no bank at {bank}")
     if keep_documents and not banks:

@@ -71,3 +71,30 @@ def check_options(*, mode=None, top_k=None, gamma=None, combine=None, retriever=
     if not math.isfinite(g):
         raise FieldError("gamma", f"must be finite, got {gamma!r}")
     return g
+
+
+# What every answer holds (`regrad query --json`, the server's /v1/query, Regrad.query): the same
+# keys in every mode. docs/cli.md's "JSON output" section is generated from these.
+ANSWER_KEYS: dict[str, str] = {
+    "id": "the record's id (only with `--batch` or a request that gave one)",
+    "question": "the question as asked",
+    "answer": "the generated answer",
+    "mode": "the mode that answered",
+    "retrieved": "the documents retrieved, best first (empty for the closed-book modes): objects below",
+    "warnings": "one line each: documents without a gradient yet, gradient rows of removed or changed "
+                "documents, rows not applied; each names the command that fixes it",
+    "skipped": "retrieved documents whose gradient was not applied: {doc_id, reason}",
+    "timings_ms": "this row's milliseconds per stage: embed, retrieve, fetch_decode, apply, generate, "
+                  "restore (in a batch, its share of the batch's calls)",
+    "batch_size": "questions answered by the same generation call (1 for a single question)",
+    "bank": "fingerprints of the model, learner and (when there is one) bank that answered",
+}
+RETRIEVED_KEYS: dict[str, str] = {
+    "doc_id": "the chunk's id (`regrad docs ls` lists them)",
+    "score": "the retriever's score: cosine (dense), BM25 (bm25) or reciprocal rank (hybrid)",
+    "cosine": "the question-document cosine (what `--min-score` compares)",
+    "source": "the file or record the chunk came from",
+    "applied": "whether its gradient was part of the step",
+    "weight": "its weight in the step, null where no step was taken with it",
+    "text": "the passage (only with `--show-docs`)",
+}

@@ -32,9 +32,9 @@ class QueryEngine:
     def __init__(self, ws: Workspace, *, engine: Engine | None = None, embedder=None,
                  checkpoint: str | None = None, device: str | None = None, strict: bool = False,
                  need_bank: bool = True):
-        from regrad_cli.offline.build import expected_fingerprints
-        from regrad_cli.workspace.documents import DocumentStore
         from regrad_cli.lm.models import Embedder
+        from regrad_cli.workspace.banks import open_checkpoint_bank
+        from regrad_cli.workspace.documents import DocumentStore
 
         self.ws = ws
         self.strict = strict
@@ -42,15 +42,8 @@ class QueryEngine:
         self.embedder = embedder or Embedder(ws.config.embedder.id, device=device or ws.config.model.device,
                                              batch_size=ws.config.embedder.batch_size)
         self.store = DocumentStore(ws)
-        self.bank = None
-        path = ws.bank_path(self.engine.learner.checkpoint_id())
-        from bank_format import GradientBank
-
-        opts = ws.bank_storage_options()
-        if GradientBank.exists(path, opts):
-            self.bank = GradientBank.open(path, expect=expected_fingerprints(self.engine, self.embedder.fingerprint),
-                                          read_only=True, storage_options=opts)
-        elif need_bank:
+        self.bank = open_checkpoint_bank(ws, self.engine, self.embedder.fingerprint, read_only=True)
+        if self.bank is None and need_bank:
             self._no_bank()
         self._check_embedder()
         if self.bank is not None:

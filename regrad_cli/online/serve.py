@@ -109,13 +109,12 @@ def weight_hashes(engine) -> dict[str, str]:
 
 
 def _hash_state(state: dict) -> str:
-    import torch
+    from regrad_cli.lm.models import hash_tensor
 
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0")
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(name.encode() + b"\0" + str(state[name].dtype).encode() + b"\0")
+        hash_tensor(h, state[name])
     return h.hexdigest()
 
 
@@ -558,17 +557,15 @@ def _to_request(worker: BatchWorker, q, question: str | None = None, max_new_tok
     if not worker.ready.is_set():
         worker._check_open()
     qe = worker.engine
-    d = qe.ws.config.query
-    mode = q.mode or d.mode
-    if qe.bank is None and MODES[mode].adapter == "step":
-        raise ApiError(409, "no_bank", f"mode {mode!r} needs a gradient bank and this workspace has none for "
-                       "the loaded learner: run `regrad build-bank`", "mode")
-    return Request(question if question is not None else q.question, mode=mode,
-                   top_k=d.top_k if q.top_k is None else q.top_k,
-                   gamma=d.gamma if q.gamma is None else q.gamma, combine=q.combine,
-                   retriever=q.retriever or d.retriever,
-                   max_new_tokens=max_new_tokens or d.max_new_tokens, show_docs=q.show_docs,
-                   min_score=q.min_score)
+    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, retriever=q.retriever,
+                                              max_new_tokens=max_new_tokens)
+    if qe.bank is None and MODES[opts["mode"]].adapter == "step":
+        raise ApiError(409, "no_bank", f"mode {opts['mode']!r} needs a gradient bank and this workspace has none "
+                       "for the loaded learner: run `regrad build-bank`", "mode")
+    # combine: the request's, else the learner's trained one (the server never used [query] combine)
+    opts["combine"] = q.combine
+    return Request(question if question is not None else q.question, show_docs=q.show_docs,
+                   min_score=q.min_score, **opts)
 
 
 async def _answer(worker: BatchWorker, req) -> dict:

@@ -1,17 +1,25 @@
-"""Which bank a command works on, and which learner checkpoint is current (core of `regrad bank`).
+"""Which bank a command works on (core of `regrad bank`).
 
 ``select_bank`` is the one answer to "which bank": ``--bank`` when given (a directory or an
 object-store URI), else the workspace's bank for its current learner checkpoint, else its only
 bank. The CLI parses options, calls these functions and renders the result.
+
+The bank contract is here too: what a bank records about the model, learner and embedder it was
+built with (``bank_meta``), what it must match to be used (``expected_fingerprints``, checked by
+``open_checkpoint_bank``) and how its rows are normalised (``row_norm``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regrad_cli.errors import ConfigError, NoBankError
+from regrad_cli.workspace.checkpoints import current_checkpoint_id
+
+if TYPE_CHECKING:
+    from bank_format import BankMeta, CodecSpec
 
 
 @dataclass
@@ -25,41 +33,7 @@ class BankChoice:
     explicit: bool = False  # named with --bank
 
     def open(self, read_only: bool = True):
-        from bank_format import GradientBank
-
-        return GradientBank.open(self.location, read_only=read_only, storage_options=self.storage_options)
-
-
-def checkpoint_dir(choice: str) -> Path:
-    """The directory of a learner checkpoint choice: 'bundled' or a directory (a meta-train output
-    directory means its ``best/``). Not for 'init', which has no directory."""
-    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT
-    from regrad_cli.workspace.engine import bundled_checkpoint_dir
-
-    path = bundled_checkpoint_dir() if choice == BUNDLED_CHECKPOINT else Path(choice).expanduser()
-    if (path / "best" / "learner.json").exists():
-        path = path / "best"
-    return path
-
-
-def current_checkpoint_id(ws, required: bool = True) -> str | None:
-    """The id of the workspace's learner checkpoint, read from its files (no model is loaded).
-
-    None (or NoBankError when ``required``) when it cannot be told without the model: an 'init'
-    learner, the bundled checkpoint with another model, or a missing directory."""
-    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, BUNDLED_MODEL
-    from regrad_cli.learner.lora import Learner
-
-    choice = ws.config.learner.checkpoint
-    path = None
-    if choice != "init" and not (choice == BUNDLED_CHECKPOINT and ws.config.model.id != BUNDLED_MODEL):
-        path = checkpoint_dir(choice)
-    if path is not None and (path / "learner.json").exists():
-        return Learner.load(path).checkpoint_id()
-    if required:
-        raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
-                          f"{choice!r} has no files to read); pass --bank DIR or URI")
-    return None
+        return open_bank(self.location, self.storage_options, read_only=read_only)
 
 
 def workspace_banks(ws) -> list["Path | str"]:
@@ -101,3 +75,59 @@ def select_bank(workspace: "str | Path | None", bank: str | None) -> BankChoice:
         raise NoBankError(f"workspace {ws.root} has no gradient bank yet: run `regrad build-bank`")
     raise NoBankError(f"workspace {ws.root} has several banks ({', '.join(Path(b).name for b in banks)}); "
                       "pass --bank DIR")
+
+
+# The bank contract ---------------------------------------------------------------------------------
+def bank_meta(engine, embedder_fp: dict, codec: CodecSpec) -> BankMeta:
+    """The metadata of a new bank for ``engine`` (its learner's stored tensors) and this embedder."""
+    from bank_format import BankMeta, TensorSpec
+    from regrad_cli.workspace.engine import producer
+
+    fps = engine.fingerprints(embedder_fp)
+    layout = [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]
+    stored = {t.name for t in layout}  # the rest are recorded as omitted (bank format 1.1)
+    omitted = [TensorSpec(n, tuple(s)) for n, s in engine.learner.layout if n not in stored]
+    return BankMeta(producer=producer(), model=fps["model"], learner=fps["learner"],
+                    embedder=fps["embedder"], layout=layout, codec=codec, omitted=omitted,
+                    row_norm=row_norm(engine))
+
+
+def row_norm(engine) -> str | None:
+    """The normalisation every row is stored with (bank key ``row_norm``, format 1.2).
+
+    'doc' when the learner normalises each document's whole gradient ('doc') and the bank leaves
+    tensors out: the query cannot take the norm of tensors it does not have, and normalising the
+    stored ones alone would scale the step by ||g|| / ||g_stored|| (about 4.5 % for the shipped
+    learner at threshold 1e-4). So the build divides each row by its whole gradient's norm and the
+    query does not normalise again. None otherwise: rows are the raw gradients."""
+    omits = len(engine.stored_tensors()) < len(engine.learner.layout)
+    return "doc" if omits and engine.learner.trained_norm == "doc" else None
+
+
+def expected_fingerprints(engine, embedder_fp: dict) -> dict:
+    """What a bank must match to be used with ``engine``: model, checkpoint, embedder, and the
+    tensor layout (names and shapes) the learner stores."""
+    from bank_format import TensorSpec
+
+    fps = engine.fingerprints(embedder_fp)
+    return {"model": fps["model"], "learner": {"checkpoint_id": fps["learner"]["checkpoint_id"]},
+            "embedder": fps["embedder"],
+            "layout": [TensorSpec(n, tuple(s)) for n, s in engine.stored_tensors()]}
+
+
+def open_bank(location, storage_options: dict, *, read_only: bool = True, expect: dict | None = None,
+              missing_ok: bool = False):
+    """The bank at ``location`` (a directory or an object-store URI), checked against ``expect``
+    when given: the one way regrad opens a bank. None when there is none and ``missing_ok``."""
+    from bank_format import GradientBank
+
+    if missing_ok and not GradientBank.exists(location, storage_options):
+        return None
+    return GradientBank.open(location, expect=expect, read_only=read_only, storage_options=storage_options)
+
+
+def open_checkpoint_bank(ws, engine, embedder_fp: dict, *, read_only: bool):
+    """The workspace's bank for ``engine``'s learner checkpoint, opened against the contract
+    (``expected_fingerprints``); None when that bank does not exist yet."""
+    return open_bank(ws.bank_path(engine.learner.checkpoint_id()), ws.bank_storage_options(), read_only=read_only,
+                     expect=expected_fingerprints(engine, embedder_fp), missing_ok=True)

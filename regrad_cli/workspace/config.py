@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
+from regrad_cli.files import atomic_write_text
+from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
 if sys.version_info >= (3, 11):
@@ -25,8 +27,6 @@ else:  # pragma: no cover
 log = logging.getLogger("regrad")
 
 DEFAULT_WORKSPACE = ".regrad"
-BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
-BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 BUNDLED_CHECKPOINT = "bundled"
 
 # regrad.toml's top-level format_version. A file without one predates versioning (0.0). A newer
@@ -134,6 +134,15 @@ class QueryConfig:
     combine: str = ""
     retriever: str = "dense"
     max_new_tokens: int = 20
+
+    def request_options(self, *, mode: str | None = None, top_k: int | None = None, gamma: float | None = None,
+                        combine: str | None = None, retriever: str | None = None,
+                        max_new_tokens: int | None = None) -> dict:
+        """The answering options of one request: each one given, else this [query] default
+        (combine None: what the learner was meta-trained with)."""
+        return {"mode": mode or self.mode, "top_k": self.top_k if top_k is None else top_k, "gamma": self.gamma if gamma is None else gamma,
+                "combine": combine or self.combine or None, "retriever": retriever or self.retriever,
+                "max_new_tokens": max_new_tokens or self.max_new_tokens}
 
 
 @dataclass
@@ -270,13 +279,13 @@ class Workspace:
     def banks_location(self) -> "Path | str":
         """Where this workspace's banks live: WORKSPACE/banks, or [bank] uri (a directory or an
         object-store URI, kept as a string)."""
-        from bank_format.bank import _location
+        from bank_format.location import location
 
         env = os.environ.get("REGRAD_BANK_URI") if self.use_bank_env else None
         uri = (env or self.config.bank.uri or "").strip()
         if not uri:
             return self.banks_dir
-        loc = _location(uri)  # a remote URI string, or a local Path (file:// stripped)
+        loc = location(uri)  # a remote URI string, or a local Path (file:// stripped)
         if isinstance(loc, str):
             return loc
         loc = loc.expanduser()
@@ -394,9 +403,7 @@ class Workspace:
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.config_path.with_suffix(".toml.tmp")
-            tmp.write_text(tomli_w.dumps(self.config.to_dict()), encoding="utf-8")
-            os.replace(tmp, self.config_path)
+            atomic_write_text(self.config_path, tomli_w.dumps(self.config.to_dict()))
         except OSError as exc:
             raise ConfigError(f"cannot write workspace config {self.config_path}: {exc}") from exc
 

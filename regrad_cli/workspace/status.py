@@ -48,12 +48,11 @@ def list_documents(ws, source: str | None = None) -> list[dict]:
     return list(docs.values())
 
 
-def workspace_status(ws, unlearned: int = 0) -> dict:
-    """Counts and fingerprints of a workspace, read without loading any model. ``unlearned``: how
-    many documents and sources `bank rm` removed (the tombstones, kept by regrad_cli.offline)."""
-    from bank_format import GradientBank
-    from regrad_cli.workspace.banks import current_checkpoint_id, workspace_banks
+def workspace_status(ws) -> dict:
+    """Counts and fingerprints of a workspace, read without loading any model."""
+    from regrad_cli.workspace.banks import current_checkpoint_id, open_bank, workspace_banks
     from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.workspace.tombstones import Tombstones
 
     store = DocumentStore(ws)
     n_chunks = store.count() if store.exists else 0
@@ -61,14 +60,15 @@ def workspace_status(ws, unlearned: int = 0) -> dict:
     ids = store.arrow(["id"]).column("id").to_pylist() if store.exists else []
     cid = current_checkpoint_id(ws, required=False)
     opts = ws.bank_storage_options()
-    path = ws.bank_path(cid) if cid else None
-    if path is None or not GradientBank.exists(path, opts):
+    if cid is not None:
+        bank = open_bank(ws.bank_path(cid), opts, missing_ok=True)
+    else:
         # The learner's id cannot be told without the model (an untrained 'init' learner): the
         # workspace's only bank is the one (as `regrad bank` picks it).
-        banks = workspace_banks(ws) if path is None else []
-        path = banks[0] if len(banks) == 1 else None
-    bank = GradientBank.open(path, read_only=True, storage_options=opts) if path is not None else None
+        banks = workspace_banks(ws)
+        bank = open_bank(banks[0], opts) if len(banks) == 1 else None
     fresh = freshness(store, bank)
+    tomb = Tombstones(ws).load()
     emb = store.embedder_fingerprint if store.exists else None
     return {
         "workspace": str(ws.root),
@@ -78,7 +78,7 @@ def workspace_status(ws, unlearned: int = 0) -> dict:
         "rows": bank.count() if bank is not None else 0,
         "pending": fresh["pending"],
         "stale": fresh["stale"],
-        "unlearned": unlearned,
+        "unlearned": len(tomb["ids"]) + len(tomb["sources"]),  # documents and sources `bank rm` removed
         "default_mode": ws.config.query.mode,
         "model": ws.config.model.id,
         "embedder": (emb or {}).get("id") or ws.config.embedder.id,

@@ -45,7 +45,7 @@ def perplexity(model, tokenizer, text: str, window: int = 256, batch_size: int =
                max_tokens: int | None = None) -> float:
     """Perplexity of ``text`` (its first ``max_tokens`` tokens) in non-overlapping windows, each
     opened with a document-start token."""
-    from regrad_cli.learner.gradients import doc_start_token, per_sample_nll
+    from regrad_cli.lm.tokens import doc_start_token, pad_id, pad_rows, per_sample_nll
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or window
     window = max(8, min(window, int(limit)))
@@ -59,16 +59,11 @@ def perplexity(model, tokenizer, text: str, window: int = 256, batch_size: int =
     if not rows:
         raise RegradError("the general text is too short to measure perplexity")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     total, count = 0.0, 0
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        width = max(len(r) for r in chunk)
-        inp = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            inp[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        inp, mask = pad_rows(chunk, pad)
         nll = per_sample_nll(model, inp.to(device), mask.to(device))
         n = torch.tensor([len(r) - 1 for r in chunk], dtype=torch.float64)
         total += float((nll.double().cpu() * n).sum())
@@ -150,7 +145,8 @@ class DriftMeter:
                 raise RegradError(f"drift: gradient rows of {', '.join(bad)} could not be read again")
             cos = qe.corpus.cosines(v, ids)
             step, w = step_from_rows(learner, [rows[d] for d in ids], [cos.get(d, 0.0) for d in ids],
-                                     learner.trained_combine, self.gamma, device)
+                                     learner.trained_combine, self.gamma, device,
+                                     row_norm=getattr(qe.corpus, "row_norm", None))
             match = match and np.allclose(w, r["weights"], atol=1e-5)
             out.append(self.ppl(self.engine.model, step))
         return out, match

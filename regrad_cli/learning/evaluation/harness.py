@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from regrad_cli import __version__
-from regrad_cli.learning.datasets import QAItem, corpus_of, load_dataset
+from regrad_cli.learning.datasets import load_dataset
+from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.errors import ConfigError
+from regrad_cli.files import atomic_path
 from regrad_cli.learning.evaluation import workspace as wsmod
 from regrad_cli.learning.evaluation.config import CPT_SYSTEMS, REFERENCES, RUN_KEY_FIELDS, SYSTEMS_TABLE, EvalConfig, check_config
 from regrad_cli.learning.evaluation.systems import Questions, cpt_query_engine, retrieve_all, run_system
@@ -301,11 +303,9 @@ def _cpt_summary(cfg: EvalConfig, cpt, stages: list[dict], kept: dict) -> dict |
 
 
 def _write_jsonl_atomic(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
-    tmp.replace(path)
 
 
 def _setup(cfg, engine, embedder, ws, stage_docs: list[str], paths, *, ingest_now: bool, ddir: Path, t: int):

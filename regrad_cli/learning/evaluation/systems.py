@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from regrad_cli.learning.datasets import QAItem
+from regrad_cli.learning.qa import QAItem
 from regrad_cli.learning.evaluation.config import SYSTEMS_TABLE, EvalConfig
 from regrad_cli.learning.scores import exact_match, f1_score, yes_no_accuracy
 

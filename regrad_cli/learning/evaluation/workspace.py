@@ -15,14 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from regrad_cli.learning.datasets import QAItem, corpus_of, is_dataset_spec, load_dataset
+from regrad_cli.learning.datasets import is_dataset_spec, load_dataset
+from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.errors import ConfigError
+from regrad_cli.files import atomic_write_text
 
 log = logging.getLogger("regrad")
 
@@ -150,9 +151,7 @@ def cached_workspace(cfg, engine, embedder, docs: Sequence[str], paths: Sequence
         write_corpus(corpus, docs)
         summary = ingest(ws, [corpus, *paths], embedder=embedder, tokenizer=engine.tokenizer)
         info["ingest"] = summary.to_dict() if hasattr(summary, "to_dict") else str(summary)
-        tmp = ready.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "documents": len(docs)}))
-        os.replace(tmp, ready)
+        atomic_write_text(ready, json.dumps({"key": key, "documents": len(docs)}))
     info["reused"] = reused
     return ws, info
 

@@ -86,7 +86,7 @@ def ingest(
     documents that ``regrad bank rm`` unlearned (otherwise they are skipped).
     """
     from regrad_cli.workspace.documents import LIGHT_COLUMNS, DocumentStore, workspace_lock
-    from regrad_cli.offline.unlearn import Tombstones
+    from regrad_cli.workspace.tombstones import Tombstones
 
     chunking = ws.config.chunking
     max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)

@@ -1,0 +1,92 @@
+"""Which learner checkpoint is meant, in one place: 'bundled' (the shipped meta-trained
+checkpoint of the bundled model), 'init' (an untrained, seeded learner shaped by [lora]) or a
+checkpoint directory (a meta-train output directory means its ``best/``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from regrad_cli.errors import NoBankError, RegradError
+from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, BUNDLED_MODEL, LoraConfig, Workspace
+
+if TYPE_CHECKING:
+    from regrad_cli.learner.lora import Learner
+
+log = logging.getLogger("regrad")
+
+
+def bundled_checkpoint_dir() -> Path:
+    return Path(str(files("regrad_cli") / "data" / "checkpoints" / "smollm2-135m-instruct"))
+
+
+def checkpoint_dir(choice: str) -> Path:
+    """The directory of a learner checkpoint choice: 'bundled' or a directory (a meta-train output
+    directory means its ``best/``). 'init' has no directory: RegradError."""
+    if choice == "init":
+        raise RegradError("the untrained 'init' learner has no checkpoint directory to record into")
+    path = bundled_checkpoint_dir() if choice == BUNDLED_CHECKPOINT else Path(choice).expanduser()
+    if (path / "best" / "learner.json").exists():
+        path = path / "best"
+    return path
+
+
+def init_learner(model, lora_cfg: LoraConfig | None = None, **overrides) -> Learner:
+    """An untrained learner for ``model``, shaped and seeded by ``lora_cfg`` ([lora] of
+    regrad.toml; its defaults when None), each keyword overriding the field of the same name.
+
+    The one place a fresh learner is made: ``resolve_learner`` ('init') and meta-training both
+    call it, so they share every default (targets by model family, alpha_init, seed...). An
+    override of None leaves the field as it is."""
+    from regrad_cli.learner.lora import Learner
+
+    cfg = replace(lora_cfg or LoraConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    auto = lambda v: None if v == "auto" else v  # noqa: E731  (by model size: lora.default_lora)
+    learner = Learner.for_model(model, rank=auto(cfg.rank), lora_alpha=auto(cfg.lora_alpha), layers=cfg.layers,
+                                modules=cfg.modules, per_element_alpha=cfg.per_element_alpha,
+                                target_patterns=cfg.target_patterns)
+    return learner.init_(seed=cfg.seed, b_std=cfg.init_b_std, alpha_init=cfg.alpha_init)
+
+
+def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoint: str | None) -> Learner:
+    """The learner for ``model``: from ``checkpoint`` ('bundled', 'init' or a directory)."""
+    from regrad_cli.learner.lora import Learner
+
+    lcfg = ws_or_none.config.lora if ws_or_none else None
+    choice = checkpoint or (ws_or_none.config.learner.checkpoint if ws_or_none else BUNDLED_CHECKPOINT)
+    if choice == BUNDLED_CHECKPOINT:
+        path = bundled_checkpoint_dir()
+        if model_id == BUNDLED_MODEL and (path / "learner.json").exists():
+            return Learner.load(path)
+        log.info("no shipped checkpoint for %s: using the untrained init", model_id)
+        choice = "init"
+    if choice == "init":
+        return init_learner(model, lcfg)
+    path = checkpoint_dir(choice)  # a meta-train output directory means its best/
+    if not (path / "learner.json").exists():
+        raise RegradError(f"no learner checkpoint at {path} (expected learner.json and learner.safetensors)")
+    return Learner.load(path)
+
+
+def current_checkpoint_id(ws, required: bool = True) -> str | None:
+    """The id of the workspace's learner checkpoint, read from its files (no model is loaded).
+
+    None (or NoBankError when ``required``) when it cannot be told without the model: an 'init'
+    learner, the bundled checkpoint with another model, or a missing directory. Loads only the
+    learner's files (no model)."""
+    from regrad_cli.learner.lora import Learner
+
+    choice = ws.config.learner.checkpoint
+    path = None
+    if choice != "init" and not (choice == BUNDLED_CHECKPOINT and ws.config.model.id != BUNDLED_MODEL):
+        path = checkpoint_dir(choice)
+    if path is not None and (path / "learner.json").exists():
+        return Learner.load(path).checkpoint_id()
+    if required:
+        raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
+                          f"{choice!r} has no files to read); pass --bank DIR or URI")
+    return None
