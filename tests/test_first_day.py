@@ -191,3 +191,30 @@ def test_every_mode_answers_the_documented_keys(built, capsys, monkeypatch):
     code, out, err = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param", "--show-docs"],
                              capsys, monkeypatch)
     assert "weight" in err and "It keeps maps." in err.splitlines()  # the passage's own line breaks
+
+
+def test_the_guides_jsonl_example_is_the_eval_format(tmp_path):
+    import re
+
+    from conftest import REPO
+    from regrad_cli.learning.datasets import load_dataset
+
+    guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(.*?)```", guide, re.S).group(1)
+    path = tmp_path / "my-questions.jsonl"
+    path.write_text(block, encoding="utf-8")
+    items = load_dataset(f"jsonl:{path}")
+    assert [(i.id, i.answers) for i in items] == [("q1", ["Quorra Vell"]), ("q2", ["1921"])]
+    assert all(len(i.documents) == 1 for i in items)
+
+
+def test_no_development_machine_paths_in_the_repository():
+    import subprocess
+
+    from conftest import REPO
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    found = subprocess.run(["git", "grep", "-n", "-I", "-e", "/work/", "-e", "/root/", "--", ".",
+                            ":!tests/test_first_day.py"], cwd=REPO, capture_output=True, text=True).stdout
+    assert found == "", found[:2000]
