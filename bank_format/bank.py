@@ -295,8 +295,9 @@ class GradientBank:
             raise BankFormatError(self._read_only)
         return self._lock(self._path)
 
-    def _dataset(self):
-        """The latest committed version as a lance dataset: one consistent snapshot."""
+    def dataset(self):
+        """The latest committed version as a lance dataset (pylance): one consistent snapshot, for
+        reads this class does not offer (versions, fragments, raw scans)."""
         import lance
 
         with lance_errors(f"cannot read bank at {self._path}"):
@@ -345,7 +346,7 @@ class GradientBank:
         if self._read_only is not None:
             raise BankFormatError(self._read_only)
         with lance_errors(f"cannot read bank at {self._path}"):
-            version = self._dataset().data_storage_version
+            version = self.dataset().data_storage_version
         return FragmentWriter(self._path, self._meta, self._storage, version)
 
     def commit_fragments(self, fragments: Sequence[str], keys: Sequence[tuple[str, str]] | None = None,
@@ -371,7 +372,7 @@ class GradientBank:
             return 0
         n = sum(f.num_rows for f in frags)
         with self._writing(), lance_errors(f"cannot commit to bank at {self._path}"):
-            ds = self._dataset()
+            ds = self.dataset()
             found = fragment_keys(self._path, frags, self._storage)
             if keys is not None:
                 dup = repeated(keys)
@@ -422,7 +423,7 @@ class GradientBank:
         sources = set(where_sources or ())
         keep = None if keep_keys is None else {tuple(k) for k in keep_keys}
         with self._writing(), lance_errors(f"cannot delete from bank at {self._path}"):
-            ds = self._dataset()
+            ds = self.dataset()
             t = ds.to_table(columns=["doc_id", "content_hash", "source"], with_row_id=True)
             doc, hsh, src = (t.column(c).to_pylist() for c in ("doc_id", "content_hash", "source"))
             rowid = t.column("_rowid").to_pylist()
@@ -445,7 +446,7 @@ class GradientBank:
         # else only past lance_ops.ORPHAN_GRACE. Referenced files of old versions always go.
         with self._writing(), lance_ops.no_build_in_flight(self._path) as idle, \
                 lance_errors(f"cannot compact bank at {self._path}"):
-            ds = self._dataset()
+            ds = self.dataset()
             options: dict[str, Any] = {
                 "batch_size": PURGE_BATCH_ROWS,
                 "num_threads": 1,  # one rewrite task at a time, not one per core
@@ -454,7 +455,7 @@ class GradientBank:
             }
             return lance_ops.purge_dataset(
                 ds, all_deletions=all_deletions, orphans_now=idle, what=f"bank at {self._path}",
-                compact_options=options, reopen=self._dataset,
+                compact_options=options, reopen=self.dataset,
                 after_compaction=self._rebuild_indices if all_deletions else None)
 
     def _rebuild_indices(self) -> None:
@@ -511,22 +512,22 @@ class GradientBank:
     def version(self) -> int:
         """The latest committed dataset version (each append, delete or commit adds one)."""
         with lance_errors(f"cannot read bank at {self._path}"):
-            return self._dataset().version
+            return self.dataset().version
 
     def count(self) -> int:
         with lance_errors(f"cannot read bank at {self._path}"):
-            return self._dataset().count_rows()
+            return self.dataset().count_rows()
 
     def keys(self) -> set[tuple[str, str]]:
         """All (doc_id, content_hash) pairs; reads only those two columns."""
         with lance_errors(f"cannot read bank at {self._path}"):
-            t = self._dataset().to_table(columns=["doc_id", "content_hash"])
+            t = self.dataset().to_table(columns=["doc_id", "content_hash"])
         return set(zip(t.column("doc_id").to_pylist(), t.column("content_hash").to_pylist()))
 
     def doc_ids(self, where_sources: Sequence[str] | None = None) -> set[str]:
         """The doc ids in the bank (those whose source is in ``where_sources``, when given)."""
         with lance_errors(f"cannot read bank at {self._path}"):
-            t = self._dataset().to_table(columns=["doc_id", "source"])
+            t = self.dataset().to_table(columns=["doc_id", "source"])
         ids, srcs = t.column("doc_id").to_pylist(), t.column("source").to_pylist()
         if where_sources is None:
             return set(ids)
@@ -588,7 +589,7 @@ class GradientBank:
         or has a vector index (then LanceDB searches). Opening the latest version to compare
         versions costs a fraction of a millisecond; the columns are re-read only on a change."""
         with lance_errors(f"cannot read bank at {self._path}"):
-            ds = self._dataset()
+            ds = self.dataset()
             snap = self._snap
             if snap is not None and snap.version == ds.version:
                 return snap if snap.usable else None
@@ -614,7 +615,7 @@ class GradientBank:
                 by_pos = dict(zip(order, t.to_pylist()))
                 rows = {d: by_pos[i] for d, i in where.items()}
         elif ids:
-            ds = self._dataset()  # one snapshot for every chunk
+            ds = self.dataset()  # one snapshot for every chunk
             for i in range(0, len(ids), _FETCH_CHUNK):
                 chunk = ids[i : i + _FETCH_CHUNK]
                 pred = f"doc_id IN ({', '.join(_sql_str(d) for d in chunk)})"
@@ -685,7 +686,7 @@ class GradientBank:
         are still checked. Returns {"rows", "ok", "bad": [{"doc_id", "reason", ...}],
         "duplicates": [{"doc_id", "content_hash", "count"}], "fragments", "version"}.
         """
-        ds = self._dataset()
+        ds = self.dataset()
         with lance_errors(f"cannot list the fragments of bank at {self._path}"):
             fragments = ds.get_fragments()
             version = ds.version
@@ -739,7 +740,7 @@ class GradientBank:
         """Sizes, codec and fingerprints of the bank (reads the doc_id and blob columns)."""
         import pyarrow.compute as pc
 
-        ds = self._dataset()
+        ds = self.dataset()
         lengths: list[int] = []
         with lance_errors(f"cannot read bank at {self._path}"):
             for batch in (b for frag in ds.get_fragments() for b in _chunks(frag, ["blob"])):

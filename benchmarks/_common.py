@@ -34,7 +34,9 @@ DEMO_QUESTIONS = ROOT / "regrad_cli" / "data" / "demo" / "questions.jsonl"
 SEED = 0
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *, checkpoint: bool = False, workspace: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``checkpoint`` adds --checkpoint (the learner),
+    ``workspace`` adds --workspace (a demo workspace with its bank; see ``on_demo_workspace``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: a minute or two on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
@@ -42,6 +44,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, one per core). On a machine "
                         "shared with other torch jobs, 1 avoids OpenMP threads waiting on each other")
+    if checkpoint:
+        p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    if workspace:
+        p.add_argument("--workspace", type=Path, default=None,
+                       help="an ingested demo workspace with its bank built (default: build one in /tmp, not timed)")
     return p
 
 

@@ -47,8 +47,7 @@ def label(name: str, group: int) -> str:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--questions", type=int, default=None,
                    help="dev questions (default: 20 quick; full: all 108 demo questions, or 60 of --dataset)")
     p.add_argument("--dataset", default="demo",

@@ -27,9 +27,7 @@ from _common import checkpoint_info, demo_questions, emit, log, machine, on_demo
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--workspace", type=Path, default=None,
-                   help="an ingested demo workspace with its bank built (default: build one in /tmp, not timed)")
+    p = parser(__doc__.splitlines()[0], workspace=True)
     p.add_argument("--max-batch", type=int, default=16, help="requests per batched call (default 16)")
     p.add_argument("--modes", default="param", help="comma-separated modes (default: param)")
     p.add_argument("--questions", type=int, default=None, help="first N demo questions (default: all 108; 16 quick)")

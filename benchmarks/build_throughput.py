@@ -48,8 +48,7 @@ from _common import (
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,4,8,16; full adds 32)")
     p.add_argument("--docs", type=int, default=None, help="documents per build (default: 16 quick, all full)")
     p.add_argument("--copies", type=int, default=None, help="copies of the demo corpus (default: 1 quick, 4 full)")

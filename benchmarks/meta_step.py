@@ -37,8 +37,7 @@ from _common import (
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--meta-batch", type=int, default=None, help="B (default: 2 quick, 4 full)")
     p.add_argument("--k", type=int, default=3, help="documents per question (meta-train's default is 3)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 2 quick, 4 full)")

@@ -69,8 +69,7 @@ class GenerateProbe:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--questions", type=int, default=None, help="timed questions (default: 6 quick, 40 full)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up questions per mode, excluded (default: 1 quick, 2 full)")
     p.add_argument("--top-k", type=int, default=None, help="default: workspace config, 3")

@@ -50,8 +50,7 @@ def compare(local, other) -> dict:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--copies", type=int, default=None, help="copies of the demo corpus (default: 1 quick, 3 full)")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to run, comma-separated (default 1,2)")
     args = p.parse_args()

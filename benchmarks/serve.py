@@ -55,9 +55,7 @@ from _common import (
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--workspace", type=Path, default=None,
-                   help="an ingested demo workspace with its bank built (default: build one in /tmp, not timed)")
+    p = parser(__doc__.splitlines()[0], workspace=True)
     p.add_argument("--questions", type=int, default=None, help="questions per level (default: 16 quick, 48 full)")
     p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (default 1,4,16)")
     p.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")

@@ -53,8 +53,7 @@ def parse_codec(text: str) -> tuple[str, int]:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="learner: 'bundled' (default), 'init' or a directory")
+    p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--dataset", default="demo",
                    help="'demo' (demo corpus and its 108 questions) or a dataset spec such as "
                         "nq-open:../shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "

@@ -31,6 +31,11 @@ class Version:
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}"
 
+    def tag(self) -> "int | str":
+        """How a file records this version when its first format wrote a plain integer (the
+        documents table, tombstones): that integer for MAJOR.0, else "MAJOR.MINOR"."""
+        return self.major if self.minor == 0 else str(self)
+
 
 @dataclass(frozen=True)
 class Migration:

@@ -58,7 +58,7 @@ def make_rows(prefix: str, n: int, seed: int = 0, source: str | None = "corpus.j
 
 
 def n_versions(bank: GradientBank) -> int:
-    return len(bank._dataset().versions())
+    return len(bank.dataset().versions())
 
 
 def all_files(path: Path) -> dict[str, bytes]:
@@ -212,11 +212,11 @@ def test_append_validation(tmp_path):
 
 def _rewrite_row_with_flipped_blob(bank: GradientBank, doc_id: str) -> None:
     """Replace a row by the same row whose blob has one byte flipped but the old checksum."""
-    row = bank._dataset().to_table(filter=f"doc_id = '{doc_id}'").to_pylist()[0]
+    row = bank.dataset().to_table(filter=f"doc_id = '{doc_id}'").to_pylist()[0]
     blob = bytearray(row["blob"])
     blob[len(blob) // 2] ^= 0x40
     row["blob"] = bytes(blob)
-    bank._dataset().delete(f"doc_id = '{doc_id}'")
+    bank.dataset().delete(f"doc_id = '{doc_id}'")
     import pyarrow as pa
 
     bank._table.add(pa.Table.from_pylist([row], schema=bank._table.schema.remove_metadata()))
@@ -248,7 +248,7 @@ def test_corruption_in_data_file_detected(tmp_path):
     path = tmp_path / "b"
     bank = GradientBank.create(path, make_meta("fp32"))
     bank.append(make_rows("a", 3))
-    blob = bank._dataset().to_table(filter="doc_id = 'a1'").column("blob")[0].as_py()
+    blob = bank.dataset().to_table(filter="doc_id = 'a1'").column("blob")[0].as_py()
     [name] = files_containing(path, blob)
     data = bytearray((path / name).read_bytes())
     data[data.find(blob) + len(blob) // 2] ^= 0xFF
@@ -265,7 +265,7 @@ def test_verify_reports_damaged_fragment_and_checks_the_others(tmp_path, damage)
     bank = GradientBank.create(path, make_meta("int8"))
     for part in range(3):
         bank.append(make_rows(f"p{part}_", 2))
-    frag = bank._dataset().get_fragments()[1]
+    frag = bank.dataset().get_fragments()[1]
     data_file = path / "gradients.lance" / "data" / frag.metadata.files[0].path
     if damage == "truncate":
         data_file.write_bytes(data_file.read_bytes()[:100])
@@ -304,7 +304,7 @@ def test_unlearning_purge_removes_bytes_from_every_file(tmp_path):
     bank.append(rows[40:])
     victim = rows[7]
     secret_id = "doc-7"  # no other id contains it: ids run doc-0 .. doc-39
-    blob = bank._dataset().to_table(filter=f"doc_id = '{secret_id}'").column("blob")[0].as_py()
+    blob = bank.dataset().to_table(filter=f"doc_id = '{secret_id}'").column("blob")[0].as_py()
     emb = victim["embedding"]
     unit = (emb / np.linalg.norm(emb)).astype(np.float32)
     needles = {
@@ -345,7 +345,7 @@ def test_metadata_survives_appends_compaction_and_cleanup(tmp_path):
     bank.compact()
     bank.purge()
     assert GradientBank.open(path).meta == meta
-    assert len(bank._dataset().get_fragments()) == 1
+    assert len(bank.dataset().get_fragments()) == 1
 
 
 def test_duplicates_reported_and_fetch_uses_latest(tmp_path):

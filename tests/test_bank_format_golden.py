@@ -173,3 +173,41 @@ def test_reader_1_1_reads_a_1_2_row_norm_bank_read_only(monkeypatch, tmp_path):
     assert np.array_equal(old.fetch(["d"])["d"][0], want)
     with pytest.raises(BankFormatError, match="can be read but not written"):
         GradientBank.open(tmp_path / "bank").append([{**row, "doc_id": "e"}])
+
+
+# Format 1.2 (the current format) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def expected_1_2():
+    with np.load(GOLDEN / "expected_v1_2.npz") as f:
+        return dict(f)
+
+
+@pytest.fixture
+def bank_1_2(tmp_path):
+    shutil.copytree(GOLDEN / "bank_v1_2", tmp_path / "bank")
+    return GradientBank.open(tmp_path / "bank", read_only=True)
+
+
+def test_golden_1_2_bank_metadata(bank_1_2):
+    from bank_format import FORMAT_VERSION
+
+    m = bank_1_2.meta
+    assert m.format_version == FORMAT_VERSION == "1.2", "a new format version needs its own golden bank"
+    assert m.codec.name == "int8g" and m.codec.group_size == 4 and m.row_norm == "doc"
+    assert [(t.name, t.shape) for t in m.layout] == STORED_1_1
+    assert [(t.name, t.shape) for t in m.omitted] == [("layers.0.q_proj.lora_A", (2, 8))]
+    GradientBank.open(bank_1_2.path, expect={"learner": {"checkpoint_id": "golden-ckpt-3"}})
+
+
+def test_golden_1_2_bank_decodes_bit_for_bit(bank_1_2, expected_1_2):
+    report = bank_1_2.verify()
+    assert report["rows"] == report["ok"] == 3 and not report["bad"]
+    got = bank_1_2.fetch(DOCS)
+    for i, d in enumerate(DOCS):
+        assert bank_1_2.search(expected_1_2["embeddings"][i], 1)[0]["doc_id"] == d
+        for j, arr in enumerate(got[d]):
+            assert np.array_equal(arr, expected_1_2[f"bank/{d}/{j}"]), (d, j)
+            orig = expected_1_2[f"orig/{d}/{j}"]
+            assert np.allclose(arr, orig, atol=np.abs(orig).max() / 200 + 1e-7)
+        # row_norm "doc": the stored part of a unit-norm gradient (lora_A, left out, holds the rest)
+        assert 0 < sum(float(np.sum(a.astype(np.float64) ** 2)) for a in got[d]) < 1

@@ -163,7 +163,7 @@ def test_cli_ray_engine_builds_the_same_bank(demo_ws, tmp_path):
     for field in ("model", "learner", "embedder", "layout", "codec", "format_version"):
         assert getattr(single.meta, field) == getattr(ray_bank.meta, field), field
     cols = ["doc_id", "source", "n_tokens", "embedding"]
-    rows = lambda b: sorted(b._dataset().to_table(columns=cols).to_pylist(), key=lambda x: x["doc_id"])  # noqa: E731
+    rows = lambda b: sorted(b.dataset().to_table(columns=cols).to_pylist(), key=lambda x: x["doc_id"])  # noqa: E731
     assert rows(single) == rows(ray_bank)
     ids = sorted(k[0] for k in single.keys())
     a, b = single.fetch(ids), ray_bank.fetch(ids)

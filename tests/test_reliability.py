@@ -270,7 +270,7 @@ def _data_files(bank) -> list[Path]:
 
 
 def _flip_blob_on_disk(bank, doc_id: str) -> None:
-    blob = bank._dataset().to_table(filter=f"doc_id = '{doc_id}'").column("blob")[0].as_py()
+    blob = bank.dataset().to_table(filter=f"doc_id = '{doc_id}'").column("blob")[0].as_py()
     hits = [p for p in _data_files(bank) if blob in p.read_bytes()]
     assert len(hits) == 1, "the blob should be stored verbatim in one data file"
     data = bytearray(hits[0].read_bytes())
@@ -318,7 +318,7 @@ def test_cli_flipped_blob_named_skipped_strict_fails_and_repairable(built, tiny_
 def test_cli_damaged_fragment_file_named_and_never_applied(damage, built, tiny_cli, capsys, monkeypatch):
     ws, _ = built
     bank = bank_of(ws, tiny_cli)
-    frags = bank._dataset().get_fragments()
+    frags = bank.dataset().get_fragments()
     assert len(frags) > 2
     frag = frags[1]
     lost = set(frag.to_table(columns=["doc_id"]).column("doc_id").to_pylist())
@@ -464,9 +464,9 @@ def test_queries_while_another_process_builds(tmp_path, engine):
     try:
         assert worker.wait_for_events(1)
         while worker.proc.poll() is None or answers < 5:
-            before = qe.bank._dataset().version
+            before = qe.bank.dataset().version
             res = qe.answer(questions[answers % 16], top_k=3, max_new_tokens=2)
-            ds = qe.bank._dataset()
+            ds = qe.bank.dataset()
             after_keys = {d for d in ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()}
             ids = [r["doc_id"] for r in res["retrieved"]]
             assert ids and set(ids) <= after_keys <= docs, res

@@ -52,7 +52,7 @@ def engine():
 
 
 def rows_by_id(bank) -> dict:
-    t = bank._dataset().to_table(columns=["doc_id", "content_hash", "source", "embedding", "n_tokens", "codec"])
+    t = bank.dataset().to_table(columns=["doc_id", "content_hash", "source", "embedding", "n_tokens", "codec"])
     return {r["doc_id"]: r for r in t.to_pylist()}
 
 
@@ -280,7 +280,7 @@ def test_workspace_bank_on_object_store(tmp_path, engine, s3, monkeypatch, capsy
     code, out, err = run_cli(["bank", "rm", victim, "--keep-documents", "--json", "-w", ws.root, "--bank", s["bank"]],
                              capsys, monkeypatch)
     assert code == 0 and json.loads(out)["removed_rows"] == 1, err
-    assert victim not in {k[0] for k in remote.keys()} and len(remote._dataset().versions()) == 1
+    assert victim not in {k[0] for k in remote.keys()} and len(remote.dataset().versions()) == 1
 
 
 @pytest.mark.slow

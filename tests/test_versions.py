@@ -215,3 +215,40 @@ def test_every_torch_load_is_weights_only():
                 if not ok:
                     bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert bad == []
+
+
+# The documents table and tombstones ---------------------------------------------------------------
+def test_tombstones_read_their_format_and_refuse_a_newer_major(tmp_path):
+    from types import SimpleNamespace
+
+    from regrad_cli.workspace.tombstones import TOMBSTONES_VERSION, Tombstones
+
+    tombs = Tombstones(SimpleNamespace(root=tmp_path))
+    tombs.mark(["a"], [], "done")
+    written = json.loads((tmp_path / "tombstones.json").read_text())
+    assert written["format"] == 1 and str(TOMBSTONES_VERSION) == "1.0"  # 1.0 is written as the integer 1
+    for newer_minor in ("1.4", "1.0"):
+        (tmp_path / "tombstones.json").write_text(json.dumps({**written, "format": newer_minor}))
+        assert tombs.ids() == {"a"}
+    for tag, error in ((2, "newer than this regrad understands"), ("3.1", "newer than"), (0, "is damaged"),
+                       ("one", "is damaged")):
+        (tmp_path / "tombstones.json").write_text(json.dumps({**written, "format": tag}))
+        with pytest.raises(RegradError, match=error):
+            tombs.ids()
+
+
+def test_documents_table_reads_its_format_and_refuses_a_newer_major(tmp_path):
+    from types import SimpleNamespace
+
+    from regrad_cli.errors import IngestError
+    from regrad_cli.workspace.documents import _FORMAT_KEY, DOCUMENTS_VERSION, DocumentStore, documents_schema
+
+    assert documents_schema(4, {"id": "e", "dim": 4}).metadata[_FORMAT_KEY] == b"1"  # 1.0, as first written
+    assert str(DOCUMENTS_VERSION) == "1.0"
+    store = DocumentStore(tmp_path)
+    for readable in (b"1", b"1.0", b"1.7"):
+        store.check_format(SimpleNamespace(metadata={_FORMAT_KEY: readable}))
+    for tag, error in ((b"2", "newer than this regrad understands"), (b"0", "never existed"),
+                       (b"x", "not MAJOR.MINOR")):
+        with pytest.raises(IngestError, match=error):
+            store.check_format(SimpleNamespace(metadata={_FORMAT_KEY: tag}))

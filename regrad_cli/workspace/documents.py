@@ -1,6 +1,6 @@
 """The workspace's LanceDB ``documents`` table: one row per chunk of an ingested document.
 
-Schema (``DOCUMENTS_FORMAT`` 1)::
+Schema (``DOCUMENTS_VERSION`` 1.0)::
 
     id            string     stable document id (see regrad_cli.offline.ingest for the rule)
     source        string     where the chunk came from, relative and posix ("corpus/a.md")
@@ -38,11 +38,16 @@ from bank_format.lance_ops import committed as _committed
 from bank_format.lance_ops import sql_in as _in_filter
 from bank_format.lance_ops import sql_str
 from regrad_cli.errors import IngestError, RegradError
+from regrad_cli.versions import Migrations, Version
 
 log = logging.getLogger("regrad.documents")
 
 TABLE_NAME = "documents"
-DOCUMENTS_FORMAT = 1
+# The documents table's format: the schema metadata key regrad.documents_format, "1" for 1.0 (the
+# first format), "MAJOR.MINOR" after it. A newer major is refused, a newer minor read; an older
+# table would be brought to DOCUMENTS_VERSION by DOCUMENTS_MIGRATIONS (none yet: 1.0 is the first).
+DOCUMENTS_VERSION = Version(1, 0)
+DOCUMENTS_MIGRATIONS = Migrations("documents table")
 _FORMAT_KEY = b"regrad.documents_format"
 _EMBEDDER_KEY = b"regrad.embedder"
 # Columns without the (large) embedding, for bookkeeping reads.
@@ -69,7 +74,7 @@ def documents_schema(dim: int, fingerprint: dict):
             pa.field("metadata", pa.string()),
         ],
         metadata={
-            _FORMAT_KEY: str(DOCUMENTS_FORMAT).encode(),
+            _FORMAT_KEY: str(DOCUMENTS_VERSION.tag()).encode(),
             _EMBEDDER_KEY: json.dumps({"id": fingerprint["id"], "dim": int(dim)}).encode(),
         },
     )
@@ -125,22 +130,24 @@ class DocumentStore:
                 self._table = self._connect().open_table(TABLE_NAME)
             except (ValueError, OSError) as exc:
                 raise IngestError(f"cannot open the documents table in {self.db_path}: {exc}") from exc
-            self._check_format(self._table.schema)
+            self.check_format(self._table.schema)
         if self._table is None and required:
             raise IngestError(f"no documents in {self.db_path.parent}: run `regrad ingest PATH` first")
         return self._table
 
-    def _check_format(self, schema) -> None:
+    def check_format(self, schema) -> None:
+        """Refuse a documents table (its Arrow schema) of a format this regrad cannot read."""
         meta = schema.metadata or {}
+        where = f"{self.db_path}/{TABLE_NAME}.lance"
+        raw = meta.get(_FORMAT_KEY, b"1").decode("utf-8", "replace")
         try:
-            version = int(meta.get(_FORMAT_KEY, b"1"))
-        except ValueError:
-            version = -1
-        if version != DOCUMENTS_FORMAT:
-            raise IngestError(
-                f"{self.db_path}/{TABLE_NAME}.lance has documents format {version}, this regrad "
-                f"reads format {DOCUMENTS_FORMAT}: upgrade regrad or re-ingest into a new workspace"
-            )
+            found = Version.parse(raw, where)
+            if found < Version(1, 0):
+                raise RegradError(f"{where}: documents format {raw!r} never existed")
+            DOCUMENTS_MIGRATIONS.upgrade({"metadata": meta}, found, DOCUMENTS_VERSION, where)
+        except RegradError as exc:
+            raise IngestError(f"{exc} (this regrad reads documents format {DOCUMENTS_VERSION}): upgrade "
+                              "regrad or re-ingest into a new workspace") from None
 
     @property
     def exists(self) -> bool:

@@ -10,12 +10,20 @@ from typing import Iterable
 
 from regrad_cli.errors import RegradError
 from regrad_cli.files import atomic_write_text
+from regrad_cli.versions import Migrations, Version
+
+# tombstones.json's "format": 1 for 1.0 (the first format), "MAJOR.MINOR" after it. A newer major is
+# refused, a newer minor read; an older file is brought to TOMBSTONES_VERSION by TOMBSTONES_MIGRATIONS
+# in memory (none yet: 1.0 is the first).
+TOMBSTONES_VERSION = Version(1, 0)
+TOMBSTONES_MIGRATIONS = Migrations("tombstones")
 
 
 class Tombstones:
     """Documents unlearned by ``regrad bank rm`` (``WORKSPACE/tombstones.json``).
 
-    ``{"format": 1, "ids": {doc_id: state}, "sources": {source: state}}``, state "pending" while
+    ``{"format": 1, "ids": {doc_id: state}, "sources": {source: state}}`` (format: see
+    TOMBSTONES_VERSION), state "pending" while
     a removal is under way and "done" once its rows and documents are gone and purged. Written
     atomically (temporary file, fsync, rename); the caller holds :func:`workspace_lock`.
     """
@@ -29,14 +37,24 @@ class Tombstones:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return {"format": 1, "ids": {}, "sources": {}}
+            return {"format": TOMBSTONES_VERSION.tag(), "ids": {}, "sources": {}}
         except OSError as exc:
             raise RegradError(f"cannot read {self.path}: {exc}") from exc
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):
             data = None
-        ok = (isinstance(data, dict) and data.get("format") == 1
+        tag = data.get("format") if isinstance(data, dict) else None
+        try:
+            found = Version.parse(tag, str(self.path)) if isinstance(tag, (int, str)) and tag is not True else None
+        except RegradError:
+            found = None
+        if found is not None and found >= Version(1, 0):
+            # A newer major is refused here; an older file is upgraded (and written as current).
+            data, _ = TOMBSTONES_MIGRATIONS.upgrade(data, found, TOMBSTONES_VERSION, str(self.path))
+            if found < TOMBSTONES_VERSION:
+                data["format"] = TOMBSTONES_VERSION.tag()
+        ok = (found is not None and found >= Version(1, 0)
               and all(isinstance(data.get(k), dict) for k in ("ids", "sources"))
               and all(isinstance(k, str) and v in ("pending", "done")
                       for part in ("ids", "sources") for k, v in data[part].items()))

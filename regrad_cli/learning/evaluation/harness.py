@@ -20,7 +20,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -322,20 +322,26 @@ def _setup(cfg, engine, embedder, ws, stage_docs: list[str], paths, *, ingest_no
     return info, build_bank(ws, engine).to_dict()
 
 
-def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str, split_items: list[QAItem],
-                 groups: list[list[QAItem]], user_ws, distractors, injected: bool, tick, fingerprints: dict) -> dict:
-    from regrad_cli.learning.cpt import ContinualPretrainer
-    from regrad_cli.workspace.documents import DocumentStore
-    from regrad_cli.learning.evaluation.report import draw_plots
-    from regrad_cli.online.query import QueryEngine
+@dataclass
+class _Run:
+    """What every stage of one dataset's evaluation shares."""
 
-    ddir = Path(cfg.out) / slug
-    ddir.mkdir(parents=True, exist_ok=True)
-    t_ds = time.time()
-    items = [it for g in groups for it in g]
-    docs = wsmod.pool_documents(split_items, items, cfg.pool, distractors)
+    cfg: EvalConfig
+    engine: object
+    embedder: object
+    meter: object
+    kept: dict  # (stage, system) -> the earlier run's answers (--resume)
+    cpt: object  # the ContinualPretrainer, or None
+    tick: object
+    pred_fh: object = None
+    side_fh: object = None
+
+
+def _dataset_workspace(cfg: EvalConfig, engine, embedder, ddir: Path, docs: list[str], user_ws, distractors,
+                       injected: bool, continual: bool):
+    """(workspace, its description): the user's, a cached one of this pool, or a fresh one that the
+    stages of a continual run fill batch by batch."""
     ws_info: dict = {"pool": cfg.pool, "corpus": distractors.specs}
-    continual = len(groups) > 1
     if user_ws is not None:
         ws, ws_info["kind"] = user_ws, "user"
     elif not continual:
@@ -345,85 +351,140 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         ws = wsmod.fresh_workspace(ddir / "workspace", cfg, engine, injected)
         ws_info["kind"] = "fresh"
     ws_info["path"] = str(ws.root)
-    key = run_key(cfg, spec, groups, fingerprints)
-    kept, key_source = kept_answers(cfg, ddir, spec, key, groups) if cfg.resume else ({}, "")
-    # Only the kept answers stay in the files (atomically rewritten), the rest is answered anew.
+    return ws, ws_info
+
+
+def _keep_answers(ddir: Path, kept: dict, key: dict) -> tuple[Path, Path]:
+    """Rewrite predictions.jsonl and systems.jsonl (atomically) with only the kept answers, and
+    record the run key; returns the two paths, which the stages append to."""
     pred_path, side_path = ddir / "predictions.jsonl", ddir / "systems.jsonl"
     _write_jsonl_atomic(pred_path, (r for k in sorted(kept) for r in kept[k]["records"]))
     _write_jsonl_atomic(side_path, ({"stage": k[0], "system": k[1], "drift": v["drift"], "eval_s": v["eval_s"],
                                      **({"cpt": v["cpt"]} if v.get("cpt") else {})}
                                     for k, v in sorted(kept.items()) if v["drift"] is not None))
     (ddir / "run-key.json").write_text(json.dumps(key, indent=1), encoding="utf-8")
+    return pred_path, side_path
+
+
+def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str, split_items: list[QAItem],
+                 groups: list[list[QAItem]], user_ws, distractors, injected: bool, tick, fingerprints: dict) -> dict:
+    from regrad_cli.learning.cpt import ContinualPretrainer
+    from regrad_cli.learning.evaluation.report import draw_plots
+
+    ddir = Path(cfg.out) / slug
+    ddir.mkdir(parents=True, exist_ok=True)
+    t_ds = time.time()
+    items = [it for g in groups for it in g]
+    docs = wsmod.pool_documents(split_items, items, cfg.pool, distractors)
+    continual = len(groups) > 1
+    ws, ws_info = _dataset_workspace(cfg, engine, embedder, ddir, docs, user_ws, distractors, injected, continual)
+    key = run_key(cfg, spec, groups, fingerprints)
+    kept, key_source = kept_answers(cfg, ddir, spec, key, groups) if cfg.resume else ({}, "")
+    # Only the kept answers stay in the files (atomically rewritten), the rest is answered anew.
+    pred_path, side_path = _keep_answers(ddir, kept, key)
     need_cpt = any(s in CPT_SYSTEMS and any((t + 1, s) not in kept for t in range(len(groups))) for s in cfg.systems)
     cpt = ContinualPretrainer(engine.model, engine.tokenizer, cfg.cpt, engine.learner) if need_cpt else None
+    run = _Run(cfg, engine, embedder, meter, kept, cpt, tick)
     own = set(corpus_of(items))
     pending = [d for d in docs if d not in own]  # the distractor pool arrives with the first batch
     trained_on: set[str] = set()
     stages, final = [], {}
-    with open(pred_path, "a", encoding="utf-8") as pred_fh, open(side_path, "a", encoding="utf-8") as side_fh:
+    with open(pred_path, "a", encoding="utf-8") as run.pred_fh, open(side_path, "a", encoding="utf-8") as run.side_fh:
         for t, group in enumerate(groups):
-            t_stage = time.time()
             stage_docs = list(dict.fromkeys(pending + corpus_of(group))) if continual else []
             pending = []
-            ingest_info, bank = _setup(cfg, engine, embedder, ws, stage_docs, distractors.paths if t == 0 else [],
-                                       ingest_now=continual, ddir=ddir, t=t)
-            setup_s = time.time() - t_stage
-            store = DocumentStore(ws)
-            rows = store.all(columns=["id", "text"])
-            cpt_stats = None
-            if cpt is not None:
-                new = [r["text"] for r in rows if r["id"] not in trained_on]
-                trained_on.update(r["id"] for r in rows)
-                cpt_stats = cpt.train(new)
-            qe = QueryEngine(ws, engine=engine, embedder=embedder)
-            cpt_qe = cpt_query_engine(ws, engine, embedder, cpt.model) if cpt is not None else None
-            eval_items = [(b + 1, it) for b, g in enumerate(groups[: t + 1]) for it in g]
-            plain = [it for _, it in eval_items]
-            ids = [r["id"] for r in rows]
-            gold = wsmod.gold_ids(ids, plain, texts={r["id"]: r["text"] for r in rows} if user_ws else None)
-            qs = Questions(eval_items, retrieve_all(qe, plain, cfg), gold, sorted(ids))
-            stage = {"stage": t + 1, "documents_added": len(stage_docs), "documents_total": len(rows),
-                     "bank_rows": bank["rows"], "ingest": ingest_info, "bank": bank, "setup_s": round(setup_s, 2),
-                     "cpt": cpt_stats, "items": len(eval_items),
-                     "questions_without_gold": sum(not g for g in gold), "systems": {}}
-            last = t == len(groups) - 1
-            for name in cfg.systems:
-                t_sys = time.time()
-                on_cpt = SYSTEMS_TABLE[name].model == "cpt"
-                prior = kept.get((t + 1, name))
-                if prior is not None:  # --resume: answered by the earlier run under the same key
-                    recs, eval_s = prior["records"], prior["eval_s"]
-                    drift = prior["drift"] or meter.measure(name, engine.model, qe=qe, records=recs, with_ppl=last)
-                    if tick:
-                        tick(len(recs), f"{name} (kept)")
-                else:
-                    recs = run_system(cpt_qe if on_cpt else qe, name, qs, cfg, stage=t + 1, tick=tick)
-                    drift = meter.measure(name, cpt.model if on_cpt else engine.model, qe=qe, records=recs,
-                                          with_ppl=last)
-                    eval_s = round(time.time() - t_sys, 2)
-                    for r in recs:
-                        pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-                    pred_fh.flush()
-                if prior is None or prior["drift"] is None:
-                    entry = {"stage": t + 1, "system": name, "drift": drift, "eval_s": eval_s}
-                    if on_cpt and cpt is not None:  # what a later --resume reports for the kept copy
-                        entry["cpt"] = {"trainable_parameters": cpt.n_trainable, "round": cpt_stats}
-                    side_fh.write(json.dumps(entry, default=_json_default) + "\n")
-                    side_fh.flush()
-                by_batch = {str(b + 1): aggregate([r for r in recs if r["batch"] == b + 1]) for b in range(t + 1)}
-                stage["systems"][name] = {"all": aggregate(recs), "by_batch": by_batch, "drift": drift,
-                                          "eval_s": eval_s, "kept": prior is not None}
-                if last:
-                    final[name] = recs
-            stage["wall_s"] = round(time.time() - t_stage, 2)
+            stage, answers = _run_stage(run, ws, groups, t, stage_docs, distractors.paths if t == 0 else [],
+                                        ingest_now=continual, ddir=ddir, user_ws=user_ws, trained_on=trained_on)
             stages.append(stage)
+            final = answers  # the last stage's answers are the dataset's
+    result = _dataset_result(run, slug, items, split_items, groups, ws_info, pred_path, stages, final, key_source,
+                             t_ds)
+    try:
+        result["plots"] = draw_plots(result, ddir)
+    except Exception as exc:  # noqa: BLE001 - a plot must never lose an evaluation
+        log.warning("could not draw plots for %s: %s", spec, exc)
+        result["plots"] = []
+    return result
 
+
+def _run_stage(run: _Run, ws, groups: list[list[QAItem]], t: int, stage_docs: list[str], paths, *,
+               ingest_now: bool, ddir: Path, user_ws, trained_on: set[str]) -> tuple[dict, dict[str, list[dict]]]:
+    """Stage t: add its documents (continual runs), build the bank, train CPT on what it has not
+    seen, then answer every question of batches 1..t+1 with every system. Returns the stage's
+    record and each system's answers."""
+    from regrad_cli.online.query import QueryEngine
+    from regrad_cli.workspace.documents import DocumentStore
+
+    cfg, engine, embedder, cpt = run.cfg, run.engine, run.embedder, run.cpt
+    t_stage = time.time()
+    ingest_info, bank = _setup(cfg, engine, embedder, ws, stage_docs, paths, ingest_now=ingest_now, ddir=ddir, t=t)
+    setup_s = time.time() - t_stage
+    rows = DocumentStore(ws).all(columns=["id", "text"])
+    cpt_stats = None
+    if cpt is not None:
+        new = [r["text"] for r in rows if r["id"] not in trained_on]
+        trained_on.update(r["id"] for r in rows)
+        cpt_stats = cpt.train(new)
+    qe = QueryEngine(ws, engine=engine, embedder=embedder)
+    cpt_qe = cpt_query_engine(ws, engine, embedder, cpt.model) if cpt is not None else None
+    eval_items = [(b + 1, it) for b, g in enumerate(groups[: t + 1]) for it in g]
+    plain = [it for _, it in eval_items]
+    ids = [r["id"] for r in rows]
+    gold = wsmod.gold_ids(ids, plain, texts={r["id"]: r["text"] for r in rows} if user_ws else None)
+    qs = Questions(eval_items, retrieve_all(qe, plain, cfg), gold, sorted(ids))
+    stage = {"stage": t + 1, "documents_added": len(stage_docs), "documents_total": len(rows),
+             "bank_rows": bank["rows"], "ingest": ingest_info, "bank": bank, "setup_s": round(setup_s, 2),
+             "cpt": cpt_stats, "items": len(eval_items),
+             "questions_without_gold": sum(not g for g in gold), "systems": {}}
+    last = t == len(groups) - 1
+    answers = {}
+    for name in cfg.systems:
+        answers[name], stage["systems"][name] = _system_at_stage(run, name, t, qs, qe, cpt_qe, cpt_stats, last)
+    stage["wall_s"] = round(time.time() - t_stage, 2)
+    return stage, answers
+
+
+def _system_at_stage(run: _Run, name: str, t: int, qs, qe, cpt_qe, cpt_stats, last: bool) -> tuple[list[dict], dict]:
+    """One system's answers at stage t (kept from an earlier run under the same key, or answered
+    now and appended to predictions.jsonl), its drift (systems.jsonl) and its scores."""
+    cfg, engine, cpt = run.cfg, run.engine, run.cpt
+    t_sys = time.time()
+    on_cpt = SYSTEMS_TABLE[name].model == "cpt"
+    prior = run.kept.get((t + 1, name))
+    if prior is not None:  # --resume: answered by the earlier run under the same key
+        recs, eval_s = prior["records"], prior["eval_s"]
+        drift = prior["drift"] or run.meter.measure(name, engine.model, qe=qe, records=recs, with_ppl=last)
+        if run.tick:
+            run.tick(len(recs), f"{name} (kept)")
+    else:
+        recs = run_system(cpt_qe if on_cpt else qe, name, qs, cfg, stage=t + 1, tick=run.tick)
+        drift = run.meter.measure(name, cpt.model if on_cpt else engine.model, qe=qe, records=recs, with_ppl=last)
+        eval_s = round(time.time() - t_sys, 2)
+        for r in recs:
+            run.pred_fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        run.pred_fh.flush()
+    if prior is None or prior["drift"] is None:
+        entry = {"stage": t + 1, "system": name, "drift": drift, "eval_s": eval_s}
+        if on_cpt and cpt is not None:  # what a later --resume reports for the kept copy
+            entry["cpt"] = {"trainable_parameters": cpt.n_trainable, "round": cpt_stats}
+        run.side_fh.write(json.dumps(entry, default=_json_default) + "\n")
+        run.side_fh.flush()
+    by_batch = {str(b + 1): aggregate([r for r in recs if r["batch"] == b + 1]) for b in range(t + 1)}
+    return recs, {"all": aggregate(recs), "by_batch": by_batch, "drift": drift, "eval_s": eval_s,
+                  "kept": prior is not None}
+
+
+def _dataset_result(run: _Run, slug: str, items, split_items, groups, ws_info: dict, pred_path: Path,
+                    stages: list[dict], final: dict[str, list[dict]], key_source: str, t_ds: float) -> dict:
+    """The dataset's entry of results.json: final scores with bootstrap intervals, comparisons,
+    the stages, forgetting and drift curves, CPT and time."""
+    cfg, kept = run.cfg, run.kept
     systems = {}
     for name in cfg.systems:
         s = stages[-1]["systems"][name]
         std, lo, hi = bootstrap_ci([r["f1"] for r in final[name]], resamples=cfg.bootstrap, seed=cfg.seed)
         systems[name] = {**s["all"], "f1_std": std, "f1_ci95": [lo, hi], "drift": s["drift"]}
-    result = {
+    return {
         "slug": slug, "n_items": len(items), "n_split_items": len(split_items),
         "n_documents": stages[-1]["documents_total"], "batches": len(groups), "top_k": cfg.top_k,
         "workspace": ws_info, "predictions": str(pred_path), "systems": systems,
@@ -431,16 +492,10 @@ def _run_dataset(cfg: EvalConfig, engine, embedder, meter, spec: str, slug: str,
         "comparisons": compare(final, cfg.bootstrap, cfg.seed), "stages": stages,
         "forgetting_f1_batch1": {n: [st["systems"][n]["by_batch"]["1"]["f1"] for st in stages] for n in cfg.systems},
         "drift_l2": {n: [st["systems"][n]["drift"]["l2"] for st in stages] for n in cfg.systems},
-        "cpt": _cpt_summary(cfg, cpt, stages, kept),
+        "cpt": _cpt_summary(cfg, run.cpt, stages, kept),
         "wall_s": {"total": round(time.time() - t_ds, 2),
                    "setup": round(sum(st["setup_s"] for st in stages), 2),
                    "cpt_train": round(sum((st["cpt"] or {}).get("train_s", 0.0) for st in stages), 2),
                    "per_system": {n: _sum_or_none(st["systems"][n]["eval_s"] for st in stages)
                                   for n in cfg.systems}},
     }
-    try:
-        result["plots"] = draw_plots(result, ddir)
-    except Exception as exc:  # noqa: BLE001 - a plot must never lose an evaluation
-        log.warning("could not draw plots for %s: %s", spec, exc)
-        result["plots"] = []
-    return result

@@ -50,6 +50,7 @@ from regrad_cli.offline.ingest.discovery import (RECORD_EXTENSIONS, SUPPORTED_EX
                                         discover)
 from regrad_cli.offline.ingest.readers import BINARY_SNIFF_BYTES, _read_docs, _Skip
 from regrad_cli.offline.ingest.summary import IngestSummary
+from regrad_cli.offline.ingest.unchanged import UnchangedSources
 from regrad_cli.offline.ingest.writer import _doc_rows, _embedder_name, _stage_source, _Writer
 
 __all__ = ["ingest", "IngestSummary", "Chunk", "chunk_text", "discover", "DEFAULT_MAX_FILE_MB",
@@ -88,16 +89,7 @@ def ingest(
     from regrad_cli.workspace.documents import LIGHT_COLUMNS, DocumentStore, workspace_lock
     from regrad_cli.workspace.tombstones import Tombstones
 
-    chunking = ws.config.chunking
-    max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)
-    if max_tokens < 1 or overlap < 0 or overlap >= max_tokens:
-        raise ConfigError(
-            f"chunking.max_tokens must be >= 1 and 0 <= chunking.overlap < max_tokens "
-            f"(got {max_tokens} and {overlap})"
-        )
-    if max_file_mb <= 0:
-        raise ConfigError(f"--max-file-mb must be positive (got {max_file_mb})")
-    limit = int(max_file_mb * 1e6)
+    max_tokens, overlap, limit = _settings(ws, max_file_mb)
     summary = IngestSummary()
     if embedder is None:
         from regrad_cli.lm.models import Embedder
@@ -106,13 +98,7 @@ def ingest(
 
     with workspace_lock(ws, timeout=5, what="writing"):
         store = DocumentStore(ws)
-        fp = store.embedder_fingerprint
-        name = _embedder_name(embedder)
-        if fp is not None and fp.get("id") not in (None, name):
-            raise IngestError(
-                f"the workspace {ws.root} was ingested with embedder {fp['id']!r} (dim {fp['dim']}), "
-                f"not {name!r}: use --embedder {fp['id']} or a new --workspace"
-            )
+        _check_embedder(ws, store, embedder)
         tombstones = Tombstones(ws)
         tomb = tombstones.load()
         readmitted: tuple[set, set] = (set(), set())
@@ -132,22 +118,9 @@ def ingest(
         if progress:
             progress(0, total, "")
         for i, f in enumerate(files):
-            docs = None
-            if f.source in tomb["sources"] and not readmit:
-                summary.skip(f.display, "unlearned by `regrad bank rm --source`; `regrad ingest --readmit` "
-                                        "ingests it again")
-            else:
-                try:
-                    docs = _read_docs(f, limit, summary)
-                except _Skip as exc:
-                    summary.skip(f.display, str(exc))
-                except OSError as exc:
-                    summary.skip(f.display, _stat_reason(f.path, exc))
-            if docs and quick.unchanged(f, docs, by_source.get(f.source, []), seen_ids):
-                # The same documents as when this source was last chunked, and the table still
-                # holds exactly those rows: nothing to do, and no tokenizer to load for it.
-                summary.unchanged += len(by_source[f.source])
-                seen_sources.add(f.source)
+            docs = _read_file(f, tomb, readmit, limit, summary)
+            if docs and quick.unchanged(f, docs, by_source.get(f.source, []), seen_ids, summary):
+                seen_sources.add(f.source)  # nothing to do, and no tokenizer to load for it
                 docs = None
             if docs:
                 if tokenizer is None:
@@ -168,89 +141,63 @@ def ingest(
             tombstones.readmit(*readmitted)  # before the write: a crash leaves them readmitted, unwritten
         writer.flush()
         quick.save()
-
         if prune:
             summary.pruned = _prune(ws, paths, files, existing, seen_sources, store, force, summary)
-        if writer.wrote or summary.pruned:
-            try:
-                store.ensure_fts_index()
-            except (OSError, ValueError, RuntimeError) as exc:  # search still works without it
-                summary.warnings.append(f"full-text index not rebuilt: {exc}")
-        summary.documents = store.count()
-        log.info("ingest: %d added, %d updated, %d unchanged, %d removed, %d pruned, %d skipped; %d documents",
-                 summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
-                 len(summary.skipped), summary.documents)
+        _finish(store, writer, summary)
         return summary
 
 
-class UnchangedSources:
-    """Tells an unchanged source without chunking it (chunking needs the model's tokenizer).
+def _settings(ws, max_file_mb: float) -> tuple[int, int, int]:
+    """(chunk tokens, overlap, file size limit in bytes), checked."""
+    chunking = ws.config.chunking
+    max_tokens, overlap = int(chunking.max_tokens), int(chunking.overlap)
+    if max_tokens < 1 or overlap < 0 or overlap >= max_tokens:
+        raise ConfigError(
+            f"chunking.max_tokens must be >= 1 and 0 <= chunking.overlap < max_tokens "
+            f"(got {max_tokens} and {overlap})"
+        )
+    if max_file_mb <= 0:
+        raise ConfigError(f"--max-file-mb must be positive (got {max_file_mb})")
+    return max_tokens, overlap, int(max_file_mb * 1e6)
 
-    ``WORKSPACE/ingest-digests.json`` maps each source to a digest of its documents as read (ids,
-    titles, texts, metadata) and the chunking settings, with the (id, content hash, path) of the
-    rows they gave. A source whose digest is the same *and* whose rows in the table are still
-    exactly those is unchanged; anything else (a missing or damaged file, other rows) is chunked
-    as usual, so the file is a shortcut, never a source of truth."""
 
-    NAME = "ingest-digests.json"
+def _check_embedder(ws, store, embedder) -> None:
+    """A workspace's documents are all embedded by one embedder: refuse another."""
+    fp = store.embedder_fingerprint
+    name = _embedder_name(embedder)
+    if fp is not None and fp.get("id") not in (None, name):
+        raise IngestError(
+            f"the workspace {ws.root} was ingested with embedder {fp['id']!r} (dim {fp['dim']}), "
+            f"not {name!r}: use --embedder {fp['id']} or a new --workspace"
+        )
 
-    def __init__(self, ws, settings: tuple):
-        import json
 
-        self.path = Path(ws.root) / self.NAME
-        self.settings = list(settings)
+def _read_file(f, tomb: dict, readmit: bool, limit: int, summary: IngestSummary):
+    """The documents of one discovered file, or None (skipped, with the reason in ``summary``)."""
+    if f.source in tomb["sources"] and not readmit:
+        summary.skip(f.display, "unlearned by `regrad bank rm --source`; `regrad ingest --readmit` "
+                                "ingests it again")
+        return None
+    try:
+        return _read_docs(f, limit, summary)
+    except _Skip as exc:
+        summary.skip(f.display, str(exc))
+    except OSError as exc:
+        summary.skip(f.display, _stat_reason(f.path, exc))
+    return None
+
+
+def _finish(store, writer, summary: IngestSummary) -> None:
+    """Rebuild the full-text index after a change, count the documents, log the summary."""
+    if writer.wrote or summary.pruned:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.entries = data["sources"] if data.get("settings") == self.settings else {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self.entries = {}
-        if not isinstance(self.entries, dict):
-            self.entries = {}
-        self.changed = False
-
-    @staticmethod
-    def digest(f, docs) -> str:
-        import hashlib
-        import json
-
-        h = hashlib.sha256(f.source.encode("utf-8") + b"\0")
-        for d in docs:
-            h.update(json.dumps([d.base_id, d.suffix_always, d.title, d.text, d.metadata], sort_keys=True,
-                                default=str).encode("utf-8"))
-        return h.hexdigest()
-
-    @staticmethod
-    def _keys(rows) -> list:
-        return sorted([r["id"], r["content_hash"], r.get("path") or ""] for r in rows)
-
-    def unchanged(self, f, docs, table_rows, seen_ids) -> bool:
-        entry = self.entries.get(f.source)
-        if not isinstance(entry, dict) or not table_rows or entry.get("digest") != self.digest(f, docs):
-            return False
-        if entry.get("rows") != self._keys(table_rows) or any(r.get("path") != f.path for r in table_rows):
-            return False  # the table changed since, or the file moved: chunk it
-        if any(r["id"] in seen_ids for r in table_rows):
-            return False  # an id taken earlier in this run: the usual path reports it
-        for r in table_rows:
-            seen_ids[r["id"]] = f.display
-        return True
-
-    def record(self, f, docs, rows) -> None:
-        self.entries[f.source] = {"digest": self.digest(f, docs), "rows": self._keys(rows)}
-        self.changed = True
-
-    def save(self) -> None:
-        import json
-        import os
-
-        if not self.changed:
-            return
-        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"settings": self.settings, "sources": self.entries}), encoding="utf-8")
-            os.replace(tmp, self.path)
-        except OSError as exc:  # only a shortcut: the next ingest chunks again
-            log.warning("cannot write %s: %s", self.path, exc)
+            store.ensure_fts_index()
+        except (OSError, ValueError, RuntimeError) as exc:  # search still works without it
+            summary.warnings.append(f"full-text index not rebuilt: {exc}")
+    summary.documents = store.count()
+    log.info("ingest: %d added, %d updated, %d unchanged, %d removed, %d pruned, %d skipped; %d documents",
+             summary.added, summary.updated, summary.unchanged, summary.removed, summary.pruned,
+             len(summary.skipped), summary.documents)
 
 
 def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb, readmit, readmitted,
