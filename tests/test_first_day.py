@@ -218,3 +218,33 @@ def test_no_development_machine_paths_in_the_repository():
     found = subprocess.run(["git", "grep", "-n", "-I", "-e", "/work/", "-e", "/root/", "--", ".",
                             ":!tests/test_first_day.py"], cwd=REPO, capture_output=True, text=True).stdout
     assert found == "", found[:2000]
+
+
+def test_verbosity_flags_after_the_command_and_plain_progress(tmp_path, capsys, monkeypatch):
+    from regrad_cli.cli import hoist_global_options
+
+    assert hoist_global_options(["query", "q", "-v", "--", "-q"]) == ["-v", "query", "q", "--", "-q"]
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    # -v after the command (a real process: logging is set up once per process): regrad's own log
+    # lines, no third-party configuration dumps.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-m", "regrad_cli", "ingest", "corpus", *FAKE, "-v"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "INFO regrad" in r.stderr, r.stderr
+    assert "Config" not in r.stderr and "vocab_size" not in r.stderr
+    # stderr is not a terminal here: plain progress lines, with the rate.
+    code, out, err = run_cli(["build-bank"], capsys, monkeypatch)
+    assert code == 0 and "build-bank: 2/2 (100%)" in err and "/s" in err
+    # -q after the command: no progress, no warnings; the answer still printed.
+    (tmp_path / "corpus" / "zara.md").write_text("Zara Quell painted the Amber Gate in 1760.", encoding="utf-8")
+    code, out, err = run_cli(["ingest", "corpus", "-q"], capsys, monkeypatch)
+    assert code == 0 and err == ""
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "-q"], capsys, monkeypatch)
+    assert code == 0 and out.strip() and err == ""
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param"], capsys, monkeypatch)
+    assert "warning: 1 document(s) have no gradient yet" in err
