@@ -14,17 +14,25 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 DOCS = ["doc-alpha", "doc-beta", "doc-gamma"]
 
 
+def _expected(name: str) -> dict:
+    with np.load(GOLDEN / name) as f:
+        return dict(f)
+
+
+def _golden_bank(tmp_path, name: str) -> GradientBank:
+    # A copy: nothing a test does may touch the committed files.
+    shutil.copytree(GOLDEN / name, tmp_path / "bank")
+    return GradientBank.open(tmp_path / "bank", read_only=True)
+
+
 @pytest.fixture(scope="module")
 def expected():
-    with np.load(GOLDEN / "expected.npz") as f:
-        return dict(f)
+    return _expected("expected.npz")
 
 
 @pytest.fixture
 def bank(tmp_path):
-    # A copy: nothing a test does may touch the committed files.
-    shutil.copytree(GOLDEN / "bank_v1_0", tmp_path / "bank")
-    return GradientBank.open(tmp_path / "bank", read_only=True)
+    return _golden_bank(tmp_path, "bank_v1_0")
 
 
 def test_golden_bank_metadata(bank):
@@ -69,14 +77,12 @@ STORED_1_1 = [("layers.0.q_proj.lora_B", (8, 2)), ("layers.0.scale", ())]
 
 @pytest.fixture(scope="module")
 def expected_1_1():
-    with np.load(GOLDEN / "expected_v1_1.npz") as f:
-        return dict(f)
+    return _expected("expected_v1_1.npz")
 
 
 @pytest.fixture
 def bank_1_1(tmp_path):
-    shutil.copytree(GOLDEN / "bank_v1_1", tmp_path / "bank")
-    return GradientBank.open(tmp_path / "bank", read_only=True)
+    return _golden_bank(tmp_path, "bank_v1_1")
 
 
 def test_golden_1_1_bank_metadata(bank_1_1):
@@ -178,14 +184,12 @@ def test_reader_1_1_reads_a_1_2_row_norm_bank_read_only(monkeypatch, tmp_path):
 # Format 1.2 (the current format) ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def expected_1_2():
-    with np.load(GOLDEN / "expected_v1_2.npz") as f:
-        return dict(f)
+    return _expected("expected_v1_2.npz")
 
 
 @pytest.fixture
 def bank_1_2(tmp_path):
-    shutil.copytree(GOLDEN / "bank_v1_2", tmp_path / "bank")
-    return GradientBank.open(tmp_path / "bank", read_only=True)
+    return _golden_bank(tmp_path, "bank_v1_2")
 
 
 def test_golden_1_2_bank_metadata(bank_1_2):

@@ -220,14 +220,7 @@ def build_bank_ray(
         plan = plan_build(ws, engine, bank, limit)
         plan.check_stale(force)
         summary.skipped = plan.skipped
-        if bank is not None:
-            writer = bank.fragment_writer()
-        else:  # a new bank: its metadata and first rows go in one commit, below
-            from bank_format import FragmentWriter
-            from regrad_cli.workspace.documents import DocumentStore
-
-            meta = bank_meta(engine, DocumentStore(ws).embedder_fingerprint, codec)
-            writer = FragmentWriter(ws.bank_path(summary.checkpoint_id), meta, ws.bank_storage_options())
+        writer, meta = _fragment_writer(ws, engine, bank, codec, summary.checkpoint_id)
         fragments: list[str] = []
         keys: list[tuple[str, str]] = []
         t0 = time.time()
@@ -244,22 +237,7 @@ def build_bank_ray(
                     import ray
 
                     ray.shutdown()
-        if bank is None:
-            bank = GradientBank.create_from_fragments(writer.location, meta, fragments, keys=keys,
-                                                      storage_options=ws.bank_storage_options())
-            summary.built = len(keys)
-            with bank.locked():  # documents unlearned while the build ran
-                gone = sorted({d for d, _ in keys} & plan.forbidden())
-                if gone:
-                    summary.built -= bank.delete(doc_ids=gone)
-                    bank.purge()
-        else:
-            version = bank.version()
-            try:
-                summary.built = bank.commit_fragments(fragments, keys=keys, forbidden=plan.forbidden)
-            except Exception as exc:
-                raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
-                                  f"(version {version}): run `regrad build-bank --engine ray` again") from exc
+        bank, summary.built = _commit(ws, bank, writer, meta, fragments, keys, plan.forbidden)
         # After the rows are in: a build that dies between the two commits leaves the stale
         # rows behind (never used for a current document; the rerun removes them).
         plan.bank = bank
@@ -268,6 +246,40 @@ def build_bank_ray(
         summary.docs_per_s = summary.built / elapsed if elapsed > 0 and summary.built else 0.0
         summary.rows = bank.count()
     return summary
+
+
+def _fragment_writer(ws: Workspace, engine: Engine, bank: GradientBank | None, codec: CodecSpec, checkpoint_id: str):
+    """(writer, metadata): the bank's fragment writer, or for a bank not created yet one whose
+    metadata and first rows go in one commit (``_commit``)."""
+    if bank is not None:
+        return bank.fragment_writer(), None
+    from bank_format import FragmentWriter
+    from regrad_cli.workspace.documents import DocumentStore
+
+    meta = bank_meta(engine, DocumentStore(ws).embedder_fingerprint, codec)
+    return FragmentWriter(ws.bank_path(checkpoint_id), meta, ws.bank_storage_options()), meta
+
+
+def _commit(ws: Workspace, bank: GradientBank | None, writer, meta, fragments: list[str], keys: list,
+            forbidden: Callable[[], set]) -> tuple[GradientBank, int]:
+    """Make the workers' fragments visible in one commit (creating the bank with them when it is
+    new), leaving out documents unlearned while the build ran; (bank, rows built)."""
+    if bank is None:
+        bank = GradientBank.create_from_fragments(writer.location, meta, fragments, keys=keys,
+                                                  storage_options=ws.bank_storage_options())
+        built = len(keys)
+        with bank.locked():  # documents unlearned while the build ran
+            gone = sorted({d for d, _ in keys} & forbidden())
+            if gone:
+                built -= bank.delete(doc_ids=gone)
+                bank.purge()
+        return bank, built
+    version = bank.version()
+    try:
+        return bank, bank.commit_fragments(fragments, keys=keys, forbidden=forbidden)
+    except Exception as exc:
+        raise RegradError(f"cannot commit the new rows to bank {bank.uri}: {exc}; the bank is unchanged "
+                          f"(version {version}): run `regrad build-bank --engine ray` again") from exc
 
 
 def _run_pipeline(todo, loader, writer, layout, max_tokens, batch_size, checkpoint_id, workers,

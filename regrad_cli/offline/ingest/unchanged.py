@@ -70,13 +70,12 @@ class UnchangedSources:
 
     def save(self) -> None:
         import json
-        import os
+
+        from regrad_cli.files import atomic_write_text
 
         if not self.changed:
             return
-        tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"settings": self.settings, "sources": self.entries}), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"settings": self.settings, "sources": self.entries}))
         except OSError as exc:  # only a shortcut: the next ingest chunks again
             log.warning("cannot write %s: %s", self.path, exc)
