@@ -55,10 +55,8 @@ def build_bank_cmd(
 ):
     """Compute the gradient of every ingested document that has no bank row yet."""
     from bank_format import CODECS, CodecSpec
-    from regrad_cli.offline.build import build_bank
-    from regrad_cli.workspace.config import Workspace
-    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError
+    from regrad_cli.workspace.config import Workspace
 
     ws = Workspace.open(workspace, create=False)
     if codec is not None and codec not in CODECS:
@@ -83,6 +81,9 @@ def build_bank_cmd(
             typer.echo(f"up to date: {done['skipped']} documents have their gradient in {done['bank']} "
                        f"({done['rows']} rows); nothing to build")
         return
+    from regrad_cli.offline.build import build_bank  # torch: only when there is work
+    from regrad_cli.workspace.engine import Engine
+
     engine = Engine.load(ws, checkpoint=checkpoint, device="cpu" if engine_name == "ray" else device)
     with progress_bar("build-bank", enabled=not json_out) as update:
         report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731
