@@ -52,7 +52,7 @@ def main() -> None:
                    help="dev questions (default: 20 quick; full: all 108 demo questions, or 60 of --dataset)")
     p.add_argument("--dataset", default="demo",
                    help="'demo' (default: demo corpus and questions) or a dataset spec such as "
-                        "nq-open:/work/shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "
+                        "nq-open:../shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "
                         "sampled questions' gold passages)")
     p.add_argument("--top-k", type=int, default=None, help="retrieved documents (default: workspace config, 3)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: workspace config, 20")

@@ -26,8 +26,8 @@ Appending 1M rows takes minutes and is not what is measured: with ``--bank-dir D
 is kept in DIR/bank-ROWS (with its query set) and reused by later runs, so the rows can be written
 by one run with ``--build-only`` (outside any pause) and the timed searches made by another:
 
-    python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir /tmp/scale --build-only
-    /work/notes/pause_evals.sh python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir /tmp/scale
+    python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir scale-bank --build-only
+    python benchmarks/retrieval_scale.py --sizes 1000000 --bank-dir scale-bank
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ answer NLL change, bytes per document (zstd-compressed blobs as a bank stores th
 
     python benchmarks/tensor_subset.py --threads 1                      # 108 demo questions
     python benchmarks/tensor_subset.py --threads 1 --questions 100 \\
-        --dataset nq-open:/work/shared/data/nq_open/nq-open-oracle.jsonl.gz@dev
+        --dataset nq-open:../shared/data/nq_open/nq-open-oracle.jsonl.gz@dev
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], checkpoint=True)
     p.add_argument("--dataset", default="demo",
                    help="'demo' (demo corpus and its 108 questions) or a dataset spec such as "
-                        "nq-open:/work/shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "
+                        "nq-open:../shared/data/nq_open/nq-open-oracle.jsonl.gz@dev (corpus = the "
                         "sampled questions' gold passages)")
     p.add_argument("--questions", type=int, default=None,
                    help="questions (default: all demo questions, 100 of --dataset; --quick: 30)")

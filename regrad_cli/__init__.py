@@ -6,6 +6,15 @@ imported inside the functions that need them, so ``regrad --help`` stays fast in
 
 __version__ = "0.1.0"
 
-from regrad_cli.errors import RegradError  # noqa: E402
+from regrad_cli.errors import FieldError, RegradError  # noqa: E402
 
-__all__ = ["__version__", "RegradError"]
+__all__ = ["__version__", "Regrad", "RegradError", "FieldError"]
+
+
+def __getattr__(name):
+    # ``from regrad_cli import Regrad`` without importing anything heavy until it is used.
+    if name == "Regrad":
+        from regrad_cli.api import Regrad
+
+        return Regrad
+    raise AttributeError(f"module 'regrad_cli' has no attribute {name!r}")

@@ -27,3 +27,19 @@ class NoBankError(RegradError):
 
 class DatasetError(RegradError):
     """A dataset spec or file could not be read."""
+
+
+class FieldError(RegradError):
+    """One field of a request or one command option is invalid; ``field`` names it.
+
+    The message starts with the field's name ("top_k: must be ...") as it always did; callers
+    that map errors (the HTTP server: 422 naming the field) read ``field``, never the text."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+
+
+class OptionError(ConfigError):
+    """A command-line option has an invalid value: a usage error (exit status 2), one line."""

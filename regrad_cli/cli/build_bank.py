@@ -9,6 +9,34 @@ import typer
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, progress_bar, safe_text, ws_help
 
 
+def up_to_date(ws, checkpoint: str | None) -> dict | None:
+    """The summary of a build with nothing to do (every document has a current row, no row is
+    stale), told from the documents table, the bank and the learner's files without loading a
+    model; None when there is work, or when that cannot be told without the model. A workspace
+    without documents is refused here too."""
+    from regrad_cli.workspace.banks import current_checkpoint_id, open_bank
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.errors import RegradError
+    from regrad_cli.workspace.status import freshness
+
+    store = DocumentStore(ws)
+    if store.count() == 0:
+        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
+    cid = current_checkpoint_id(ws, required=False) if checkpoint is None else None
+    if cid is None:
+        return None
+    path = ws.bank_path(cid)
+    bank = open_bank(path, ws.bank_storage_options(), missing_ok=True)
+    if bank is None:
+        return None
+    fresh = freshness(store, bank)
+    if fresh["pending"] or fresh["stale"]:
+        return None
+    rows = bank.count()
+    return {"built": 0, "skipped": store.count(), "removed_stale": 0, "failed": [], "docs_per_s": 0.0,
+            "bank": str(path), "rows": rows, "checkpoint_id": cid, "compute_dtype": ""}
+
+
 def build_bank_cmd(
     codec: Annotated[Optional[str], typer.Option("--codec", help=ws_help("fp32, fp16, int8, int8g, int4 or int4s (group size: bank.group_size)", "bank.codec"))] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=ws_help("Documents per forward/backward pass", "bank.batch_size"))] = None,
@@ -27,10 +55,8 @@ def build_bank_cmd(
 ):
     """Compute the gradient of every ingested document that has no bank row yet."""
     from bank_format import CODECS, CodecSpec
-    from regrad_cli.offline.build import build_bank
-    from regrad_cli.workspace.config import Workspace
-    from regrad_cli.workspace.engine import Engine
     from regrad_cli.errors import ConfigError
+    from regrad_cli.workspace.config import Workspace
 
     ws = Workspace.open(workspace, create=False)
     if codec is not None and codec not in CODECS:
@@ -47,6 +73,17 @@ def build_bank_cmd(
         raise ConfigError("--ray-address and --gpus-per-worker need --engine ray")
     if engine_name == "ray" and device is None and gpus_per_worker > 0:
         device = "cuda"
+    done = up_to_date(ws, checkpoint)  # before any model loads: nothing to do costs nothing
+    if done is not None:
+        if json_out:
+            print_json(done)
+        else:
+            typer.echo(f"up to date: {done['skipped']} documents have their gradient in {done['bank']} "
+                       f"({done['rows']} rows); nothing to build")
+        return
+    from regrad_cli.offline.build import build_bank  # torch: only when there is work
+    from regrad_cli.workspace.engine import Engine
+
     engine = Engine.load(ws, checkpoint=checkpoint, device="cpu" if engine_name == "ray" else device)
     with progress_bar("build-bank", enabled=not json_out) as update:
         report = lambda d, n, r: update(d, n, f"{r:.2f} docs/s")  # noqa: E731

@@ -28,10 +28,12 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def safe_text(text) -> str:
+def safe_text(text, keep_newlines: bool = False) -> str:
     """Text from a document, bank or dataset made safe for a terminal: control characters (escape
-    sequences included) shown as \\x.. escapes. Print it with markup=False (or as a rich Text)."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+    sequences included) shown as \\x.. escapes; line breaks kept with ``keep_newlines``. Print it
+    with markup=False (or as a rich Text)."""
+    keep = (" ", "\n") if keep_newlines else (" ",)
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in str(text))
 
 
 def err_console():
@@ -40,11 +42,20 @@ def err_console():
     return Console(stderr=True)
 
 
+# Set by `-q/--quiet` (regrad_cli.cli._root): no progress on stderr.
+QUIET = False
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None = None, enabled: bool = True):
-    """Yields update(n_done, total, **fields); draws on stderr only when it is a terminal."""
-    if not enabled or not sys.stderr.isatty():
+    """Yields update(n_done, total, info=""). On a terminal: a rich progress bar on stderr.
+    Otherwise (a pipe, a log file): plain lines, one per tenth of the work and one at the end,
+    with the rate and the time left. Nothing with ``enabled`` False or -q."""
+    if not enabled or QUIET:
         yield lambda *a, **k: None
+        return
+    if not sys.stderr.isatty():
+        yield PlainProgress(description, total)
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
@@ -58,6 +69,39 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
             prog.update(task, completed=done, total=total_ if total_ is not None else total, info=info)
 
         yield update
+
+
+class PlainProgress:
+    """Progress as plain stderr lines ("build-bank: 20/200 (10%), 3.1/s, about 58 s left"): one
+    each time another tenth of the total is done, and one when all of it is."""
+
+    def __init__(self, description: str, total: int | None = None):
+        import time
+
+        self.description, self.total = description, total
+        self._t0 = time.monotonic()
+        self._next = None
+        self._last = -1
+
+    def __call__(self, done: int, total: int | None = None, info: str = "") -> None:
+        import time
+
+        total = total if total is not None else self.total
+        if not total or done <= 0 or done == self._last:
+            return
+        step = max(1, -(-total // 10))
+        if self._next is None:
+            self._next = step
+        if done < self._next and done < total:
+            return
+        while self._next <= done:
+            self._next += step
+        self._last = done
+        elapsed = time.monotonic() - self._t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = f", about {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+        sys.stderr.write(f"{self.description}: {done}/{total} ({100 * done // total}%), {rate:.2f}/s{left}\n")
+        sys.stderr.flush()
 
 
 # One source of defaults -----------------------------------------------------------------------

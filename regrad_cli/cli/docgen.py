@@ -84,6 +84,27 @@ def _section(cmd, path: list[str], parent_ctx, out: list[str]) -> None:
             _section(cmd.get_command(ctx, name), [*path, name], ctx, out)
 
 
+def _footer() -> str:
+    """Exit status and the JSON answers' keys (from regrad_cli.online.modes)."""
+    from regrad_cli.online.modes import ANSWER_KEYS, RETRIEVED_KEYS
+
+    out = ["## Exit status\n",
+           "0 on success; 1 for an error (one line on stderr, `Error: ...`), including a batch in which",
+           "some question failed (each failure is a JSON line with an `error` key); 2 for a usage",
+           "error (an unknown option, or an option's value out of range, such as `--mode parm` or",
+           "`--top-k -1`), refused before anything loads; 130 when interrupted.\n",
+           "## JSON output of `regrad query`\n",
+           "One object per question (one line each with `-` or `--batch`); the same keys in every mode.",
+           "The server's `/v1/query` answers the same object, and `/v1/chat/completions` puts `mode`,",
+           "`retrieved`, `warnings`, `skipped` and `timings_ms` in its `regrad` field.\n",
+           "| Key | Value |", "|---|---|"]
+    out += [f"| `{k}` | {_cell(v)} |" for k, v in ANSWER_KEYS.items()]
+    out += ["\nEach entry of `retrieved`:\n", "| Key | Value |", "|---|---|"]
+    out += [f"| `{k}` | {_cell(v)} |" for k, v in RETRIEVED_KEYS.items()]
+    out += ["\nThe commands follow, in the order `regrad --help` lists them."]
+    return "\n".join(out)
+
+
 def reference() -> str:
     """The whole reference page as Markdown."""
     import typer.main
@@ -91,7 +112,7 @@ def reference() -> str:
     from regrad_cli.cli import app
 
     root = typer.main.get_command(app)
-    out = [HEADER]
+    out = [HEADER, _footer()]  # before the command sections, which run to the end of the page
     _section(root, ["regrad"], None, out)
     return "\n".join(out).rstrip() + "\n"
 

@@ -28,13 +28,14 @@ def ingest_cmd(
     from regrad_cli.errors import IngestError
     from regrad_cli.offline.ingest import ingest
 
+    loaded: dict = {}
     ws = Workspace.open(workspace, overrides={
         "chunking.max_tokens": chunk_tokens, "chunking.overlap": chunk_overlap,
         "model.id": model, "embedder.id": embedder,
-    })
+    }, check=lambda config: loaded.update(check_models(config)))
     with progress_bar("ingest", enabled=not json_out) as update:
         summary = ingest(ws, list(paths), prune=prune, progress=update, max_file_mb=max_file_mb,
-                         force=force, readmit=readmit)
+                         force=force, readmit=readmit, **loaded)
     if json_out:
         print_json(summary.to_dict())
     else:
@@ -49,6 +50,14 @@ def ingest_cmd(
                           f"ingested{' and nothing pruned' if prune else ''}")
 
 
+def check_models(config) -> dict:
+    """A new workspace's model (its tokenizer, which ingest uses) and embedder, loaded before its
+    regrad.toml is written: an id that does not load is never saved. Returns them for the ingest."""
+    from regrad_cli.lm import models
+
+    return models.load_checked(config.model.id, config.embedder.id, config.embedder.batch_size)
+
+
 def _render(summary, root: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -58,6 +67,8 @@ def _render(summary, root: Path) -> None:
     table.add_column("count", justify="right")
     for name in ("added", "updated", "unchanged", "removed", "pruned"):
         table.add_row(name, str(getattr(summary, name)))
+    if summary.pruned_rows:
+        table.add_row("pruned gradient rows", str(summary.pruned_rows))
     table.add_row("skipped paths", str(len(summary.skipped)))
     table.add_row("total in workspace", str(summary.documents), style="bold")
     Console().print(table)

@@ -9,18 +9,51 @@ from typing import Annotated, Optional
 
 import typer
 
+from regrad_cli.cli import common
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json, ws_help
+from regrad_cli.online.modes import check_options, uses_step
+
+
+def check_cli_options(**options) -> None:
+    """The options' values checked before anything loads: OptionError (exit 2) naming the option."""
+    from regrad_cli.errors import FieldError, OptionError
+
+    try:
+        check_options(**options)
+    except FieldError as exc:
+        raise OptionError(f"--{exc.field.replace('_', '-')}: {exc.detail}") from None
+
+
+def check_ready(ws, mode: str, checkpoint: str | None) -> None:
+    """Refuse, before any model loads, a query the workspace cannot answer: no documents (run
+    ingest), or a mode that applies gradients without a bank for the learner (run build-bank)."""
+    from regrad_cli.workspace.documents import DocumentStore
+    from regrad_cli.errors import NoBankError, RegradError
+    from regrad_cli.online.modes import MODES
+
+    if not MODES[mode].retrieve:
+        return
+    if DocumentStore(ws).count() == 0:
+        raise RegradError(f"workspace {ws.root} has no documents: run `regrad ingest PATH` first")
+    if not uses_step(mode) or ws.banks_remote:
+        return
+    from regrad_cli.workspace.banks import workspace_banks
+
+    if not workspace_banks(ws):  # never built (a bank for another checkpoint is told once loaded)
+        raise NoBankError(f"workspace {ws.root} has no gradient bank yet: run `regrad build-bank` (mode "
+                          f"{mode} applies gradients; --mode rag+phi or context answers from the passages alone)")
 
 
 def query_cmd(
     question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
-    mode: Annotated[str, typer.Option("--mode", help="param | param+context | context | rag+phi | closed-book | closed-book+phi.")] = "param",
+    mode: Annotated[Optional[str], typer.Option("--mode", help=ws_help("param+context | param | context | rag+phi | closed-book | closed-book+phi", "query.mode"))] = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help=ws_help("Test-time step scale", "query.gamma"))] = None,
     combine: Annotated[Optional[str], typer.Option("--combine", help="sum | mean | score (default: what the learner was meta-trained with; 'sum' for an untrained one).")] = None,
     retriever: Annotated[Optional[str], typer.Option("--retriever", help=ws_help("dense | bm25 | hybrid", "query.retriever"))] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=ws_help("Generation limit", "query.max_new_tokens"))] = None,
-    show_docs: Annotated[bool, typer.Option("--show-docs", help="Include the retrieved passages.")] = False,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Cosine floor: documents less similar to the question give neither a step nor a passage (default: none).")] = None,
+    show_docs: Annotated[bool, typer.Option("--show-docs", help="Include the retrieved passages (and their weights).")] = False,
     batch: Annotated[Optional[Path], typer.Option("--batch", help='JSONL file of {"id":..., "question":...} records.')] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on a corrupt gradient row instead of skipping it.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
@@ -39,25 +72,36 @@ def query_cmd(
 
     if batch is None and question is None:
         raise RegradError("give a QUESTION, '-' for stdin, or --batch FILE.jsonl")
+    if batch is not None and question is not None:
+        raise RegradError("give a QUESTION or --batch FILE.jsonl, not both")
+    check_cli_options(mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever,
+                      max_new_tokens=max_new_tokens, min_score=min_score)
     pipeline = batch is not None or question == "-"
-    records = _records(question, batch)
+    # A --batch file is read and checked whole now: a missing or malformed file is refused before
+    # anything loads. Questions on stdin are answered as they come.
+    records = list(_records(question, batch)) if batch is not None else _records(question, batch)
     if server is not None:
         given = [name for name, v in (("--checkpoint", checkpoint), ("--device", device), ("--strict", strict)) if v]
         if given:
             raise RegradError(f"{', '.join(given)} cannot be used with --server: the server decides (see `regrad serve`)")
         fields = {"mode": mode, "top_k": top_k, "gamma": gamma, "combine": combine, "retriever": retriever,
-                  "max_new_tokens": max_new_tokens, "show_docs": show_docs}
+                  "max_new_tokens": max_new_tokens, "show_docs": show_docs, "min_score": min_score}
         answers = _remote(server, token, records, {k: v for k, v in fields.items() if v is not None},
                           pipeline, max_batch)
     else:
         from regrad_cli.workspace.config import Workspace
-        from regrad_cli.online.query import QueryEngine, Request
 
         ws = Workspace.open(workspace, create=False)
-        opts = dict(mode=mode, show_docs=show_docs, **ws.config.query.request_options(
-            top_k=top_k, gamma=gamma, combine=combine, retriever=retriever, max_new_tokens=max_new_tokens))
+        q = ws.config.query
+        mode = mode or q.mode
+        check_cli_options(mode=mode, retriever=retriever or q.retriever, combine=combine or q.combine or None)
+        check_ready(ws, mode, checkpoint)  # before any model loads
+        from regrad_cli.online.query import QueryEngine, Request
+
+        opts = dict(show_docs=show_docs, min_score=min_score, **q.request_options(
+            mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever, max_new_tokens=max_new_tokens))
         engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
-                             need_bank=mode in ("param", "param+context"))
+                             need_bank=uses_step(mode))
         if not pipeline:
             answers = [(None, question, engine.answer(question, **opts))]
         else:
@@ -79,6 +123,9 @@ def query_cmd(
             print_json(res)
         else:
             _render(res, show_docs)
+        if not common.QUIET:  # -q
+            for w in res.get("warnings") or []:
+                typer.echo(f"warning: {w}", err=True)
     if failures:
         raise typer.Exit(1)
 
@@ -176,25 +223,25 @@ def _records(question, batch):
 def _render(res: dict, show_docs: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from regrad_cli.cli.common import safe_text
 
     console = Console()
     console.print(res["answer"] or "[dim](no answer)[/dim]", markup=not res["answer"], highlight=False)  # answer: plain
     if res["retrieved"] and (show_docs or console.is_terminal):
         err = Console(stderr=True)
         # Ids, sources and texts come from documents: never rich markup, no terminal escapes.
-        from rich.text import Text
-
-        from regrad_cli.cli.common import safe_text
-
-        table = Table("doc_id", "score", "applied", "source", title=f"retrieved ({res['mode']})")
+        table = Table("doc_id", "score", "weight", "source", title=f"retrieved ({res['mode']})")
         for r in res["retrieved"]:
-            table.add_row(Text(safe_text(r["doc_id"])), f"{r['score']:.3f}", "yes" if r.get("applied") else "no",
-                          Text(safe_text(r["source"])))
+            weight = r.get("weight")
+            table.add_row(Text(safe_text(r["doc_id"])), f"{r['score']:.3f}",
+                          "-" if weight is None else f"{weight:.3f}", Text(safe_text(r["source"])))
         err.print(table)
         if show_docs:
             for r in res["retrieved"]:
-                err.print(Text.assemble((safe_text(r["doc_id"]), "bold"), ": ", safe_text(r.get("text", ""))),
-                          highlight=False)
-    for s in res.get("skipped", []):
-        Console(stderr=True).print(Text(f"skipped corrupt row {safe_text(s['doc_id'])}: {safe_text(s['reason'])}",
-                                        style="yellow"))
+                weight = r.get("weight")
+                head = f" (score {r['score']:.3f}" + ("" if weight is None else f", weight {weight:.3f}") + ")"
+                err.print(Text.assemble((safe_text(r["doc_id"]), "bold"), head, ":\n",
+                                        safe_text(r.get("text", ""), keep_newlines=True)), highlight=False)
+    # Rows not applied (corrupt, stale, pending) are in res["warnings"], printed by the caller.

@@ -24,12 +24,16 @@ def serve_cmd(
                                                      help="A client's request headers must arrive within this many seconds of connecting (its body within 3 times as long), else the connection is closed.")] = 10.0,
     max_connections: Annotated[int, typer.Option("--max-connections", min=8, max=100000,
                                                  help="Most open connections (lowered to fit the open-file limit); beyond it the oldest stalled one is closed.")] = 1000,
+    access_log: Annotated[bool, typer.Option("--access-log", help="One line per request on stderr: client, method, path, status, milliseconds.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a request on a corrupt gradient row instead of skipping the row.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Learner checkpoint: 'bundled', 'init' or a directory.")] = None,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
 ):
-    """Serve /v1/query, /v1/query:batch, /v1/bank/stats, /healthz and /metrics (docs/serving.md)."""
+    """Answer questions over HTTP: regrad's routes and OpenAI's chat completions (docs/serving.md).
+
+    Routes: /v1/query, /v1/query:batch, /v1/chat/completions, /v1/models, /v1/bank/stats,
+    /healthz, /metrics. Prints a "ready" line on stderr once /healthz answers 200."""
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.errors import RegradError
     from regrad_cli.online.serve import ServeSettings, serve
@@ -41,7 +45,8 @@ def serve_cmd(
     settings = ServeSettings(host=host, port=port, token=token or None, max_batch=max_batch,
                              batch_window_ms=batch_window_ms, max_body_bytes=max_body_kb * 1024,
                              header_timeout_s=client_timeout_s, body_timeout_s=3 * client_timeout_s,
-                             max_connections=max_connections)
+                             max_connections=max_connections,
+                             ready_line=True, access_log=access_log)
     typer.echo(f"regrad serve: loading {ws.root}; listening on http://{host}:{port} "
                f"(ready when GET /healthz answers 200){'; bearer token required' if token else ''}", err=True)
     serve(ws, settings, checkpoint=checkpoint, device=device, strict=strict)

@@ -117,6 +117,23 @@ def read_config(path: Path) -> dict:
     return meta
 
 
+def recorded_checkpoint_id(directory: str | Path) -> str | None:
+    """The content id ``learner.json`` records, read without torch, when the file is of the
+    current format (an older one is upgraded on load, which may change it); else None. Loading
+    the learner checks it against the tensors."""
+    import re
+
+    try:
+        meta = json.loads((Path(directory) / CHECKPOINT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cid = meta.get("checkpoint_id") if isinstance(meta, dict) else None
+    if meta.get("format") == f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}" and isinstance(cid, str) \
+            and re.fullmatch(r"[0-9a-f]{64}", cid):
+        return cid
+    return None
+
+
 def upgrade(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
     """Check learner.json's format tag; bring an older checkpoint to LEARNER_VERSION in memory."""
     tag = meta.get("format") if isinstance(meta, dict) else None

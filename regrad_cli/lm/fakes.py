@@ -74,8 +74,20 @@ def byte_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
+def _note_load(what: str) -> None:
+    """Append one line to the file named by $REGRAD_FAKE_LOAD_LOG, when set: tests read it to
+    check that a command loaded no model."""
+    import os
+
+    log_path = os.environ.get("REGRAD_FAKE_LOAD_LOG")
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(what + "\n")
+
+
 def load_fake_model(name: str):
     """(model, tokenizer) for ``fake:<family>``."""
+    _note_load(f"model fake:{name}")
     return tiny_model(name or "llama"), byte_tokenizer()
 
 
@@ -107,6 +119,7 @@ def load_fake_encoder(name: str) -> HashEncoder:
     """``fake:hash-<dim>`` (default dimension 32)."""
     from regrad_cli.errors import ModelLoadError
 
+    _note_load(f"embedder fake:{name}")
     kind, _, dim = (name or "hash-32").partition("-")
     if kind != "hash" or not (dim or "32").isdigit():
         raise ModelLoadError(f"unknown fake embedder {name!r} (use fake:hash-32, or another dimension)")

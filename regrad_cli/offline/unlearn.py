@@ -28,6 +28,72 @@ from regrad_cli.workspace.tombstones import Tombstones
 log = logging.getLogger("regrad")
 
 
+def _check_named(ws, store, banks, ids: set, tombs) -> None:
+    """RegradError for a named id that no document, bank row or earlier removal has, naming the
+    ids that start with it (a file's chunks are "PATH#0", "PATH#1"...) and --source; before
+    anything is removed."""
+    if not ids:
+        return
+    known = set(tombs.ids()) if tombs is not None else set()
+    all_ids: set[str] = set()
+    if store is not None and store.exists:
+        all_ids |= set(store.arrow(["id"]).column("id").to_pylist())
+    for b in banks:
+        all_ids |= b.doc_ids()
+    unknown = sorted(ids - known - all_ids)
+    if not unknown:
+        return
+    given = unknown[0]
+    starts = sorted(d for d in all_ids if d.startswith(given))
+    where = ws.root if ws is not None else "the bank"
+    msg = f"no document {given!r} in {where}"
+    if len(unknown) > 1:
+        msg += f" (nor {len(unknown) - 1} more of the ids given)"
+    if starts:
+        msg += (f"; ids that start with it: {', '.join(starts[:8])}{', ...' if len(starts) > 8 else ''}"
+                f"; to remove a whole file: `regrad bank rm --source {given.split('#')[0]}`")
+    else:
+        msg += "; `regrad docs ls` lists the document ids, `--source PATH` removes a whole file"
+    raise RegradError(msg + "; nothing was removed")
+
+
+def _delete(banks, store, ids: set, srcs: set, *, purge: bool) -> tuple[int, int, list]:
+    """Steps 2 and 3 of a removal, under the caller's locks: the bank rows of ``ids`` and
+    ``srcs`` from every bank, then their documents (bank rows first: a crash between the two
+    leaves documents without gradients, which queries report, never gradients without documents).
+    With ``purge`` old versions are removed too (the bytes leave the disk, even when nothing is
+    left to delete: an earlier run may have stopped between its delete and its purge)."""
+    removed_rows, purges = 0, []
+    for b in banks:
+        removed_rows += b.delete(doc_ids=sorted(ids), where_sources=sorted(srcs))
+        if purge:
+            purges.append(b.purge())
+    removed_docs = store.delete(ids=ids, sources=srcs, purge=purge) if store is not None else 0
+    return removed_rows, removed_docs, purges
+
+
+def prune_sources(ws, store, sources: Iterable[str]) -> tuple[int, int]:
+    """(documents, bank rows) removed for ``sources``, files that no longer exist (`ingest
+    --prune`): the same deletion as `bank rm` (bank rows, then documents, each bank under its
+    writer lock; the caller holds the workspace lock), without tombstones: the file may come back."""
+    from contextlib import ExitStack
+
+    from regrad_cli.workspace.banks import open_bank, workspace_banks
+
+    srcs = set(sources)
+    if not srcs:
+        return 0, 0
+    opts = ws.bank_storage_options()
+    banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in workspace_banks(ws))
+             if b is not None]
+    with ExitStack() as stack:
+        for b in banks:
+            stack.enter_context(b.locked())
+        rows, docs, _ = _delete(banks, store, set(), srcs, purge=False)
+    log.info("prune: %d documents and %d bank rows of %d sources", docs, rows, len(srcs))
+    return docs, rows
+
+
 def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[str] = (),
                      sources: Iterable[str] = (), *, keep_documents: bool = False) -> dict:
     """Unlearn documents (see the module docstring) from the workspace at ``workspace`` and every
@@ -72,6 +138,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
             stack.enter_context(b.locked())
         if tombs is not None:  # again, under the lock: what an interrupted run left
             p_ids, p_srcs = tombs.pending()
+        _check_named(ws, store, banks, ids, tombs)
         # 1. resolve and tombstone first
         if srcs:
             if store is not None and store.exists:
@@ -83,14 +150,8 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
             tombs.mark(ids, srcs, "pending")
             ids |= p_ids
             srcs |= p_srcs
-        # 2. bank rows, then purge (also when nothing is left: an earlier run may have stopped
-        # between its delete and its purge)
-        removed_rows, purges = 0, []
-        for b in banks:
-            removed_rows += b.delete(doc_ids=sorted(ids), where_sources=sorted(srcs))
-            purges.append(b.purge())
-        # 3. documents, then purge
-        removed_docs = store.delete(ids=ids, sources=srcs, purge=True) if store is not None else 0
+        # 2. bank rows, then purge; 3. documents, then purge
+        removed_rows, removed_docs, purges = _delete(banks, store, ids, srcs, purge=True)
         # 4. done
         if tombs is not None:
             tombs.mark(ids, srcs, "done")

@@ -24,31 +24,16 @@ import numpy as np
 import torch
 
 from regrad_cli.learner import adapt
-from regrad_cli.errors import RegradError
+from regrad_cli.errors import FieldError, RegradError
 from regrad_cli.lm.generation import answer_nll, generate
 from regrad_cli.lm.prompting import answer_ids, prompt_ids
 
 log = logging.getLogger("regrad")
 
 
-@dataclass(frozen=True)
-class Mode:
-    retrieve: bool  # documents are retrieved (or given) for the question
-    adapter: str  # "step" (phi'), "phi" (the learner, no step) or "base" (no side path)
-    passages: bool  # the documents' texts go into the prompt
-
-
-MODES: dict[str, Mode] = {
-    "param": Mode(True, "step", False),
-    "param+context": Mode(True, "step", True),
-    "context": Mode(True, "base", True),  # RAG on the bare base model
-    "rag+phi": Mode(True, "phi", True),  # RAG with the meta-learned phi active, no step
-    "closed-book": Mode(False, "base", False),
-    "closed-book+phi": Mode(False, "phi", False),
-}
-RETRIEVERS = ("dense", "bm25", "hybrid")
-MAX_TOP_K = 64
-MAX_NEW_TOKENS = 512
+# The modes and the bounds of a request live in the torch-free regrad_cli.modes (the CLI checks
+# its options there before any model loads); re-exported here for the pipeline's callers.
+from regrad_cli.online.modes import MAX_NEW_TOKENS, MAX_TOP_K, MODES, RETRIEVERS, Mode, check_options  # noqa: E402,F401
 
 
 @dataclass
@@ -78,12 +63,17 @@ class Request:
     # A gold answer: its teacher-forced NLL under exactly the answering weights is returned.
     gold: str | None = None
     max_passage_tokens: int = 256
+    # Documents whose cosine with the question is below this give neither a step nor a passage.
+    min_score: float | None = None
 
 
 class Corpus(Protocol):
     layout: list[str]
 
-    def search(self, question: str, qvec: np.ndarray, k: int, retriever: str) -> list[Retrieved]: ...
+    def search(self, question: str, qvec: np.ndarray, k: int, retriever: str,
+               gradients: bool = True) -> list[Retrieved]: ...
+    # ``gradients``: the documents are wanted for their gradients (a step), so the search may run
+    # over the gradient bank's vectors; False: for their texts only.
 
     def cosines(self, qvec: np.ndarray, ids: Sequence[str]) -> dict[str, float]: ...
 
@@ -95,40 +85,38 @@ class Corpus(Protocol):
 
 
 def check_request(req: Request, learner) -> Request:
-    """The request with its defaults filled in; RegradError naming the field if it is invalid."""
+    """The request with its defaults filled in; FieldError (a RegradError) naming the field if it
+    is invalid."""
     if not isinstance(req.question, str) or not req.question.strip():
-        raise RegradError("question: empty question")
-    if req.mode not in MODES:
-        raise RegradError(f"mode: unknown mode {req.mode!r} (use {', '.join(MODES)})")
+        raise FieldError("question", "empty question")
+    gamma = check_options(mode=req.mode, top_k=req.top_k, gamma=req.gamma, combine=req.combine,
+                          retriever=req.retriever, max_new_tokens=req.max_new_tokens, min_score=req.min_score)
     combine = req.combine or learner.trained_combine
-    if combine not in adapt.COMBINES:
-        raise RegradError(f"combine: unknown combine {combine!r} (use {', '.join(adapt.COMBINES)})")
-    if req.retriever not in RETRIEVERS:
-        raise RegradError(f"retriever: unknown retriever {req.retriever!r} (use {', '.join(RETRIEVERS)})")
-    if not isinstance(req.top_k, int) or not 0 <= req.top_k <= MAX_TOP_K:
-        raise RegradError(f"top_k: must be an integer from 0 to {MAX_TOP_K}, got {req.top_k!r}")
-    if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
-        raise RegradError(f"max_new_tokens: must be an integer from 1 to {MAX_NEW_TOKENS}, got {req.max_new_tokens!r}")
-    try:
-        gamma = float(req.gamma)
-    except (TypeError, ValueError):
-        raise RegradError(f"gamma: not a number: {req.gamma!r}") from None
-    if not math.isfinite(gamma):
-        raise RegradError(f"gamma: must be finite, got {req.gamma!r}")
+    check_options(combine=combine)
     return replace(req, combine=combine, gamma=gamma)
 
 
 @dataclass
-class _Row:
+class Row:
+    """One request on its way through the stages of ``answer_many``: each stage reads the fields
+    the earlier ones filled, and a row whose ``error`` is set leaves the later stages."""
+
     req: Request
-    retrieved: list[Retrieved] = field(default_factory=list)
-    passages: list[str] = field(default_factory=list)
-    used: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    adapter: dict | None = None  # phi' for a step row
-    timings: dict = field(default_factory=dict)
+    retrieved: list[Retrieved] = field(default_factory=list)  # retrieve
+    passages: list[str] = field(default_factory=list)  # passages: the prompt's documents
+    used: list[str] = field(default_factory=list)  # steps: documents whose gradient is applied
+    weights: list[float] = field(default_factory=list)  # steps: their combination weights
+    skipped: list[dict] = field(default_factory=list)  # steps: rows not applied, with the reason
+    warnings: list[str] = field(default_factory=list)  # one line each, with the fixing command
+    adapter: dict | None = None  # steps: phi' for a step row
+    answer: str = ""  # generate
+    nll: float | None = None  # generate: the gold answer's NLL, when asked
+    batch_size: int = 1  # generate: rows in this row's generation call
+    timings: dict = field(default_factory=dict)  # ms per stage, this row's share
     error: Exception | None = None
+
+
+TIMING_STAGES = ("embed", "retrieve", "fetch_decode", "apply", "generate", "restore")
 
 
 def _ms(t0: float) -> float:
@@ -139,100 +127,135 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
                 return_exceptions: bool = False, fingerprints: dict | None = None) -> list:
     """Answer every request; results in request order (dicts as ``regrad query --json`` prints).
 
-    A request that fails (bad field, corrupt gradient row with ``strict``, non-finite step) fails
-    alone: with ``return_exceptions`` its slot holds the RegradError and the others are answered;
-    without, the first error is raised (an invalid field before anything runs)."""
-    learner, tok, model = engine.learner, engine.tokenizer, engine.model
-    rows: list[_Row] = []
+    The stages, in order, over ``Row``s: check -> retrieve -> passages -> steps -> generate ->
+    results. A request that fails (bad field, corrupt gradient row with ``strict``, non-finite
+    step) fails alone: with ``return_exceptions`` its slot holds the RegradError and the others
+    are answered; without, the first error is raised (an invalid field before anything runs)."""
+    rows = _check(engine.learner, requests)
+    if not return_exceptions:
+        for row in rows:
+            if row.error is not None:
+                raise row.error
+    _retrieve(embedder, corpus, _live(rows))
+    _passages(corpus, _live(rows))
+    _steps(engine, corpus, _live(rows), strict)
+    _generate(engine, _live(rows))
+    return _results(corpus, rows, return_exceptions, fingerprints)
+
+
+def _live(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.error is None]
+
+
+def _check(learner, requests: Sequence[Request]) -> list[Row]:
+    """Stage 1: every request checked and its defaults filled in (an invalid one gets its error)."""
+    rows = []
     for req in requests:
-        row = _Row(req)
+        row = Row(req)
         try:
             row.req = check_request(req, learner)
         except RegradError as exc:
             row.error = exc
         rows.append(row)
-    if not return_exceptions:
-        for row in rows:
-            if row.error is not None:
-                raise row.error
-    live = [r for r in rows if r.error is None]
+    return rows
 
-    # Retrieval: one embedder call for every question that needs documents.
+
+def _retrieve(embedder, corpus: Corpus, live: list[Row]) -> None:
+    """Stage 2: one embedder call for every question that needs documents, then each row's
+    documents: searched (the bank's vectors for a step, the documents table otherwise) or given."""
     need = [r for r in live if MODES[r.req.mode].retrieve]
-    if need:
+    if not need:
+        return
+    t = time.perf_counter()
+    qvecs = embedder.embed([r.req.question for r in need])
+    embed_ms = _ms(t) / len(need)
+    for r, qvec in zip(need, qvecs):
+        r.timings["embed"] = embed_ms
         t = time.perf_counter()
-        qvecs = embedder.embed([r.req.question for r in need])
-        embed_ms = _ms(t) / len(need)
-        for r, qvec in zip(need, qvecs):
-            r.timings["embed"] = embed_ms
-            t = time.perf_counter()
-            try:
-                if r.req.docs is not None:
-                    cos = corpus.cosines(qvec, r.req.docs)
-                    src = corpus.sources(r.req.docs)
-                    r.retrieved = [Retrieved(d, cos.get(d, 0.0), src.get(d, ""), cos.get(d, 0.0))
-                                   for d in r.req.docs]
-                else:
-                    r.retrieved = corpus.search(r.req.question, qvec, r.req.top_k, r.req.retriever)
-            except RegradError as exc:
-                r.error = exc
-            r.timings["retrieve"] = _ms(t)
-    live = [r for r in live if r.error is None]
+        try:
+            if r.req.docs is not None:
+                cos = corpus.cosines(qvec, r.req.docs)
+                src = corpus.sources(r.req.docs)
+                r.retrieved = [Retrieved(d, cos.get(d, 0.0), src.get(d, ""), cos.get(d, 0.0))
+                               for d in r.req.docs]
+            else:
+                step = MODES[r.req.mode].adapter == "step"
+                r.retrieved = corpus.search(r.req.question, qvec, r.req.top_k, r.req.retriever,
+                                            gradients=step)
+                if r.req.min_score is not None:
+                    r.retrieved = [h for h in r.retrieved if h.cosine >= r.req.min_score]
+                notes = getattr(corpus, "notes", None)
+                if notes is not None:
+                    r.warnings += notes(step)
+        except RegradError as exc:
+            r.error = exc
+        r.timings["retrieve"] = _ms(t)
 
-    # Passages for the prompt.
+
+def _passages(corpus: Corpus, live: list[Row]) -> None:
+    """Stage 3: the documents' texts for the rows whose prompt holds them."""
     ctx_rows = [r for r in live if MODES[r.req.mode].passages and r.retrieved]
     if ctx_rows:
         texts = corpus.texts([h.doc_id for r in ctx_rows for h in r.retrieved])
         for r in ctx_rows:
             r.passages = [texts[h.doc_id] for h in r.retrieved if h.doc_id in texts]
 
-    # Gradients -> combination -> step. Rows whose steps share their shape (as many documents,
-    # the same combination and gamma) are stepped together, [n, k, ...]: the same arithmetic per
-    # row as one at a time, without a few thousand small tensor operations per row.
-    step_rows = [r for r in live if MODES[r.req.mode].adapter == "step"]
-    if step_rows:
-        t = time.perf_counter()
-        ids = list(dict.fromkeys(h.doc_id for r in step_rows for h in r.retrieved))
-        decoded, bad = corpus.gradients(ids) if ids else ({}, {})
-        fetch_ms = _ms(t) / len(step_rows)
-        device = next(model.parameters()).device
-        same: dict[tuple, list[tuple[_Row, list[Retrieved]]]] = {}
-        for r in step_rows:
-            r.timings["fetch_decode"] = fetch_ms
-            r.skipped = [{"doc_id": h.doc_id, "reason": bad[h.doc_id]} for h in r.retrieved if h.doc_id in bad]
-            if r.skipped and strict:
-                s = r.skipped[0]
-                r.error = RegradError(f"corrupt or missing gradient row for {s['doc_id']!r}: {s['reason']}")
-                continue
-            for s in r.skipped:
-                log.warning("not applying the gradient of %s: %s", s["doc_id"], s["reason"])
-            used = [h for h in r.retrieved if h.doc_id in decoded]
-            r.used = [h.doc_id for h in used]
-            if not used:
-                r.adapter = None  # nothing to apply: phi itself
-                r.timings["apply"] = 0.0
-                continue
-            same.setdefault((len(used), r.req.combine, r.req.gamma), []).append((r, used))
-        for (_, combine, gamma), members in same.items():
-            t = time.perf_counter()
-            steps, weights = steps_from_rows(learner, [[decoded[h.doc_id] for h in used] for _, used in members],
-                                             [[h.cosine for h in used] for _, used in members], combine, gamma,
-                                             device, row_norm=getattr(corpus, "row_norm", None))
-            finite = steps.finite
-            apply_ms = _ms(t) / len(members)
-            for i, (r, _) in enumerate(members):
-                r.weights = weights[i]
-                r.timings["apply"] = apply_ms
-                if finite[i]:
-                    r.adapter = {n: v[i] for n, v in steps.items()}
-                else:
-                    r.error = RegradError(
-                        f"the step for {r.req.question[:60]!r} is not finite (documents {', '.join(r.used)}): "
-                        "a gradient row or the learner holds inf/NaN; run `regrad bank verify`")
-    live = [r for r in live if r.error is None]
 
-    # Generation: one call per max_new_tokens value, every row with its own adapter.
-    groups: dict[int, list[_Row]] = {}
+def _steps(engine, corpus: Corpus, live: list[Row], strict: bool) -> None:
+    """Stage 4: gradients -> combination -> phi' for every step row. Rows whose steps share their
+    shape (as many documents, the same combination and gamma) are stepped together, [n, k, ...]:
+    the same arithmetic per row as one at a time, without a few thousand small tensor operations
+    per row."""
+    learner, model = engine.learner, engine.model
+    step_rows = [r for r in live if MODES[r.req.mode].adapter == "step"]
+    if not step_rows:
+        return
+    t = time.perf_counter()
+    ids = list(dict.fromkeys(h.doc_id for r in step_rows for h in r.retrieved))
+    decoded, bad = corpus.gradients(ids) if ids else ({}, {})
+    fetch_ms = _ms(t) / len(step_rows)
+    device = next(model.parameters()).device
+    same: dict[tuple, list[tuple[Row, list[Retrieved]]]] = {}
+    for r in step_rows:
+        r.timings["fetch_decode"] = fetch_ms
+        r.skipped = [{"doc_id": h.doc_id, "reason": bad[h.doc_id]} for h in r.retrieved if h.doc_id in bad]
+        if r.skipped and strict:
+            s = r.skipped[0]
+            r.error = RegradError(f"corrupt or missing gradient row for {s['doc_id']!r}: {s['reason']}")
+            continue
+        for s in r.skipped:
+            log.info("not applying the gradient of %s: %s", s["doc_id"], s["reason"])
+            r.warnings.append(f"not applied: {s['doc_id']}: {s['reason']}")
+        used = [h for h in r.retrieved if h.doc_id in decoded]
+        r.used = [h.doc_id for h in used]
+        if not used:
+            r.adapter = None  # nothing to apply: phi itself
+            r.timings["apply"] = 0.0
+            continue
+        same.setdefault((len(used), r.req.combine, r.req.gamma), []).append((r, used))
+    for (_, combine, gamma), members in same.items():
+        t = time.perf_counter()
+        steps, weights = steps_from_rows(learner, [[decoded[h.doc_id] for h in used] for _, used in members],
+                                         [[h.cosine for h in used] for _, used in members], combine, gamma,
+                                         device, row_norm=getattr(corpus, "row_norm", None))
+        finite = steps.finite
+        apply_ms = _ms(t) / len(members)
+        for i, (r, _) in enumerate(members):
+            r.weights = weights[i]
+            r.timings["apply"] = apply_ms
+            if finite[i]:
+                r.adapter = {n: v[i] for n, v in steps.items()}
+            else:
+                r.error = RegradError(
+                    f"the step for {r.req.question[:60]!r} is not finite (documents {', '.join(r.used)}): "
+                    "a gradient row or the learner holds inf/NaN; run `regrad bank verify`")
+
+
+def _generate(engine, live: list[Row]) -> None:
+    """Stage 5: one generation call per max_new_tokens value, every row with its own adapter;
+    the weights are restored when the call ends. Each row's timings are its share of the call."""
+    learner, tok, model = engine.learner, engine.tokenizer, engine.model
+    groups: dict[int, list[Row]] = {}
     for r in live:
         groups.setdefault(r.req.max_new_tokens, []).append(r)
     for max_new, group in groups.items():
@@ -263,12 +286,17 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
             continue
         restore_ms = _ms(t)
         for i, (r, text) in enumerate(zip(group, texts)):
-            r.timings["generate"] = gen_ms
-            r.timings["restore"] = restore_ms
+            r.batch_size = len(group)
+            r.timings["generate"] = gen_ms / len(group)
+            r.timings["restore"] = restore_ms / len(group)
             r.answer = text
             if nlls is not None and r.req.gold is not None:
                 r.nll = float(nlls[i])
 
+
+def _results(corpus: Corpus, rows: list[Row], return_exceptions: bool, fingerprints: dict | None) -> list:
+    """Stage 6: the answer dicts (every mode has the same keys; ``weight`` is None for a document
+    whose gradient was not applied), or the errors in their slots."""
     out = []
     show = [r for r in rows if r.error is None and r.req.show_docs and r.retrieved]
     shown = corpus.texts([h.doc_id for r in show for h in r.retrieved]) if show else {}
@@ -278,25 +306,26 @@ def answer_many(engine, embedder, corpus: Corpus, requests: Sequence[Request], *
                 out.append(r.error)
                 continue
             raise r.error
-        timings = dict.fromkeys(("embed", "retrieve", "fetch_decode", "apply", "generate", "restore"), 0.0)
+        timings = dict.fromkeys(TIMING_STAGES, 0.0)
         timings.update(r.timings)
         wmap = dict(zip(r.used, r.weights))
         res = {
             "question": r.req.question,
             "answer": r.answer,
             "mode": r.req.mode,
-            "retrieved": [{"doc_id": h.doc_id, "score": round(h.score, 6), "source": h.source,
-                           "applied": h.doc_id in wmap,
-                           **({"weight": round(wmap[h.doc_id], 6)} if h.doc_id in wmap else {})}
+            "retrieved": [{"doc_id": h.doc_id, "score": round(h.score, 6), "cosine": round(h.cosine, 6),
+                           "source": h.source, "applied": h.doc_id in wmap,
+                           "weight": round(wmap[h.doc_id], 6) if h.doc_id in wmap else None}
                           for h in r.retrieved],
+            "warnings": list(dict.fromkeys(r.warnings)),
+            "skipped": r.skipped,
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+            "batch_size": r.batch_size,
         }
         if fingerprints is not None:
             res["bank"] = fingerprints
-        if getattr(r, "nll", None) is not None:
+        if r.nll is not None:
             res["nll"] = r.nll
-        if r.skipped:
-            res["skipped"] = r.skipped
         if r.req.show_docs and r.retrieved:
             for item in res["retrieved"]:
                 item["text"] = shown.get(item["doc_id"], "")
@@ -418,7 +447,7 @@ class GradientRow(dict):
         self.flat = getattr(arrays, "flat", None)  # bank_format.blob.DecodedRow's buffer
 
 
-def _batch_adapter(learner, group: list[_Row]):
+def _batch_adapter(learner, group: list[Row]):
     """The side-path state for one generation call over ``group``."""
     kinds = [MODES[r.req.mode].adapter for r in group]
     if all(k == "base" for k in kinds):
@@ -456,7 +485,8 @@ class MemoryCorpus:
         first = next(iter(gradients.values()), {})
         self.layout = list(first)
 
-    def search(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:
+    def search(self, question: str, qvec, k: int, retriever: str = "dense",
+               gradients: bool = True) -> list[Retrieved]:
         if retriever != "dense":
             raise RegradError(f"retriever: an in-memory corpus supports dense retrieval only, not {retriever!r}")
         if self.emb is None:

@@ -93,9 +93,9 @@ class QueryEngine:
     # Answering --------------------------------------------------------------------------------------
     def answer(self, question: str, *, mode: str = "param", top_k: int = 3, gamma: float = 1.0,
                combine: str | None = None, retriever: str = "dense", max_new_tokens: int = 20,
-               show_docs: bool = False) -> dict:
+               show_docs: bool = False, min_score: float | None = None) -> dict:
         req = Request(question, mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever,
-                      max_new_tokens=max_new_tokens, show_docs=show_docs)
+                      max_new_tokens=max_new_tokens, show_docs=show_docs, min_score=min_score)
         return self.answer_many([req])[0]
 
     def answer_many(self, requests: Sequence[Request], *, return_exceptions: bool = False) -> list:
@@ -137,8 +137,14 @@ class WorkspaceCorpus:
         self.layout = [t.name for t in bank.meta.layout] if bank is not None else []
         # Bank format 1.2: rows already normalised over the whole gradient (pipeline.step_from_rows).
         self.row_norm = bank.meta.row_norm if bank is not None else None
+        self._row_hash: dict[str, str | None] = {}  # doc id -> content hash of its bank row (searched)
+        self._fresh = None  # ((documents version, bank version), freshness)
 
-    def search(self, question: str, qvec, k: int, retriever: str = "dense") -> list[Retrieved]:
+    def search(self, question: str, qvec, k: int, retriever: str = "dense",
+               gradients: bool = True) -> list[Retrieved]:
+        """The top-k documents, best first. Dense retrieval runs over the bank's vectors when the
+        documents are wanted for their gradients (``gradients``), else over the documents table,
+        so that a passage-only mode finds a document before it has a gradient."""
         if retriever not in RETRIEVERS:
             raise RegradError(f"unknown retriever {retriever!r} (use {', '.join(RETRIEVERS)})")
         if k <= 0:
@@ -146,7 +152,7 @@ class WorkspaceCorpus:
         dense = bm25 = None
         if retriever in ("dense", "hybrid"):
             n = k * (2 if retriever == "hybrid" else 1)
-            if self.bank is not None:
+            if self.bank is not None and gradients:
                 from bank_format import BankFormatError
 
                 try:
@@ -154,6 +160,8 @@ class WorkspaceCorpus:
                 except BankFormatError as exc:  # e.g. a data file damaged or deleted on disk
                     raise RegradError(f"{exc} (is the bank damaged? `regrad bank verify` checks every row)") from exc
                 dense = [(h["doc_id"], float(h["score"]), h.get("source", "")) for h in hits]
+                for h in hits:  # what each row was computed from: checked against the documents
+                    self._row_hash[h["doc_id"]] = h.get("content_hash")
             else:
                 dense = self._with_sources(self.store.search_vector(qvec, n))
         if retriever in ("bm25", "hybrid"):
@@ -174,6 +182,26 @@ class WorkspaceCorpus:
         cos = {**self.cosines(qvec, [d for d, _, _ in ranked if d not in known]), **known}
         return [Retrieved(d, s, src, cos.get(d, 0.0)) for d, s, src in ranked]
 
+    def notes(self, gradients: bool) -> list[str]:
+        """Warnings for a query that wants gradients: documents without a current gradient (not
+        found by its search) and gradient rows whose document is gone, each with the fix."""
+        if not gradients or self.bank is None:
+            return []
+        from regrad_cli.workspace.status import freshness
+
+        key = (self.store.version, self.bank.version())
+        if self._fresh is None or self._fresh[0] != key:
+            self._fresh = (key, freshness(self.store, self.bank))
+        f = self._fresh[1]
+        out = []
+        if f["pending"]:
+            out.append(f"{f['pending']} document(s) have no gradient yet and are not searched in this mode: "
+                       "run `regrad build-bank`")
+        if f["stale"]:
+            out.append(f"the bank holds {f['stale']} gradient row(s) of documents that were removed or changed "
+                       "(never applied): run `regrad build-bank`")
+        return out
+
     def _with_sources(self, hits) -> list[tuple[str, float, str]]:
         rows = self.store.get([d for d, _ in hits], columns=["id", "source"]) if hits else {}
         return [(d, float(score), rows.get(d, {}).get("source", "")) for d, score in hits]
@@ -193,8 +221,21 @@ class WorkspaceCorpus:
         return {d: r.get("source", "") for d, r in rows.items()}
 
     def gradients(self, ids: Sequence[str]):
-        """({doc_id: {tensor name: array}}, {doc_id: why it was not decoded})."""
+        """({doc_id: {tensor name: array}}, {doc_id: why it was not decoded}). A row computed
+        from another text than the document's (changed since) or whose document is gone is not
+        decoded: its gradient would be stale."""
         if self.bank is None:
-            return {}, {d: "no gradient bank" for d in ids}
-        decoded, bad = self.bank.fetch_checked(list(ids))
-        return {d: GradientRow(self.layout, arrays) for d, arrays in decoded.items()}, dict(bad)
+            return {}, {d: "no gradient bank: run `regrad build-bank`" for d in ids}
+        ids = list(ids)
+        current = {d: r.get("content_hash") for d, r in self.store.get(ids, columns=["id", "content_hash"]).items()}
+        bad = {}
+        for d in ids:
+            if d not in current:
+                bad[d] = "its document is no longer in the workspace: run `regrad build-bank`"
+            elif d in self._row_hash and self._row_hash[d] not in (None, current[d]):
+                bad[d] = "its document changed after the gradient was computed: run `regrad build-bank`"
+        decoded, broken = self.bank.fetch_checked([d for d in ids if d not in bad])
+        for d, reason in broken.items():
+            bad[d] = (f"no gradient yet: run `regrad build-bank`" if reason.startswith("no row with doc_id")
+                      else reason)
+        return {d: GradientRow(self.layout, arrays) for d, arrays in decoded.items()}, bad

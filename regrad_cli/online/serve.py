@@ -46,10 +46,8 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # A batch waits at most this many batch windows for requests to join it (each arrival restarts
 # the window).
 BATCH_WAIT_WINDOWS = 10
-# Field names check_request puts before its message ("top_k: must be ...").
-_FIELDS = ("question", "mode", "combine", "retriever", "top_k", "max_new_tokens", "gamma")
-ROUTES = ("/v1/query", "/v1/query:batch", "/v1/bank/stats", "/healthz", "/metrics", "/docs",
-          "/openapi.json")
+ROUTES = ("/v1/query", "/v1/query:batch", "/v1/bank/stats", "/v1/chat/completions", "/v1/models",
+          "/healthz", "/metrics", "/docs", "/openapi.json")
 
 
 @dataclass
@@ -67,6 +65,8 @@ class ServeSettings:
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # open connections (lowered to fit the descriptor limit)
     defaults: dict = field(default_factory=dict)  # set from the workspace's [query] once loaded
+    ready_line: bool = False  # print "regrad serve: ready ..." on stderr once /healthz answers 200
+    access_log: bool = False  # one line per request on stderr: method, path, status, milliseconds
 
 
 class ApiError(Exception):
@@ -84,18 +84,19 @@ class ApiError(Exception):
 
 
 def error_of(exc: BaseException) -> ApiError:
-    """The HTTP error for an answering failure: a bad field (422, naming it), no bank (409),
-    anything else (500, the message only; the traceback goes to the server log)."""
+    """The HTTP error for an answering failure, by the exception's type: a bad field (FieldError:
+    422, naming it), no bank (409), any other RegradError or bank error (500, its message),
+    anything else (500, the type only; the traceback goes to the server log)."""
+    from regrad_cli.errors import FieldError
+
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, NoBankError):
         return ApiError(409, "no_bank", str(exc))
+    if isinstance(exc, FieldError):
+        return ApiError(422, "invalid_request", str(exc), exc.field)
     if isinstance(exc, RegradError):
-        msg = str(exc)
-        name = msg.split(":", 1)[0]
-        if name in _FIELDS:
-            return ApiError(422, "invalid_request", msg, name)
-        return ApiError(500, "answer_failed", msg)
+        return ApiError(500, "answer_failed", str(exc))
     try:
         from bank_format import BankFormatError
 
@@ -325,32 +326,54 @@ def _models():
 
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-    from regrad_cli.learner.adapt import COMBINES
-    from regrad_cli.online.pipeline import MAX_NEW_TOKENS, MAX_TOP_K, MODES, RETRIEVERS
+    from regrad_cli.online.modes import COMBINES, MAX_NEW_TOKENS, MAX_TOP_K, MODES, RETRIEVERS
 
     ModeT = Literal[tuple(MODES)]  # type: ignore[valid-type]
     RetrieverT = Literal[tuple(RETRIEVERS)]  # type: ignore[valid-type]
     CombineT = Literal[tuple(COMBINES)]  # type: ignore[valid-type]
 
-    class QueryIn(BaseModel):
+    class Options(BaseModel):
+        """regrad's answering options; omitted ones take the workspace's [query] settings."""
+
+        mode: Optional[ModeT] = None
+        top_k: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_K)
+        gamma: Optional[float] = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False)
+        combine: Optional[CombineT] = None
+        retriever: Optional[RetrieverT] = None
+        min_score: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+        show_docs: StrictBool = False
+
+    class QueryIn(Options):
         """One question; omitted fields take the workspace's [query] settings."""
 
         model_config = ConfigDict(extra="forbid")
         question: StrictStr = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
         id: Optional[Union[StrictStr, StrictInt]] = Field(None, description="Echoed back in the answer.")
-        mode: ModeT = "param"
-        top_k: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_K)
-        gamma: Optional[float] = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False)
-        combine: Optional[CombineT] = None
-        retriever: Optional[RetrieverT] = None
         max_new_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_NEW_TOKENS)
-        show_docs: StrictBool = False
 
     class BatchIn(BaseModel):
         model_config = ConfigDict(extra="forbid")
         requests: list[QueryIn] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
 
-    return QueryIn, BatchIn
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        role: StrictStr
+        content: Union[StrictStr, list, None] = None
+
+    class ChatIn(Options):
+        """OpenAI's chat completion request: the question is the last user message; regrad's
+        options may come as extra fields. Fields OpenAI defines that regrad has no use for
+        (temperature, user, ...) are accepted and ignored."""
+
+        model_config = ConfigDict(extra="allow")
+        model: StrictStr = "regrad"
+        messages: list[Message] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+        stream: StrictBool = False
+        max_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_NEW_TOKENS)
+        max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_NEW_TOKENS)
+        n: StrictInt = Field(1, ge=1, le=1)
+
+    return QueryIn, BatchIn, ChatIn
 
 
 def _json(obj, status: int = 200, headers: dict | None = None):
@@ -415,6 +438,13 @@ class _Guard:
         finally:
             self.metrics.requests.labels(route, method, str(seen["status"])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            if self.settings.access_log:
+                import sys
+
+                client = (scope.get("client") or ("-",))[0]
+                sys.stderr.write(f"{client} {method} {path} {seen['status']} "
+                                 f"{(time.perf_counter() - t0) * 1000:.0f} ms\n")
+                sys.stderr.flush()
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers") or []:
@@ -427,27 +457,27 @@ class _Guard:
 
 def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
     """The ASGI application over ``worker`` (started by the app's lifespan if not yet started,
-    closed, after draining, when the app shuts down)."""
+    closed, after draining, when the app shuts down): error mapping (``_error_handlers``), regrad's
+    routes (``_query_routes``), OpenAI's (``_openai_routes``) and operations (``_ops_routes``),
+    inside the guard (token, body limit, metrics, access log)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     from regrad_cli import __version__
-    from regrad_cli.online.pipeline import MODES, Request
 
     settings = settings or worker.settings
-    metrics = worker.metrics
-    QueryIn, BatchIn = _models()
 
     @asynccontextmanager
     async def lifespan(app):
         if not worker._thread.is_alive() and not worker.finished.is_set():
             worker.start()  # loads in the worker thread: the port is bound meanwhile
+        announce = asyncio.create_task(_announce_ready(worker, settings)) if settings.ready_line else None
         try:
             yield
         finally:
+            if announce is not None:
+                announce.cancel()
             # uvicorn has waited for the requests in flight; drain whatever is still queued.
             await asyncio.get_running_loop().run_in_executor(None, worker.close)
 
@@ -455,13 +485,40 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
                   description="Answers questions with temporarily applied document gradients "
                               "(docs/serving.md). Every route but /healthz needs the bearer token "
                               "when the server was started with one.")
+    _error_handlers(app)
+    _query_routes(app, worker)
+    _openai_routes(app, worker)
+    _ops_routes(app, worker)
+    return _Guard(app, settings, worker.metrics)
+
+
+async def _announce_ready(worker: BatchWorker, settings: ServeSettings) -> None:
+    """One line on stderr once the worker has loaded (when /healthz answers 200)."""
+    import sys
+
+    while not worker.finished.is_set():
+        await asyncio.sleep(0.05)
+    if worker.load_error is None:
+        qe = worker.engine
+        mode = getattr(getattr(getattr(qe, "ws", None), "config", None), "query", None)
+        sys.stderr.write(f"regrad serve: ready on http://{settings.host}:{settings.port}"
+                         f"{f' (default mode {mode.mode})' if mode is not None else ''}\n")
+        sys.stderr.flush()
+
+
+def _error_handlers(app) -> None:
+    """Every error as {"error": {"type", "message", "field"?}}: ApiError as raised, request
+    validation as 400 (a body that is not JSON) or 422 (naming the field), routing as 404/405,
+    anything else through ``error_of`` (by exception type)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
         return _json(exc.body(), exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, exc: RequestValidationError):
+    async def _invalid(request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
@@ -469,6 +526,10 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
             detail = (first.get("ctx") or {}).get("error", "")
             return _json(ApiError(400, "invalid_json", f"the body is not valid JSON ({detail} at position {where})",
                                   "body").body(), 400)
+        if tuple(first.get("loc", ())) == ("body",) and "json" not in request.headers.get("content-type", ""):
+            # No JSON content type: FastAPI did not parse the body at all.
+            return _json(ApiError(400, "invalid_json", "the body is not a JSON object (send one with "
+                                  "Content-Type: application/json)", "body").body(), 400)
         details = []
         for e in errors:
             loc = [str(p) for p in e.get("loc", ()) if p != "body"]
@@ -492,37 +553,50 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
         err = error_of(exc)
         return _json(err.body(), err.status)
 
-    def to_request(q) -> Request:
-        if not worker.ready.is_set():
-            worker._check_open()
-        qe = worker.engine
-        d = qe.ws.config.query
-        if qe.bank is None and MODES[q.mode].adapter == "step":
-            raise ApiError(409, "no_bank", f"mode {q.mode!r} needs a gradient bank and this workspace has none for "
-                           "the loaded learner: run `regrad build-bank`", "mode")
-        return Request(q.question, mode=q.mode, top_k=d.top_k if q.top_k is None else q.top_k,
-                       gamma=d.gamma if q.gamma is None else q.gamma, combine=q.combine,
-                       retriever=q.retriever or d.retriever,
-                       max_new_tokens=q.max_new_tokens or d.max_new_tokens, show_docs=q.show_docs)
+
+def _to_request(worker: BatchWorker, q, question: str | None = None, max_new_tokens: int | None = None):
+    """The pipeline Request for a request body's options, the workspace's [query] settings filling
+    what it leaves out; 409 at once for a mode that needs the bank this workspace lacks."""
+    from regrad_cli.online.pipeline import MODES, Request
+
+    if not worker.ready.is_set():
+        worker._check_open()
+    qe = worker.engine
+    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, retriever=q.retriever,
+                                              max_new_tokens=max_new_tokens)
+    if qe.bank is None and MODES[opts["mode"]].adapter == "step":
+        raise ApiError(409, "no_bank", f"mode {opts['mode']!r} needs a gradient bank and this workspace has none "
+                       "for the loaded learner: run `regrad build-bank`", "mode")
+    # combine: the request's, else the learner's trained one (the server never used [query] combine)
+    opts["combine"] = q.combine
+    return Request(question if question is not None else q.question, show_docs=q.show_docs,
+                   min_score=q.min_score, **opts)
+
+
+async def _answer(worker: BatchWorker, req) -> dict:
+    try:
+        return await asyncio.wrap_future(worker.submit(req))
+    except Exception as exc:  # noqa: BLE001
+        raise error_of(exc) from None
+
+
+def _query_routes(app, worker: BatchWorker) -> None:
+    """regrad's own routes: /v1/query and /v1/query:batch (the JSON of `regrad query --json`)."""
+    QueryIn, BatchIn, _ = _models()
 
     def with_id(q, res: dict) -> dict:
         return res if q.id is None else {"id": q.id, **res}
 
     @app.post("/v1/query", summary="Answer one question (the JSON of `regrad query --json`)")
     async def query(q: QueryIn):  # type: ignore[valid-type]
-        fut = worker.submit(to_request(q))
-        try:
-            res = await asyncio.wrap_future(fut)
-        except Exception as exc:  # noqa: BLE001
-            raise error_of(exc) from None
-        return _json(with_id(q, res))
+        return _json(with_id(q, await _answer(worker, _to_request(worker, q, max_new_tokens=q.max_new_tokens))))
 
     @app.post("/v1/query:batch", summary="Answer a list of questions; each result or error in order")
     async def query_batch(b: BatchIn):  # type: ignore[valid-type]
         futs = []
         for q in b.requests:
             try:
-                futs.append(worker.submit(to_request(q)))
+                futs.append(worker.submit(_to_request(worker, q, max_new_tokens=q.max_new_tokens)))
             except ApiError as exc:
                 if exc.type in ("shutting_down", "not_ready", "overloaded"):
                     for f in futs:
@@ -540,6 +614,78 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
                 out.append({**({"id": q.id} if q.id is not None else {}), "question": q.question,
                             **err.body(), "status": err.status})
         return _json({"results": out})
+
+
+OPENAI_MODEL = "regrad"
+
+
+def _chat_question(messages) -> str:
+    """The question of a chat request: the text of its last user message."""
+    for m in reversed(messages):
+        if m.role != "user":
+            continue
+        content = m.content
+        if isinstance(content, list):  # content parts: the text ones, joined
+            content = "\n".join(str(p.get("text", "")) for p in content
+                                if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, str) and content.strip():
+            if len(content) > MAX_QUESTION_CHARS:
+                raise ApiError(422, "invalid_request", f"messages: the question is over {MAX_QUESTION_CHARS} "
+                               "characters", "messages")
+            return content
+    raise ApiError(422, "invalid_request", "messages: no user message with text (the question is the last "
+                   "user message)", "messages")
+
+
+def _openai_routes(app, worker: BatchWorker) -> None:
+    """OpenAI-compatible routes: POST /v1/chat/completions (plain or server-sent events) and GET
+    /v1/models, so that OpenAI's clients and the frameworks built on them can talk to regrad. The
+    question is the last user message; regrad's options (mode, top_k, gamma, ...) are extra body
+    fields; the answer's retrieved documents, mode, warnings and timings are in "regrad"."""
+    import uuid
+
+    from starlette.responses import StreamingResponse
+
+    _, _, ChatIn = _models()
+
+    @app.get("/v1/models", summary="The model regrad serves (OpenAI's list format)")
+    async def models():
+        return _json({"object": "list", "data": [{"id": OPENAI_MODEL, "object": "model", "created": 0,
+                                                   "owned_by": "regrad"}]})
+
+    @app.post("/v1/chat/completions", summary="Answer the last user message (OpenAI's chat completion format)")
+    async def chat(c: ChatIn):  # type: ignore[valid-type]
+        req = _to_request(worker, c, question=_chat_question(c.messages),
+                          max_new_tokens=c.max_completion_tokens or c.max_tokens)
+        res = await _answer(worker, req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        extra = {k: res[k] for k in ("mode", "retrieved", "warnings", "skipped", "timings_ms") if k in res}
+        if not c.stream:
+            return _json({"id": cid, "object": "chat.completion", "created": created, "model": c.model,
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": res["answer"]},
+                                       "logprobs": None, "finish_reason": "stop"}],
+                          "usage": None, "regrad": extra})
+
+        def chunk(delta: dict, finish: str | None = None, **more) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": c.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
+            return f"data: {json.dumps(body, default=str)}\n\n"
+
+        async def events():
+            # The answer is generated whole (one step per question), then sent as OpenAI's
+            # stream: the role, the text, the end with regrad's extra field, [DONE].
+            yield chunk({"role": "assistant", "content": ""})
+            if res["answer"]:
+                yield chunk({"content": res["answer"]})
+            yield chunk({}, "stop", regrad=extra)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+def _ops_routes(app, worker: BatchWorker) -> None:
+    """Operations: /v1/bank/stats, /healthz (deep=1 re-hashes the weights) and /metrics."""
 
     @app.get("/v1/bank/stats", summary="The gradient bank's stats (`regrad bank stats --json`)")
     async def bank_stats():
@@ -578,9 +724,7 @@ def create_app(worker: BatchWorker, settings: ServeSettings | None = None):
 
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
-
-    return _Guard(app, settings, metrics)
+        return Response(worker.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
 
 # Running ------------------------------------------------------------------------------------------------

@@ -78,14 +78,22 @@ def current_checkpoint_id(ws, required: bool = True) -> str | None:
     None (or NoBankError when ``required``) when it cannot be told without the model: an 'init'
     learner, the bundled checkpoint with another model, or a missing directory. Loads only the
     learner's files (no model)."""
-    from regrad_cli.learner.lora import Learner
 
     choice = ws.config.learner.checkpoint
     path = None
     if choice != "init" and not (choice == BUNDLED_CHECKPOINT and ws.config.model.id != BUNDLED_MODEL):
         path = checkpoint_dir(choice)
     if path is not None and (path / "learner.json").exists():
-        return Learner.load(path).checkpoint_id()
+        from regrad_cli.learner.persistence import recorded_checkpoint_id
+
+        # The id learner.json records (no torch import: `status`, an up-to-date build and `bank`
+        # commands stay quick), else the learner loaded.
+        cid = recorded_checkpoint_id(path)
+        if cid is None:
+            from regrad_cli.learner.lora import Learner
+
+            cid = Learner.load(path).checkpoint_id()
+        return cid
     if required:
         raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
                           f"{choice!r} has no files to read); pass --bank DIR or URI")

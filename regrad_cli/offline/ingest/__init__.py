@@ -50,6 +50,7 @@ from regrad_cli.offline.ingest.discovery import (RECORD_EXTENSIONS, SUPPORTED_EX
                                         discover)
 from regrad_cli.offline.ingest.readers import BINARY_SNIFF_BYTES, _read_docs, _Skip
 from regrad_cli.offline.ingest.summary import IngestSummary
+from regrad_cli.offline.ingest.unchanged import UnchangedSources
 from regrad_cli.offline.ingest.writer import _doc_rows, _embedder_name, _stage_source, _Writer
 
 __all__ = ["ingest", "IngestSummary", "Chunk", "chunk_text", "discover", "DEFAULT_MAX_FILE_MB",
@@ -110,6 +111,7 @@ def ingest(
             by_source.setdefault(r["source"], []).append(r)
 
         writer = _Writer(store, embedder, ws.config.embedder.batch_size, summary)
+        quick = UnchangedSources(ws, (max_tokens, overlap, ws.config.model.id))
         seen_ids: dict[str, str] = {}
         seen_sources: set[str] = set()
         total = len(files)
@@ -117,23 +119,30 @@ def ingest(
             progress(0, total, "")
         for i, f in enumerate(files):
             docs = _read_file(f, tomb, readmit, limit, summary)
+            if docs and quick.unchanged(f, docs, by_source.get(f.source, []), seen_ids, summary):
+                seen_sources.add(f.source)  # nothing to do, and no tokenizer to load for it
+                docs = None
             if docs:
                 if tokenizer is None:
                     from regrad_cli.lm.models import load_tokenizer
 
                     tokenizer = load_tokenizer(ws.config.model.id)
+                n_skipped = len(summary.skipped)
                 rows = _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
                                     readmit, readmitted, summary)
                 if rows:
                     seen_sources.add(f.source)
                     _stage_source(f.source, rows, by_id, by_source.get(f.source, []), store, writer, summary)
+                    if len(summary.skipped) == n_skipped:  # a skipped document is reported every time
+                        quick.record(f, docs, rows)
             if progress:
                 progress(i + 1, total, f.display)
         if readmitted[0] or readmitted[1]:
             tombstones.readmit(*readmitted)  # before the write: a crash leaves them readmitted, unwritten
         writer.flush()
+        quick.save()
         if prune:
-            summary.pruned = _prune(paths, files, existing, seen_sources, store, force, summary)
+            summary.pruned = _prune(ws, paths, files, existing, seen_sources, store, force, summary)
         _finish(store, writer, summary)
         return summary
 
@@ -225,9 +234,11 @@ def _source_rows(f, docs, tokenizer, max_tokens, overlap, seen_ids, by_id, tomb,
     return rows
 
 
-def _prune(paths, files, existing, seen_sources, store, force: bool, summary: IngestSummary) -> int:
-    """Delete the documents of files under ``paths`` that no longer exist. A path that is missing,
-    not a directory or holds no file at all (an unmounted disk, say) prunes nothing."""
+def _prune(ws, paths, files, existing, seen_sources, store, force: bool, summary: IngestSummary) -> int:
+    """Delete the documents of files under ``paths`` that no longer exist, and their gradient
+    rows from every bank of the workspace (``unlearn.prune_sources``: as `bank rm` deletes). A
+    path that is missing, not a directory or holds no file at all (an unmounted disk, say) prunes
+    nothing."""
     from regrad_cli.workspace.documents import is_within
 
     roots = []
@@ -249,4 +260,8 @@ def _prune(paths, files, existing, seen_sources, store, force: bool, summary: In
         raise IngestError(f"--prune would delete {n} documents of {len(stale)} files that no longer exist "
                           f"(e.g. {sorted(stale)[0]!r}); run again with --force if that is meant "
                           "(the new files were ingested)")
-    return store.delete_sources(stale)
+    from regrad_cli.offline.unlearn import prune_sources
+
+    docs, rows = prune_sources(ws, store, stale)
+    summary.pruned_rows = rows
+    return docs

@@ -14,6 +14,7 @@ class IngestSummary:
     unchanged: int = 0
     removed: int = 0  # old chunks of a changed source that its new version no longer has
     pruned: int = 0  # documents of files that no longer exist (--prune)
+    pruned_rows: int = 0  # their gradient rows, deleted from the workspace's banks with them
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     warnings: list[str] = field(default_factory=list)
     documents: int = 0  # rows in the table afterwards

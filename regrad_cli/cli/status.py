@@ -1,0 +1,66 @@
+"""`regrad status` and `regrad docs ls`: what the workspace holds, read without loading a model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from regrad_cli.cli.common import JsonOpt, WorkspaceOpt, print_json, safe_text
+
+docs_app = typer.Typer(help="List the workspace's documents and their chunk ids.", no_args_is_help=True)
+
+
+def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
+    """Documents, chunks, bank rows, pending and stale gradients, fingerprints (no model loads)."""
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.status import workspace_status
+
+    s = workspace_status(Workspace.open(workspace, create=False))
+    if json_out:
+        print_json(s)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(show_header=False, title=Text(f"regrad workspace {safe_text(s['workspace'])}"))
+    bank = s["bank"] or {}
+    rows = [
+        ("documents (files and records)", s["documents"]), ("chunks", s["chunks"]),
+        ("gradient rows", s["rows"]),
+        ("pending (no gradient for the current text)", s["pending"]),
+        ("stale (rows of removed or changed documents)", s["stale"]),
+        ("unlearned (bank rm)", s["unlearned"]),
+        ("default mode", s["default_mode"]),
+        ("model", s["model"]), ("embedder", s["embedder"]),
+        ("learner checkpoint", f"{s['learner']['checkpoint']} ({(s['learner']['checkpoint_id'] or 'told when loaded')[:16]})"),
+        ("bank", f"{bank.get('path')} ({bank.get('codec')}, format {bank.get('format_version')})" if bank else "none"),
+    ]
+    for k, v in rows:
+        t.add_row(k, Text(safe_text(v)))
+    Console().print(t)
+    if s["next"]:
+        typer.echo(f"next: {s['next']}", err=True)
+
+
+@docs_app.command("ls")
+def ls_cmd(
+    source: Annotated[Optional[str], typer.Option("--source", help="Only the documents of this source path (a file, or a folder: everything under it).")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """One line per document: its source, its id and its chunk ids (what `bank rm` takes)."""
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.status import list_documents
+
+    docs = list_documents(Workspace.open(workspace, create=False), source)
+    if json_out:
+        print_json({"documents": docs})
+        return
+    for d in docs:
+        typer.echo(f"{safe_text(d['document'])}\t{len(d['chunks'])} chunk(s), {d['tokens']} tokens\t"
+                   f"{' '.join(safe_text(c) for c in d['chunks'])}")
+    if not docs:
+        typer.echo("no documents" + (f" under {safe_text(source)}" if source else "") + " (`regrad ingest PATH` adds some)",
+                   err=True)

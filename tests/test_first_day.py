@@ -1,0 +1,250 @@
+"""A user's first day (issue 31), through the CLI: instant errors, nothing loaded when there is
+nothing to do, state that never goes silently stale, `status` and `docs ls`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reliability_helpers import run_cli
+
+FAKE = ["--model", "fake:llama", "--embedder", "fake:hash-32"]
+
+
+def _corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "quorra.md").write_text("Quorra Vell founded the Tessaly Guild in 1887.\n\nIt keeps maps.", encoding="utf-8")
+    (root / "felix.md").write_text("Felix Darrow built the Ombra bridge in 1921.", encoding="utf-8")
+    return root
+
+
+def _learner_dir(ws_root: Path) -> Path:
+    """The workspace's learner saved as a checkpoint directory and named in regrad.toml, so that
+    its id (and so its bank) can be told from its files, as for the shipped checkpoint."""
+    from regrad_cli.workspace.config import Workspace
+    from regrad_cli.workspace.engine import Engine
+
+    ws = Workspace.open(ws_root, create=False)
+    out = ws_root.parent / "learner"
+    Engine.load(ws).learner.save(out)
+    ws.config.learner.checkpoint = str(out)
+    ws.save()
+    return out
+
+
+@pytest.fixture
+def built(tmp_path, capsys, monkeypatch):
+    """A workspace (the test's $REGRAD_WORKSPACE) with two documents and their bank."""
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
+    assert code == 0, err
+    _learner_dir(tmp_path / "ws")
+    code, _, err = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    return tmp_path
+
+
+def _loads(monkeypatch, tmp_path) -> Path:
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("REGRAD_FAKE_LOAD_LOG", str(log))
+    return log
+
+
+def test_bad_options_and_inputs_are_refused_before_any_model_loads(built, capsys, monkeypatch):
+    log = _loads(monkeypatch, built)
+    for args, code, words in [
+        (["query", "q", "--mode", "parm"], 2, "--mode: unknown mode 'parm'"),
+        (["query", "q", "--top-k", "-1"], 2, "--top-k: must be an integer from 0 to 64"),
+        (["query", "q", "--retriever", "bm26"], 2, "--retriever: unknown retriever 'bm26'"),
+        (["query", "q", "--min-score", "3"], 2, "--min-score"),
+        (["query", "--batch", "missing.jsonl"], 1, "cannot read missing.jsonl"),
+    ]:
+        got, out, err = run_cli(args, capsys, monkeypatch)
+        assert got == code and words in err, (args, got, err)
+        assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1, (args, err)
+    assert not log.exists(), log.read_text()
+
+
+def test_an_empty_workspace_is_told_to_run_ingest(tmp_path, capsys, monkeypatch):
+    from regrad_cli.workspace.config import Workspace
+
+    Workspace.open(tmp_path / "ws", overrides={"model.id": "fake:llama", "embedder.id": "fake:hash-32"})
+    log = _loads(monkeypatch, tmp_path)
+    for args in (["query", "q"], ["query", "q", "--mode", "rag+phi"], ["build-bank"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 1 and "run `regrad ingest PATH`" in err, (args, err)
+    assert not log.exists()
+
+
+def test_commands_with_nothing_to_do_load_no_model(built, capsys, monkeypatch):
+    log = _loads(monkeypatch, built)
+    code, out, _ = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["unchanged"] == 2
+    code, out, _ = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["built"] == 0 and json.loads(out)["rows"] == 2
+    code, out, _ = run_cli(["build-bank"], capsys, monkeypatch)
+    assert code == 0 and out.startswith("up to date")
+    for args in (["bank", "stats", "--json"], ["status", "--json"], ["docs", "ls"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, (args, err)
+    assert not log.exists(), log.read_text()
+    # A changed file is noticed (chunked and embedded again), and then the build has work.
+    (built / "corpus" / "felix.md").write_text("Felix Darrow built the Ombra bridge in 1922.", encoding="utf-8")
+    code, out, _ = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["updated"] == 1
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert (s["pending"], s["stale"], s["next"]) == (1, 1, "regrad build-bank")
+
+
+def test_bank_rm_of_an_unknown_id_names_the_chunk_ids(built, capsys, monkeypatch):
+    code, _, err = run_cli(["bank", "rm", "corpus/quorra.md"], capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "corpus/quorra.md#0" in err and "--source corpus/quorra.md" in err and "nothing was removed" in err
+    code, _, err = run_cli(["bank", "rm", "nothing-like-it"], capsys, monkeypatch)
+    assert code == 1 and "regrad docs ls" in err
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["rows"] == 2  # nothing removed
+    code, out, _ = run_cli(["bank", "rm", "corpus/quorra.md#0", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["removed_rows"] == 1
+
+
+def test_prune_removes_gradients_and_new_documents_are_found_with_a_warning(built, capsys, monkeypatch):
+    corpus = built / "corpus"
+    (corpus / "felix.md").unlink()
+    (corpus / "zara.md").write_text("Zara Quell painted the Amber Gate in 1760.", encoding="utf-8")
+    code, out, _ = run_cli(["ingest", "corpus", "--prune", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert code == 0 and (s["pruned"], s["pruned_rows"], s["added"]) == (1, 1, 1)
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    st = json.loads(out)
+    assert (st["documents"], st["rows"], st["pending"], st["stale"]) == (2, 1, 1, 0)
+
+    # A passage-only mode searches the documents table: the new document is found at once.
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "rag+phi", "--top-k", "1",
+                              "--json"], capsys, monkeypatch)
+    res = json.loads(out)
+    assert code == 0 and res["retrieved"][0]["doc_id"] == "corpus/zara.md#0" and res["warnings"] == []
+    # A mode that applies gradients says, in the JSON and on stderr, what it cannot see and the fix.
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "--json"],
+                             capsys, monkeypatch)
+    res = json.loads(out)
+    assert code == 0 and "corpus/felix.md#0" not in [r["doc_id"] for r in res["retrieved"]]
+    assert any("no gradient yet" in w and "regrad build-bank" in w for w in res["warnings"])
+    assert "warning: 1 document(s) have no gradient yet" in err
+
+    code, _, _ = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "--top-k", "1",
+                              "--json"], capsys, monkeypatch)
+    res = json.loads(out)
+    assert res["warnings"] == [] and res["retrieved"][0]["applied"] and "warning" not in err
+
+
+def test_status_and_docs_ls(built, capsys, monkeypatch):
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert (s["documents"], s["chunks"], s["rows"], s["pending"], s["stale"], s["next"]) == (2, 2, 2, 0, 0, None)
+    assert s["bank"]["learner_checkpoint_id"] == s["learner"]["checkpoint_id"] and s["default_mode"] == "param+context"
+    code, out, _ = run_cli(["status"], capsys, monkeypatch)
+    assert code == 0 and "pending" in out
+    code, out, _ = run_cli(["docs", "ls", "--source", "corpus/quorra.md", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["documents"] == [{"source": "corpus/quorra.md", "document": "corpus/quorra.md",
+                                             "chunks": ["corpus/quorra.md#0"], "tokens": json.loads(out)["documents"][0]["tokens"]}]
+    code, out, _ = run_cli(["docs", "ls"], capsys, monkeypatch)
+    assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
+
+
+def test_settings_that_do_not_load_are_never_saved(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    toml = tmp_path / "ws" / "regrad.toml"
+    code, _, err = run_cli(["ingest", "corpus", "--model", str(tmp_path / "no" / "such" / "dir")], capsys, monkeypatch)
+    assert code == 1 and "no such directory" in err and not toml.exists()
+    # conftest sets HF_HUB_OFFLINE=1: a hub id that is not cached fails at once, with the hint.
+    code, _, err = run_cli(["ingest", "corpus", "--model", "fake:llama", "--embedder", "no-org/no-such-embedder"],
+                           capsys, monkeypatch)
+    assert code == 1 and "HF_HUB_OFFLINE" in err and "local directory" in err and not toml.exists()
+    code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
+    assert code == 0 and 'id = "fake:llama"' in toml.read_text()
+
+
+def test_every_mode_answers_the_documented_keys(built, capsys, monkeypatch):
+    from regrad_cli.online.modes import ANSWER_KEYS, MODES, RETRIEVED_KEYS
+
+    batch = built / "q.jsonl"
+    batch.write_text('{"id": 1, "question": "Who founded the Tessaly Guild?"}\n'
+                     '{"id": 2, "question": "Who built the Ombra bridge?"}\n')
+    for mode in MODES:
+        code, out, err = run_cli(["query", "--batch", batch, "--mode", mode, "--max-new-tokens", "3"],
+                                 capsys, monkeypatch)
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and len(rows) == 2, err
+        for res in rows:
+            assert set(res) == set(ANSWER_KEYS), (mode, set(res) ^ set(ANSWER_KEYS))
+            assert res["batch_size"] == 2
+            for r in res["retrieved"]:
+                assert set(r) == set(RETRIEVED_KEYS) - {"text"}
+                assert (r["weight"] is None) == (not r["applied"])
+    code, out, err = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param", "--show-docs"],
+                             capsys, monkeypatch)
+    assert "weight" in err and "It keeps maps." in err.splitlines()  # the passage's own line breaks
+
+
+def test_the_guides_jsonl_example_is_the_eval_format(tmp_path):
+    import re
+
+    from conftest import REPO
+    from regrad_cli.learning.datasets import load_dataset
+
+    guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(.*?)```", guide, re.S).group(1)
+    path = tmp_path / "my-questions.jsonl"
+    path.write_text(block, encoding="utf-8")
+    items = load_dataset(f"jsonl:{path}")
+    assert [(i.id, i.answers) for i in items] == [("q1", ["Quorra Vell"]), ("q2", ["1921"])]
+    assert all(len(i.documents) == 1 for i in items)
+
+
+def test_no_development_machine_paths_in_the_repository():
+    import subprocess
+
+    from conftest import REPO
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    found = subprocess.run(["git", "grep", "-n", "-I", "-e", "/work/", "-e", "/root/", "--", ".",
+                            ":!tests/test_first_day.py"], cwd=REPO, capture_output=True, text=True).stdout
+    assert found == "", found[:2000]
+
+
+def test_verbosity_flags_after_the_command_and_plain_progress(tmp_path, capsys, monkeypatch):
+    from regrad_cli.cli import hoist_global_options
+
+    assert hoist_global_options(["query", "q", "-v", "--", "-q"]) == ["-v", "query", "q", "--", "-q"]
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    # -v after the command (a real process: logging is set up once per process): regrad's own log
+    # lines, no third-party configuration dumps.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-m", "regrad_cli", "ingest", "corpus", *FAKE, "-v"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "INFO regrad" in r.stderr, r.stderr
+    assert "Config" not in r.stderr and "vocab_size" not in r.stderr
+    # stderr is not a terminal here: plain progress lines, with the rate.
+    code, out, err = run_cli(["build-bank"], capsys, monkeypatch)
+    assert code == 0 and "build-bank: 2/2 (100%)" in err and "/s" in err
+    # -q after the command: no progress, no warnings; the answer still printed.
+    (tmp_path / "corpus" / "zara.md").write_text("Zara Quell painted the Amber Gate in 1760.", encoding="utf-8")
+    code, out, err = run_cli(["ingest", "corpus", "-q"], capsys, monkeypatch)
+    assert code == 0 and err == ""
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param", "-q"], capsys, monkeypatch)
+    assert code == 0 and out.strip() and err == ""
+    code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param"], capsys, monkeypatch)
+    assert "warning: 1 document(s) have no gradient yet" in err
