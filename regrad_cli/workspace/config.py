@@ -422,9 +422,9 @@ class Workspace:
             )
         config = RegradConfig()
         _apply_overrides(config, overrides)
+        config.validate("the command-line options")  # instant: before any model is loaded
         if check is not None:
             check(config)
-        config.validate("the command-line options")
         ws = cls(root, config)
         ws.save()
         return ws
