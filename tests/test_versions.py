@@ -56,8 +56,8 @@ def test_the_recorded_histories():
     # The lists are the history of each format: append, never edit or reorder.
     assert CONFIG_MIGRATIONS.names == ["m001_lora_modules_by_family", "m002_query_combine_from_learner",
                                       "m003_query_mode"]
-    assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature"]
-    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.2", "1.1")
+    assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature", "m002_document_transform"]
+    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.2", "1.2")
 
 
 # regrad.toml -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import typer
 
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json
 
-learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of each LoRA tensor).",
+learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of each LoRA tensor); fit its document key map.",
                           no_args_is_help=True)
 
 
@@ -61,6 +61,68 @@ def energy_cmd(
                f"({sub['values_kept_fraction']:.1%} of the values), leaves out {sub['energy_dropped']:.2e} "
                f"of the energy")
     typer.echo(f"recorded in {result['written']}" if write else "not recorded (pass --write)")
+
+
+@learner_app.command("fit-keymap")
+def fit_keymap_cmd(
+    train: Annotated[list[str], typer.Option("--train", help="Training set(s) with documents and questions: FORMAT:PATH[@train] or synthetic:SEED[:N]. Never evaluation data.")],
+    out: Annotated[str, typer.Option("--out", help="Directory of the new learner checkpoint (the base learner plus its key map).")],
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Base learner: 'bundled' or a directory (default: workspace config).")] = None,
+    docs: Annotated[int, typer.Option("--docs", help="Training documents to fit on (in the order of --train).")] = 400,
+    ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean diagonal of the normal equations.")] = 0.1,
+    max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Tokens of each document's loss (as build-bank).")] = 256,
+    tensors: Annotated[str, typer.Option("--tensors", help="'B': the map writes the B tensors only (V = 0; banks then store B only); 'AB': both.")] = "B",
+    model: Annotated[Optional[str], typer.Option("--model", help="Language model id or directory (default: workspace config, else the bundled model).")] = None,
+    device: DeviceOpt = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Fit a document key map by gradient matching and save the learner with it (docs/method.md)."""
+    from pathlib import Path
+
+    from regrad_cli.errors import ConfigError, RegradError
+    from regrad_cli.learning.datasets import load_dataset
+    from regrad_cli.learner.energy import measure, write_record
+    from regrad_cli.learning.keymap import fit_keymap
+    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
+    from regrad_cli.workspace.engine import Engine
+
+    if docs < 1 or ridge <= 0 or max_doc_tokens < 2:
+        raise RegradError("--docs must be >= 1, --ridge > 0 and --max-doc-tokens >= 2")
+    if tensors not in ("B", "AB"):
+        raise RegradError(f"--tensors must be B or AB, got {tensors!r}")
+    if any(spec.partition("@")[0].partition(":")[0] == "demo" for spec in train):
+        raise RegradError("the demo questions are an evaluation set: fit on training data only")
+    items = [it for spec in train for it in load_dataset(spec)]  # validates every spec first
+    target = Path(out)
+    if (target / "learner.json").exists():
+        raise RegradError(f"{target} already holds a learner checkpoint; choose a new --out")
+    try:
+        ws = Workspace.open(workspace, create=False)
+    except ConfigError:
+        if workspace is not None:
+            raise
+        ws = None
+    choice = checkpoint or (ws.config.learner.checkpoint if ws else BUNDLED_CHECKPOINT)
+    engine = Engine.load(ws, model_id=model, checkpoint=choice, device=device)
+    keymap, summary = fit_keymap(engine.model, engine.tokenizer, engine.learner, items, max_docs=docs,
+                                 ridge=ridge, max_doc_tokens=max_doc_tokens, b_only=tensors == "B")
+    learner = engine.learner
+    learner.transform = keymap
+    learner.meta = {k: v for k, v in learner.meta.items() if k != "stored_tensors"}
+    learner.meta["doc_transform"] = {**summary, "train": list(train), "base": choice}
+    cid = learner.save(target)
+    # Which tensors the step uses, measured on the new gradients: with --tensors B the A tensors
+    # carry nothing and a bank built with this learner stores B only.
+    texts = list(dict.fromkeys(it.documents[0] for it in items if it.documents))[:16]
+    energy = measure(engine, texts, max_tokens=max_doc_tokens)
+    write_record(target, energy["record"])
+    result = {"out": str(target), "checkpoint_id": cid, **summary, "stored_tensors": energy["subset"]["tensors_kept"]}
+    if json_out:
+        print_json(result)
+        return
+    typer.echo(f"key map fitted on {summary['documents']} documents ({summary['questions']} questions), "
+               f"ridge {ridge:g}: learner {cid[:16]} in {target}; build a new bank with --checkpoint {target}")
 
 
 def _sample_texts(ws, n: int, seed: int) -> list[str]:

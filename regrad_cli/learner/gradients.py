@@ -42,6 +42,8 @@ def grouped_gradients(
         n_groups = n
     n_groups = n_groups if n_groups is not None else max(group) + 1
     device = next(model.parameters()).device
+    if learner.transform is not None:
+        return _transformed_gradients(model, learner, docs, group, n_groups, base, create_graph)
     idx = torch.tensor(list(group), device=device)
     if base is None:
         base = {k: v.detach() for k, v in learner.phi_dict().items()}
@@ -61,6 +63,28 @@ def grouped_gradients(
             total, [stacks[n] for n in learner.names], create_graph=create_graph
         )
     return dict(zip(learner.names, grads)), losses.detach()
+
+
+def _transformed_gradients(model, learner: Learner, docs: EncodedDocs, group, n_groups: int, base,
+                           create_graph: bool):
+    """``grouped_gradients`` for a learner with a document key map (learner.transform): one
+    ordinary forward+backward captures each module's factors, the map turns them into the
+    stored gradient. Differentiable in the map only (first order in phi by construction)."""
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learner.transform import capture_factors
+
+    if create_graph:
+        raise RegradError("a learner with a document key map is meta-trained first order "
+                          "(--first-order): its gradients are not differentiable in phi")
+    device = next(model.parameters()).device
+    ids, mask = docs.input_ids.to(device), docs.attention_mask.to(device)
+    factors, losses = capture_factors(model, learner, lambda: per_sample_nll(model, ids, mask), base)
+    per_doc = learner.transform.gradients(factors, learner.spec.scale, learner.names)
+    if list(group) == list(range(n_groups)):
+        return per_doc, losses
+    idx = torch.tensor(list(group), device=device)
+    return {k: torch.zeros(n_groups, *g.shape[1:], dtype=g.dtype, device=g.device).index_add(0, idx, g)
+            for k, g in per_doc.items()}, losses
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")

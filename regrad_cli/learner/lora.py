@@ -176,6 +176,9 @@ class Learner(nn.Module):
         self.log_temp = nn.Parameter(torch.tensor(math.log(0.05)))
         self._wrappers: dict[str, LoRALinear] = {}
         self.meta: dict = {}
+        # The document-side gradient transform (learner.transform.KeyMap), or None: the paper's
+        # plain document gradient. Part of the checkpoint and of its content id when set.
+        self.transform = None
 
     # Construction ---------------------------------------------------------------------------
     @classmethod
@@ -324,6 +327,11 @@ class Learner(nn.Module):
         with applied(self, "off"):
             yield
 
+    @property
+    def wrappers(self) -> dict[str, "LoRALinear"]:
+        """Adapted module name -> its side path (empty until ``attach``)."""
+        return dict(self._wrappers)
+
     # Identity and persistence ------------------------------------------------------------
     def checkpoint_id(self) -> str:
         """Content id: sha256 over the spec and every tensor of phi and alpha."""
@@ -334,6 +342,11 @@ class Learner(nn.Module):
             hash_tensor(h, self.phi[_key(n)])
             hash_tensor(h, self.log_alpha[_key(n)])
         hash_tensor(h, self.log_temp)
+        if self.transform is not None:
+            # Only a learner with a transform hashes it: every plain learner keeps its id.
+            for n, t in sorted(self.transform.tensors().items()):
+                h.update(n.encode())
+                hash_tensor(h, t)
         return h.hexdigest()
 
     def fingerprint(self) -> dict:

@@ -11,7 +11,9 @@ A checkpoint directory holds
   (tensor order) and whatever the trainer recorded (``combine``, ``norm``, ``energy``...).
 
 Versions: 1.0 (the first; the tag was written "regrad-learner/1"), 1.1 (``spec.target_patterns``
-when set; ``combine.log_temp`` always present). A reader refuses a newer major, reads a newer
+when set; ``combine.log_temp`` always present), 1.2 (optional ``transform.<module>.K`` [r, in] and
+``transform.<module>.V`` [r, out]: a document key map, regrad_cli.learner.transform; part of the
+content id when present). A reader refuses a newer major, reads a newer
 minor, and brings an older file to LEARNER_VERSION in memory through LEARNER_MIGRATIONS; files
 are never rewritten (the shipped checkpoint is read-only). safetensors holds no code, so loading
 a checkpoint cannot run any.
@@ -30,7 +32,7 @@ from regrad_cli.versions import Migrations, Version
 CHECKPOINT_TENSORS = "learner.safetensors"
 CHECKPOINT_CONFIG = "learner.json"
 CHECKPOINT_FORMAT = "regrad-learner"
-LEARNER_VERSION = Version(1, 1)
+LEARNER_VERSION = Version(1, 2)
 LEARNER_MIGRATIONS = Migrations("learner checkpoint")
 # Keys of learner.json that are the format's own; everything else is the learner's ``meta``.
 _OWN_KEYS = ("format", "checkpoint_id", "spec", "names")
@@ -47,6 +49,8 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
         tensors["phi." + n] = learner.tensor(n).detach().cpu().contiguous()
         tensors["log_alpha." + n] = learner.log_alpha_of(n).detach().cpu().contiguous()
     tensors["combine.log_temp"] = learner.log_temp.detach().cpu().reshape(())
+    if learner.transform is not None:
+        tensors.update({n: t.detach().cpu().contiguous() for n, t in learner.transform.tensors().items()})
     cid = learner.checkpoint_id()
     meta = {"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid,
             "spec": learner.spec.to_dict(), "names": learner.names, **learner.meta, **(extra or {})}
@@ -81,6 +85,11 @@ def load_learner(directory: str | Path, cls, spec_cls):
                 learner.tensor(n).copy_(tensors["phi." + n])
                 learner.log_alpha_of(n).copy_(tensors["log_alpha." + n])
             learner.log_temp.copy_(tensors["combine.log_temp"])
+        from regrad_cli.learner.transform import KeyMap
+
+        learner.transform = KeyMap.from_tensors(tensors)
+        if learner.transform is not None:
+            learner.transform.check_fits(learner)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
     learner.meta = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
@@ -117,9 +126,14 @@ def read_config(path: Path) -> dict:
     return meta
 
 
+# Formats whose upgrade to LEARNER_VERSION leaves the content id as recorded (m002 adds nothing;
+# m001 adds the temperature, which the id covers, so 1.0 files are not among them).
+ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2")
+
+
 def recorded_checkpoint_id(directory: str | Path) -> str | None:
-    """The content id ``learner.json`` records, read without torch, when the file is of the
-    current format (an older one is upgraded on load, which may change it); else None. Loading
+    """The content id ``learner.json`` records, read without torch, when the file's format keeps
+    its id through the upgrade on load (``ID_STABLE_FORMATS``); else None. Loading
     the learner checks it against the tensors."""
     import re
 
@@ -128,7 +142,7 @@ def recorded_checkpoint_id(directory: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     cid = meta.get("checkpoint_id") if isinstance(meta, dict) else None
-    if meta.get("format") == f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}" and isinstance(cid, str) \
+    if meta.get("format") in ID_STABLE_FORMATS and isinstance(cid, str) \
             and re.fullmatch(r"[0-9a-f]{64}", cid):
         return cid
     return None
@@ -155,4 +169,11 @@ def m001_combine_temperature(data: dict) -> dict:
     import torch
 
     data["tensors"].setdefault("combine.log_temp", torch.tensor(math.log(0.05)))
+    return data
+
+
+@LEARNER_MIGRATIONS.register(Version(1, 2))
+def m002_document_transform(data: dict) -> dict:
+    """Format 1.2 may hold a document key map (``transform.<module>.K`` and ``.V``); an older
+    checkpoint has none, which is the paper's plain document gradient: nothing to change."""
     return data

@@ -1,0 +1,218 @@
+"""A learned document-side gradient transform: the document key map (first order, MEND-style).
+
+A step on a LoRA B is a linear-attention write. The paper's document gradient of one adapted
+module is built from the module's inputs X [T, in] and the loss gradients at its outputs
+Delta [T, out] over the document's T tokens:
+
+    g_B = s * Delta^T X A^T        g_A = s * B^T Delta^T X
+
+so a question token x_q reads the write through the same projection A that wrote it
+(<A x_t, A x_q>), although document and question contexts differ. The key map gives the document
+side its own projections, per adapted module:
+
+    g_B = s * Delta^T X K^T        (K [r, in]: document keys)
+    g_A = s * V Delta^T X          (V [r, out]: document values for A)
+
+The result has the plain gradient's shapes, so a bank stores it and a query applies it unchanged.
+With K = A and V = B^T it IS the plain gradient (``KeyMap.identity``; tested).
+
+- The factors X, Delta come from one ordinary forward+backward of the document loss with hooks,
+  detached: the transform's meta-gradient (outer answer loss -> K, V) needs no double backward.
+- ``GradientMatch`` fits K and V in closed form (ridge least squares, exact): over training
+  documents whose questions are known, the transformed gradient is matched to the sum of the
+  gold question -> answer gradients (what one step per document can do at best,
+  ``benchmarks/injection_bounds.py``). Only the normal equations are kept: in x in and out x out
+  per module, however many documents.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from regrad_cli.errors import RegradError
+
+KIND = "keymap"
+TENSOR_PREFIX = "transform."
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class KeyMap(nn.Module):
+    """K [r, in] and V [r, out] for every adapted module (names without the .A/.B suffix)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int, int]]):
+        """``shapes[module] = (r, in, out)``."""
+        super().__init__()
+        self.modules_ = list(shapes)
+        self.K = nn.ParameterDict({_key(m): nn.Parameter(torch.zeros(r, i)) for m, (r, i, o) in shapes.items()})
+        self.V = nn.ParameterDict({_key(m): nn.Parameter(torch.zeros(r, o)) for m, (r, i, o) in shapes.items()})
+
+    @classmethod
+    def identity(cls, learner) -> "KeyMap":
+        """K = A and V = B^T: the plain document gradient (the starting point of a fit)."""
+        km = cls.for_learner(learner)
+        with torch.no_grad():
+            for m in km.modules_:
+                km.K[_key(m)].copy_(learner.tensor(m + ".A"))
+                km.V[_key(m)].copy_(learner.tensor(m + ".B").t())
+        return km
+
+    @classmethod
+    def for_learner(cls, learner) -> "KeyMap":
+        shapes = {}
+        for name, shape in learner.layout:
+            mod, _, part = name.rpartition(".")
+            if part == "A":
+                shapes.setdefault(mod, [shape[0], shape[1], 0])[1] = shape[1]
+            elif part == "B":
+                shapes.setdefault(mod, [shape[1], 0, shape[0]])[2] = shape[0]
+        return cls({m: tuple(s) for m, s in shapes.items()}).to(next(learner.parameters()).device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor, as stored in learner.safetensors."""
+        out = {}
+        for m in self.modules_:
+            out[f"{TENSOR_PREFIX}{m}.K"] = self.K[_key(m)]
+            out[f"{TENSOR_PREFIX}{m}.V"] = self.V[_key(m)]
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "KeyMap | None":
+        mods = sorted({n[len(TENSOR_PREFIX):-2] for n in tensors if n.startswith(TENSOR_PREFIX)})
+        if not mods:
+            return None
+        shapes = {}
+        for m in mods:
+            try:
+                k, v = tensors[f"{TENSOR_PREFIX}{m}.K"], tensors[f"{TENSOR_PREFIX}{m}.V"]
+            except KeyError as exc:
+                raise RegradError(f"key map tensor {exc} missing") from None
+            if k.dim() != 2 or v.dim() != 2 or k.shape[0] != v.shape[0]:
+                raise RegradError(f"key map tensors of {m} have inconsistent shapes")
+            shapes[m] = (k.shape[0], k.shape[1], v.shape[1])
+        km = cls(shapes)
+        with torch.no_grad():
+            for m in mods:
+                km.K[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.K"])
+                km.V[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.V"])
+        return km
+
+    def check_fits(self, learner) -> None:
+        for name, shape in learner.layout:
+            mod, _, part = name.rpartition(".")
+            if _key(mod) not in self.K:
+                raise RegradError(f"key map has no entry for module {mod}")
+            r, i = self.K[_key(mod)].shape
+            o = self.V[_key(mod)].shape[1]
+            want = (r, i) if part == "A" else (o, r)
+            if tuple(shape) != want:
+                raise RegradError(f"key map of {mod} does not fit the learner's {name} {tuple(shape)}")
+
+    def gradients(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float,
+                  names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Transformed per-document gradients {name: [N, ...]} from factors {module: (X [N, T, in],
+        Delta [N, T, out])}; differentiable in K and V only (the factors are detached)."""
+        out = {}
+        for name in names:
+            mod, _, part = name.rpartition(".")
+            x, d = factors[mod]
+            if part == "B":
+                # s * Delta^T (X K^T): [N, out, r]
+                out[name] = scale * torch.bmm(d.transpose(1, 2), x @ self.K[_key(mod)].t())
+            else:
+                # s * V (Delta^T X) = s * (V Delta^T) X: [N, r, in]
+                out[name] = scale * torch.bmm((d @ self.V[_key(mod)].t()).transpose(1, 2), x)
+        return out
+
+
+def capture_factors(model, learner, loss_fn: Callable[[], torch.Tensor],
+                    base: Mapping[str, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor]:
+    """Run ``loss_fn`` (per-sample losses [N], computed by ``model``) with the side paths on
+    ``base`` (default phi) and backpropagate their sum once; returns ({module: (X [N, T, in],
+    Delta [N, T, out])}, the losses [N]), all detached. Nothing of phi is updated."""
+    caps: dict = {}
+    hooks = []
+
+    def fwd(mod_name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda g: caps.__setitem__(mod_name, (x, g.detach())))
+        return hook
+
+    for mod_name, wrapper in learner.wrappers.items():
+        hooks.append(wrapper.register_forward_hook(fwd(mod_name)))
+    try:
+        src = base if base is not None else learner.phi_dict()
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in src.items()}
+        with torch.enable_grad(), learner.using(leaves):
+            loss = loss_fn()
+            loss.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [m for m in learner.wrappers if m not in caps]
+    if missing:
+        raise RegradError(f"no loss gradient reached adapted module(s) {missing[:3]}")
+    out = {}
+    for m, (x, d) in caps.items():
+        if x.dim() != 3:  # families that flatten [N, T, d] -> [N*T, d] before the MLP (OPT)
+            raise RegradError(f"module {m} sees flattened inputs: the key map needs [N, T, d]")
+        out[m] = (x, d.to(x.dtype))
+    return out, loss.detach()
+
+
+class GradientMatch:
+    """Normal equations of the key map's ridge fit, accumulated document by document.
+
+    For document d with factors (X_d, Delta_d) and target gradient T_d (the sum of its questions'
+    answer-loss gradients), both scaled to unit norm over all tensors (so every document weighs
+    the same): minimise sum_d ||s Delta_d^T X_d K^T - T_d,B||^2 over K, and
+    ||s V Delta_d^T X_d - T_d,A||^2 over V, per module, plus a ridge term."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+        self.eq: dict[str, dict[str, torch.Tensor]] = {}
+        self.n_docs = 0
+
+    def add(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], target: Mapping[str, torch.Tensor],
+            plain_norm: float) -> None:
+        """One document: factors of a single document ([1, T, ...] or [T, ...]), its target
+        gradient {name: tensor} (divided by its own norm) and ``plain_norm``, the norm of its
+        plain gradient, which divides the predictor: each document's unit step is matched to
+        its unit target, as a query normalises each document's gradient."""
+        tn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in target.values())) or 1.0
+        for m, (x, d) in factors.items():
+            x = (x[0] if x.dim() == 3 else x).double() * (self.scale / (plain_norm or 1.0))
+            d = (d[0] if d.dim() == 3 else d).double()
+            tb = target[m + ".B"].double() / tn
+            ta = target[m + ".A"].double() / tn
+            e = self.eq.setdefault(m, {})
+            gtg = x.t() @ ((d @ d.t()) @ x)          # G^T G, G = Delta^T X  [in, in]
+            gtt = x.t() @ (d @ tb)                   # G^T T_B              [in, r]
+            ggt = d.t() @ ((x @ x.t()) @ d)          # G G^T                [out, out]
+            tgt = ta @ (x.t() @ d)                   # T_A G^T              [r, out]
+            for k, v in (("gtg", gtg), ("gtt", gtt), ("ggt", ggt), ("tgt", tgt)):
+                e[k] = e[k] + v if k in e else v
+        self.n_docs += 1
+
+    def solve(self, keymap: KeyMap, ridge: float = 0.01) -> KeyMap:
+        """Write the ridge solution into ``keymap`` (ridge relative to the mean diagonal)."""
+        if not self.eq:
+            raise RegradError("gradient matching needs at least one training document")
+        with torch.no_grad():
+            for m, e in self.eq.items():
+                G, H = e["gtg"], e["ggt"]
+                k = torch.linalg.solve(G + ridge * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype),
+                                       e["gtt"]).t()
+                v = torch.linalg.solve(H + ridge * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype),
+                                       e["tgt"].t()).t()
+                keymap.K[_key(m)].copy_(k.to(keymap.K[_key(m)].dtype))
+                keymap.V[_key(m)].copy_(v.to(keymap.V[_key(m)].dtype))
+        return keymap

@@ -1,0 +1,184 @@
+"""The document key map (regrad_cli/learner/transform.py): the identity map is the plain gradient,
+the meta-gradient of the map is first order and matches finite differences, gradient matching
+recovers a known map exactly, and a learner with a map saves, loads and identifies itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regrad_cli.errors import RegradError
+from regrad_cli.learner import adapt
+from regrad_cli.learner.gradients import grouped_gradients
+from regrad_cli.learner.lora import Learner
+from regrad_cli.learner.transform import GradientMatch, KeyMap, capture_factors
+from regrad_cli.lm.generation import answer_nll
+from regrad_cli.lm.tokens import encode_documents, per_sample_nll
+
+from conftest import FakeTokenizer, make_tiny_llama
+
+TEXTS = ["the cat sat on the mat", "a quick brown fox jumps", "zebras graze at dawn by the lake"]
+
+
+def _setup(dtype=torch.float64):
+    model = make_tiny_llama(seed=0).to(dtype)
+    learner = Learner.for_model(model).init_(seed=1, b_std=0.05, alpha_init=0.5).to(dtype)
+    learner.attach(model)
+    return model, learner, FakeTokenizer()
+
+
+def test_identity_map_is_the_plain_gradient():
+    model, learner, tok = _setup()
+    docs = encode_documents(tok, TEXTS)
+    plain, plain_loss = grouped_gradients(model, learner, docs)
+    learner.transform = KeyMap.identity(learner).to(torch.float64)
+    mapped, mapped_loss = grouped_gradients(model, learner, docs)
+    assert torch.allclose(plain_loss, mapped_loss)
+    for n in learner.names:
+        assert torch.allclose(plain[n], mapped[n], atol=1e-10, rtol=1e-8), n
+    # Groups: per-group sums, as the plain path gives them.
+    g_mapped, _ = grouped_gradients(model, learner, docs, [0, 1, 0], 2)
+    learner.transform = None
+    g_ref, _ = grouped_gradients(model, learner, docs, [0, 1, 0], 2)
+    for n in learner.names:
+        assert torch.allclose(g_mapped[n], g_ref[n], atol=1e-10, rtol=1e-8)
+
+
+def test_a_learned_map_changes_the_gradient_and_refuses_second_order():
+    model, learner, tok = _setup()
+    docs = encode_documents(tok, TEXTS[:2])
+    plain, _ = grouped_gradients(model, learner, docs)
+    learner.transform = KeyMap.identity(learner).to(torch.float64)
+    with torch.no_grad():
+        for p in learner.transform.parameters():
+            p.mul_(1.5)
+    mapped, _ = grouped_gradients(model, learner, docs)
+    for n in learner.names:
+        assert torch.allclose(mapped[n], 1.5 * plain[n], atol=1e-10, rtol=1e-8)  # linear in K and V
+    with pytest.raises(RegradError, match="first order"):
+        grouped_gradients(model, learner, docs, create_graph=True)
+
+
+def _outer(model, learner, tok, docs):
+    """The meta-training outer loss of one question after one step on the documents' gradients."""
+    grads, _ = grouped_gradients(model, learner, docs)
+    w = torch.ones(grads[learner.names[0]].shape[0], dtype=torch.float64)
+    step = adapt.step(learner.phi_dict(), learner.alpha_dict(), adapt.combine(grads, w, norm="doc"),
+                      differentiable=True)
+    with learner.using(step):
+        return answer_nll(model, tok, [tok("question about cats").input_ids], ["mat"]).sum()
+
+
+def test_meta_gradient_of_the_map_matches_finite_differences():
+    model, learner, tok = _setup()
+    km = KeyMap.identity(learner).to(torch.float64)
+    learner.transform = km
+    docs = encode_documents(tok, TEXTS[:2])
+    with torch.enable_grad():
+        loss = _outer(model, learner, tok, docs)
+        params = [km.K[k] for k in km.K] + [km.V[k] for k in km.V]
+        grads = torch.autograd.grad(loss, params)
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for p, g in zip(params, grads):
+        for _ in range(2):
+            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in p.shape)
+            # Part of the tiny model's forward runs in float32 (noise ~1e-9 on the loss): a step
+            # of 3e-2 keeps the central difference far above that noise (its own error is
+            # O(eps^2), measured below 1e-4 relative here).
+            eps = 3e-2
+            with torch.no_grad():
+                old = p[idx].item()
+                p[idx] = old + eps
+                up = _outer(model, learner, tok, docs).item()
+                p[idx] = old - eps
+                down = _outer(model, learner, tok, docs).item()
+                p[idx] = old
+            fd = (up - down) / (2 * eps)
+            assert g[idx].item() == pytest.approx(fd, rel=2e-3, abs=2e-3 * float(g.abs().max()))
+            checked += 1
+    assert checked == 2 * len(params)
+    # The whole gradient along one random direction of every K and V at once.
+    dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = sum(float(d.pow(2).sum()) for d in dirs) ** 0.5
+    dirs = [d / norm for d in dirs]
+    eps = 3e-2
+    with torch.no_grad():
+        for p, d in zip(params, dirs):
+            p.add_(eps * d)
+        up = _outer(model, learner, tok, docs).item()
+        for p, d in zip(params, dirs):
+            p.sub_(2 * eps * d)
+        down = _outer(model, learner, tok, docs).item()
+        for p, d in zip(params, dirs):
+            p.add_(eps * d)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, dirs))
+    assert analytic == pytest.approx((up - down) / (2 * eps), rel=2e-2)
+
+
+def test_gradient_matching_recovers_a_known_map():
+    model, learner, tok = _setup()
+    truth = KeyMap.identity(learner).to(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in truth.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    fit = GradientMatch(learner.spec.scale)
+    texts = TEXTS + ["one two three four five six", "dawn lake cat fox mat", "brown zebras sat quick"] * 3
+    for i, text in enumerate(texts):
+        docs = encode_documents(tok, [text + f" {i}"])
+        ids, mask = docs.input_ids, docs.attention_mask
+        factors, _ = capture_factors(model, learner, lambda: per_sample_nll(model, ids, mask))
+        target = {n: g[0] for n, g in truth.gradients(factors, learner.spec.scale, learner.names).items()}
+        # The predictor is divided by plain_norm and the target by its own norm: with the two
+        # equal, the true map fits every document exactly.
+        fit.add(factors, target, plain_norm=sum(float(t.pow(2).sum()) for t in target.values()) ** 0.5)
+    got = fit.solve(KeyMap.for_learner(learner).to(torch.float64), ridge=1e-10)
+    # The fit is over the span the documents reach; its predictions equal the truth's on them.
+    docs = encode_documents(tok, ["the fox sat by the lake"])
+    factors, _ = capture_factors(model, learner, lambda: per_sample_nll(model, docs.input_ids, docs.attention_mask))
+    want = truth.gradients(factors, learner.spec.scale, learner.names)
+    pred = got.gradients(factors, learner.spec.scale, learner.names)
+    for n in learner.names:
+        scale = float(want[n].abs().max())
+        assert torch.allclose(pred[n], want[n], atol=1e-4 * scale + 1e-12, rtol=1e-3), n
+
+
+def test_checkpoint_with_a_map_round_trips_and_changes_its_id(tmp_path):
+    model, learner, tok = _setup(torch.float32)
+    plain_id = learner.checkpoint_id()
+    learner.save(tmp_path / "plain")
+    assert Learner.load(tmp_path / "plain").transform is None
+    assert Learner.load(tmp_path / "plain").checkpoint_id() == plain_id
+    learner.transform = KeyMap.identity(learner)
+    with torch.no_grad():
+        next(iter(learner.transform.parameters())).add_(0.25)
+    mapped_id = learner.checkpoint_id()
+    assert mapped_id != plain_id
+    learner.save(tmp_path / "mapped")
+    back = Learner.load(tmp_path / "mapped")
+    assert back.checkpoint_id() == mapped_id
+    for n, t in learner.transform.tensors().items():
+        assert torch.equal(back.transform.tensors()[n], t.detach())
+
+
+def test_cli_fit_keymap_writes_a_learner_with_its_map(tmp_path, capsys, monkeypatch):
+    import json
+
+    from reliability_helpers import run_cli
+
+    out = tmp_path / "km"
+    args = ["learner", "fit-keymap", "--train", "synthetic:1:3", "--model", "fake:llama", "--checkpoint", "init",
+            "--docs", "3", "--max-doc-tokens", "48", "--out", out, "--json"]
+    code, stdout, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["documents"] == 3 and res["questions"] >= 3 and res["kind"] == "keymap"
+    learner = Learner.load(out)
+    assert learner.transform is not None and learner.checkpoint_id() == res["checkpoint_id"]
+    assert learner.meta["doc_transform"]["train"] == ["synthetic:1:3"]
+    # Never over an existing checkpoint, never on the demo questions.
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 1 and "already holds" in err
+    code, _, err = run_cli([*args[:3], "demo", *args[4:-3], "--out", tmp_path / "d"], capsys, monkeypatch)
+    assert code == 1 and "evaluation set" in err
