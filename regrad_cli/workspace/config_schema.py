@@ -128,6 +128,8 @@ class _Bank(BaseModel):
 
 class _Query(BaseModel):
     model_config = _Strict
+    mode: Annotated[Literal["param", "param+context", "context", "rag+phi", "closed-book", "closed-book+phi"],
+                    Field(description="param, param+context, context, rag+phi, closed-book or closed-book+phi")]
     top_k: _int(0, MAX_TOP_K)
     gamma: _float(-100.0, 100.0)  # as the server's request limit
     combine: Annotated[Literal["", "sum", "mean", "score"], Field(description='"", sum, mean or score')]
