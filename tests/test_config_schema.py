@@ -74,3 +74,12 @@ def test_help_does_not_import_pydantic():
     code = "import sys; from regrad_cli.cli import app; print('pydantic' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_schema_knows_every_answering_mode():
+    from typing import get_args
+
+    from regrad_cli.online.modes import MODES
+    from regrad_cli.workspace.config_schema import _Query
+
+    assert set(get_args(_Query.model_fields["mode"].annotation)) == set(MODES)
