@@ -123,7 +123,7 @@ def test_gradient_matching_recovers_a_known_map():
     with torch.no_grad():
         for p in truth.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    fit = GradientMatch(learner.spec.scale)
+    fit = GradientMatch(learner.spec.scale, dtype=torch.float64)
     texts = TEXTS + ["one two three four five six", "dawn lake cat fox mat", "brown zebras sat quick"] * 3
     for i, text in enumerate(texts):
         docs = encode_documents(tok, [text + f" {i}"])

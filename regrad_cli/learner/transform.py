@@ -176,8 +176,10 @@ class GradientMatch:
     the same): minimise sum_d ||s Delta_d^T X_d K^T - T_d,B||^2 over K, and
     ||s V Delta_d^T X_d - T_d,A||^2 over V, per module, plus a ridge term."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, *, with_a: bool = True, dtype: torch.dtype = torch.float32):
         self.scale = scale
+        self.with_a = with_a  # False: fit K only (a B-only map); the A side's out x out system is skipped
+        self.dtype = dtype
         self.eq: dict[str, dict[str, torch.Tensor]] = {}
         self.n_docs = 0
 
@@ -189,16 +191,15 @@ class GradientMatch:
         its unit target, as a query normalises each document's gradient."""
         tn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in target.values())) or 1.0
         for m, (x, d) in factors.items():
-            x = (x[0] if x.dim() == 3 else x).double() * (self.scale / (plain_norm or 1.0))
-            d = (d[0] if d.dim() == 3 else d).double()
-            tb = target[m + ".B"].double() / tn
-            ta = target[m + ".A"].double() / tn
+            x = (x[0] if x.dim() == 3 else x).to(self.dtype) * (self.scale / (plain_norm or 1.0))
+            d = (d[0] if d.dim() == 3 else d).to(self.dtype)
             e = self.eq.setdefault(m, {})
-            gtg = x.t() @ ((d @ d.t()) @ x)          # G^T G, G = Delta^T X  [in, in]
-            gtt = x.t() @ (d @ tb)                   # G^T T_B              [in, r]
-            ggt = d.t() @ ((x @ x.t()) @ d)          # G G^T                [out, out]
-            tgt = ta @ (x.t() @ d)                   # T_A G^T              [r, out]
-            for k, v in (("gtg", gtg), ("gtt", gtt), ("ggt", ggt), ("tgt", tgt)):
+            parts = [("gtg", x.t() @ ((d @ d.t()) @ x)),                           # G^T G, G = Delta^T X [in, in]
+                     ("gtt", x.t() @ (d @ (target[m + ".B"].to(self.dtype) / tn)))]  # G^T T_B             [in, r]
+            if self.with_a:
+                parts += [("ggt", d.t() @ ((x @ x.t()) @ d)),                      # G G^T               [out, out]
+                          ("tgt", (target[m + ".A"].to(self.dtype) / tn) @ (x.t() @ d))]  # T_A G^T      [r, out]
+            for k, v in parts:
                 e[k] = e[k] + v if k in e else v
         self.n_docs += 1
 
@@ -208,11 +209,16 @@ class GradientMatch:
             raise RegradError("gradient matching needs at least one training document")
         with torch.no_grad():
             for m, e in self.eq.items():
-                G, H = e["gtg"], e["ggt"]
+                G = e["gtg"]
+                G = G.double()
                 k = torch.linalg.solve(G + ridge * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype),
-                                       e["gtt"]).t()
-                v = torch.linalg.solve(H + ridge * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype),
-                                       e["tgt"].t()).t()
+                                       e["gtt"].double()).t()
                 keymap.K[_key(m)].copy_(k.to(keymap.K[_key(m)].dtype))
-                keymap.V[_key(m)].copy_(v.to(keymap.V[_key(m)].dtype))
+                if "ggt" in e:
+                    H = e["ggt"].double()
+                    v = torch.linalg.solve(H + ridge * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype),
+                                           e["tgt"].double().t()).t()
+                    keymap.V[_key(m)].copy_(v.to(keymap.V[_key(m)].dtype))
+                else:
+                    keymap.V[_key(m)].zero_()
         return keymap

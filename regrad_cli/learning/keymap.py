@@ -55,7 +55,7 @@ def fit_keymap(model, tokenizer, learner, items: Sequence[QAItem], *, max_docs: 
     if not by_doc:
         raise RegradError("no training document with a question and an answer to fit the key map on")
     scale = learner.spec.scale
-    fit = GradientMatch(scale)
+    fit = GradientMatch(scale, with_a=not b_only)
     saved, learner.transform = learner.transform, None
     identity = KeyMap.identity(learner)  # the plain gradient from factors: its norm scales each document
     try:
@@ -73,11 +73,7 @@ def fit_keymap(model, tokenizer, learner, items: Sequence[QAItem], *, max_docs: 
                 log.info("key map: %d of %d training documents", j + 1, len(by_doc))
     finally:
         learner.transform = saved
-    keymap = fit.solve(KeyMap.for_learner(learner), ridge=ridge)
-    if b_only:
-        with torch.no_grad():
-            for v in keymap.V.values():
-                v.zero_()
+    keymap = fit.solve(KeyMap.for_learner(learner), ridge=ridge)  # V = 0 when b_only
     summary = {"kind": "keymap", "fit": "gradient-matching", "tensors": "B" if b_only else "AB", "documents": fit.n_docs,
                "questions": sum(len(q) for q in by_doc.values()), "ridge": ridge, "max_doc_tokens": max_doc_tokens}
     return keymap, summary
