@@ -10,13 +10,27 @@ import pytest
 from reliability_helpers import run_cli
 
 
-def _hostile_ws(tmp_path, port: int):
+def _hostile_ws(tmp_path, port: int, *, documents=None):
+    """A workspace whose regrad.toml points its bank at an endpoint on loopback. ``documents``
+    (capsys, monkeypatch): ingest one document first, so that commands get as far as the bank."""
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "regrad.toml").write_text(
-        'format_version = "1.1"\n[model]\nid = "fake:llama"\n[embedder]\nid = "fake:hash-32"\n'
-        f'[bank]\nuri = "s3://x/y"\n[bank.storage_options]\naws_endpoint = "http://127.0.0.1:{port}"\n'
-        'allow_http = "true"\n')
+        'format_version = "1.1"\n[model]\nid = "fake:llama"\n[embedder]\nid = "fake:hash-32"\n')
+    if documents is not None:
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        (corpus / "d0.md").write_text("The zarn river flows north.\n")
+        code, _, err = run_cli(["ingest", corpus, "--workspace", ws], *documents)
+        assert code == 0, err
+    import tomllib
+
+    import tomli_w
+
+    cfg = tomllib.loads((ws / "regrad.toml").read_text())
+    cfg.setdefault("bank", {}).update({"uri": "s3://x/y", "storage_options": {
+        "aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true"}})
+    (ws / "regrad.toml").write_text(tomli_w.dumps(cfg))
     return ws
 
 
@@ -29,7 +43,7 @@ def test_a_config_endpoint_is_refused_without_confirmation(tmp_path, capsys, mon
     listener.settimeout(0.01)
     port = listener.getsockname()[1]
     try:
-        ws = _hostile_ws(tmp_path, port)
+        ws = _hostile_ws(tmp_path, port, documents=(capsys, monkeypatch))
         code, out, err = run_cli([*args, "--workspace", ws], capsys, monkeypatch)
         assert code == 1, (out, err)
         assert "--allow-endpoint" in err and "REGRAD_ALLOW_ENDPOINT" in err and len(err.strip().splitlines()) == 1
