@@ -132,20 +132,40 @@ ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2")
 
 
 def recorded_checkpoint_id(directory: str | Path) -> str | None:
-    """The content id ``learner.json`` records, read without torch, when the file's format keeps
-    its id through the upgrade on load (``ID_STABLE_FORMATS``); else None. Loading
-    the learner checks it against the tensors."""
+    """The content id ``learner.json`` records, read without torch, when the checkpoint looks
+    whole: a format that keeps its id through the upgrade on load (``ID_STABLE_FORMATS``), a
+    well-formed spec and names, and a tensors file whose header accounts for its exact size. Else
+    None, and the caller loads the learner, whose errors then say what is wrong."""
     import re
 
+    directory = Path(directory)
     try:
-        meta = json.loads((Path(directory) / CHECKPOINT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = read_config(directory / CHECKPOINT_CONFIG)
+    except RegradError:
         return None
-    cid = meta.get("checkpoint_id") if isinstance(meta, dict) else None
-    if meta.get("format") in ID_STABLE_FORMATS and isinstance(cid, str) \
-            and re.fullmatch(r"[0-9a-f]{64}", cid):
-        return cid
-    return None
+    cid = meta.get("checkpoint_id")
+    names, spec = meta.get("names"), meta.get("spec")
+    if not (meta.get("format") in ID_STABLE_FORMATS and isinstance(cid, str) and re.fullmatch(r"[0-9a-f]{64}", cid)
+            and isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and isinstance(spec, dict) and isinstance(spec.get("rank"), int) and not isinstance(spec.get("rank"), bool)):
+        return None
+    return cid if _tensors_file_whole(directory / CHECKPOINT_TENSORS) else None
+
+
+def _tensors_file_whole(path: Path) -> bool:
+    """A safetensors file whose JSON header is sane and whose tensors end exactly at the file's end
+    (a truncated or padded file, an oversized header or a missing file is not whole)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n < 2 or n > min(size - 8, 16 << 20):
+                return False
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return bool(ends) and 8 + n + max(ends) == size
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError):
+        return False
 
 
 def upgrade(meta: dict, tensors: dict, directory: Path) -> tuple[dict, dict]:
