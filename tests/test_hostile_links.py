@@ -9,6 +9,8 @@ a bank with one line naming the link; reading it stays allowed.
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -136,7 +138,10 @@ def test_a_link_in_the_documents_table_is_refused(tmp_path, capsys, monkeypatch)
     (corpus / "b.txt").write_text("beta document text")
     code, out, err = run_cli(["ingest", corpus, "--workspace", ws], capsys, monkeypatch)
     assert code == 1 and "symbolic link" in err and str(link) in err, err
-    code, out, err = run_cli(["bank", "rm", "x", "--workspace", ws], capsys, monkeypatch)
+    # A real document id: an unknown one is refused before anything is opened for writing.
+    code, out, err = run_cli(["docs", "ls", "--workspace", ws, "--json"], capsys, monkeypatch)
+    doc_id = json.loads(out)["documents"][0]["chunks"][0]
+    code, out, err = run_cli(["bank", "rm", doc_id, "--workspace", ws], capsys, monkeypatch)
     assert code == 1 and "symbolic link" in err and str(link) in err, err
     _unchanged(before)
 
