@@ -248,3 +248,17 @@ def test_verbosity_flags_after_the_command_and_plain_progress(tmp_path, capsys, 
     assert code == 0 and out.strip() and err == ""
     code, out, err = run_cli(["query", "Who painted the Amber Gate?", "--mode", "param"], capsys, monkeypatch)
     assert "warning: 1 document(s) have no gradient yet" in err
+
+
+def test_min_score_keeps_dissimilar_documents_out(built, capsys, monkeypatch):
+    code, out, _ = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param", "--json"], capsys, monkeypatch)
+    everything = json.loads(out)["retrieved"]
+    floor = max(r["cosine"] for r in everything) - 1e-6  # only the best document is similar enough
+    code, out, _ = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param", "--json",
+                            "--min-score", str(floor)], capsys, monkeypatch)
+    kept = json.loads(out)["retrieved"]
+    assert code == 0 and len(everything) == 2 and len(kept) == 1
+    assert kept[0]["doc_id"] == max(everything, key=lambda r: r["cosine"])["doc_id"] and kept[0]["applied"]
+    code, out, _ = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param+context", "--json",
+                            "--min-score", "1"], capsys, monkeypatch)
+    assert json.loads(out)["retrieved"] == []  # no step, no passage
