@@ -262,3 +262,21 @@ def test_min_score_keeps_dissimilar_documents_out(built, capsys, monkeypatch):
     code, out, _ = run_cli(["query", "Who founded the Tessaly Guild?", "--mode", "param+context", "--json",
                             "--min-score", "1"], capsys, monkeypatch)
     assert json.loads(out)["retrieved"] == []  # no step, no passage
+
+
+def test_questions_on_stdin_get_plain_answers_unless_json(built, capsys, monkeypatch):
+    import io
+    import sys
+
+    qs = ["where does the zarn river flow?", "who founded the guild?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(qs) + "\n"))
+    code, out, err = run_cli(["query", "-", "--max-new-tokens", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    plain = out.splitlines()
+    assert len(plain) == len(qs) and not any(line.lstrip().startswith("{") for line in plain)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(qs) + "\n"))
+    code, out, err = run_cli(["query", "-", "--json", "--max-new-tokens", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["question"] for r in rows] == qs
+    assert [" ".join(r["answer"].split()) for r in rows] == plain

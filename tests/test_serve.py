@@ -166,7 +166,7 @@ def test_batch_route_and_query_server_cli(served):
     assert _key(json.loads(out.stdout)) == _key(ref)
     # '-' (stdin) goes through /v1/query:batch in chunks of --max-batch.
     qs = [x["question"] for x, _ in param] + QUESTIONS[:3]
-    out = runner.invoke(app, ["query", "-", "--server", server.url, "--token", TOKEN, "--top-k", "2",
+    out = runner.invoke(app, ["query", "-", "--json", "--server", server.url, "--token", TOKEN, "--top-k", "2",
                               "--max-new-tokens", "6", "--max-batch", "2"], input="\n".join(qs) + "\n")
     assert out.exit_code == 0, out.output
     lines = [json.loads(line) for line in out.stdout.splitlines()]

@@ -45,7 +45,7 @@ def check_ready(ws, mode: str, checkpoint: str | None) -> None:
 
 
 def query_cmd(
-    question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin.")] = None,
+    question: Annotated[Optional[str], typer.Argument(help="The question, or '-' to read one question per line from stdin (one answer per line on stdout; with --json one JSON object per line).")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help=ws_help("param+context | param | context | rag+phi | closed-book | closed-book+phi", "query.mode"))] = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help=ws_help("Test-time step scale", "query.gamma"))] = None,
@@ -115,12 +115,18 @@ def query_cmd(
                 raise res
             failures += 1
             typer.echo(f"Error: {res}", err=True)
-            print_json({"id": rec_id, "question": text, "error": str(res)})
+            if json_out or batch is not None:
+                print_json({"id": rec_id, "question": text, "error": str(res)})
+            else:
+                typer.echo("")  # one stdout line per question, also for a failed one
             continue
         if rec_id is not None:
             res = {"id": rec_id, **{k: v for k, v in res.items() if k != "id"}}
-        if json_out or pipeline:
+        if json_out or batch is not None:
             print_json(res)
+        elif pipeline:
+            # Questions on stdin without --json: one plain answer per line, in order.
+            typer.echo(" ".join(str(res.get("answer", "")).split()))
         else:
             _render(res, show_docs)
         if not common.QUIET:  # -q
