@@ -163,7 +163,9 @@ def test_two_gloo_processes_take_the_single_process_steps(tmp_path):
         want = _learner_tensors(tmp_path / "single" / run / "last")
         assert got.keys() == want.keys() == init_tensors.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=f"{run}: {name}")
+            # Two gloo processes sum gradients in another order than one process does: measured up
+            # to 3.1e-6 on values of 0.18 on one 2-core machine, so 1e-5, far below a step's move.
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=f"{run}: {name}")
             # Not vacuous: every learned tensor moved (Adam moves each by about its lr per step).
             assert (want[name] - init_tensors[name]).abs().max() > 1e-5, f"{run}: {name} did not train"
 
@@ -186,7 +188,7 @@ def test_two_gloo_processes_take_the_single_process_steps(tmp_path):
     # The resumed data-parallel run ends where the uninterrupted one does.
     straight, resumed = (_learner_tensors(tmp_path / "dist" / run / "last") for run in ("a", "b"))
     for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
 
     # Only rank 0 wrote; it wrote every kind of output.
     assert ranks[1]["writes"] == []
