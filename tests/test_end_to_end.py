@@ -62,7 +62,7 @@ def test_stdin_pipeline_json(demo_ws):
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["question"] for x in lines] == QUESTIONS
     for x in lines:
-        assert isinstance(x["answer"], str) and x["mode"] == "param"
+        assert isinstance(x["answer"], str) and x["mode"] == "param+context"  # the workspace default
         assert len(x["retrieved"]) == 3 and all(r["applied"] for r in x["retrieved"])
         assert set(x["timings_ms"]) == {"embed", "retrieve", "fetch_decode", "apply", "generate", "restore"}
         assert x["bank"]["learner"]["checkpoint_id"]
