@@ -24,21 +24,14 @@ def energy_cmd(
     json_out: JsonOpt = False,
 ):
     """Measure each LoRA tensor's share of the step energy; which tensors a bank stores."""
-    from regrad_cli.errors import ConfigError, RegradError
+    from regrad_cli.errors import RegradError
     from regrad_cli.learner.energy import measure, write_record
     from regrad_cli.workspace.checkpoints import checkpoint_dir
-    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
     from regrad_cli.workspace.engine import Engine
 
     if docs < 1:
         raise RegradError("--docs must be at least 1")
-    try:
-        ws = Workspace.open(workspace, create=False)
-    except ConfigError:
-        if workspace is not None:
-            raise
-        ws = None
-    choice = checkpoint or (ws.config.learner.checkpoint if ws else BUNDLED_CHECKPOINT)
+    ws, choice = _workspace_and_checkpoint(workspace, checkpoint)
     target = checkpoint_dir(choice) if write else None
     texts = _sample_texts(ws, docs, seed)
     max_tokens = ws.config.bank.max_doc_tokens if ws else 256
@@ -80,11 +73,10 @@ def fit_keymap_cmd(
     """Fit a document key map by gradient matching and save the learner with it (docs/method.md)."""
     from pathlib import Path
 
-    from regrad_cli.errors import ConfigError, RegradError
+    from regrad_cli.errors import RegradError
     from regrad_cli.learning.datasets import load_dataset
     from regrad_cli.learner.energy import measure, write_record
     from regrad_cli.learning.keymap import fit_keymap
-    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
     from regrad_cli.workspace.engine import Engine
 
     if docs < 1 or ridge <= 0 or max_doc_tokens < 2:
@@ -97,13 +89,7 @@ def fit_keymap_cmd(
     target = Path(out)
     if (target / "learner.json").exists():
         raise RegradError(f"{target} already holds a learner checkpoint; choose a new --out")
-    try:
-        ws = Workspace.open(workspace, create=False)
-    except ConfigError:
-        if workspace is not None:
-            raise
-        ws = None
-    choice = checkpoint or (ws.config.learner.checkpoint if ws else BUNDLED_CHECKPOINT)
+    ws, choice = _workspace_and_checkpoint(workspace, checkpoint)
     engine = Engine.load(ws, model_id=model, checkpoint=choice, device=device)
     keymap, summary = fit_keymap(engine.model, engine.tokenizer, engine.learner, items, max_docs=docs,
                                  ridge=ridge, max_doc_tokens=max_doc_tokens, b_only=tensors == "B")
@@ -123,6 +109,21 @@ def fit_keymap_cmd(
         return
     typer.echo(f"key map fitted on {summary['documents']} documents ({summary['questions']} questions), "
                f"ridge {ridge:g}: learner {cid[:16]} in {target}; build a new bank with --checkpoint {target}")
+
+
+def _workspace_and_checkpoint(workspace, checkpoint):
+    """(the workspace or None when there is none and none was named, the learner checkpoint meant:
+    the option, else the workspace's, else the bundled one)."""
+    from regrad_cli.errors import ConfigError
+    from regrad_cli.workspace.config import BUNDLED_CHECKPOINT, Workspace
+
+    try:
+        ws = Workspace.open(workspace, create=False)
+    except ConfigError:
+        if workspace is not None:
+            raise
+        ws = None
+    return ws, checkpoint or (ws.config.learner.checkpoint if ws else BUNDLED_CHECKPOINT)
 
 
 def _sample_texts(ws, n: int, seed: int) -> list[str]:
