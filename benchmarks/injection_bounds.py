@@ -71,7 +71,6 @@ def main() -> None:
     setup(args)
 
     import torch
-    import torch.nn.functional as F
 
     from _common import load_engine
     from regrad_cli.learner import adapt
@@ -89,7 +88,6 @@ def main() -> None:
     phi = {n: t.detach() for n, t in learner.phi_dict().items()}
     alpha = {n: learner.alpha(n).detach() for n in learner.names}
     names = learner.names
-    scale = learner.spec.scale
 
     items = load_items(args.dataset, args.n, args.fictional)
     docs = list(OrderedDict.fromkeys(it.documents[0] for it in items))
