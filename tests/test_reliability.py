@@ -470,7 +470,7 @@ def test_queries_while_another_process_builds(tmp_path, engine):
             after_keys = {d for d in ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()}
             ids = [r["doc_id"] for r in res["retrieved"]]
             assert ids and set(ids) <= after_keys <= docs, res
-            assert "skipped" not in res and all(r["applied"] for r in res["retrieved"]), res
+            assert not res["skipped"] and all(r["applied"] for r in res["retrieved"]), res  # every answer has the key now
             assert ds.version >= before
             counts.add(len(after_keys))
             answers += 1
