@@ -374,7 +374,7 @@ def test_real_models_answer_a_demo_question_through_the_server(tmp_path):
     build_bank(ws, qe.engine)
     qe = QueryEngine(ws, engine=qe.engine, embedder=qe.embedder)
     question = "In which year was the Velmora Ridge Observatory founded?"
-    ref = qe.answer(question)
+    ref = qe.answer(question, mode=ws.config.query.mode)  # the server answers in the workspace's mode
     with BackgroundServer(BatchWorker(lambda: qe, ServeSettings(token=TOKEN))) as server:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as c:
             r = c.post("/v1/query", json={"question": question})
