@@ -200,3 +200,32 @@ def test_training_retrieval_is_the_query_retrievers_top_k():
         best = sorted(pool.corpus, key=lambda d: -float(pool.doc_emb[pool.index[d]] @ q))[:2]
         assert docs == best
     assert 0.0 <= pool.recall(2) <= 1.0
+
+
+def test_key_map_trains_first_order_with_phi_frozen(tmp_path):
+    """--transform-lr: the document key map learns from the answer loss (first order, phi fixed
+    with --freeze-phi); a learner without a map is refused, and so is second order."""
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learner.transform import KeyMap
+
+    model = make_tiny_llama(seed=0)
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=0.5)
+    kw = dict(train=[f"jsonl:{data}"], out=str(tmp_path / "plain"), k=2, steps=2, meta_batch=2,
+              eval_every=10, max_doc_tokens=48, first_order=True, transform_lr=1e-2, freeze_phi=True,
+              energy_docs=0)
+    with pytest.raises(RegradError, match="has none"):
+        meta_train(MetaTrainConfig(**kw), model, FakeTokenizer(), FakeEmbedder(), learner=learner.attach(model))
+    learner.transform = KeyMap.identity(learner)
+    with pytest.raises(RegradError, match="first order"):
+        meta_train(MetaTrainConfig(**{**kw, "first_order": False, "out": str(tmp_path / "so")}), model,
+                   FakeTokenizer(), FakeEmbedder(), learner=learner)
+    before = {n: t.detach().clone() for n, t in learner.transform.tensors().items()}
+    phi_before = {n: learner.tensor(n).detach().clone() for n in learner.names}
+    meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "km")}), model, FakeTokenizer(), FakeEmbedder(),
+               learner=learner)
+    trained = Learner.load(tmp_path / "km" / "last")
+    after = trained.transform.tensors()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    for n in trained.names:
+        assert torch.equal(trained.tensor(n), phi_before[n])

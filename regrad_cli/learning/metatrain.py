@@ -98,6 +98,13 @@ class MetaTrainConfig:
     # Documents of the first training pool over which the tensors' step-energy shares are measured
     # at the end (energy.py): a bank then stores only the tensors above the threshold. 0: skip.
     energy_docs: int = 64
+    # Learning rate of the learner's document key map (learner.transform, first order: the
+    # factors are detached, so the map's meta-gradient needs no double backward). 0: the map, if
+    # any, stays as it is. Needs a learner with a map (``--init`` of ``regrad learner fit-keymap``).
+    transform_lr: float = 0.0
+    # Keep phi (the adapter the model answers with) fixed; only alpha, T and the map learn. With
+    # phi fixed, the documents' factors do not change during training.
+    freeze_phi: bool = False
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
 
@@ -242,7 +249,8 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
     enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
     phi = learner.phi_dict()
     grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order)
-    if cfg.first_order:
+    if cfg.first_order and learner.transform is None:
+        # (A key map's gradients are differentiable in the map only: they stay attached.)
         grads = {n: g.detach() for n, g in grads.items()}
     grads = fake_quantise(grads, cfg.codec, cfg.group_size)
     combined: dict[str, list[torch.Tensor]] = {n: [] for n in learner.names}
@@ -482,17 +490,28 @@ def meta_train(
         general_share = (g_hi - g_lo) / max(1, len(general_ids))
         general_ids = general_ids[g_lo:g_hi]
 
-    params_phi = [learner.phi[k] for k in learner.phi.keys()]
+    if cfg.transform_lr > 0 and learner.transform is None:
+        raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
+                          "made by `regrad learner fit-keymap` (--init DIR)")
+    if learner.transform is not None and not cfg.first_order:
+        raise RegradError("a learner with a document key map is meta-trained first order: pass --first-order")
+    params_phi = [] if cfg.freeze_phi else [learner.phi[k] for k in learner.phi.keys()]
     params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
     if cfg.combine == "score":
         params_alpha.append(learner.log_temp)
+    params_map = list(learner.transform.parameters()) if learner.transform is not None and cfg.transform_lr > 0 else []
     learner.meta["combine"] = cfg.combine
     learner.meta["norm"] = cfg.norm
-    for p in params_phi + params_alpha:
+    for p in learner.parameters():
+        p.requires_grad_(False)
+    for p in params_phi + params_alpha + params_map:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": params_phi, "lr": cfg.lr},
-                             {"params": params_alpha, "lr": cfg.alpha_lr, "weight_decay": 0.0}],
-                            lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": params_alpha, "lr": cfg.alpha_lr, "weight_decay": 0.0}]
+    if params_phi:
+        groups.insert(0, {"params": params_phi, "lr": cfg.lr})
+    if params_map:
+        groups.append({"params": params_map, "lr": cfg.transform_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup))
     history: dict = {"config": asdict(cfg), "pools": pool_stats, "train": [], "dev": []}
     start_step, best_f1 = 0, -1.0
@@ -560,8 +579,8 @@ def meta_train(
                                 share=share, general_share=general_share)
         loss.backward()
         # Sum before clipping: every rank then clips the same whole-batch gradient.
-        dist.sum_grads(params_phi + params_alpha)
-        gnorm = torch.nn.utils.clip_grad_norm_(params_phi + params_alpha, cfg.clip)
+        dist.sum_grads(params_phi + params_alpha + params_map)
+        gnorm = torch.nn.utils.clip_grad_norm_(params_phi + params_alpha + params_map, cfg.clip)
         opt.step()
         sched.step()
         loss_value, info = _batch_stats(dist, loss, info, batch[lo:hi], share, general_share)
@@ -578,7 +597,7 @@ def meta_train(
         if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             save_state(step + 1)
             (out / "log.json").write_text(json.dumps(history, indent=1))
-    for p in params_phi + params_alpha:
+    for p in params_phi + params_alpha + params_map:
         p.requires_grad_(False)
     dist.check_in_sync(learner.parameters())
     if dist.main:
