@@ -224,6 +224,15 @@ def test_key_map_trains_first_order_with_phi_frozen(tmp_path):
     phi_before = {n: learner.tensor(n).detach().clone() for n in learner.names}
     meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "km")}), model, FakeTokenizer(), FakeEmbedder(),
                learner=learner)
+    with pytest.raises(RegradError, match="freeze-phi"):
+        meta_train(MetaTrainConfig(**{**kw, "freeze_phi": False, "factor_cache_gb": 1.0, "out": str(tmp_path / "fc0")}),
+                   model, FakeTokenizer(), FakeEmbedder(), learner=learner)
+    # With phi frozen the documents' factors are cached and reused across steps.
+    fresh = make_tiny_llama(seed=0)
+    meta_train(MetaTrainConfig(**{**kw, "steps": 3, "factor_cache_gb": 1.0, "out": str(tmp_path / "fc")}), fresh,
+               FakeTokenizer(), FakeEmbedder(), learner=Learner.load(tmp_path / "km" / "last").attach(fresh))
+    log = json.loads((tmp_path / "fc" / "log.json").read_text())["train"]
+    assert log[-1]["factor_cache"]["hits"] > 0 and log[-1]["factor_cache"]["docs"] >= 1
     trained = Learner.load(tmp_path / "km" / "last")
     after = trained.transform.tensors()
     assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -182,3 +182,35 @@ def test_cli_fit_keymap_writes_a_learner_with_its_map(tmp_path, capsys, monkeypa
     assert code == 1 and "already holds" in err
     code, _, err = run_cli([*args[:3], "demo", *args[4:-3], "--out", tmp_path / "d"], capsys, monkeypatch)
     assert code == 1 and "evaluation set" in err
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_factor_cache_gives_the_transformed_gradients(dtype, tol):
+    """Cached factors (trimmed to each document's tokens, reused on the next draw) give the
+    map's gradients of the same documents computed afresh in one padded batch."""
+    from regrad_cli.learner.transform import FactorCache
+
+    model, learner, tok = _setup(torch.float32)
+    learner.transform = KeyMap.identity(learner)
+    with torch.no_grad():
+        for p in learner.transform.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    texts = ["alpha beta gamma delta", "one two three four five six seven", "alpha beta gamma delta"]
+    enc = encode_documents(tok, texts, 32)
+    want, want_loss = grouped_gradients(model, learner, enc)
+    cache = FactorCache(1 << 30, dtype=dtype)
+    nll = lambda i, m: per_sample_nll(model, i, m)  # noqa: E731
+    for draw in range(2):  # the first fills the cache (two distinct texts), the second reuses it
+        got, loss = cache.gradients(model, learner, texts, enc, nll)
+        for n in learner.names:
+            torch.testing.assert_close(got[n], want[n], rtol=tol, atol=tol * float(want[n].detach().abs().max()))
+        torch.testing.assert_close(loss, want_loss.float(), rtol=1e-5, atol=1e-6)
+    assert (cache.misses, cache.hits, len(cache)) == (2, 4, 2)
+    # The map's parameters get gradients through cached factors (first order, factors detached).
+    got, _ = cache.gradients(model, learner, texts, enc, nll)
+    sum(g.sum() for g in got.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.transform.parameters())
+    # A budget smaller than one document keeps nothing; a tight one evicts the oldest.
+    small = FactorCache(1, dtype=dtype)
+    small.gradients(model, learner, texts, enc, nll)
+    assert len(small) == 0 and small.bytes == 0

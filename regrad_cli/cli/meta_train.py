@@ -41,6 +41,7 @@ def meta_train_cmd(
     alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha (0.1 stayed too small over a few hundred CPU steps).")] = META["alpha_init"],
     transform_lr: Annotated[float, typer.Option("--transform-lr", help="Learning rate of the learner's document key map (first order; needs --init of a learner made by `regrad learner fit-keymap`); 0 keeps it fixed.")] = META["transform_lr"],
     freeze_phi: Annotated[bool, typer.Option("--freeze-phi", help="Keep phi fixed; train only alpha, the temperature and the key map.")] = META["freeze_phi"],
+    factor_cache_gb: Annotated[float, typer.Option("--factor-cache-gb", help="With --freeze-phi and a key map: keep documents' factors (bfloat16) up to this many GiB and reuse them; 0 recomputes them every draw.")] = META["factor_cache_gb"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
@@ -68,7 +69,7 @@ def meta_train_cmd(
         max_doc_tokens=max_doc_tokens, dev_limit=dev_limit, eval_every=eval_every,
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
-        transform_lr=transform_lr, freeze_phi=freeze_phi,
+        transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb,
     )
     general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
     # Under torchrun each process joins the job and takes the GPU of its LOCAL_RANK; alone,

@@ -46,6 +46,7 @@ from regrad_cli.learner.gradients import encode_documents, grouped_gradients
 from regrad_cli.learner.lora import Learner
 from regrad_cli.learning.scores import exact_match, f1_score, yes_no_accuracy
 from regrad_cli.lm.prompting import prompt_ids
+from regrad_cli.lm.tokens import per_sample_nll
 
 log = logging.getLogger("regrad")
 
@@ -105,6 +106,9 @@ class MetaTrainConfig:
     # Keep phi (the adapter the model answers with) fixed; only alpha, T and the map learn. With
     # phi fixed, the documents' factors do not change during training.
     freeze_phi: bool = False
+    # With a trained map and phi frozen, documents' factors never change: keep them (bfloat16)
+    # up to this many GiB and reuse them (transform.FactorCache). 0: recompute every draw.
+    factor_cache_gb: float = 0.0
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
 
@@ -234,7 +238,7 @@ def _with_context(batch_entry, cfg: MetaTrainConfig) -> bool:
 
 def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
                cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None, *,
-               share: float = 1.0, general_share: float = 1.0):
+               share: float = 1.0, general_share: float = 1.0, factor_cache=None):
     """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha, T).
 
     ``batch`` holds (item, documents, retrieval scores[, passages in prompt]) per question. Every
@@ -248,7 +252,10 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
     texts = [d for entry in batch for d in entry[1]]
     enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
     phi = learner.phi_dict()
-    grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order)
+    if factor_cache is not None:
+        grads, doc_losses = factor_cache.gradients(model, learner, texts, enc, lambda i, m: per_sample_nll(model, i, m), phi)
+    else:
+        grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order)
     if cfg.first_order and learner.transform is None:
         # (A key map's gradients are differentiable in the map only: they stay attached.)
         grads = {n: g.detach() for n, g in grads.items()}
@@ -495,6 +502,14 @@ def meta_train(
                           "made by `regrad learner fit-keymap` (--init DIR)")
     if learner.transform is not None and not cfg.first_order:
         raise RegradError("a learner with a document key map is meta-trained first order: pass --first-order")
+    factor_cache = None
+    if cfg.factor_cache_gb > 0:
+        if not (cfg.freeze_phi and learner.transform is not None):
+            raise RegradError("--factor-cache-gb reuses documents' factors, which stay the same only while phi does: "
+                              "it needs a learner with a key map and --freeze-phi")
+        from regrad_cli.learner.transform import FactorCache
+
+        factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30))
     params_phi = [] if cfg.freeze_phi else [learner.phi[k] for k in learner.phi.keys()]
     params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
     if cfg.combine == "score":
@@ -576,7 +591,7 @@ def meta_train(
         opt.zero_grad(set_to_none=True)
         step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
         loss, info = outer_loss(model, tokenizer, learner, batch[lo:hi], step_cfg, general_ids,
-                                share=share, general_share=general_share)
+                                share=share, general_share=general_share, factor_cache=factor_cache)
         loss.backward()
         # Sum before clipping: every rank then clips the same whole-batch gradient.
         dist.sum_grads(params_phi + params_alpha + params_map)
@@ -589,6 +604,9 @@ def meta_train(
                "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
                "temp": float(learner.log_temp.detach().exp()),
                "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+        if factor_cache is not None:
+            rec["factor_cache"] = {"docs": len(factor_cache), "hits": factor_cache.hits,
+                                   "misses": factor_cache.misses, "gib": round(factor_cache.bytes / 2**30, 3)}
         history["train"].append(rec)
         if progress and dist.main:
             progress(step + 1, steps, rec)
