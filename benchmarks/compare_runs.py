@@ -34,21 +34,25 @@ def main() -> None:
     p.add_argument("a", type=Path, help="predictions of run A")
     p.add_argument("b", type=Path, help="predictions of run B")
     p.add_argument("--names", default="a,b", help="the two runs' names, comma-separated")
+    p.add_argument("--pair", action="append", default=[], metavar="SYS_A:SYS_B",
+                   help="compare system SYS_A of run A with SYS_B of run B (repeatable; default: each "
+                        "system with itself), e.g. regrad:closed-book+phi")
     args = p.parse_args()
     setup(args)
     from regrad_cli.learning.scores import paired_bootstrap
 
     name_a, name_b = args.names.split(",")
     a, b = load(args.a), load(args.b)
-    systems = list(dict.fromkeys(s for s, _ in a))
+    pairs = [tuple(pr.split(":", 1)) for pr in args.pair] or [(s, s) for s in dict.fromkeys(s for s, _ in a)]
     rows, out = [], []
-    for s in systems:
-        ids = [i for (t, i) in a if t == s and (s, i) in b]
+    for sa, sb in pairs:
+        ids = [i for (t, i) in a if t == sa and (sb, i) in b]
         if not ids:
             continue
-        x, y = [a[(s, i)] for i in ids], [b[(s, i)] for i in ids]
+        x, y = [a[(sa, i)] for i in ids], [b[(sb, i)] for i in ids]
         t = paired_bootstrap(x, y)
         lo, hi = t["ci95"]
+        s = sa if sa == sb else f"{sa} vs {sb}"
         out.append({"system": s, "n": len(ids), f"f1_{name_a}": sum(x) / len(x), f"f1_{name_b}": sum(y) / len(y), **t})
         rows.append([s, len(ids), sum(x) / len(x), sum(y) / len(y), t["diff"], f"[{lo:+.3f}, {hi:+.3f}]",
                      t["p_value"], "yes" if t["significant"] else "no"])

@@ -608,6 +608,8 @@ def meta_train(
             rec["factor_cache"] = {"docs": len(factor_cache), "hits": factor_cache.hits,
                                    "misses": factor_cache.misses, "gib": round(factor_cache.bytes / 2**30, 3)}
         history["train"].append(rec)
+        if dist.main:
+            log.info("step %d/%d: %s", step + 1, steps, json.dumps(rec))
         if progress and dist.main:
             progress(step + 1, steps, rec)
         if devs and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
