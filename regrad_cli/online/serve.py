@@ -556,19 +556,17 @@ def _error_handlers(app) -> None:
 
 def _to_request(worker: BatchWorker, q, question: str | None = None, max_new_tokens: int | None = None):
     """The pipeline Request for a request body's options, the workspace's [query] settings filling
-    what it leaves out; 409 at once for a mode that needs the bank this workspace lacks."""
+    what it leaves out (``QueryConfig.request_options``, as `regrad query`); 409 at once for a mode that needs the bank this workspace lacks."""
     from regrad_cli.online.pipeline import MODES, Request
 
     if not worker.ready.is_set():
         worker._check_open()
     qe = worker.engine
-    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, retriever=q.retriever,
-                                              max_new_tokens=max_new_tokens)
+    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, combine=q.combine,
+                                              retriever=q.retriever, max_new_tokens=max_new_tokens)
     if qe.bank is None and MODES[opts["mode"]].adapter == "step":
         raise ApiError(409, "no_bank", f"mode {opts['mode']!r} needs a gradient bank and this workspace has none "
                        "for the loaded learner: run `regrad build-bank`", "mode")
-    # combine: the request's, else the learner's trained one (the server never used [query] combine)
-    opts["combine"] = q.combine
     return Request(question if question is not None else q.question, show_docs=q.show_docs,
                    min_score=q.min_score, **opts)
 
