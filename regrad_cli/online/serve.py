@@ -34,7 +34,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from regrad_cli.errors import NoBankError, RegradError
@@ -66,7 +66,6 @@ class ServeSettings:
     body_timeout_s: float = 30.0  # request body complete within this after its headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # open connections (lowered to fit the descriptor limit)
-    defaults: dict = field(default_factory=dict)  # set from the workspace's [query] once loaded
     ready_line: bool = False  # print "regrad serve: ready ..." on stderr once /healthz answers 200
     access_log: bool = False  # one line per request on stderr: method, path, status, milliseconds
 
