@@ -141,6 +141,20 @@ class GradientBank:
         return lance_ops.committed(table_dir(loc))
 
     @staticmethod
+    def read_doc_ids(path: str | os.PathLike, storage_options: Mapping[str, str] | None = None) -> set[str]:
+        """The doc ids of the bank at ``path``, read with pylance alone: no lancedb import and
+        no metadata check (``bank rm`` tells an unknown id from them before opening anything).
+        An empty set where there is no bank yet; BankFormatError where its table cannot be read."""
+        import lance
+
+        loc = location(path)
+        if isinstance(loc, Path) and not lance_ops.committed(table_dir(loc)):
+            return set()
+        with lance_errors(f"cannot read bank at {loc}"):
+            ds = lance.dataset(table_uri(loc), storage_options=dict(storage_options or {}) or None)
+            return set(ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist())
+
+    @staticmethod
     def _connect(path: "Path | str", storage_options: Mapping[str, str] | None = None):
         import lancedb
 

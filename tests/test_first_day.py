@@ -112,6 +112,46 @@ def test_bank_rm_of_an_unknown_id_names_the_chunk_ids(built, capsys, monkeypatch
     assert code == 0 and json.loads(out)["removed_rows"] == 1
 
 
+def _cli_in_subprocess(args: list[str], cwd: Path) -> tuple[int, str, list[str]]:
+    """(exit status, stderr, the heavy modules imported) of `regrad ARGS` in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys\n"
+            "from regrad_cli.cli import main\n"
+            f"sys.argv = ['regrad', *{args!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    status = exc.code\n"
+            "heavy = [m for m in ('lancedb', 'torch', 'transformers', 'sentence_transformers') if m in sys.modules]\n"
+            "print('HEAVY', status, *heavy, file=sys.stderr)\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    last = lines[-1].split() if lines else []
+    assert last[:1] == ["HEAVY"], run.stderr
+    return int(last[1]), "\n".join(lines[:-1]), last[2:]
+
+
+@pytest.mark.parametrize("extra", [[], ["--keep-documents"]], ids=["unlearn", "keep-documents"])
+def test_bank_rm_of_an_unknown_id_loads_neither_lancedb_nor_a_model(built, monkeypatch, extra):
+    """The unknown id is told from the ids read with pylance alone: no lancedb (seconds to
+    import), no torch, no model; the same one-line error and exit status 1."""
+    log = _loads(monkeypatch, built)
+    status, err, heavy = _cli_in_subprocess(["bank", "rm", "corpus/quorra.md", *extra], built)
+    assert status == 1 and heavy == [], (err, heavy)
+    assert err.startswith("Error: no document 'corpus/quorra.md'") and len(err.splitlines()) == 1, err
+    assert "corpus/quorra.md#0" in err and "nothing was removed" in err
+    status, err, heavy = _cli_in_subprocess(["bank", "rm", "corpus/felix.md#0", "nothing-like-it", *extra], built)
+    assert status == 1 and heavy == [] and "'nothing-like-it'" in err and "regrad docs ls" in err, err
+    assert not log.exists()
+    # A known id goes on to the removal itself (lancedb loads, nothing is refused).
+    status, err, heavy = _cli_in_subprocess(["bank", "rm", "corpus/quorra.md#0", *extra], built)
+    assert status == 0 and "lancedb" in heavy, err
+
+
 def test_prune_removes_gradients_and_new_documents_are_found_with_a_warning(built, capsys, monkeypatch):
     corpus = built / "corpus"
     (corpus / "felix.md").unlink()

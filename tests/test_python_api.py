@@ -47,3 +47,37 @@ def test_import_is_light():
             "print([m for m in ('torch', 'transformers', 'lancedb') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+def test_loading_prints_no_progress_bars(tmp_path):
+    """A script using the API on a model saved in a local directory (loaded with
+    from_pretrained, which draws "Loading weights" bars) gets no progress bars or transformers
+    chatter on its stderr, as the CLI gets none; transformers' own setting is put back after."""
+    import os
+    import subprocess
+    import sys
+
+    from regrad_cli.lm.fakes import byte_tokenizer, tiny_model
+    from regrad_cli.lm.models import quiet_loading
+
+    model_dir = tmp_path / "tiny-llama"
+    with quiet_loading():
+        tiny_model("llama").save_pretrained(model_dir)
+        byte_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "guild.md").write_text("Quorra Vell founded the Tessaly Guild in 1887.")
+    code = ("from regrad_cli import Regrad\n"
+            f"rg = Regrad('ws', model={str(model_dir)!r}, embedder='fake:hash-32')\n"
+            "rg.ingest('notes')\n"
+            "rg.build_bank()\n"
+            "print(rg.query('Who founded the Tessaly Guild?', max_new_tokens=3)['mode'])\n"
+            "from transformers.utils import logging\n"
+            "print(logging.is_progress_bar_enabled())\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "REGRAD_WORKSPACE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["param+context", "True"]
+    assert "Loading weights" not in run.stderr and "it/s]" not in run.stderr and "%|" not in run.stderr, run.stderr

@@ -265,6 +265,36 @@ def test_bank_stats_and_metrics(served):
     assert 'route="/v1/query",status="200"' in text
 
 
+def test_the_server_takes_query_combine_from_regrad_toml(tmp_path):
+    """A request without "combine" takes [query] combine from regrad.toml, as `regrad query`
+    does (both through QueryConfig.request_options); the request's own value still wins."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in DOCS.items():
+        (corpus / name).write_text(text)
+    ws = Workspace.open(tmp_path / "ws")
+    ingest(ws, [corpus], embedder=FakeEmbedder(), tokenizer=FakeTokenizer())
+    engine = _engine()
+    build_bank(ws, engine)
+    assert engine.learner.trained_combine == "sum"  # what a request got before: weight 1 each
+    ws.config.query.combine = "mean"
+    ws.save()
+    ws = Workspace.open(tmp_path / "ws", create=False)  # the settings as read from regrad.toml
+    qe = QueryEngine(ws, engine=engine, embedder=FakeEmbedder())
+    want = qe.answer_many([Request(QUESTIONS[1], **ws.config.query.request_options(mode="param", top_k=2))])[0]
+    with BackgroundServer(BatchWorker(lambda: qe, ServeSettings())) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"question": QUESTIONS[1], "mode": "param", "top_k": 2}
+        got = c.post("/v1/query", json=body).json()
+        given = c.post("/v1/query", json={**body, "combine": "sum"}).json()
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTIONS[1]}],
+                                                    "mode": "param", "top_k": 2}).json()
+    assert [r["weight"] for r in got["retrieved"]] == [0.5, 0.5]
+    assert _key(got) == _key(want)
+    assert [r["weight"] for r in chat["regrad"]["retrieved"]] == [0.5, 0.5]
+    assert [r["weight"] for r in given["retrieved"]] == [1.0, 1.0]
+
+
 def test_healthz_not_ready_while_loading(tiny_ws):
     ws, engine = tiny_ws
     release = threading.Event()

@@ -49,7 +49,7 @@ def query_cmd(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help=ws_help("Documents to retrieve", "query.top_k"))] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help=ws_help("param+context | param | context | rag+phi | closed-book | closed-book+phi", "query.mode"))] = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help=ws_help("Test-time step scale", "query.gamma"))] = None,
-    combine: Annotated[Optional[str], typer.Option("--combine", help="sum | mean | score (default: what the learner was meta-trained with; 'sum' for an untrained one).")] = None,
+    combine: Annotated[Optional[str], typer.Option("--combine", help="sum | mean | score (default: the workspace's [query] combine, else what the learner was meta-trained with; 'sum' for an untrained one).")] = None,
     retriever: Annotated[Optional[str], typer.Option("--retriever", help=ws_help("dense | bm25 | hybrid", "query.retriever"))] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=ws_help("Generation limit", "query.max_new_tokens"))] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Cosine floor: documents less similar to the question give neither a step nor a passage (default: none).")] = None,

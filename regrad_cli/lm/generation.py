@@ -53,7 +53,7 @@ def _plain_greedy(model) -> bool:
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
              on_rows: Callable[[torch.Tensor], None] | None = None, stop: bool = True,
              stats: dict | None = None, answers: Sequence[Sequence[int]] | None = None,
-             nll_out: list | None = None) -> list[str]:
+             nll_out: list | None = None, on_tokens: Callable[[list[int], list[int]], None] | None = None) -> list[str]:
     """Greedy continuation of each prompt, stopped at the first newline or end of turn.
 
     Token for token what Hugging Face's greedy ``model.generate`` gives for the same left-padded
@@ -69,9 +69,12 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     the mean NLL per answer token of each row (what ``answer_nll`` computes) is appended to
     ``nll_out``, scored on the prompt's KV cache right after the prefill instead of a second pass
     over prompt and answer. ``nll_out`` stays empty where that is not possible (a cache other than
-    plain dynamic layers, or Hugging Face's ``generate``): call ``answer_nll`` then."""
+    plain dynamic layers, or Hugging Face's ``generate``): call ``answer_nll`` then.
+
+    ``on_tokens(rows, tokens)``, if given, gets the original indices of the rows still running
+    and their new tokens after every step (streaming); it only reads them."""
     if not _plain_greedy(model):
-        return generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats)
+        return generate_hf(model, tokenizer, prompts, max_new_tokens, stop=stop, stats=stats, on_tokens=on_tokens)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(prompts, pad)
@@ -105,6 +108,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
         row_steps += len(rows)
         for i, t in zip(rows.tolist(), nxt.tolist()):
             new[i].append(t)
+        if on_tokens is not None:
+            on_tokens(rows.tolist(), nxt.tolist())
         if steps >= max_new_tokens:
             break
         if stop:
@@ -170,10 +175,12 @@ def _cached_answer_nll(model, last_logits, cache, mask, last_pos, answers) -> li
 
 
 def generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20, *,
-                 stop: bool = True, stats: dict | None = None) -> list[str]:
+                 stop: bool = True, stats: dict | None = None,
+                 on_tokens: Callable[[list[int], list[int]], None] | None = None) -> list[str]:
     """``generate`` through Hugging Face's ``model.generate`` (every row runs to the last one's
     end); the reference the loop above is tested against, and the path for generation configs
-    that do more than argmax."""
+    that do more than argmax. ``on_tokens`` as in ``generate`` (through a streamer; a row that
+    has finished gets padding until the last one ends)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -192,6 +199,8 @@ def generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_toke
 
     extra = {"stopping_criteria": StoppingCriteriaList([_StopAtNewline()])} if stop else {
         "min_new_tokens": max_new_tokens}
+    if on_tokens is not None:
+        extra["streamer"] = _StepStreamer(ids.shape[0], on_tokens)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -202,6 +211,25 @@ def generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_toke
         stats.update(steps=int(out.shape[1] - start), row_steps=int(out.shape[0] * (out.shape[1] - start)))
     texts = tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
     return [extract_answer(t) for t in texts]
+
+
+class _StepStreamer:
+    """Hugging Face's streamer interface (put, end) feeding ``on_tokens``: its first ``put`` is
+    the prompts, each later one the step's token per row."""
+
+    def __init__(self, n: int, on_tokens: Callable[[list[int], list[int]], None]):
+        self.rows, self.on_tokens, self.prompt_seen = list(range(n)), on_tokens, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        if len(tokens) == len(self.rows):
+            self.on_tokens(self.rows, tokens)
+
+    def end(self) -> None:
+        pass
 
 
 def teacher_forced_batch(tokenizer, prompts: Sequence[Sequence[int]], answers: Sequence[str]):

@@ -20,9 +20,10 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from regrad_cli.errors import ModelLoadError
 from regrad_cli.files import atomic_write_text
@@ -41,6 +42,36 @@ BUNDLED_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # returns an object with SentenceTransformer's encode() and get_sentence_embedding_dimension().
 MODEL_SCHEMES: dict[str, Callable[[str], tuple[Any, Any]]] = {}
 ENCODER_SCHEMES: dict[str, Callable[[str], Any]] = {}
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Third-party output off while regrad loads a model, embedder or tokenizer: transformers'
+    and huggingface_hub's progress bars ("Loading weights", downloads) and transformers' info
+    and warning lines (whole model configs at -v). The CLI draws its own progress and keeps
+    stderr to one line per error; the Python API (regrad_cli.api) loads through the same
+    functions, so a script's stderr stays its own. Everything is put back afterwards; progress
+    bars a user asked for with HF_HUB_DISABLE_PROGRESS_BARS=0 stay on."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as tf_logging
+
+    keep_bars = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("0", "false", "no", "off")
+    tf_bars, hub_bars = tf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    level = tf_logging.get_verbosity()
+    if not keep_bars:
+        tf_logging.disable_progress_bar()
+        if hub_bars:
+            hub.disable_progress_bars()
+    tf_logging.set_verbosity(max(level, tf_logging.ERROR))
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if not keep_bars:
+            if tf_bars:
+                tf_logging.enable_progress_bar()
+            if hub_bars:
+                hub.enable_progress_bars()
 
 
 def register_model_scheme(scheme: str, loader: Callable[[str], tuple[Any, Any]]) -> None:
@@ -139,7 +170,8 @@ def bundled_model_dir() -> tuple[Path, str]:
         if (target / "DONE").exists():
             return target, digest
         log.info("converting the bundled GGUF model once (about 20 s) into %s", target)
-        _convert_gguf(gguf, target)
+        with quiet_loading():
+            _convert_gguf(gguf, target)
     return target, digest
 
 
@@ -232,14 +264,15 @@ def load_language_model(
     else:
         name, source, digest = model_id, model_id, None
     try:
-        if loader is not None:
-            model, tokenizer = loader(rest)
-            model.to(tdtype)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=tdtype, attn_implementation=attn_implementation
-            )
+        with quiet_loading():
+            if loader is not None:
+                model, tokenizer = loader(rest)
+                model.to(tdtype)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=tdtype, attn_implementation=attn_implementation
+                )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load language model {model_id!r}: {exc}") from exc
     model.to(device)
@@ -289,7 +322,8 @@ class Embedder:
         else:
             source = self.model_id
         try:
-            self._model = SentenceTransformer(str(source), device=self.device)
+            with quiet_loading():
+                self._model = SentenceTransformer(str(source), device=self.device)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load embedder {self.model_id!r}: {exc}") from exc
         return self._model
@@ -381,6 +415,7 @@ def load_tokenizer(model_id: str = BUNDLED_MODEL):
     check_source(model_id, "model")
     source = str(bundled_model_dir()[0]) if model_id == BUNDLED_MODEL else model_id
     try:
-        return AutoTokenizer.from_pretrained(source)
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {exc}") from exc

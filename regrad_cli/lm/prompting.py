@@ -65,3 +65,32 @@ def extract_answer(text: str) -> str:
             line = _PREFIX.sub("", line).strip()
             return line.rstrip(".").strip()
     return ""
+
+
+# Every beginning _PREFIX can match up to its colon or dash, whitespace runs written as one space
+# (a first line that is still the start of one of these may yet turn out to be a prefix).
+_PREFIX_HEADS = tuple(t + f + "answer" + s1 + i + s2 + c for t in ("", "the ") for f in ("", "final ")
+                      for s1 in ("", " ") for i in ("", "is") for s2 in ("", " ") for c in (":", "-"))
+
+
+def answer_so_far(text: str) -> str:
+    """The part of ``extract_answer(text + more)`` that no ``more`` can change: what a stream
+    may send while the answer is still being generated (each result extends the one before).
+
+    Held back until the text decides them: a first line that may still become an "Answer:"
+    prefix, trailing spaces and periods (stripped if the line ends there), and a trailing U+FFFD
+    (a multi-byte character cut between two tokens)."""
+    text = text.rstrip("\ufffd").replace("\r", "\n")
+    lines = text.split("\n")
+    first = next((n for n, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        return ""
+    if first < len(lines) - 1:  # the first non-empty line has ended: the answer is settled
+        return extract_answer(text)
+    line = lines[first].lstrip()
+    head = re.sub(r"\s+", " ", line.casefold())
+    if any(len(h) > len(head) and h.startswith(head) for h in _PREFIX_HEADS):
+        return ""
+    m = _PREFIX.match(line)
+    body = line[m.end():] if m else line
+    return re.sub(r"[\s.]+$", "", body.lstrip())

@@ -29,17 +29,47 @@ log = logging.getLogger("regrad")
 
 
 def _check_named(ws, store, banks, ids: set, tombs) -> None:
-    """RegradError for a named id that no document, bank row or earlier removal has, naming the
-    ids that start with it (a file's chunks are "PATH#0", "PATH#1"...) and --source; before
-    anything is removed."""
+    """RegradError for a named id that no document, bank row or earlier removal has (see
+    ``_unknown_error``); before anything is removed, under the locks."""
     if not ids:
         return
-    known = set(tombs.ids()) if tombs is not None else set()
     all_ids: set[str] = set()
     if store is not None and store.exists:
         all_ids |= set(store.arrow(["id"]).column("id").to_pylist())
     for b in banks:
         all_ids |= b.doc_ids()
+    _raise_unknown(ws, ids, all_ids, tombs)
+
+
+def _check_named_early(ws, locations, opts, ids: set, tombs, with_documents: bool) -> None:
+    """``_check_named`` before lancedb (seconds to import) or a model is loaded: the ids are
+    read with pylance alone (``DocumentStore.ids``, ``GradientBank.read_doc_ids``), so a typo
+    fails at once. Where something cannot be read that way (a bank on an object store, a damaged
+    table) it says nothing, and ``_check_named`` decides under the locks, as before."""
+    from bank_format import BankFormatError, GradientBank, is_remote
+
+    from regrad_cli.workspace.documents import DocumentStore
+
+    if not ids or not (locations or with_documents) or any(is_remote(str(loc)) for loc in locations):
+        return
+    if not all(GradientBank.exists(loc) for loc in locations):
+        return  # a --bank that is not there: remove_documents says so
+    all_ids: set[str] = set()
+    try:
+        if with_documents:
+            all_ids |= DocumentStore(ws).ids()
+        for loc in locations:
+            all_ids |= GradientBank.read_doc_ids(loc, opts)
+    except (RegradError, BankFormatError, OSError) as exc:
+        log.debug("early id check skipped: %s", exc)
+        return
+    _raise_unknown(ws, ids, all_ids, tombs)
+
+
+def _raise_unknown(ws, ids: set, all_ids: set, tombs) -> None:
+    """RegradError for a named id that is neither in ``all_ids`` nor tombstoned, naming the ids
+    that start with it (a file's chunks are "PATH#0", "PATH#1"...) and --source."""
+    known = set(tombs.ids()) if tombs is not None else set()
     unknown = sorted(ids - known - all_ids)
     if not unknown:
         return
@@ -124,6 +154,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     p_ids, p_srcs = tombs.pending() if tombs is not None else (set(), set())
     if not ids and not srcs and not p_ids and not p_srcs:
         raise RegradError("name DOC_ID... or --source PATH")
+    _check_named_early(ws, locations, opts, ids, tombs, with_documents=ws is not None and not keep_documents)
     banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in locations) if b is not None]
     if bank is not None and not banks:
         raise NoBankError(f"no bank at {bank}")

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch
 from regrad_cli.learner import adapt
 from regrad_cli.errors import FieldError, RegradError
 from regrad_cli.lm.generation import answer_nll, generate
-from regrad_cli.lm.prompting import answer_ids, prompt_ids
+from regrad_cli.lm.prompting import answer_ids, answer_so_far, prompt_ids
 
 log = logging.getLogger("regrad")
 
@@ -65,6 +65,10 @@ class Request:
     max_passage_tokens: int = 256
     # Documents whose cosine with the question is below this give neither a step nor a passage.
     min_score: float | None = None
+    # Streaming: called from the generating thread with the answer so far each time it grows
+    # (each text extends the one before; the last is the whole answer), while the row's step is
+    # applied. It must be quick and must not raise (an exception stops this row's stream only).
+    on_text: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
 
 class Corpus(Protocol):
@@ -273,7 +277,9 @@ def _generate(engine, live: list[Row]) -> None:
                 golds = ([answer_ids(tok, r.req.gold or "") for r in group]
                          if any(r.req.gold is not None for r in group) else None)
                 nlls = [] if golds is not None else None
-                texts = generate(model, tok, prompts, max_new, on_rows=follow, answers=golds, nll_out=nlls)
+                stream = _TextStream.of(tok, group)
+                texts = generate(model, tok, prompts, max_new, on_rows=follow, answers=golds, nll_out=nlls,
+                                 on_tokens=stream)
                 gen_ms = _ms(t)
                 if golds is not None and not nlls:  # a cache that cannot be scored in place
                     if follow is not None:
@@ -285,6 +291,8 @@ def _generate(engine, live: list[Row]) -> None:
                 r.error = exc
             continue
         restore_ms = _ms(t)
+        if stream is not None:
+            stream.finish(texts)
         for i, (r, text) in enumerate(zip(group, texts)):
             r.batch_size = len(group)
             r.timings["generate"] = gen_ms / len(group)
@@ -292,6 +300,50 @@ def _generate(engine, live: list[Row]) -> None:
             r.answer = text
             if nlls is not None and r.req.gold is not None:
                 r.nll = float(nlls[i])
+
+
+class _TextStream:
+    """The ``on_tokens`` of one generation call: each streaming row's tokens decoded as they
+    come, and its ``on_text`` called whenever ``answer_so_far`` grows; ``finish`` sends the
+    whole answers. Reads tokens only: the weights and the per-row adapters are not touched."""
+
+    def __init__(self, tokenizer, sinks: dict[int, Callable[[str], None]]):
+        self.tokenizer, self.sinks = tokenizer, sinks
+        self.tokens: dict[int, list[int]] = {i: [] for i in sinks}
+        self.sent: dict[int, str] = {i: "" for i in sinks}
+
+    @classmethod
+    def of(cls, tokenizer, group: list[Row]) -> "_TextStream | None":
+        sinks = {i: r.req.on_text for i, r in enumerate(group) if r.req.on_text is not None}
+        return cls(tokenizer, sinks) if sinks else None
+
+    def __call__(self, rows: list[int], tokens: list[int]) -> None:
+        for i, t in zip(rows, tokens):
+            if i in self.sinks:
+                self.tokens[i].append(t)
+                self._send(i, answer_so_far(self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)))
+
+    def finish(self, texts: Sequence[str]) -> None:
+        for i in list(self.sinks):
+            self._send(i, texts[i], final=True)
+
+    def _send(self, i: int, text: str, final: bool = False) -> None:
+        if i not in self.sinks or text == self.sent[i]:
+            return
+        if not text.startswith(self.sent[i]):
+            # answer_so_far only grows; a tokenizer whose decoding of more tokens rewrites earlier
+            # text could still break that: wait for more, and say so if the whole answer differs.
+            if final:
+                log.warning("a streamed answer changed under its stream (%r sent, the answer is %r)",
+                            self.sent[i], text)
+                del self.sinks[i]
+            return
+        self.sent[i] = text
+        try:
+            self.sinks[i](text)
+        except Exception:  # noqa: BLE001 - one listener's failure must not stop the batch
+            log.exception("a stream listener failed; its stream stopped")
+            del self.sinks[i]
 
 
 def _results(corpus: Corpus, rows: list[Row], return_exceptions: bool, fingerprints: dict | None) -> list:

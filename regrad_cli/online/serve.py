@@ -13,7 +13,9 @@ Three parts:
   so that only the culprit fails. Other work that touches the engine (bank stats, the deep weight
   hash) runs in the same thread between batches.
 - ``create_app``: the FastAPI application (routes, request models with limits, JSON errors that
-  name the field, bearer token, body size limit, Prometheus metrics).
+  name the field, bearer token, body size limit, Prometheus metrics). A streamed chat completion
+  gets its text token by token from the worker (``Request.on_text`` -> ``_Stream``), in the same
+  batch and with the same step as any other request.
 - ``serve`` / ``BackgroundServer``: uvicorn in the foreground (the CLI) or in a thread (tests,
   benchmarks). On shutdown uvicorn stops accepting connections, waits for the requests in flight,
   then the worker drains its queue: no accepted request is lost.
@@ -32,7 +34,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from regrad_cli.errors import NoBankError, RegradError
@@ -64,7 +66,6 @@ class ServeSettings:
     body_timeout_s: float = 30.0  # request body complete within this after its headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # open connections (lowered to fit the descriptor limit)
-    defaults: dict = field(default_factory=dict)  # set from the workspace's [query] once loaded
     ready_line: bool = False  # print "regrad serve: ready ..." on stderr once /healthz answers 200
     access_log: bool = False  # one line per request on stderr: method, path, status, milliseconds
 
@@ -554,23 +555,23 @@ def _error_handlers(app) -> None:
         return _json(err.body(), err.status)
 
 
-def _to_request(worker: BatchWorker, q, question: str | None = None, max_new_tokens: int | None = None):
+def _to_request(worker: BatchWorker, q, question: str | None = None, max_new_tokens: int | None = None,
+                on_text: Callable[[str], None] | None = None):
     """The pipeline Request for a request body's options, the workspace's [query] settings filling
-    what it leaves out; 409 at once for a mode that needs the bank this workspace lacks."""
+    what it leaves out (``QueryConfig.request_options``, as `regrad query`); 409 at once for a
+    mode that needs the bank this workspace lacks. ``on_text``: the pipeline's streaming hook."""
     from regrad_cli.online.pipeline import MODES, Request
 
     if not worker.ready.is_set():
         worker._check_open()
     qe = worker.engine
-    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, retriever=q.retriever,
-                                              max_new_tokens=max_new_tokens)
+    opts = qe.ws.config.query.request_options(mode=q.mode, top_k=q.top_k, gamma=q.gamma, combine=q.combine,
+                                              retriever=q.retriever, max_new_tokens=max_new_tokens)
     if qe.bank is None and MODES[opts["mode"]].adapter == "step":
         raise ApiError(409, "no_bank", f"mode {opts['mode']!r} needs a gradient bank and this workspace has none "
                        "for the loaded learner: run `regrad build-bank`", "mode")
-    # combine: the request's, else the learner's trained one (the server never used [query] combine)
-    opts["combine"] = q.combine
     return Request(question if question is not None else q.question, show_docs=q.show_docs,
-                   min_score=q.min_score, **opts)
+                   min_score=q.min_score, on_text=on_text, **opts)
 
 
 async def _answer(worker: BatchWorker, req) -> dict:
@@ -655,33 +656,77 @@ def _openai_routes(app, worker: BatchWorker) -> None:
 
     @app.post("/v1/chat/completions", summary="Answer the last user message (OpenAI's chat completion format)")
     async def chat(c: ChatIn):  # type: ignore[valid-type]
-        req = _to_request(worker, c, question=_chat_question(c.messages),
-                          max_new_tokens=c.max_completion_tokens or c.max_tokens)
-        res = await _answer(worker, req)
+        question, max_new = _chat_question(c.messages), c.max_completion_tokens or c.max_tokens
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        extra = {k: res[k] for k in ("mode", "retrieved", "warnings", "skipped", "timings_ms") if k in res}
         if not c.stream:
+            res = await _answer(worker, _to_request(worker, c, question=question, max_new_tokens=max_new))
             return _json({"id": cid, "object": "chat.completion", "created": created, "model": c.model,
                           "choices": [{"index": 0, "message": {"role": "assistant", "content": res["answer"]},
                                        "logprobs": None, "finish_reason": "stop"}],
-                          "usage": None, "regrad": extra})
+                          "usage": None, "regrad": _chat_extra(res)})
+        events = _Stream(asyncio.get_running_loop())
+        fut = worker.submit(_to_request(worker, c, question=question, max_new_tokens=max_new, on_text=events.text))
+        fut.add_done_callback(events.done)
+        # Wait for the first text (or the end) before answering: a request that fails before its
+        # answer starts (no bank, a bad field) still gets its HTTP status, as without "stream".
+        first = await events.next()
+        if first[0] == "done" and first[1].exception() is not None:
+            raise error_of(first[1].exception())
 
         def chunk(delta: dict, finish: str | None = None, **more) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": c.model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
             return f"data: {json.dumps(body, default=str)}\n\n"
 
-        async def events():
-            # The answer is generated whole (one step per question), then sent as OpenAI's
-            # stream: the role, the text, the end with regrad's extra field, [DONE].
+        async def sse():
+            # OpenAI's stream: the role, the answer's text as it is generated (each token's text
+            # once no later token can change it), the end with regrad's extra field, [DONE].
             yield chunk({"role": "assistant", "content": ""})
-            if res["answer"]:
-                yield chunk({"content": res["answer"]})
-            yield chunk({}, "stop", regrad=extra)
+            kind, value = first
+            while kind == "text":
+                yield chunk({"content": value})
+                kind, value = await events.next()
+            exc = value.exception()
+            if exc is not None:  # failed after its text began: an error event, as OpenAI sends
+                yield f"data: {json.dumps(error_of(exc).body(), default=str)}\n\n"
+                return
+            yield chunk({}, "stop", regrad=_chat_extra(value.result()))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chat_extra(res: dict) -> dict:
+    """The "regrad" field of a chat completion: the answer's documents, mode, warnings, timings."""
+    return {k: res[k] for k in ("mode", "retrieved", "warnings", "skipped", "timings_ms") if k in res}
+
+
+class _Stream:
+    """One streamed answer, from the worker thread to the response: ``text`` receives the answer
+    so far (the pipeline's ``on_text``), ``done`` the request's future; ``next`` gives
+    ("text", new text) items, then ("done", future). Both go through the event loop's own queue,
+    in the order the worker made them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue, self.sent = loop, asyncio.Queue(), ""
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def text(self, so_far: str) -> None:
+        # A batch retried one request at a time (serve's BatchWorker) sends the same texts again.
+        if len(so_far) > len(self.sent) and so_far.startswith(self.sent):
+            new, self.sent = so_far[len(self.sent):], so_far
+            self._put(("text", new))
+
+    def done(self, fut: concurrent.futures.Future) -> None:
+        self._put(("done", fut))
+
+    async def next(self) -> tuple:
+        return await self.queue.get()
 
 
 def _ops_routes(app, worker: BatchWorker) -> None:

@@ -246,6 +246,17 @@ class DocumentStore:
             query = query.select(list(columns))
         return query.limit(None).to_arrow()
 
+    @_readable
+    def ids(self) -> set[str]:
+        """Every document id, read with pylance alone (no lancedb import: ``bank rm`` tells an
+        unknown id from them in a fraction of the time lancedb takes to load)."""
+        uri = self.db_path / f"{TABLE_NAME}.lance"
+        if not _committed(uri):
+            return set()
+        import lance
+
+        return set(lance.dataset(str(uri)).to_table(columns=["id"]).column("id").to_pylist())
+
     def all(self, columns: list[str] | None = None) -> list[dict]:
         """Every row as a dict (pass ``columns`` to skip the embeddings)."""
         return self.arrow(columns).to_pylist()
