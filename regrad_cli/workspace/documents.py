@@ -247,6 +247,7 @@ class DocumentStore:
         return query.limit(None).to_arrow()
 
     @_readable
+    @_readable
     def ids(self) -> set[str]:
         """Every document id, read with pylance alone (no lancedb import: ``bank rm`` tells an
         unknown id from them in a fraction of the time lancedb takes to load)."""
