@@ -238,3 +238,21 @@ def test_key_map_trains_first_order_with_phi_frozen(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     for n in trained.names:
         assert torch.equal(trained.tensor(n), phi_before[n])
+
+
+def test_state_is_saved_by_time_between_dev_checks(tmp_path):
+    """--save-every-s: a long run between two dev checks still writes state.pt (at most that many
+    seconds of work are lost when it is stopped)."""
+    model = make_tiny_llama(seed=0)
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    cfg = MetaTrainConfig(train=[f"jsonl:{data}"], out=str(tmp_path / "run"), k=2, steps=3, meta_batch=2,
+                          eval_every=100, save_every_s=1e-6, max_doc_tokens=48, b_std=0.05, energy_docs=0)
+    seen = {}
+
+    def progress(step, total, rec):
+        state = tmp_path / "run" / "state.pt"
+        seen[step] = torch.load(state, weights_only=True)["step"] if state.exists() else None
+
+    meta_train(cfg, model, FakeTokenizer(), FakeEmbedder(), progress=progress)
+    # Before step 2's own save, the file already holds step 1, saved by time, not by a dev check.
+    assert seen == {1: None, 2: 1, 3: 2}

@@ -57,3 +57,20 @@ def test_ingest_of_an_empty_root_says_nothing_was_found(tmp_path, capsys, monkey
         assert f"no files found under {empty}" in line and "0 path(s)" not in line, err
         if extra:
             assert "nothing pruned" in line, err
+
+
+def test_meta_train_locality_text_is_read_bounded_with_one_clear_error(tmp_path, capsys, monkeypatch):
+    """--locality-text: a missing, binary or too-short file is a usage error (exit 2), one line,
+    before any model loads."""
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00" * 100)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    for path, says in ((tmp_path / "missing.txt", "cannot read it"), (binary, "not UTF-8"),
+                       (short, "too short")):
+        code, out, err = run_cli(["meta-train", "--train", "synthetic:1:2", "--model", "fake:llama",
+                                  "--locality", "1", "--locality-text", path, "--out", tmp_path / "run"],
+                                 capsys, monkeypatch)
+        assert code == 2, (out, err)
+        assert f"--locality-text {path}: {says}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

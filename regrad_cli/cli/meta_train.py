@@ -34,10 +34,12 @@ def meta_train_cmd(
     codec: Annotated[str, typer.Option("--codec", help="Bank codec the inner-step gradients pass through (straight-through); 'fp32' for none.")] = META["codec"],
     first_order_steps: Annotated[int, typer.Option("--first-order-steps", help="Warm up with this many first-order steps, second order after.")] = META["first_order_steps"],
     locality: Annotated[float, typer.Option("--locality", help="Weight of a KL term keeping general text unchanged.")] = META["locality"],
+    locality_text: Annotated[Optional[Path], typer.Option("--locality-text", help="UTF-8 text for the --locality KL (default: the bundled general text, on which `regrad eval` also measures drift).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = META["seed"],
     max_doc_tokens: Annotated[int, typer.Option("--max-doc-tokens", help="Truncate documents to this many tokens.")] = META["max_doc_tokens"],
     dev_limit: Annotated[int, typer.Option("--dev-limit", help="Dev questions per evaluation.")] = META["dev_limit"],
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on dev and save state every N steps.")] = META["eval_every"],
+    save_every_s: Annotated[float, typer.Option("--save-every-s", help="Also save state.pt and log.json when this many seconds passed since the last save (0: only at dev checks).")] = META["save_every_s"],
     alpha_init: Annotated[float, typer.Option("--alpha-init", help="Initial step size alpha (0.1 stayed too small over a few hundred CPU steps).")] = META["alpha_init"],
     transform_lr: Annotated[float, typer.Option("--transform-lr", help="Learning rate of the learner's document key map (first order; needs --init of a learner made by `regrad learner fit-keymap`); 0 keeps it fixed.")] = META["transform_lr"],
     freeze_phi: Annotated[bool, typer.Option("--freeze-phi", help="Keep phi fixed; train only alpha, the temperature and the key map.")] = META["freeze_phi"],
@@ -65,13 +67,14 @@ def meta_train_cmd(
         meta_batch=meta_batch, lr=lr, alpha_lr=alpha_lr, warmup=warmup, clip=clip,
         first_order=first_order, with_context=with_context, context_mix=context_mix, norm=norm,
         combine=combine, retrieval=retrieval, codec=None if codec == "fp32" else codec,
-        first_order_steps=first_order_steps, locality=locality, seed=seed,
-        max_doc_tokens=max_doc_tokens, dev_limit=dev_limit, eval_every=eval_every,
+        first_order_steps=first_order_steps, locality=locality, locality_text=str(locality_text) if locality_text else None, seed=seed,
+        max_doc_tokens=max_doc_tokens, dev_limit=dev_limit, eval_every=eval_every, save_every_s=save_every_s,
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
         transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb,
     )
-    general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
+    general = (_locality_text(locality_text) if locality_text
+               else (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8"))
     # Under torchrun each process joins the job and takes the GPU of its LOCAL_RANK; alone,
     # nothing is initialised and lm_device is the configured device.
     dist, lm_device = distributed.init(device or (mcfg.device if mcfg else "cpu"))
@@ -96,3 +99,27 @@ def meta_train_cmd(
         world = f" on {dist.world} processes" if dist.enabled else ""
         typer.echo(f"best dev F1 {summary['best_dev_f1']:.3f}; checkpoints in {out}/best and {out}/last "
                    f"({summary['wall_s']:.0f} s{world})")
+
+
+LOCALITY_TEXT_MAX_BYTES = 16 * 2**20
+
+
+def _locality_text(path: Path) -> str:
+    """The --locality-text file: a bounded UTF-8 read with one clear error for anything else."""
+    from regrad_cli.errors import OptionError
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(LOCALITY_TEXT_MAX_BYTES + 1)
+    except OSError as exc:
+        raise OptionError(f"--locality-text {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > LOCALITY_TEXT_MAX_BYTES:
+        raise OptionError(f"--locality-text {path}: larger than {LOCALITY_TEXT_MAX_BYTES // 2**20} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"--locality-text {path}: not UTF-8 text (byte {exc.start})") from None
+    if len(text.split()) < 64:
+        raise OptionError(f"--locality-text {path}: too short (needs at least a few hundred words)")
+    return text
+

@@ -69,11 +69,17 @@ class MetaTrainConfig:
     first_order_steps: int = 0
     with_context: bool = False
     locality: float = 0.0
+    # Text of the locality KL (None: the bundled general text, which `regrad eval` also measures
+    # drift on: give a different file to keep that measurement out of training).
+    locality_text: str | None = None
     seed: int = 0
     max_doc_tokens: int = 256
     max_passage_tokens: int = 256
     dev_limit: int = 48
     eval_every: int = 25
+    # state.pt and log.json are also written when this many seconds passed since the last save
+    # (a long run loses at most this much work when it is stopped); 0: only at dev checks.
+    save_every_s: float = 300.0
     max_new_tokens: int = 16
     # Untrained init (when not resuming from a checkpoint).
     rank: int | None = None
@@ -487,15 +493,22 @@ def meta_train(
     if cfg.epochs:
         steps = max(1, int(math.ceil(cfg.epochs * total_items / cfg.meta_batch)))
 
-    general_ids, general_share = None, 1.0
+    general_all = None
     if cfg.locality > 0 and general_text:
         ids = tokenizer(general_text).input_ids
         chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
-        general_ids = torch.tensor(chunks[: max(1, cfg.meta_batch)])
-        # The rows are split over the processes like the questions.
-        g_lo, g_hi = dist.bounds(len(general_ids))
-        general_share = (g_hi - g_lo) / max(1, len(general_ids))
-        general_ids = general_ids[g_lo:g_hi]
+        general_all = torch.tensor(chunks) if chunks else None
+
+    def general_rows(step: int) -> tuple[torch.Tensor | None, float]:
+        """The step's general-text rows for the locality KL: ``meta_batch`` rows of 64 tokens,
+        rotating through the text with the step (a resumed run sees the same rows), split over
+        the processes like the questions; returns (this shard's rows, its share of them)."""
+        if general_all is None:
+            return None, 1.0
+        n = max(1, cfg.meta_batch)
+        rows = general_all[[(step * n + i) % len(general_all) for i in range(min(n, len(general_all)))]]
+        g_lo, g_hi = dist.bounds(len(rows))
+        return rows[g_lo:g_hi], (g_hi - g_lo) / max(1, len(rows))
 
     if cfg.transform_lr > 0 and learner.transform is None:
         raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
@@ -572,7 +585,7 @@ def meta_train(
         if dist.main:
             log.info("dev step %d: %s", step, json.dumps(res))
 
-    t0 = time.time()
+    t0 = last_save = time.time()
     if start_step == 0 and devs:
         run_dev(0)
     for step in range(start_step, steps):
@@ -590,6 +603,7 @@ def meta_train(
         share = (hi - lo) / len(batch)
         opt.zero_grad(set_to_none=True)
         step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
+        general_ids, general_share = general_rows(step)
         loss, info = outer_loss(model, tokenizer, learner, batch[lo:hi], step_cfg, general_ids,
                                 share=share, general_share=general_share, factor_cache=factor_cache)
         loss.backward()
@@ -614,7 +628,11 @@ def meta_train(
             progress(step + 1, steps, rec)
         if devs and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             run_dev(step + 1)
-        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+        due = (step + 1) % cfg.eval_every == 0 or step + 1 == steps
+        if cfg.save_every_s > 0 and time.time() - last_save >= cfg.save_every_s:
+            due = True
+        if dist.main and due:
+            last_save = time.time()
             save_state(step + 1)
             (out / "log.json").write_text(json.dumps(history, indent=1))
     for p in params_phi + params_alpha + params_map:
