@@ -7,6 +7,10 @@ gradients) and B outer passes (the answer loss after the step). The baseline run
 passes, batch size 1, on the same documents and questions (tokenised beforehand): each a forward
 with the LoRA side path on phi and ``loss.backward()`` into phi. The meta-step is measured second
 order (the default: the inner gradients keep their graph) and first order (``--first-order``).
+With ``--keymap DIR`` (a learner with a document key map, e.g. ``training/km-cached/last``) a
+fourth variant is the design the long run trains: the key map first order with phi frozen, the
+documents' factors taken from a warm ``FactorCache`` (``--factor-cache-gb``), so a step is the
+map, the combination and the answer pass; its learner is swapped in only for that variant.
 
 Demo questions, each with its gold document plus k-1 other demo documents (seeded); the same
 batch in every repetition; repetitions interleaved (baseline, second order, first order) so load
@@ -42,6 +46,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="documents per question (meta-train's default is 3)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 2 quick, 4 full)")
     p.add_argument("--max-doc-tokens", type=int, default=None, help="default: meta-train's, 256")
+    p.add_argument("--keymap", default=None, help="learner with a key map: also time the phi-frozen, factor-cached step")
     args = p.parse_args()
     setup(args)
 
@@ -105,12 +110,45 @@ def main() -> None:
         zero()
         return t["s"], mem.peak_mb, float(loss.detach())
 
+    km = None
+    if args.keymap:
+        from regrad_cli.learner.lora import Learner
+        from regrad_cli.learner.transform import FactorCache
+
+        km = Learner.load(args.keymap)
+        for q in km.parameters():
+            q.requires_grad_(False)
+        km_params = list(km.transform.parameters()) + list(km.log_alpha.parameters()) + [km.log_temp]
+        cache = FactorCache(4 * 2**30)
+        cfg_km = dataclasses.replace(cfg1, freeze_phi=True)
+
+    def keymap_step() -> tuple[float, float, float]:
+        """The long run's step: map + alpha + temperature learn, phi frozen, factors cached."""
+        learner.detach_from(model)
+        km.attach(model)
+        try:
+            for q in km_params:
+                q.requires_grad_(True)
+                q.grad = None
+            with PeakRSS() as mem, timer() as t:
+                loss, _ = outer_loss(model, tok, km, batch, cfg_km, factor_cache=cache)
+                loss.backward()
+            for q in km_params:
+                q.grad = None
+                q.requires_grad_(False)
+        finally:
+            km.detach_from(model)
+            learner.attach(model)
+        return t["s"], mem.peak_mb, float(loss.detach())
+
     base_rss = rss_mb()
     log(f"warm-up (excluded): B={B}, k={args.k}, {len(doc_inputs)} documents of {min(doc_tokens)}-{max(doc_tokens)} tokens")
     baseline()
     meta(cfg1)
     meta(cfg2)
-    t_base, t_so, t_fo, m_so, m_fo = [], [], [], [], []
+    if km is not None:
+        keymap_step()  # fills the factor cache: every later draw of these documents is a hit
+    t_base, t_so, t_fo, m_so, m_fo, t_km, m_km = [], [], [], [], [], [], []
     for r in range(reps):
         log(f"repetition {r + 1}/{reps}")
         t_base.append(baseline())
@@ -120,20 +158,31 @@ def main() -> None:
         s, m, loss1 = meta(cfg1)
         t_fo.append(s)
         m_fo.append(m)
+        if km is not None:
+            s, m, loss_km = keymap_step()
+            t_km.append(s)
+            m_km.append(m)
     info = checkpoint_info(engine)
 
     base, so, fo = median(t_base), median(t_so), median(t_fo)
+    kms = median(t_km) if t_km else None
     passes = (args.k + 1) * B
+    rows = [[f"baseline: {passes} single fwd+bwd passes", base, 1.0, None, None],
+            ["meta-step, second order", so, so / base, max(m_so), max(m_so) - base_rss],
+            ["meta-step, first order", fo, fo / base, max(m_fo), max(m_fo) - base_rss]]
+    if kms is not None:
+        rows.append(["key map, phi frozen, factors cached", kms, kms / base, max(m_km), max(m_km) - base_rss])
     print_table(
         f"One meta-step, B={B} questions x k={args.k} documents (mean {sum(doc_tokens) / len(doc_tokens):.0f} tokens, "
         f"max {cfg2.max_doc_tokens}); medians of {reps} repetitions",
         ["what", "seconds", "x baseline", "peak RSS MB", "over base MB"],
-        [[f"baseline: {passes} single fwd+bwd passes", base, 1.0, None, None],
-         ["meta-step, second order", so, so / base, max(m_so), max(m_so) - base_rss],
-         ["meta-step, first order", fo, fo / base, max(m_fo), max(m_fo) - base_rss]],
+        rows,
     )
     print(f"\nper pass in the baseline: {base / passes:.3f} s; outer loss {loss2:.3f} (second order), "
           f"{loss1:.3f} (first order)")
+    print(f"per training question: second order {so / B:.3f} s, first order {fo / B:.3f} s"
+          + (f", key map cached {kms / B:.3f} s; second order / first order {so / fo:.2f}x, "
+             f"second order / key map cached {so / kms:.2f}x" if kms is not None else ""))
 
     emit({
         "benchmark": "meta_step",
@@ -144,8 +193,14 @@ def main() -> None:
         "meta_step_first_order_s": fo,
         "baseline_s": base,
         "baseline_passes": passes,
-        "runs_s": {"baseline": t_base, "second_order": t_so, "first_order": t_fo},
-        "peak_rss_mb": {"second_order": max(m_so), "first_order": max(m_fo), "process_before": base_rss},
+        "runs_s": {"baseline": t_base, "second_order": t_so, "first_order": t_fo, "keymap_cached": t_km},
+        "peak_rss_mb": {"second_order": max(m_so), "first_order": max(m_fo), "process_before": base_rss,
+                        **({"keymap_cached": max(m_km)} if m_km else {})},
+        "seconds_per_question": {"second_order": so / B, "first_order": fo / B,
+                                 **({"keymap_cached": kms / B} if kms is not None else {})},
+        "speedup_vs_second_order": {"first_order": so / fo,
+                                    **({"keymap_cached": so / kms} if kms is not None else {})},
+        "keymap_learner": args.keymap,
         "meta_batch": B,
         "k": args.k,
         "max_doc_tokens": cfg2.max_doc_tokens,

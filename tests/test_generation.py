@@ -171,3 +171,34 @@ def test_answer_likelihood_with_per_row_adapters(one_thread):
         generate(model, tok, prompts, MAX_NEW, on_rows=lambda rows: learner.use(adapt.select_rows(state, rows)),
                  answers=[answer_ids(tok, g) for g in golds], nll_out=nll)
     assert nll == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_loss_with_the_head_only_at_answer_tokens_equals_the_full_logits(family):
+    """per_sample_nll with a target mask runs the LM head only where it scores (llama, qwen2, ...):
+    the same per-row losses and the same gradients in the LoRA side path as the full logits."""
+    import torch.nn.functional as F
+
+    from regrad_cli.learner.lora import Learner
+    from regrad_cli.lm.generation import teacher_forced_batch
+    from regrad_cli.lm.tokens import per_sample_nll
+
+    model, tok = _model(family), byte_tokenizer()
+    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=0.5).attach(model)
+    ids, mask, tmask = teacher_forced_batch(tok, _prompt_ids(tok), ["1887", "no", "a long answer here", "z", "x", "y"])
+    params = [learner.phi[k] for k in learner.phi.keys()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def full():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        tm = tmask[:, 1:].float()
+        return (nll.view(tm.shape) * tm).sum(1) / tm.sum(1)
+
+    fast, ref = per_sample_nll(model, ids, mask, tmask), full()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.sum(), params)
+    g_ref = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

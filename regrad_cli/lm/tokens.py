@@ -73,10 +73,39 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> 
     return EncodedDocs(input_ids, mask, [len(r) for r in rows])
 
 
+# Model types whose causal-LM logits are exactly ``lm_head(decoder(...).last_hidden_state)``
+# (no logit scaling or soft-capping): for these, a masked loss runs the head only where it scores.
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"})
+
+
+def _decoder_and_head(model):
+    cfg = getattr(model, "config", None)
+    dec, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if dec is None or head is None or getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    return dec, head
+
+
 def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token NLL per sample [N] over positions where target_mask (default: attention)
-    is 1 on the *predicted* token."""
+    is 1 on the *predicted* token.
+
+    With a ``target_mask`` (an answer after a prompt) on a model whose logits are a plain head
+    over the decoder's last hidden states, the head runs only at the scored positions: the same
+    losses and gradients (tested) without the [N, T, vocab] logits of every prompt token, which
+    for prompts with passages were most of a meta-step's time and memory."""
+    parts = _decoder_and_head(model) if target_mask is not None else None
+    if parts is not None:
+        dec, head = parts
+        hidden = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+        logits = head(hidden[:, :-1][scored])
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        flat = F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
+        nll = flat.new_zeros(scored.shape).masked_scatter(scored, flat)
+        return nll.sum(1) / scored.sum(1).clamp_min(1).to(nll.dtype)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     logits = out.logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
