@@ -73,4 +73,7 @@ def test_meta_train_locality_text_is_read_bounded_with_one_clear_error(tmp_path,
                                  capsys, monkeypatch)
         assert code == 2, (out, err)
         assert f"--locality-text {path}: {says}" in err and "Traceback" not in err, err
+    code, out, err = run_cli(["meta-train", "--train", "synthetic:1:2", "--model", "fake:llama",
+                              "--factor-cache-dtype", "int3", "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code == 2 and "--factor-cache-dtype 'int3'" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()

@@ -184,7 +184,7 @@ def test_cli_fit_keymap_writes_a_learner_with_its_map(tmp_path, capsys, monkeypa
     assert code == 1 and "evaluation set" in err
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2), ("float8", 6e-2)])
 def test_factor_cache_gives_the_transformed_gradients(dtype, tol):
     """Cached factors (trimmed to each document's tokens, reused on the next draw) give the
     map's gradients of the same documents computed afresh in one padded batch."""
@@ -214,3 +214,27 @@ def test_factor_cache_gives_the_transformed_gradients(dtype, tol):
     small = FactorCache(1, dtype=dtype)
     small.gradients(model, learner, texts, enc, nll)
     assert len(small) == 0 and small.bytes == 0
+
+
+def test_factor_cache_memory_float8_and_shared_inputs():
+    """float8 factors take about half the bytes of bfloat16 (per-row scales aside), and an input
+    read by several modules (gate and up) is stored once."""
+    from regrad_cli.learner.transform import FactorCache
+
+    model, learner, tok = _setup(torch.float32)
+    learner.transform = KeyMap.identity(learner)
+    texts = ["alpha beta gamma delta", "one two three four five six seven"]
+    enc = encode_documents(tok, texts, 32)
+    nll = lambda i, m: per_sample_nll(model, i, m)  # noqa: E731
+    caches = {dt: FactorCache(1 << 30, dtype=dt) for dt in ("bfloat16", "float8")}
+    for c in caches.values():
+        c.gradients(model, learner, texts, enc, nll)
+    assert caches["float8"].bytes < 0.6 * caches["bfloat16"].bytes
+    per, _, size = caches["bfloat16"]._docs[texts[1]]
+    inputs = {id(x[0]) for x, _ in per.values()}
+    mods = [m for m in per if m.endswith(("gate_proj", "up_proj"))]
+    assert mods and len(inputs) < len(per)  # gate and up share their stored input
+    naive = sum(x[0].numel() * 2 + d[0].numel() * 2 for x, d in per.values())
+    assert size < naive
+    with pytest.raises(RegradError, match="unknown factor cache dtype"):
+        FactorCache(1, dtype="int3")

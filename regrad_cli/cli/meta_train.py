@@ -44,6 +44,7 @@ def meta_train_cmd(
     transform_lr: Annotated[float, typer.Option("--transform-lr", help="Learning rate of the learner's document key map (first order; needs --init of a learner made by `regrad learner fit-keymap`); 0 keeps it fixed.")] = META["transform_lr"],
     freeze_phi: Annotated[bool, typer.Option("--freeze-phi", help="Keep phi fixed; train only alpha, the temperature and the key map.")] = META["freeze_phi"],
     factor_cache_gb: Annotated[float, typer.Option("--factor-cache-gb", help="With --freeze-phi and a key map: keep documents' factors (bfloat16) up to this many GiB and reuse them; 0 recomputes them every draw.")] = META["factor_cache_gb"],
+    factor_cache_dtype: Annotated[str, typer.Option("--factor-cache-dtype", help="How cached factors are stored: bfloat16, float8 (each token's row scaled; half the memory) or float32 (exact).")] = META["factor_cache_dtype"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
@@ -53,6 +54,10 @@ def meta_train_cmd(
     json_out: JsonOpt = False,
 ):
     """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer (data-parallel under torchrun)."""
+    if factor_cache_dtype not in FACTOR_CACHE_DTYPES:
+        from regrad_cli.errors import OptionError
+
+        raise OptionError(f"--factor-cache-dtype {factor_cache_dtype!r}: use one of {', '.join(FACTOR_CACHE_DTYPES)}")
     from importlib.resources import files
 
     from regrad_cli.learning import distributed
@@ -71,7 +76,7 @@ def meta_train_cmd(
         max_doc_tokens=max_doc_tokens, dev_limit=dev_limit, eval_every=eval_every, save_every_s=save_every_s,
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
-        transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb,
+        transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb, factor_cache_dtype=factor_cache_dtype,
     )
     general = (_locality_text(locality_text) if locality_text
                else (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8"))
@@ -101,6 +106,7 @@ def meta_train_cmd(
                    f"({summary['wall_s']:.0f} s{world})")
 
 
+FACTOR_CACHE_DTYPES = ("bfloat16", "float8", "float32")  # transform.FactorCache.DTYPES, without importing torch
 LOCALITY_TEXT_MAX_BYTES = 16 * 2**20
 
 

@@ -233,11 +233,23 @@ class FactorCache:
     ``dtype`` (bfloat16 by default: half the memory; a relative rounding of ~4e-3, far below the
     bank codec's int4 rounding the step passes through anyway; float32 keeps them exact), up to
     ``max_bytes`` (least recently used out first). Only valid while phi is fixed: the caller
-    guarantees it (meta_train refuses the cache without --freeze-phi)."""
+    guarantees it (meta_train refuses the cache without --freeze-phi).
 
-    def __init__(self, max_bytes: int, dtype: torch.dtype = torch.bfloat16):
+    ``float8`` (``torch.float8_e4m3fn``) halves the memory again: each token's row is scaled by
+    its largest magnitude before rounding (a relative rounding of at most 2^-4 per element, and
+    a measured error of the summed gradient in ``tests/test_transform.py``; still finer than the
+    int4 bank codec the step passes through). Modules that read the same input (an MLP's gate and
+    up projections) keep one copy of it."""
+
+    DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8": torch.float8_e4m3fn}
+
+    def __init__(self, max_bytes: int, dtype: "torch.dtype | str" = torch.bfloat16):
         from collections import OrderedDict
 
+        if isinstance(dtype, str):
+            if dtype not in self.DTYPES:
+                raise RegradError(f"unknown factor cache dtype {dtype!r} (use {', '.join(self.DTYPES)})")
+            dtype = self.DTYPES[dtype]
         self.max_bytes, self.dtype = int(max_bytes), dtype
         self._docs: "OrderedDict[str, tuple[dict, float, int]]" = OrderedDict()
         self.bytes = 0
@@ -247,8 +259,31 @@ class FactorCache:
     def __len__(self) -> int:
         return len(self._docs)
 
+    def _pack(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A [T, dim] float factor as stored: (values, per-row scale or None)."""
+        if self.dtype == torch.float8_e4m3fn:
+            scale = t.float().abs().amax(1, keepdim=True).clamp_min(1e-30) / 448.0
+            return (t.float() / scale).to(self.dtype), scale
+        return t.to(self.dtype).clone(), None
+
+    @staticmethod
+    def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        values, scale = packed
+        return values.float() if scale is None else values.float() * scale
+
+    @staticmethod
+    def _size(factors: dict) -> int:
+        seen, size = set(), 0
+        for pair in factors.values():
+            for values, scale in pair:
+                for t in (values, scale):
+                    if t is not None and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        size += t.numel() * t.element_size()
+        return size
+
     def _put(self, text: str, factors: dict, loss: float) -> None:
-        size = sum(x.numel() * x.element_size() + d.numel() * d.element_size() for x, d in factors.values())
+        size = self._size(factors)
         if size > self.max_bytes:
             return
         while self._docs and self.bytes + size > self.max_bytes:
@@ -277,8 +312,13 @@ class FactorCache:
             factors, losses = capture_factors(model, learner, lambda: loss_fn_for(ids.to(device), mask.to(device)), base)
             for j, i in enumerate(rows):
                 n = int(docs.n_tokens[i])
-                per = {m: (x[j, :n].to(self.dtype).clone(), d[j, :n].to(self.dtype).clone())
-                       for m, (x, d) in factors.items()}
+                shared: dict[int, tuple] = {}  # one stored copy of an input several modules read
+                per = {}
+                for m, (x, d) in factors.items():
+                    key = x.data_ptr()
+                    if key not in shared:
+                        shared[key] = self._pack(x[j, :n])
+                    per[m] = (shared[key], self._pack(d[j, :n]))
                 fresh[texts[i]] = (per, float(losses[j]))
                 self._put(texts[i], per, float(losses[j]))
         out: dict[str, list[torch.Tensor]] = {n: [] for n in learner.names}
@@ -289,7 +329,7 @@ class FactorCache:
             else:
                 per, loss, _ = self._docs[t]
                 self._docs.move_to_end(t)
-            f32 = {m: (x.float().unsqueeze(0), d.float().unsqueeze(0)) for m, (x, d) in per.items()}
+            f32 = {m: (self._unpack(x).unsqueeze(0), self._unpack(d).unsqueeze(0)) for m, (x, d) in per.items()}
             g = learner.transform.gradients(f32, learner.spec.scale, learner.names)
             for n in learner.names:
                 out[n].append(g[n])

@@ -115,6 +115,8 @@ class MetaTrainConfig:
     # With a trained map and phi frozen, documents' factors never change: keep them (bfloat16)
     # up to this many GiB and reuse them (transform.FactorCache). 0: recompute every draw.
     factor_cache_gb: float = 0.0
+    # How the factor cache stores factors: bfloat16, float8 (row-scaled, half the memory) or float32.
+    factor_cache_dtype: str = "bfloat16"
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
 
@@ -522,7 +524,7 @@ def meta_train(
                               "it needs a learner with a key map and --freeze-phi")
         from regrad_cli.learner.transform import FactorCache
 
-        factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30))
+        factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30), dtype=cfg.factor_cache_dtype)
     params_phi = [] if cfg.freeze_phi else [learner.phi[k] for k in learner.phi.keys()]
     params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
     if cfg.combine == "score":
