@@ -243,8 +243,10 @@ class FactorCache:
 
     DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8": torch.float8_e4m3fn}
 
-    def __init__(self, max_bytes: int, dtype: "torch.dtype | str" = torch.bfloat16):
+    def __init__(self, max_bytes: int, dtype: "torch.dtype | str" = torch.bfloat16, capture_batch: int = 4):
         from collections import OrderedDict
+
+        self.capture_batch = max(1, int(capture_batch))
 
         if isinstance(dtype, str):
             if dtype not in self.DTYPES:
@@ -305,12 +307,16 @@ class FactorCache:
         self.hits += len(texts) - len(rows)  # every draw but the one computation of each new text
         self.misses += len(rows)
         fresh = {}
-        if rows:
-            idx = torch.tensor(rows)
-            ids, mask = docs.input_ids[idx], docs.attention_mask[idx]
-            device = next(model.parameters()).device
+        device = next(model.parameters()).device
+        # Missing documents in small groups: each document's factors and loss are its own (the
+        # loss is per sample), so grouping changes nothing but the peak memory of the graph.
+        for lo in range(0, len(rows), self.capture_batch):
+            group = rows[lo:lo + self.capture_batch]
+            idx = torch.tensor(group)
+            width = int(max(docs.n_tokens[i] for i in group))
+            ids, mask = docs.input_ids[idx, :width], docs.attention_mask[idx, :width]
             factors, losses = capture_factors(model, learner, lambda: loss_fn_for(ids.to(device), mask.to(device)), base)
-            for j, i in enumerate(rows):
+            for j, i in enumerate(group):
                 n = int(docs.n_tokens[i])
                 shared: dict[int, tuple] = {}  # one stored copy of an input several modules read
                 per = {}
