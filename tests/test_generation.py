@@ -202,3 +202,20 @@ def test_answer_loss_with_the_head_only_at_answer_tokens_equals_the_full_logits(
     g_ref = torch.autograd.grad(ref.sum(), params)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_nll_groups_rows_by_length_with_the_same_losses():
+    """answer_nll runs prompts of very different lengths (with and without passages) in separate
+    padded batches: the per-row losses equal those of one batch, in the caller's order."""
+    from regrad_cli.lm.generation import answer_nll, length_groups, teacher_forced_batch
+    from regrad_cli.lm.tokens import per_sample_nll
+
+    assert length_groups([50, 800, 60, 700, 10]) == [[1, 3], [2, 0], [4]]
+    model, tok = _model("llama"), byte_tokenizer()
+    long = tok("the observatory on the ridge was founded by a society of amateurs " * 6,
+               add_special_tokens=False).input_ids
+    prompts = [_prompt_ids(tok)[1], long, _prompt_ids(tok)[0], long[:200], _prompt_ids(tok)[3]]
+    answers = ["1887", "no", "a long answer here", "z", "x"]
+    ids, mask, tmask = teacher_forced_batch(tok, prompts, answers)
+    one_batch = per_sample_nll(model, ids, mask, tmask)
+    torch.testing.assert_close(answer_nll(model, tok, prompts, answers), one_batch, rtol=1e-5, atol=1e-5)

@@ -244,10 +244,32 @@ def teacher_forced_batch(tokenizer, prompts: Sequence[Sequence[int]], answers: S
     return ids, mask, tmask
 
 
+def length_groups(lengths: Sequence[int], *, min_fill: float = 0.6) -> list[list[int]]:
+    """Row indices grouped by length (longest first) so that every row of a group is at least
+    ``min_fill`` of the group's longest: right-padding then wastes little. A batch that mixes
+    prompts with passages (~800 tokens) and without (~50) otherwise pads every row to 800."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] >= min_fill * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def answer_nll(model, tokenizer, prompts, answers) -> torch.Tensor:
-    """Mean NLL per answer token, per row [N] (differentiable if grad is enabled)."""
+    """Mean NLL per answer token, per row [N] (differentiable if grad is enabled). Rows of very
+    different lengths run in separate padded batches (each row's loss is its own: the same
+    values as one batch, less padding)."""
     from regrad_cli.lm.tokens import per_sample_nll
 
     device = next(model.parameters()).device
-    ids, mask, tmask = teacher_forced_batch(tokenizer, prompts, answers)
-    return per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device))
+    lengths = [len(p) + len(answer_ids(tokenizer, a)) for p, a in zip(prompts, answers)]
+    parts, order = [], []
+    for group in length_groups(lengths):
+        ids, mask, tmask = teacher_forced_batch(tokenizer, [prompts[i] for i in group], [answers[i] for i in group])
+        parts.append(per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device)))
+        order.extend(group)
+    nll = torch.cat(parts)
+    return nll[torch.argsort(torch.tensor(order, device=nll.device))]
