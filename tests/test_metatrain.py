@@ -256,3 +256,24 @@ def test_state_is_saved_by_time_between_dev_checks(tmp_path):
     meta_train(cfg, model, FakeTokenizer(), FakeEmbedder(), progress=progress)
     # Before step 2's own save, the file already holds step 1, saved by time, not by a dev check.
     assert seen == {1: None, 2: 1, 3: 2}
+
+
+def test_outer_loss_groups_answers_by_length_with_each_questions_own_step(monkeypatch):
+    """The answer pass runs length groups, each with its rows' slice of the per-question adapted
+    weights: the loss and its gradient equal those of one batch (groups forced to single rows)."""
+    import regrad_cli.lm.generation as generation
+
+    model, tok, learner, cfg, batch = _setup()
+    batch = [(it, docs, scores, i % 2 == 0) for i, (it, docs, scores) in enumerate(batch)]
+    cfg.context_mix, cfg.with_context = 0.5, False  # rows 0 and 2 see their passages: longer prompts
+    params = _params(learner)
+    for p in params:
+        p.requires_grad_(True)
+    results = []
+    for groups in (lambda lengths, **kw: [list(range(len(lengths)))], lambda lengths, **kw: [[i] for i in range(len(lengths))]):
+        monkeypatch.setattr(generation, "length_groups", groups)
+        loss, _ = outer_loss(model, tok, learner, batch, cfg)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -283,8 +283,9 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
     prompts = [prompt_ids(tokenizer, e[0].question, e[1] if _with_context(e, cfg) else (), e[0].kind,
                           cfg.max_passage_tokens) for e in batch]
     answers = [e[0].answers[0] for e in batch]
-    with learner.using(adapted):
-        nll = answer_nll(model, tokenizer, prompts, answers)
+    # Each question's own adapted weights (batched step): a length group applies its rows' slice.
+    nll = answer_nll(model, tokenizer, prompts, answers,
+                     per_group=lambda rows: learner.using({n: t[rows] for n, t in adapted.items()}))
     loss = nll.mean() * share
     kl = torch.zeros(())
     if cfg.locality > 0 and general_ids is not None and len(general_ids):

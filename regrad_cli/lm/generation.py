@@ -258,18 +258,27 @@ def length_groups(lengths: Sequence[int], *, min_fill: float = 0.6) -> list[list
     return groups
 
 
-def answer_nll(model, tokenizer, prompts, answers) -> torch.Tensor:
-    """Mean NLL per answer token, per row [N] (differentiable if grad is enabled). Rows of very
-    different lengths run in separate padded batches (each row's loss is its own: the same
-    values as one batch, less padding)."""
+def answer_nll(model, tokenizer, prompts, answers, *, per_group=None) -> torch.Tensor:
+    """Mean NLL per answer token, per row [N] (differentiable if grad is enabled).
+
+    With ``per_group`` (a function of a group's row indices returning a context manager, e.g.
+    one that applies those rows' per-sample adapters), rows of very different lengths run in
+    separate padded batches inside it: each row's loss is its own, so the values equal one
+    batch's (tested), without padding 50-token prompts to the 800 of prompts with passages."""
+    from contextlib import nullcontext
+
     from regrad_cli.lm.tokens import per_sample_nll
 
     device = next(model.parameters()).device
+    if per_group is None:
+        ids, mask, tmask = teacher_forced_batch(tokenizer, prompts, answers)
+        return per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device))
     lengths = [len(p) + len(answer_ids(tokenizer, a)) for p, a in zip(prompts, answers)]
     parts, order = [], []
     for group in length_groups(lengths):
         ids, mask, tmask = teacher_forced_batch(tokenizer, [prompts[i] for i in group], [answers[i] for i in group])
-        parts.append(per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device)))
+        with per_group(group) or nullcontext():
+            parts.append(per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device)))
         order.extend(group)
     nll = torch.cat(parts)
     return nll[torch.argsort(torch.tensor(order, device=nll.device))]
