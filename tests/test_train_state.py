@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,33 @@ def test_damaged_state_is_one_error_line_through_the_cli(tmp_path, capsys, monke
         assert len(lines) == 1 and lines[0].startswith("Error: ") and str(path) in lines[0], (name, err)
         assert says in lines[0], (name, lines[0])
         assert "this must never run" not in out + err
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("folder", ["metatrain_state_v0", "metatrain_state_v1_0"])
+def test_golden_states_resume_to_the_uninterrupted_run(tmp_path, folder, caplog):
+    """state.pt of every format (tests/golden/README.md: v0 written before the format had a
+    version, by commit 8d1f911) resumes to where today's uninterrupted run ends."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("make_golden_metatrain_state",
+                                                  GOLDEN / "make_golden_metatrain_state.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    run = tmp_path / "run"
+    shutil.copytree(GOLDEN / folder, run)
+    data = f"jsonl:{run / 'd.jsonl'}"
+    golden_log = read_state(run / "state.pt")["history"]["train"]
+    caplog.set_level("INFO", logger="regrad")
+    for out, resume in ((tmp_path / "straight", False), (run, True)):
+        meta_train(MetaTrainConfig(train=[data], out=str(out), **maker.CONFIG), make_tiny_llama(seed=0),
+                   FakeTokenizer(), FakeEmbedder(), resume=resume)
+    # Not bit for bit: the golden steps 1-2 may have run on another CPU than today's.
+    _assert_same(Learner.load(tmp_path / "straight" / "last"), Learner.load(run / "last"), atol=1e-6)
+    assert "resumed from step 2" in caplog.text
+    # The golden log continued: its two steps, then the two the resumed run took.
+    train = json.loads((run / "log.json").read_text())["train"]
+    assert train[:2] == golden_log and [r["step"] for r in train] == [1, 2, 3, 4]
