@@ -54,7 +54,7 @@ def main() -> None:
 
     from regrad_cli.lm.generation import teacher_forced_batch
     from regrad_cli.lm.tokens import encode_documents, per_sample_nll
-    from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, outer_loss
+    from regrad_cli.learning.metatrain import BatchEntry, MetaTrainConfig, build_pool, documents_for, outer_loss
     from regrad_cli.lm.prompting import prompt_ids
 
     B = args.meta_batch or (2 if args.quick else 4)
@@ -75,7 +75,7 @@ def main() -> None:
     batch = []
     for it in rng.sample(items, B):
         docs = documents_for(it, pool, args.k, rng)
-        batch.append((it, docs, pool.scores(it, docs)))
+        batch.append(BatchEntry(it, docs, pool.scores(it, docs)))
 
     params = list(learner.phi.parameters()) + list(learner.log_alpha.parameters()) + [learner.log_temp]
     for q in params:
@@ -83,9 +83,9 @@ def main() -> None:
     learner.use(None)
 
     # Baseline inputs, tokenised outside the timed region.
-    doc_inputs = [encode_documents(tok, [d], cfg2.max_doc_tokens) for _, docs, _ in batch for d in docs]
-    qa_inputs = [teacher_forced_batch(tok, [prompt_ids(tok, it.question, (), it.kind, cfg2.max_passage_tokens)],
-                                      [it.answers[0]]) for it, _, _ in batch]
+    doc_inputs = [encode_documents(tok, [d], cfg2.max_doc_tokens) for e in batch for d in e.documents]
+    qa_inputs = [teacher_forced_batch(tok, [prompt_ids(tok, e.item.question, (), e.item.kind, cfg2.max_passage_tokens)],
+                                      [e.item.answers[0]]) for e in batch]
     doc_tokens = [e.n_tokens[0] for e in doc_inputs]
 
     def zero():

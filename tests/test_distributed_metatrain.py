@@ -24,7 +24,7 @@ from regrad_cli.learning import distributed
 from regrad_cli.learning.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.learner.lora import Learner
-from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
+from regrad_cli.learning.metatrain import BatchEntry, MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
 from test_metatrain import DOCS, ITEMS  # the same four tiny questions
@@ -246,7 +246,7 @@ def test_shards_with_their_shares_sum_to_the_whole_batch_gradient():
     batch = []
     for it in ITEMS[:3]:
         docs = documents_for(it, pool, cfg.k, rng)
-        batch.append((it, docs, pool.scores(it, docs)))
+        batch.append(BatchEntry(it, docs, pool.scores(it, docs)))
     ids = tok(GENERAL).input_ids
     general = torch.tensor([ids[i:i + 16] for i in range(0, 48, 16)])
     params = list(learner.parameters())

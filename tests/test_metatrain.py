@@ -9,7 +9,7 @@ import torch
 
 from regrad_cli.learning.datasets import QAItem, load_dataset
 from regrad_cli.learner.lora import Learner
-from regrad_cli.learning.metatrain import MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
+from regrad_cli.learning.metatrain import BatchEntry, MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
 
 from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama, require_shared_data
 
@@ -37,7 +37,7 @@ def _setup(seed=0, **cfg_kw):
     batch = []
     for it in ITEMS:
         docs = documents_for(it, pool, cfg.k, rng)
-        batch.append((it, docs, pool.scores(it, docs)))
+        batch.append(BatchEntry(it, docs, pool.scores(it, docs)))
     return model, tok, learner, cfg, batch
 
 
@@ -47,8 +47,8 @@ def _params(learner):
 
 def test_documents_include_gold_plus_distractors():
     _, _, _, cfg, batch = _setup()
-    for it, docs, scores in batch:
-        assert len(docs) == cfg.k and it.documents[0] in docs and len(scores) == cfg.k
+    for e in batch:
+        assert len(e.documents) == cfg.k and e.item.documents[0] in e.documents and len(e.scores) == cfg.k
 
 
 @pytest.mark.parametrize("combine", ["sum", "score"])
@@ -264,8 +264,8 @@ def test_outer_loss_groups_answers_by_length_with_each_questions_own_step(monkey
     import regrad_cli.lm.generation as generation
 
     model, tok, learner, cfg, batch = _setup()
-    batch = [(it, docs, scores, i % 2 == 0) for i, (it, docs, scores) in enumerate(batch)]
-    cfg.context_mix, cfg.with_context = 0.5, False  # rows 0 and 2 see their passages: longer prompts
+    # Rows 0 and 2 see their passages: longer prompts than rows 1 and 3.
+    batch = [BatchEntry(e.item, e.documents, e.scores, with_context=i % 2 == 0) for i, e in enumerate(batch)]
     params = _params(learner)
     for p in params:
         p.requires_grad_(True)

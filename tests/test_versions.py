@@ -58,6 +58,9 @@ def test_the_recorded_histories():
                                       "m003_query_mode"]
     assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature", "m002_document_transform"]
     assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.2", "1.2")
+    from regrad_cli.learning.train_state import STATE_MIGRATIONS, STATE_VERSION
+
+    assert STATE_MIGRATIONS.names == ["m001_versioned"] and str(STATE_VERSION) == "1.0"
 
 
 # regrad.toml -------------------------------------------------------------------------------------

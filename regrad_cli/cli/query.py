@@ -80,34 +80,48 @@ def query_cmd(
     # A --batch file is read and checked whole now: a missing or malformed file is refused before
     # anything loads. Questions on stdin are answered as they come.
     records = list(_records(question, batch)) if batch is not None else _records(question, batch)
+    fields = {"mode": mode, "top_k": top_k, "gamma": gamma, "combine": combine, "retriever": retriever,
+              "max_new_tokens": max_new_tokens, "show_docs": show_docs, "min_score": min_score}
     if server is not None:
         given = [name for name, v in (("--checkpoint", checkpoint), ("--device", device), ("--strict", strict)) if v]
         if given:
             raise RegradError(f"{', '.join(given)} cannot be used with --server: the server decides (see `regrad serve`)")
-        fields = {"mode": mode, "top_k": top_k, "gamma": gamma, "combine": combine, "retriever": retriever,
-                  "max_new_tokens": max_new_tokens, "show_docs": show_docs, "min_score": min_score}
         answers = _remote(server, token, records, {k: v for k, v in fields.items() if v is not None},
                           pipeline, max_batch)
     else:
-        from regrad_cli.workspace.config import Workspace
+        answers = _local(workspace, question, records, fields, pipeline=pipeline, max_batch=max_batch,
+                         checkpoint=checkpoint, device=device, strict=strict)
+    if _print_answers(answers, pipeline=pipeline, as_json=json_out or batch is not None, show_docs=show_docs):
+        raise typer.Exit(1)
 
-        ws = Workspace.open(workspace, create=False)
-        q = ws.config.query
-        mode = mode or q.mode
-        check_cli_options(mode=mode, retriever=retriever or q.retriever, combine=combine or q.combine or None)
-        check_ready(ws, mode, checkpoint)  # before any model loads
-        from regrad_cli.online.query import QueryEngine, Request
 
-        opts = dict(show_docs=show_docs, min_score=min_score, **q.request_options(
-            mode=mode, top_k=top_k, gamma=gamma, combine=combine, retriever=retriever, max_new_tokens=max_new_tokens))
-        engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict,
-                             need_bank=uses_step(mode))
-        if not pipeline:
-            answers = [(None, question, engine.answer(question, **opts))]
-        else:
-            answers = ((rec_id, text, res) for chunk in _chunks(records, max_batch)
-                       for (rec_id, text), res in zip(chunk, engine.answer_many(
-                           [Request(text, **opts) for _, text in chunk], return_exceptions=True)))
+def _local(workspace, question, records, fields: dict, *, pipeline: bool, max_batch: int, checkpoint, device,
+           strict: bool):
+    """(id, question, answer dict or exception) from a QueryEngine over the workspace."""
+    from regrad_cli.workspace.config import Workspace
+
+    ws = Workspace.open(workspace, create=False)
+    q = ws.config.query
+    mode = fields["mode"] or q.mode
+    check_cli_options(mode=mode, retriever=fields["retriever"] or q.retriever,
+                      combine=fields["combine"] or q.combine or None)
+    check_ready(ws, mode, checkpoint)  # before any model loads
+    from regrad_cli.online.query import QueryEngine, Request
+
+    opts = dict(show_docs=fields["show_docs"], min_score=fields["min_score"], **q.request_options(
+        mode=mode, top_k=fields["top_k"], gamma=fields["gamma"], combine=fields["combine"],
+        retriever=fields["retriever"], max_new_tokens=fields["max_new_tokens"]))
+    engine = QueryEngine(ws, checkpoint=checkpoint, device=device, strict=strict, need_bank=uses_step(mode))
+    if not pipeline:
+        return [(None, question, engine.answer(question, **opts))]
+    return ((rec_id, text, res) for chunk in _chunks(records, max_batch)
+            for (rec_id, text), res in zip(chunk, engine.answer_many(
+                [Request(text, **opts) for _, text in chunk], return_exceptions=True)))
+
+
+def _print_answers(answers, *, pipeline: bool, as_json: bool, show_docs: bool) -> int:
+    """Print every answer as it comes (a failed one in a pipeline: its error, and go on); returns
+    the number of failures."""
     failures = 0
     for rec_id, text, res in answers:
         if isinstance(res, Exception):
@@ -115,14 +129,14 @@ def query_cmd(
                 raise res
             failures += 1
             typer.echo(f"Error: {res}", err=True)
-            if json_out or batch is not None:
+            if as_json:
                 print_json({"id": rec_id, "question": text, "error": str(res)})
             else:
                 typer.echo("")  # one stdout line per question, also for a failed one
             continue
         if rec_id is not None:
             res = {"id": rec_id, **{k: v for k, v in res.items() if k != "id"}}
-        if json_out or batch is not None:
+        if as_json:
             print_json(res)
         elif pipeline:
             # Questions on stdin without --json: one plain answer per line, in order.
@@ -132,8 +146,7 @@ def query_cmd(
         if not common.QUIET:  # -q
             for w in res.get("warnings") or []:
                 typer.echo(f"warning: {w}", err=True)
-    if failures:
-        raise typer.Exit(1)
+    return failures
 
 
 def _chunks(records, size: int):

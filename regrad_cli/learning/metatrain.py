@@ -41,10 +41,12 @@ from regrad_cli.learning.datasets import load_dataset
 from regrad_cli.learning.qa import QAItem, corpus_of
 from regrad_cli.learning.distributed import Dist
 from regrad_cli.errors import RegradError
+from regrad_cli.files import atomic_write_text
 from regrad_cli.lm.generation import answer_nll
 from regrad_cli.learner.gradients import encode_documents, grouped_gradients
 from regrad_cli.learner.lora import Learner
 from regrad_cli.learning.scores import exact_match, f1_score, yes_no_accuracy
+from regrad_cli.learning.train_state import STATE_FILE, apply_state, read_state, write_state
 from regrad_cli.lm.prompting import prompt_ids
 from regrad_cli.lm.tokens import per_sample_nll
 
@@ -199,6 +201,30 @@ def documents_for(item: QAItem, pool: Pool, k: int, rng: random.Random, retrieva
     return docs
 
 
+@dataclass
+class BatchEntry:
+    """One question of a meta-batch: the documents whose gradients its inner step combines, their
+    retrieval scores (the combination weights' input), and whether its prompt also shows them."""
+
+    item: QAItem
+    documents: list[str]
+    scores: list[float]
+    with_context: bool = False
+
+
+def draw_batch(cfg: MetaTrainConfig, pools: list[Pool], weights: list[float], step: int) -> list[BatchEntry]:
+    """The meta-batch of ``step``: it depends only on (seed, step), so a resumed run sees the same
+    batches, and every process draws the whole batch (the same random stream) and keeps its shard."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    batch = []
+    for _ in range(cfg.meta_batch):
+        pool = rng.choices(pools, weights=weights)[0]
+        item = rng.choice(pool.items)
+        docs = documents_for(item, pool, cfg.k, rng, cfg.retrieval)
+        batch.append(BatchEntry(item, docs, pool.scores(item, docs), rng.random() < cfg.context_mix))
+    return batch
+
+
 # One meta-step ---------------------------------------------------------------------------------
 def fake_quantise(grads: dict[str, torch.Tensor], codec: str | None, group_size: int) -> dict[str, torch.Tensor]:
     """Per-document gradients [N, ...] as the bank would return them, with a straight-through
@@ -238,18 +264,12 @@ def _codec_roundtrip(g: torch.Tensor, codec: str, group_size: int) -> torch.Tens
     return torch.from_numpy(np.stack(rows)).to(g.device, g.dtype)
 
 
-def _with_context(batch_entry, cfg: MetaTrainConfig) -> bool:
-    if cfg.with_context:
-        return True
-    return bool(batch_entry[3]) if len(batch_entry) > 3 else False
-
-
-def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
+def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[BatchEntry],
                cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None, *,
                share: float = 1.0, general_share: float = 1.0, factor_cache=None):
     """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha, T).
 
-    ``batch`` holds (item, documents, retrieval scores[, passages in prompt]) per question. Every
+    ``batch`` holds one ``BatchEntry`` per question. Every
     document's gradient is taken at phi (second order unless cfg.first_order), passed through the
     bank codec, and combined and stepped by ``adapt`` exactly as a query does. The loss is the mean
     over questions of each answer's mean token NLL, plus ``cfg.locality`` times the KL averaged
@@ -257,7 +277,7 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
     ``general_share`` are this shard's fractions of the questions and of the general-text rows: the
     shards' losses, and so their gradients, then sum exactly to the whole batch's.
     """
-    texts = [d for entry in batch for d in entry[1]]
+    texts = [d for entry in batch for d in entry.documents]
     enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
     phi = learner.phi_dict()
     if factor_cache is not None:
@@ -271,8 +291,8 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
     combined: dict[str, list[torch.Tensor]] = {n: [] for n in learner.names}
     start = 0
     for entry in batch:
-        k = len(entry[1])
-        scores = torch.tensor(entry[2], dtype=torch.float32, device=learner.log_temp.device)
+        k = len(entry.documents)
+        scores = torch.tensor(entry.scores, dtype=torch.float32, device=learner.log_temp.device)
         w = adapt.combination_weights(scores, cfg.combine, learner.log_temp)
         c = adapt.combine({n: g[start:start + k] for n, g in grads.items()}, w, norm=cfg.norm)
         for n in learner.names:
@@ -280,9 +300,9 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[tuple],
         start += k
     stacked = {n: torch.stack(v) for n, v in combined.items()}
     adapted = adapt.step(phi, learner.alpha_dict(), stacked, 1.0, batched=True, differentiable=True)
-    prompts = [prompt_ids(tokenizer, e[0].question, e[1] if _with_context(e, cfg) else (), e[0].kind,
-                          cfg.max_passage_tokens) for e in batch]
-    answers = [e[0].answers[0] for e in batch]
+    prompts = [prompt_ids(tokenizer, e.item.question, e.documents if cfg.with_context or e.with_context else (),
+                          e.item.kind, cfg.max_passage_tokens) for e in batch]
+    answers = [e.item.answers[0] for e in batch]
     # Each question's own adapted weights (batched step): a length group applies its rows' slice.
     nll = answer_nll(model, tokenizer, prompts, answers,
                      per_group=lambda rows: learner.using({n: t[rows] for n, t in adapted.items()}))
@@ -410,12 +430,12 @@ def _evaluate_dev_sharded(model, tokenizer, learner: Learner, dev: DevSet, cfg: 
     return dist.broadcast_object(res) if dist.enabled else res
 
 
-def _batch_stats(dist: Dist, loss: torch.Tensor, info: dict, shard: list, share: float,
+def _batch_stats(dist: Dist, loss: torch.Tensor, info: dict, shard: list[BatchEntry], share: float,
                  general_share: float) -> tuple[float, dict]:
     """The logged loss and its parts for the whole meta-batch (a rank saw only its shard)."""
     if not dist.enabled:
         return float(loss.detach()), info
-    n_docs = sum(len(entry[1]) for entry in shard)
+    n_docs = sum(len(entry.documents) for entry in shard)
     t = torch.tensor([float(loss.detach()), info["nll"] * share, info["doc_nll"] * n_docs, n_docs,
                       info["kl"] * general_share], dtype=torch.float64, device=loss.device)
     dist.sum_(t)
@@ -443,19 +463,55 @@ def meta_train(
     process runs this function on its shard of each meta-batch; only rank 0 writes files and
     calls ``progress``. ``cfg.meta_batch`` stays the global batch, so the run equals the
     single-process one up to float rounding."""
-    dist = dist or distributed.current()
-    if cfg.meta_batch < dist.world:
-        raise RegradError(f"--meta-batch {cfg.meta_batch} is smaller than the {dist.world} processes: "
-                          "each process needs at least one question per meta-step")
-    out = Path(cfg.out)
-    if dist.main and not resume and ((out / "best").exists() or (out / "state.pt").exists()):
-        # Never overwrite a run (or checkpoints meta-train did not make) without being asked.
-        raise RegradError(f"{out} already holds a meta-training run (best/ or state.pt): pass --resume "
-                          "to continue it, or choose another --out")
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    if learner is None:
+    run = MetaRun(cfg, model, tokenizer, embedder, dist=dist or distributed.current(), progress=progress,
+                  general_text=general_text)
+    state = run.setup(learner, lora_cfg, resume)
+    if state is not None:
+        run.resume(state)
+    return run.train()
+
+
+class MetaRun:
+    """One meta-training run as a recipe: ``setup`` (run directory, learner, data, optimiser),
+    ``resume`` (from state.pt), ``train`` (``train_step`` per step; ``dev_check`` every
+    ``eval_every`` steps and at the end; ``save`` then, and every ``save_every_s`` seconds), and
+    ``finish`` (checkpoints, tensor energy, log, curves). Only rank 0 writes files."""
+
+    def __init__(self, cfg: MetaTrainConfig, model, tokenizer, embedder, *, dist: Dist,
+                 progress: Callable[[int, int, dict], None] | None = None, general_text: str | None = None):
+        self.cfg, self.model, self.tokenizer, self.embedder = cfg, model, tokenizer, embedder
+        self.dist, self.progress, self.general_text = dist, progress, general_text
+        self.out = Path(cfg.out)
+        self.state_path = self.out / STATE_FILE
+        self.start_step, self.best_f1 = 0, -1.0
+
+    # Setup ----------------------------------------------------------------------------------
+    def setup(self, learner: Learner | None, lora_cfg, resume: bool) -> dict | None:
+        """Everything before the first step; returns the state to resume from (None: a new run).
+        The state file is read first, so a damaged one stops the run before any data loads."""
+        cfg, dist = self.cfg, self.dist
+        if cfg.meta_batch < dist.world:
+            raise RegradError(f"--meta-batch {cfg.meta_batch} is smaller than the {dist.world} processes: "
+                              "each process needs at least one question per meta-step")
+        if dist.main and not resume and ((self.out / "best").exists() or self.state_path.exists()):
+            # Never overwrite a run (or checkpoints meta-train did not make) without being asked.
+            raise RegradError(f"{self.out} already holds a meta-training run (best/ or state.pt): pass --resume "
+                              "to continue it, or choose another --out")
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # Rank 0 reads the state and sends it to the others: OUT need not be shared between nodes.
+        state = dist.broadcast_object(
+            read_state(self.state_path) if resume and dist.main and self.state_path.exists() else None)
+        torch.manual_seed(cfg.seed)
+        self.learner = learner if learner is not None else self._new_learner(lora_cfg)
+        self._load_data()
+        self._check_key_map()
+        self._make_optimiser()
+        self.history: dict = {"config": asdict(cfg), "pools": self.pool_stats, "train": [], "dev": []}
+        return state
+
+    def _new_learner(self, lora_cfg) -> Learner:
+        cfg = self.cfg
         if cfg.init_checkpoint:
             learner = Learner.load(cfg.init_checkpoint)
         else:
@@ -465,197 +521,218 @@ def meta_train(
 
             over = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "init_b_std": cfg.b_std,
                     "alpha_init": cfg.alpha_init, "seed": cfg.seed}
-            learner = init_learner(model, lora_cfg, **{k: v for k, v in over.items() if v is not None})
-        learner.attach(model)
+            learner = init_learner(self.model, lora_cfg, **{k: v for k, v in over.items() if v is not None})
+        return learner.attach(self.model)
 
-    # Rank 0 reads and embeds the data once; every rank gets the same pools, so the same
-    # neighbours and scores, and draws the same meta-batches from them.
-    if cfg.norm not in adapt.NORMALISATIONS:
-        raise RegradError(f"unknown normalisation {cfg.norm!r} (use {', '.join(adapt.NORMALISATIONS)})")
-    if cfg.retrieval not in ("retrieved", "gold"):
-        raise RegradError(f"unknown training retrieval {cfg.retrieval!r} (use retrieved or gold)")
-    pool_kw = dict(tokenizer=tokenizer, max_tokens=cfg.max_doc_tokens, overlap=cfg.chunk_overlap)
-    pools, dev_pools = dist.broadcast_object(
-        ([build_pool(spec, load_dataset(spec), embedder, **pool_kw) for spec in cfg.train],
-         [build_pool(spec, load_dataset(spec), embedder, **pool_kw) for spec in cfg.dev]) if dist.main else None)
-    weights = cfg.mix_weights or [len(p.items) for p in pools]
-    if len(weights) != len(pools):
-        raise RegradError("--mix needs one weight per --train dataset")
-    dev_rng = random.Random(cfg.seed + 1)
-    devs: list[DevSet] = []
-    per_dev = max(1, cfg.dev_limit // max(1, len(dev_pools)))
-    for p in dev_pools:
-        chosen = dev_rng.sample(p.items, min(per_dev, len(p.items)))
-        devs.append(DevSet(chosen, p, {it.id: documents_for(it, p, cfg.k, dev_rng, "gold") for it in chosen}))
-    pool_stats = {p.name: {"questions": len(p.items), "chunks": len(p.corpus), f"recall@{cfg.k}": p.recall(cfg.k)}
-                  for p in pools + dev_pools}
-    if dist.main:
-        log.info("pools: %s", json.dumps(pool_stats))
-    total_items = sum(len(p.items) for p in pools)
-    steps = cfg.steps
-    if cfg.epochs:
-        steps = max(1, int(math.ceil(cfg.epochs * total_items / cfg.meta_batch)))
+    def _load_data(self) -> None:
+        """Training pools, dev sets, the number of steps and the locality KL's general text.
 
-    general_all = None
-    if cfg.locality > 0 and general_text:
-        ids = tokenizer(general_text).input_ids
-        chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
-        general_all = torch.tensor(chunks) if chunks else None
+        Rank 0 reads and embeds the data once; every rank gets the same pools, so the same
+        neighbours and scores, and draws the same meta-batches from them."""
+        cfg, dist = self.cfg, self.dist
+        if cfg.norm not in adapt.NORMALISATIONS:
+            raise RegradError(f"unknown normalisation {cfg.norm!r} (use {', '.join(adapt.NORMALISATIONS)})")
+        if cfg.retrieval not in ("retrieved", "gold"):
+            raise RegradError(f"unknown training retrieval {cfg.retrieval!r} (use retrieved or gold)")
+        pool_kw = dict(tokenizer=self.tokenizer, max_tokens=cfg.max_doc_tokens, overlap=cfg.chunk_overlap)
+        self.pools, dev_pools = dist.broadcast_object(
+            ([build_pool(spec, load_dataset(spec), self.embedder, **pool_kw) for spec in cfg.train],
+             [build_pool(spec, load_dataset(spec), self.embedder, **pool_kw) for spec in cfg.dev])
+            if dist.main else None)
+        self.weights = cfg.mix_weights or [len(p.items) for p in self.pools]
+        if len(self.weights) != len(self.pools):
+            raise RegradError("--mix needs one weight per --train dataset")
+        dev_rng = random.Random(cfg.seed + 1)
+        self.devs: list[DevSet] = []
+        per_dev = max(1, cfg.dev_limit // max(1, len(dev_pools)))
+        for p in dev_pools:
+            chosen = dev_rng.sample(p.items, min(per_dev, len(p.items)))
+            self.devs.append(DevSet(chosen, p, {it.id: documents_for(it, p, cfg.k, dev_rng, "gold") for it in chosen}))
+        self.pool_stats = {p.name: {"questions": len(p.items), "chunks": len(p.corpus),
+                                    f"recall@{cfg.k}": p.recall(cfg.k)} for p in self.pools + dev_pools}
+        if dist.main:
+            log.info("pools: %s", json.dumps(self.pool_stats))
+        self.steps = cfg.steps
+        if cfg.epochs:
+            total_items = sum(len(p.items) for p in self.pools)
+            self.steps = max(1, int(math.ceil(cfg.epochs * total_items / cfg.meta_batch)))
+        self.general_all = None
+        if cfg.locality > 0 and self.general_text:
+            ids = self.tokenizer(self.general_text).input_ids
+            chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
+            self.general_all = torch.tensor(chunks) if chunks else None
 
-    def general_rows(step: int) -> tuple[torch.Tensor | None, float]:
+    def _check_key_map(self) -> None:
+        """The key-map options against the learner; the factor cache when asked for."""
+        cfg, learner = self.cfg, self.learner
+        if cfg.transform_lr > 0 and learner.transform is None:
+            raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
+                              "made by `regrad learner fit-keymap` (--init DIR)")
+        if learner.transform is not None and not cfg.first_order:
+            raise RegradError("a learner with a document key map is meta-trained first order: pass --first-order")
+        self.factor_cache = None
+        if cfg.factor_cache_gb > 0:
+            if not (cfg.freeze_phi and learner.transform is not None):
+                raise RegradError("--factor-cache-gb reuses documents' factors, which stay the same only while phi "
+                                  "does: it needs a learner with a key map and --freeze-phi")
+            from regrad_cli.learner.transform import FactorCache
+
+            self.factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30), dtype=cfg.factor_cache_dtype)
+
+    def _make_optimiser(self) -> None:
+        """AdamW over what learns (phi unless frozen; alpha and, for combine=score, the
+        temperature; the key map with --transform-lr) and the warm-up then linear-decay schedule."""
+        cfg, learner = self.cfg, self.learner
+        params_phi = [] if cfg.freeze_phi else [learner.phi[k] for k in learner.phi.keys()]
+        params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
+        if cfg.combine == "score":
+            params_alpha.append(learner.log_temp)
+        params_map = (list(learner.transform.parameters())
+                      if learner.transform is not None and cfg.transform_lr > 0 else [])
+        learner.meta["combine"] = cfg.combine
+        learner.meta["norm"] = cfg.norm
+        for p in learner.parameters():
+            p.requires_grad_(False)
+        self.params = params_phi + params_alpha + params_map
+        for p in self.params:
+            p.requires_grad_(True)
+        groups = [{"params": params_alpha, "lr": cfg.alpha_lr, "weight_decay": 0.0}]
+        if params_phi:
+            groups.insert(0, {"params": params_phi, "lr": cfg.lr})
+        if params_map:
+            groups.append({"params": params_map, "lr": cfg.transform_lr, "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.steps, cfg.warmup))
+
+    def resume(self, state: dict) -> None:
+        """Continue from ``state`` (``train_state.read_state``): learner, optimiser, schedule,
+        step, best dev score and log."""
+        apply_state(state, self.learner, self.opt, self.sched, str(self.state_path))
+        self.start_step, self.best_f1, self.history = state["step"], state["best_f1"], state["history"]
+        if self.dist.main:
+            log.info("resumed from step %d", self.start_step)
+
+    # Training -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """The loop: a dev check before the first step of a new run, then every step."""
+        cfg = self.cfg
+        # Identical by construction (same seed, same checkpoint); the broadcast makes it certain.
+        self.dist.broadcast_(self.learner.parameters())
+        self.t0 = self.last_save = time.time()
+        if self.start_step == 0 and self.devs:
+            self.dev_check(0)
+        for step in range(self.start_step, self.steps):
+            self.train_step(step)
+            done = step + 1
+            at_check = done % cfg.eval_every == 0 or done == self.steps
+            if self.devs and at_check:
+                self.dev_check(done)
+            by_time = cfg.save_every_s > 0 and time.time() - self.last_save >= cfg.save_every_s
+            if self.dist.main and (at_check or by_time):
+                self.save(done)
+        return self.finish()
+
+    def train_step(self, step: int) -> dict:
+        """One meta-step on ``draw_batch(step)`` (this process's shard of it); returns its record."""
+        cfg, dist = self.cfg, self.dist
+        batch = draw_batch(cfg, self.pools, self.weights, step)
+        lo, hi = dist.bounds(len(batch))
+        share = (hi - lo) / len(batch)
+        self.opt.zero_grad(set_to_none=True)
+        step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
+        general_ids, general_share = self.general_rows(step)
+        loss, info = outer_loss(self.model, self.tokenizer, self.learner, batch[lo:hi], step_cfg, general_ids,
+                                share=share, general_share=general_share, factor_cache=self.factor_cache)
+        loss.backward()
+        # Sum before clipping: every rank then clips the same whole-batch gradient.
+        dist.sum_grads(self.params)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+        self.opt.step()
+        self.sched.step()
+        loss_value, info = _batch_stats(dist, loss, info, batch[lo:hi], share, general_share)
+        return self._record(step + 1, loss_value, info, float(gnorm))
+
+    def general_rows(self, step: int) -> tuple[torch.Tensor | None, float]:
         """The step's general-text rows for the locality KL: ``meta_batch`` rows of 64 tokens,
         rotating through the text with the step (a resumed run sees the same rows), split over
         the processes like the questions; returns (this shard's rows, its share of them)."""
-        if general_all is None:
+        if self.general_all is None:
             return None, 1.0
-        n = max(1, cfg.meta_batch)
-        rows = general_all[[(step * n + i) % len(general_all) for i in range(min(n, len(general_all)))]]
-        g_lo, g_hi = dist.bounds(len(rows))
+        n, rows_all = max(1, self.cfg.meta_batch), self.general_all
+        rows = rows_all[[(step * n + i) % len(rows_all) for i in range(min(n, len(rows_all)))]]
+        g_lo, g_hi = self.dist.bounds(len(rows))
         return rows[g_lo:g_hi], (g_hi - g_lo) / max(1, len(rows))
 
-    if cfg.transform_lr > 0 and learner.transform is None:
-        raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
-                          "made by `regrad learner fit-keymap` (--init DIR)")
-    if learner.transform is not None and not cfg.first_order:
-        raise RegradError("a learner with a document key map is meta-trained first order: pass --first-order")
-    factor_cache = None
-    if cfg.factor_cache_gb > 0:
-        if not (cfg.freeze_phi and learner.transform is not None):
-            raise RegradError("--factor-cache-gb reuses documents' factors, which stay the same only while phi does: "
-                              "it needs a learner with a key map and --freeze-phi")
-        from regrad_cli.learner.transform import FactorCache
+    def _record(self, step: int, loss: float, info: dict, grad_norm: float) -> dict:
+        """The step's log record: into the history, the log and ``progress``."""
+        learner, cache = self.learner, self.factor_cache
+        alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
+        rec = {"step": step, "loss": loss, **info, "grad_norm": grad_norm,
+               "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
+               "temp": float(learner.log_temp.detach().exp()),
+               "lr": self.sched.get_last_lr()[0], "elapsed_s": round(time.time() - self.t0, 1)}
+        if cache is not None:
+            rec["factor_cache"] = {"docs": len(cache), "hits": cache.hits,
+                                   "misses": cache.misses, "gib": round(cache.bytes / 2**30, 3)}
+        self.history["train"].append(rec)
+        if self.dist.main:
+            log.info("step %d/%d: %s", step, self.steps, json.dumps(rec))
+        if self.progress and self.dist.main:
+            self.progress(step, self.steps, rec)
+        return rec
 
-        factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30), dtype=cfg.factor_cache_dtype)
-    params_phi = [] if cfg.freeze_phi else [learner.phi[k] for k in learner.phi.keys()]
-    params_alpha = [learner.log_alpha[k] for k in learner.log_alpha.keys()]
-    if cfg.combine == "score":
-        params_alpha.append(learner.log_temp)
-    params_map = list(learner.transform.parameters()) if learner.transform is not None and cfg.transform_lr > 0 else []
-    learner.meta["combine"] = cfg.combine
-    learner.meta["norm"] = cfg.norm
-    for p in learner.parameters():
-        p.requires_grad_(False)
-    for p in params_phi + params_alpha + params_map:
-        p.requires_grad_(True)
-    groups = [{"params": params_alpha, "lr": cfg.alpha_lr, "weight_decay": 0.0}]
-    if params_phi:
-        groups.insert(0, {"params": params_phi, "lr": cfg.lr})
-    if params_map:
-        groups.append({"params": params_map, "lr": cfg.transform_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup))
-    history: dict = {"config": asdict(cfg), "pools": pool_stats, "train": [], "dev": []}
-    start_step, best_f1 = 0, -1.0
-    state_path = out / "state.pt"
-    # Rank 0 reads the state and sends it to the others: OUT need not be shared between nodes.
-    state = dist.broadcast_object(
-        # weights_only: a run directory may come from someone else; never unpickle code from it.
-        torch.load(state_path, weights_only=True, map_location="cpu")
-        if resume and dist.main and state_path.exists() else None)
-    if state is not None:
-        learner.load_state_dict(state["learner"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start_step, best_f1, history = state["step"], state["best_f1"], state["history"]
-        if dist.main:
-            log.info("resumed from step %d", start_step)
-    # Identical by construction (same seed, same checkpoint); the broadcast makes it certain.
-    dist.broadcast_(learner.parameters())
-
-    def save_state(step: int) -> None:
-        tmp = out / "state.pt.tmp"
-        torch.save({"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "step": step, "best_f1": best_f1, "history": history}, tmp)
-        tmp.replace(state_path)
-
-    def run_dev(step: int) -> None:
-        nonlocal best_f1
-        dist.check_in_sync(learner.parameters())
-        per_set = {d.pool.name: _evaluate_dev_sharded(model, tokenizer, learner, d, cfg, dist, embedder)
-                   for d in devs}
+    def dev_check(self, step: int) -> None:
+        """Every dev set through the real pipeline; a better selection score saves ``best/``."""
+        cfg, dist = self.cfg, self.dist
+        dist.check_in_sync(self.learner.parameters())
+        per_set = {d.pool.name: _evaluate_dev_sharded(self.model, self.tokenizer, self.learner, d, cfg, dist,
+                                                      self.embedder)
+                   for d in self.devs}
         # Modes averaged over the dev sets (the curve and the selection), and each set apart.
         res = {m: {**{k: float(np.mean([r[m][k] for r in per_set.values()])) for k in ("f1", "em", "nll")},
                    "n": int(sum(r[m]["n"] for r in per_set.values()))}
                for m in DEV_MODES}
         res["select"] = float(np.mean([select_score(r, cfg) for r in per_set.values()]))
         res["sets"] = per_set
-        history["dev"].append({"step": step, **res})
-        f1 = res["select"]
-        if f1 > best_f1:
-            best_f1 = f1
+        self.history["dev"].append({"step": step, **res})
+        if res["select"] > self.best_f1:
+            self.best_f1 = res["select"]
             if dist.main:
-                learner.save(out / "best", {"trained": {"step": step, "dev": res, "config": asdict(cfg)}})
+                self.learner.save(self.out / "best", {"trained": {"step": step, "dev": res, "config": asdict(cfg)}})
         if dist.main:
             log.info("dev step %d: %s", step, json.dumps(res))
 
-    t0 = last_save = time.time()
-    if start_step == 0 and devs:
-        run_dev(0)
-    for step in range(start_step, steps):
-        # Data order depends only on (seed, step): a resumed run sees the same batches. Every
-        # process draws the whole meta-batch (the same random stream as one process) and keeps
-        # its shard.
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        batch = []
-        for _ in range(cfg.meta_batch):
-            pool = rng.choices(pools, weights=weights)[0]
-            item = rng.choice(pool.items)
-            docs = documents_for(item, pool, cfg.k, rng, cfg.retrieval)
-            batch.append((item, docs, pool.scores(item, docs), rng.random() < cfg.context_mix))
-        lo, hi = dist.bounds(len(batch))
-        share = (hi - lo) / len(batch)
-        opt.zero_grad(set_to_none=True)
-        step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
-        general_ids, general_share = general_rows(step)
-        loss, info = outer_loss(model, tokenizer, learner, batch[lo:hi], step_cfg, general_ids,
-                                share=share, general_share=general_share, factor_cache=factor_cache)
-        loss.backward()
-        # Sum before clipping: every rank then clips the same whole-batch gradient.
-        dist.sum_grads(params_phi + params_alpha + params_map)
-        gnorm = torch.nn.utils.clip_grad_norm_(params_phi + params_alpha + params_map, cfg.clip)
-        opt.step()
-        sched.step()
-        loss_value, info = _batch_stats(dist, loss, info, batch[lo:hi], share, general_share)
-        alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
-        rec = {"step": step + 1, "loss": loss_value, **info, "grad_norm": float(gnorm),
-               "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
-               "temp": float(learner.log_temp.detach().exp()),
-               "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
-        if factor_cache is not None:
-            rec["factor_cache"] = {"docs": len(factor_cache), "hits": factor_cache.hits,
-                                   "misses": factor_cache.misses, "gib": round(factor_cache.bytes / 2**30, 3)}
-        history["train"].append(rec)
+    def save(self, step: int) -> None:
+        """state.pt (train_state.py: phi left out while frozen) and log.json, each atomically."""
+        self.last_save = time.time()
+        write_state(self.state_path, learner=self.learner, opt=self.opt, sched=self.sched, step=step,
+                    best_f1=self.best_f1, history=self.history, store_phi=not self.cfg.freeze_phi,
+                    init=self.cfg.init_checkpoint)
+        atomic_write_text(self.out / "log.json", json.dumps(self.history, indent=1))
+
+    def finish(self) -> dict:
+        """``last/`` (and ``best/`` if no dev check made one), tensor energy, log.json, curves.png;
+        returns the summary."""
+        cfg, dist, learner, out = self.cfg, self.dist, self.learner, self.out
+        for p in self.params:
+            p.requires_grad_(False)
+        dist.check_in_sync(learner.parameters())
         if dist.main:
-            log.info("step %d/%d: %s", step + 1, steps, json.dumps(rec))
-        if progress and dist.main:
-            progress(step + 1, steps, rec)
-        if devs and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
-            run_dev(step + 1)
-        due = (step + 1) % cfg.eval_every == 0 or step + 1 == steps
-        if cfg.save_every_s > 0 and time.time() - last_save >= cfg.save_every_s:
-            due = True
-        if dist.main and due:
-            last_save = time.time()
-            save_state(step + 1)
-            (out / "log.json").write_text(json.dumps(history, indent=1))
-    for p in params_phi + params_alpha + params_map:
-        p.requires_grad_(False)
-    dist.check_in_sync(learner.parameters())
-    if dist.main:
-        learner.save(out / "last", {"trained": {"step": steps, "config": asdict(cfg)}})
-        if not (out / "best").exists():
-            learner.save(out / "best", {"trained": {"step": steps, "config": asdict(cfg)}})
-        if cfg.energy_docs > 0 and pools:
-            _record_energy(model, tokenizer, learner, out, pools[0].corpus[: cfg.energy_docs], cfg)
-        (out / "log.json").write_text(json.dumps(history, indent=1))
-        try:
-            plot_curves(history, out / "curves.png")
-        except Exception as exc:  # a plot must never lose a training run
-            log.warning("could not draw curves: %s", exc)
-    # The others wait for rank 0's files: when any process returns, the run is on disk.
-    dist.barrier()
-    return {"steps": steps, "best_dev_f1": best_f1, "out": str(out), "world_size": dist.world,
-            "wall_s": round(time.time() - t0, 1), "last": history["train"][-1] if history["train"] else None}
+            learner.save(out / "last", {"trained": {"step": self.steps, "config": asdict(cfg)}})
+            if not (out / "best").exists():
+                learner.save(out / "best", {"trained": {"step": self.steps, "config": asdict(cfg)}})
+            if cfg.energy_docs > 0 and self.pools:
+                _record_energy(self.model, self.tokenizer, learner, out, self.pools[0].corpus[: cfg.energy_docs], cfg)
+            atomic_write_text(out / "log.json", json.dumps(self.history, indent=1))
+            try:
+                plot_curves(self.history, out / "curves.png")
+            except Exception as exc:  # a plot must never lose a training run
+                log.warning("could not draw curves: %s", exc)
+        # The others wait for rank 0's files: when any process returns, the run is on disk.
+        dist.barrier()
+        train = self.history["train"]
+        return {"steps": self.steps, "best_dev_f1": self.best_f1, "out": str(out), "world_size": dist.world,
+                "wall_s": round(time.time() - self.t0, 1), "last": train[-1] if train else None}
 
 
 def _record_energy(model, tokenizer, learner: Learner, out: Path, texts: list[str], cfg: MetaTrainConfig) -> None:

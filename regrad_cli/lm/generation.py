@@ -79,20 +79,9 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(prompts, pad)
     ids, mask = ids.to(device), mask.to(device)
-    n, start = ids.shape
-    stops = _newline_token_ids(tokenizer).to(device)
-    if tokenizer.eos_token_id is not None:
-        stops = torch.cat([stops, torch.tensor([tokenizer.eos_token_id], device=device)])
-    params = inspect.signature(model.forward).parameters
-    kw: dict = {"use_cache": True, "return_dict": True}
-    if "logits_to_keep" in params:
-        kw["logits_to_keep"] = 1
-    # As generate: positions count only real tokens (left padding sits at 0), and a batch
-    # without padding runs with no mask at all (the same attention kernels, the same numbers).
-    pos = None
-    if "position_ids" in params:
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    attn = None if bool((mask == 1).all()) else mask
+    n = ids.shape[0]
+    stops = _stop_ids(tokenizer, device)
+    kw, pos, attn = _prefill_inputs(model, mask)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, **kw)
     cache = out.cache
     if pos is not None:
@@ -135,6 +124,30 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     gen, _ = pad_rows(new, pad, width=steps)
     texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
     return [extract_answer(t) for t in texts]
+
+
+def _stop_ids(tokenizer, device) -> torch.Tensor:
+    """The tokens that end an answer: every newline token and the end of turn."""
+    stops = _newline_token_ids(tokenizer).to(device)
+    if tokenizer.eos_token_id is not None:
+        stops = torch.cat([stops, torch.tensor([tokenizer.eos_token_id], device=device)])
+    return stops
+
+
+def _prefill_inputs(model, mask: torch.Tensor) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    """(forward keywords, position ids or None, attention mask or None) for the prefill of a
+    left-padded batch, as Hugging Face's ``generate`` prepares them: positions count only real
+    tokens (left padding sits at 0), and a batch without padding runs with no mask at all (the
+    same attention kernels, the same numbers)."""
+    params = inspect.signature(model.forward).parameters
+    kw: dict = {"use_cache": True, "return_dict": True}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    pos = None
+    if "position_ids" in params:
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    attn = None if bool((mask == 1).all()) else mask
+    return kw, pos, attn
 
 
 def _cached_answer_nll(model, last_logits, cache, mask, last_pos, answers) -> list[float]:

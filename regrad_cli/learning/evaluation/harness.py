@@ -124,47 +124,21 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
 
     ``engine`` (an Engine) and ``embedder`` may be injected (tests use a tiny model); otherwise
     they are loaded from the workspace config (or the bundled defaults). Returns the results."""
-    from importlib.resources import files
-
-    from regrad_cli.learner import adapt
-    from regrad_cli.workspace.config import BUNDLED_EMBEDDER, Workspace
-    from regrad_cli.workspace.engine import Engine
-    from regrad_cli.learning.evaluation.drift import DriftMeter
+    from regrad_cli.workspace.config import Workspace
     from regrad_cli.learning.evaluation.report import check_fail_under, compare_baseline, load_baseline, render_report
-    from regrad_cli.lm.models import Embedder
 
     t_start = time.time()
     check_config(cfg)
     baseline = load_baseline(cfg.baseline) if cfg.baseline else None
     user_ws = Workspace.open(cfg.workspace, create=False) if cfg.workspace else None
     distractors = wsmod.load_distractors(cfg.corpus)
-    data = []
-    cfg.datasets = list(dict.fromkeys(cfg.datasets))
-    for spec in cfg.datasets:
-        split_items = load_dataset(spec)
-        items = split_items[: max(0, cfg.limit)] if cfg.limit is not None else split_items
-        if not items:
-            raise ConfigError(f"{spec}: no questions left after --limit {cfg.limit}")
-        data.append((spec, split_items, items, split_groups(items, cfg.continual)))
+    data = _load_datasets(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
     t_load = time.time()
     injected = engine is not None
-    engine = engine or Engine.load(user_ws, model_id=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device)
-    if embedder is None:
-        ecfg = user_ws.config.embedder if user_ws else None
-        embedder = Embedder(ecfg.id if ecfg else cfg.embedder or BUNDLED_EMBEDDER, device=cfg.device or "cpu",
-                            batch_size=ecfg.batch_size if ecfg else 32)
-    general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
-    meter = DriftMeter.start(engine, general, cfg.ppl_max_tokens, cfg.gamma, cfg.drift_steps)
-    # One-off costs (the tokenizer's newline table, first kernels) must not land in the latency of
-    # whichever system happens to run first.
-    from regrad_cli.lm.generation import generate
-    from regrad_cli.lm.prompting import prompt_ids
-
-    with adapt.applied(engine.learner, "off"):
-        generate(engine.model, engine.tokenizer, [prompt_ids(engine.tokenizer, "warm-up")], 2)
+    engine, embedder, meter = _load_models(cfg, user_ws, engine, embedder)
     load_s = time.time() - t_load
     total = sum(sum(len(g) for g in groups[: t + 1]) * len(cfg.systems)
                 for _, _, _, groups in data for t in range(len(groups)))
@@ -202,6 +176,47 @@ def run_eval(cfg: EvalConfig, *, engine=None, embedder=None,
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     (out / "report.md").write_text(render_report(results))
     return results
+
+
+def _load_datasets(cfg: EvalConfig) -> list[tuple[str, list[QAItem], list[QAItem], list[list[QAItem]]]]:
+    """(spec, the split's items, the items evaluated (--limit), their --continual groups) per
+    dataset, each dataset once."""
+    data = []
+    cfg.datasets = list(dict.fromkeys(cfg.datasets))
+    for spec in cfg.datasets:
+        split_items = load_dataset(spec)
+        items = split_items[: max(0, cfg.limit)] if cfg.limit is not None else split_items
+        if not items:
+            raise ConfigError(f"{spec}: no questions left after --limit {cfg.limit}")
+        data.append((spec, split_items, items, split_groups(items, cfg.continual)))
+    return data
+
+
+def _load_models(cfg: EvalConfig, user_ws, engine=None, embedder=None):
+    """(engine, embedder, drift meter): the injected ones or those of the workspace config (or the
+    bundled defaults), warmed up."""
+    from importlib.resources import files
+
+    from regrad_cli.learner import adapt
+    from regrad_cli.learning.evaluation.drift import DriftMeter
+    from regrad_cli.lm.generation import generate
+    from regrad_cli.lm.models import Embedder
+    from regrad_cli.lm.prompting import prompt_ids
+    from regrad_cli.workspace.config import BUNDLED_EMBEDDER
+    from regrad_cli.workspace.engine import Engine
+
+    engine = engine or Engine.load(user_ws, model_id=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device)
+    if embedder is None:
+        ecfg = user_ws.config.embedder if user_ws else None
+        embedder = Embedder(ecfg.id if ecfg else cfg.embedder or BUNDLED_EMBEDDER, device=cfg.device or "cpu",
+                            batch_size=ecfg.batch_size if ecfg else 32)
+    general = (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8")
+    meter = DriftMeter.start(engine, general, cfg.ppl_max_tokens, cfg.gamma, cfg.drift_steps)
+    # One-off costs (the tokenizer's newline table, first kernels) must not land in the latency of
+    # whichever system happens to run first.
+    with adapt.applied(engine.learner, "off"):
+        generate(engine.model, engine.tokenizer, [prompt_ids(engine.tokenizer, "warm-up")], 2)
+    return engine, embedder, meter
 
 
 def run_key(cfg: EvalConfig, spec: str, groups: list[list[QAItem]], fingerprints: dict) -> dict:
