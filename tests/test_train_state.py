@@ -232,3 +232,27 @@ def test_golden_states_resume_to_the_uninterrupted_run(tmp_path, folder, caplog)
     # The golden log continued: its two steps, then the two the resumed run took.
     train = json.loads((run / "log.json").read_text())["train"]
     assert train[:2] == golden_log and [r["step"] for r in train] == [1, 2, 3, 4]
+
+
+def test_snapshot_writes_the_learner_of_a_live_run(tmp_path, capsys, monkeypatch):
+    """`regrad learner snapshot RUN --out DIR`: the learner of RUN/state.pt (phi frozen, so rebuilt
+    from the run's --init) as a checkpoint, equal to what the run itself saves at that step."""
+    init = Learner.for_model(make_tiny_llama(seed=0)).init_(seed=0, b_std=0.05, alpha_init=0.5)
+    init.save(tmp_path / "init")
+    kw = dict(freeze_phi=True, init_checkpoint=str(tmp_path / "init"), steps=2)
+    finished = _run(tmp_path, "a", **kw)  # state.pt and last/ both at step 2
+    code, out, err = run_cli(["learner", "snapshot", tmp_path / "a", "--out", tmp_path / "snap", "--json"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["step"] == 2
+    snap = Learner.load(tmp_path / "snap")
+    _assert_same(finished, snap)
+    assert json.loads((tmp_path / "snap" / "learner.json").read_text())["trained"]["snapshot_of"] == str(tmp_path / "a")
+    # Never over a checkpoint; a directory without state.pt, or a damaged one, is one line.
+    code, _, err = run_cli(["learner", "snapshot", tmp_path / "a", "--out", tmp_path / "snap"], capsys, monkeypatch)
+    assert code == 1 and "already holds" in err
+    code, _, err = run_cli(["learner", "snapshot", tmp_path, "--out", tmp_path / "s2"], capsys, monkeypatch)
+    assert code == 1 and "does not exist" in err
+    (tmp_path / "a" / "state.pt").write_bytes(b"\x80\x04garbage")
+    code, _, err = run_cli(["learner", "snapshot", tmp_path / "a", "--out", tmp_path / "s3"], capsys, monkeypatch)
+    assert code == 1 and "cannot read" in err and "Traceback" not in err

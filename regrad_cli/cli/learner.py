@@ -145,3 +145,53 @@ def _sample_texts(ws, n: int, seed: int) -> list[str]:
     if len(texts) > n:
         texts = random.Random(seed).sample(texts, n)
     return texts
+
+
+@learner_app.command("snapshot")
+def snapshot_cmd(
+    run: Annotated[str, typer.Argument(help="A meta-training run directory (its state.pt), e.g. training/long.")],
+    out: Annotated[str, typer.Option("--out", help="Directory of the new learner checkpoint.")],
+    json_out: JsonOpt = False,
+):
+    """Write the learner of a run's latest state.pt as a checkpoint (evaluate a run that is still going)."""
+    from pathlib import Path
+
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learner.lora import Learner
+    from regrad_cli.learning.train_state import STATE_FILE, phi_sha256, read_state
+
+    target = Path(out)
+    if (target / "learner.json").exists():
+        raise RegradError(f"{target} already holds a learner checkpoint; choose a new --out")
+    state_path = Path(run) / STATE_FILE
+    if not state_path.is_file():
+        raise RegradError(f"{state_path} does not exist: give a meta-training run directory (--out of meta-train)")
+    state = read_state(state_path)
+    config = state["history"].get("config") or {}
+    init = config.get("init_checkpoint")
+    if not init:
+        raise RegradError(f"{state_path}: the run did not start from an --init checkpoint; snapshot needs one "
+                          "to know the learner's shape (its best/ or last/ checkpoints are written by meta-train)")
+    learner = Learner.load(init)
+    if not state["phi"]["stored"] and phi_sha256(learner) != state["phi"]["sha256"]:
+        raise RegradError(f"{init} is not the checkpoint this run started from (its frozen phi differs)")
+    tensors = learner.state_dict()
+    unknown = sorted(set(state["learner"]) - set(tensors))
+    if unknown:
+        raise RegradError(f"{state_path} holds tensors the learner of {init} does not have ({unknown[:3]})")
+    tensors.update(state["learner"])
+    try:
+        learner.load_state_dict(tensors)
+    except (RuntimeError, ValueError) as exc:
+        raise RegradError(f"{state_path} does not fit the learner of {init} ({str(exc).splitlines()[0][:200]})") from None
+    # The run stepped every tensor: a bank of the snapshot stores every tensor (no energy record).
+    learner.meta = {k: v for k, v in learner.meta.items() if k not in ("stored_tensors", "trained")}
+    learner.meta["combine"] = config.get("combine", learner.meta.get("combine"))
+    learner.meta["norm"] = config.get("norm", learner.meta.get("norm"))
+    learner.meta["trained"] = {"step": state["step"], "config": config, "snapshot_of": str(run)}
+    cid = learner.save(target)
+    result = {"out": str(target), "checkpoint_id": cid, "step": state["step"], "run": str(run)}
+    if json_out:
+        print_json(result)
+        return
+    typer.echo(f"learner of {run} at step {state['step']}: {cid[:16]} in {target}")
