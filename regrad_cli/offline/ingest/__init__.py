@@ -49,7 +49,7 @@ from regrad_cli.offline.ingest.chunking import Chunk, chunk_text
 from regrad_cli.offline.ingest.discovery import (RECORD_EXTENSIONS, SUPPORTED_EXTENSIONS, TEXT_EXTENSIONS, _stat_reason,
                                         discover)
 from regrad_cli.offline.ingest.readers import BINARY_SNIFF_BYTES, _Skip, iter_docs
-from regrad_cli.offline.ingest.snapshot import Snapshot
+from regrad_cli.offline.ingest.snapshot import Snapshot, TakenIds
 from regrad_cli.offline.ingest.summary import IngestSummary
 from regrad_cli.offline.ingest.unchanged import DocsDigest, UnchangedSources
 from regrad_cli.offline.ingest.writer import _doc_rows, _embedder_name, _Writer
@@ -141,7 +141,7 @@ class _Run:
         self.readmit, self.readmitted, self.limit = readmit, readmitted, limit
         self.max_tokens, self.overlap, self.tokenizer = max_tokens, overlap, tokenizer
         self.summary, self.quick = summary, quick
-        self.seen_ids: dict[str, str] = {}  # id -> where it was first found in this run
+        self.taken = TakenIds(snap)  # ids found in this run, and in which file
         self.seen_sources: set[str] = set()
 
     def file(self, f) -> None:
@@ -176,10 +176,9 @@ class _Run:
             return False
         if snap.paths(f.source) != [f.path]:
             return False  # the file moved: its rows get the new path
-        if any(rid in self.seen_ids for rid in snap.ids(f.source)):
+        if self.taken.any_taken(f.source):
             return False  # an id taken earlier in this run: the usual path reports it
-        for rid in snap.ids(f.source):
-            self.seen_ids[rid] = f.display
+        self.taken.take_source(f.source, self.taken.file(f.display))
         self._merge(notes)
         self.summary.unchanged += snap.count(f.source)
         self.seen_sources.add(f.source)  # nothing to do, and no tokenizer to load for it
@@ -195,7 +194,8 @@ class _Run:
         summary, writer = self.summary, self.writer
         n_skipped = len(summary.skipped)
         digest = DocsDigest(f.source)
-        taken: list[str] = []
+        mine: list[str] = []  # ids this file took, given back if it is skipped half way
+        file_no = self.taken.file(f.display)
         readmitted: tuple[set, set] = (set(), set())
         writer.begin(f)
         n_rows = 0
@@ -204,14 +204,14 @@ class _Run:
                 digest.add(doc)
                 rows = self._doc_rows(doc, f, readmitted)
                 for r in rows:
-                    self.seen_ids[r["id"]] = doc.where
-                    taken.append(r["id"])
+                    self.taken.take(r["id"], file_no)
+                    mine.append(r["id"])
                     writer.add(r)
                 n_rows += len(rows)
         except (_Skip, OSError) as exc:
             writer.abort()
-            for rid in taken:
-                self.seen_ids.pop(rid, None)
+            for rid in mine:
+                self.taken.release(rid)
             summary.skip(f.display, str(exc) if isinstance(exc, _Skip) else _stat_reason(f.path, exc))
             return
         if not n_rows:  # every document skipped: the file's old rows stay as they are
@@ -227,11 +227,11 @@ class _Run:
     def _doc_rows(self, doc, f, readmitted: tuple[set, set]) -> list[dict]:
         """The rows of one document, or none (with a reason) when its id is taken: earlier in
         this run, by another file in the table, or by an unlearned document."""
-        summary, snap, seen_ids, tomb = self.summary, self.snap, self.seen_ids, self.tomb
+        summary, snap, taken, tomb = self.summary, self.snap, self.taken, self.tomb
         doc_rows = _doc_rows(doc, f, chunk_text(doc.text, self.tokenizer, self.max_tokens, self.overlap))
-        clash = next((r["id"] for r in doc_rows if r["id"] in seen_ids), None)
+        clash = next(((r["id"], w) for r in doc_rows if (w := taken.where(r["id"])) is not None), None)
         if clash is not None:
-            summary.skip(doc.where, f"duplicate id {clash!r} (first in {seen_ids[clash]})")
+            summary.skip(doc.where, f"duplicate id {clash[0]!r} (first in {clash[1]})")
             return []
         # An explicit id must not take over a document that came from another file (one that
         # still exists: a file that moved may take its records along).
