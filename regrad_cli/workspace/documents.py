@@ -18,9 +18,11 @@ The schema metadata holds ``regrad.documents_format`` and ``regrad.embedder`` (a
 ``{"id": ..., "dim": ...}``): the embedder fingerprint lives in the table itself, so it can never
 disagree with the vectors it describes.
 
-Writes go through :meth:`DocumentStore.replace_sources`, one ``merge_insert`` per call: Lance
-commits it as a single new table version, so a crash during a write leaves the previous version
-(and everything in it) intact. Every writer of a workspace's documents (ingest, ``bank rm``)
+Ingest writes with :meth:`DocumentStore.write_fragments` (new rows as uncommitted Lance data
+files, a batch at a time) and :meth:`DocumentStore.commit_rows` (those fragments and the deletion
+of the rows they replace, in one commit); :meth:`DocumentStore.replace_sources` does the same for
+rows given at once, with one ``merge_insert``. Either way Lance publishes a single new table
+version, so a crash during a write leaves the previous version (and everything in it) intact. Every writer of a workspace's documents (ingest, ``bank rm``)
 holds :func:`workspace_lock`; Lance maintenance (purge, quoting, the committed-table check) is
 ``bank_format.lance_ops``, shared with the gradient bank.
 """
@@ -425,14 +427,17 @@ class DocumentStore:
         return str(self.db_path / f"{TABLE_NAME}.lance")
 
     @_readable
-    def light_rows(self):
-        """Every row's ``LIGHT_COLUMNS`` and Lance row address (``_rowaddr``), as a pyarrow Table
-        read with pylance (None when nothing was ingested yet)."""
+    def light_rows(self, convert=None, batch_rows: int = 65536) -> list | None:
+        """Every row's ``LIGHT_COLUMNS`` and Lance row address (``_rowaddr``), read with pylance
+        in record batches, each passed through ``convert`` as it comes (so the table is never
+        held in its plain form); None when nothing was ingested yet."""
         if self.table() is None:
             return None
         import lance
 
-        return lance.dataset(self._uri).to_table(columns=LIGHT_COLUMNS, with_row_address=True)
+        batches = lance.dataset(self._uri).to_batches(columns=LIGHT_COLUMNS, with_row_address=True,
+                                                      batch_size=batch_rows)
+        return [convert(b) if convert is not None else b for b in batches]
 
     def write_fragments(self, rows: list[dict]) -> list:
         """Write ``rows`` as new Lance data files and return their fragment metadata, for

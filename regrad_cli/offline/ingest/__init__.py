@@ -26,15 +26,19 @@ Chunking is by tokens of the workspace language model's tokenizer: windows of at
 end, else between words (searched in the window's second half); consecutive chunks share up to
 ``chunking.overlap`` tokens. A document that fits is one chunk.
 
-Incremental: every file is read and chunked, then compared with the table (content hash, title,
-metadata, chunk layout). An unchanged source costs no write at all; a changed one is written with
-its new rows replacing all its old ones in one atomic commit; only new or changed texts are
-embedded. ``prune`` deletes the documents of files under the given paths that no longer exist
+Incremental: a file whose documents (and the rows they gave) are as recorded in
+``WORKSPACE/ingest-digests.json`` is read once, not chunked. Any other file is read document by
+document, chunked, and each row compared with the table as the ingest found it (content hash,
+title, metadata, chunk layout, path). An unchanged source costs no write at all; a changed one is
+written with its new rows replacing all its old ones in one atomic commit; only new or changed
+texts are embedded. Memory follows one document and a batch of rows, not the file (``writer``). ``prune`` deletes the documents of files under the given paths that no longer exist
 (never under a path where nothing was found, and more than ``FEW_PRUNED`` only with ``force``).
 Documents unlearned by ``regrad bank rm`` are skipped unless ``readmit``.
 
-The package: ``discovery`` (finding files), ``readers`` (formats, bounded reading), ``chunking``,
-``writer`` (the incremental merge_insert writer); this module runs them under the workspace lock.
+The package: ``discovery`` (finding files), ``readers`` (formats, bounded reading, a document at
+a time), ``chunking``, ``snapshot`` (the table's bookkeeping columns, as the ingest found them),
+``unchanged`` (the digests), ``writer`` (rows streamed into fragments, one commit per group of
+whole files); this module runs them under the workspace lock.
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ class _Run:
         if self.taken.any_taken(f.source):
             return False  # an id taken earlier in this run: the usual path reports it
         self.taken.take_source(f.source, self.taken.file(f.display))
+        self.writer.done_sources.add(f.source)  # a second file of this source only adds rows
         self._merge(notes)
         self.summary.unchanged += snap.count(f.source)
         self.seen_sources.add(f.source)  # nothing to do, and no tokenizer to load for it

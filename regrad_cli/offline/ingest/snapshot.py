@@ -1,11 +1,13 @@
 """The documents table as an ingest found it (``Snapshot``): every row's bookkeeping columns and
-its Lance row address, held as Arrow columns sorted by source (not as a Python dict per row:
-600 000 rows cost tens of MB, not a GB), with an id -> row index map.
+its Lance row address, held as Arrow columns (repeated strings dictionary-encoded) and numpy
+arrays, not as a Python object per row: 600 000 rows cost about 100 MB, not a GB.
 
-Ingest compares a file's new rows with it, copies the unchanged rows of a changed file by their
-row addresses, and knows from them which fragments hold a file's old rows. Row addresses stay
-valid for the whole run: the run's commits only add fragments and deletion files, never rewrite
-the fragments that were there (the workspace lock keeps `bank rm`'s purge out)."""
+Rows are addressed by their index in source order (a source's rows are ``source_range``); ids
+are found through a sorted array of their hashes. Ingest compares a file's new rows with the
+snapshot, copies the unchanged rows of a changed file by their row addresses, and learns from
+them which fragments hold a file's old rows. Row addresses stay valid for the whole run: its
+commits only add fragments and deletion files, never rewrite the fragments that were there (the
+workspace lock keeps `bank rm`'s purge out)."""
 
 from __future__ import annotations
 
@@ -13,41 +15,70 @@ from typing import Iterator
 
 from regrad_cli.offline.ingest.unchanged import RowsDigest
 
+# Columns whose few distinct values repeat on many rows.
+_ENCODED = ("source", "path", "title", "metadata")
+
+
+def _encode(batch):
+    """A record batch with its repeated string columns dictionary-encoded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = [pc.dictionary_encode(c) if n in _ENCODED and not pa.types.is_dictionary(c.type) else c
+            for n, c in zip(batch.schema.names, batch.columns)]
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+
 
 class Snapshot:
     """Rows of the documents table at the start of an ingest (``Snapshot.read(store)``)."""
 
-    def __init__(self, table=None):
+    def __init__(self, batches=None):
+        import numpy as np
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        if table is None or table.num_rows == 0:
-            self.n = 0
+        batches = [b for b in (batches or []) if b.num_rows]
+        self.n = sum(b.num_rows for b in batches)
+        self._ranges: dict[str, tuple[int, int]] = {}
+        if not self.n:
             self._cols: dict = {}
-            self._ranges: dict[str, tuple[int, int]] = {}
-            self._index: dict[str, int] = {}
+            self._perm = self._addr = self._hashes = self._hash_rows = np.zeros(0, dtype=np.int64)
             return
-        table = table.sort_by("source").combine_chunks()
-        self.n = table.num_rows
-        cols = {}
-        for name in table.column_names:
-            col = table.column(name).chunk(0) if table.column(name).num_chunks else table.column(name)
-            if name in ("source", "path", "title", "metadata") and pa.types.is_string(col.type):
-                col = pc.dictionary_encode(col)  # a few distinct values repeated on many rows
-            cols[name] = col
-        self._cols = cols
-        ends = pc.run_end_encode(table.column("source").combine_chunks())
-        self._ranges = {}
+        names = batches[0].schema.names
+        self._cols = {n: pa.chunked_array([b.column(n) for b in batches]) for n in names if n != "_rowaddr"}
+        self._addr = np.concatenate([b.column("_rowaddr").to_numpy() for b in batches]).astype(np.uint64)
+        # Source order: a global code per source, then a stable sort of the rows by it.
+        code_of: dict[str, int] = {}
+        codes = np.empty(self.n, dtype=np.int32)
         start = 0
-        for src, end in zip(ends.values.to_pylist(), ends.run_ends.to_pylist()):
-            self._ranges[src] = (start, end)
-            start = end
-        self._index = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
+        for b in batches:
+            col = b.column("source")
+            local = np.array([code_of.setdefault(s, len(code_of)) for s in col.dictionary.to_pylist()],
+                             dtype=np.int32)
+            codes[start:start + b.num_rows] = local[col.indices.to_numpy(zero_copy_only=False)]
+            start += b.num_rows
+        self._perm = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes, minlength=len(code_of))
+        ends = np.cumsum(counts)
+        for source, c in code_of.items():
+            self._ranges[source] = (int(ends[c] - counts[c]), int(ends[c]))
+        del codes
+        # Ids: their hashes (Python's, fixed within a process) sorted, with the row each is of.
+        hashes = np.empty(self.n, dtype=np.int64)
+        pos = np.empty(self.n, dtype=np.int64)  # physical row -> index in source order
+        pos[self._perm] = np.arange(self.n)
+        start = 0
+        for b in batches:
+            ids = b.column("id").to_pylist()
+            hashes[start:start + len(ids)] = [hash(i) for i in ids]
+            start += len(ids)
+        order = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[order]
+        self._hash_rows = pos[order]
 
     @classmethod
     def read(cls, store) -> "Snapshot":
         """The store's table now (empty when nothing was ingested); IngestError if damaged."""
-        return cls(store.light_rows())
+        return cls(store.light_rows(convert=_encode))
 
     def __len__(self) -> int:
         return self.n
@@ -55,27 +86,40 @@ class Snapshot:
     # Lookups --------------------------------------------------------------------------------
     def index_of(self, rid: str) -> int:
         """The row index of document ``rid``, or -1."""
-        return self._index.get(rid, -1)
+        import numpy as np
+
+        if not self.n:
+            return -1
+        h = hash(rid)
+        k = int(np.searchsorted(self._hashes, h))
+        while k < self.n and self._hashes[k] == h:
+            i = int(self._hash_rows[k])
+            if self.get(i, "id") == rid:
+                return i
+            k += 1
+        return -1
 
     def get(self, i: int, column: str):
-        return self._cols[column][i].as_py()
+        return self._cols[column][int(self._perm[i])].as_py()
 
     def addr(self, i: int) -> int:
-        return self._cols["_rowaddr"][i].as_py()
+        return int(self._addr[self._perm[i]])
 
     def column(self, name: str, start: int, stop: int) -> list:
         """Values of ``name`` for rows ``[start, stop)``."""
-        return self._cols[name].slice(start, stop - start).to_pylist() if stop > start else []
-
-    def fragments(self, start: int, stop: int) -> list[int]:
-        """The Lance fragment ids holding rows ``[start, stop)``."""
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         if stop <= start:
             return []
-        addrs = self._cols["_rowaddr"].slice(start, stop - start).cast(pa.uint64())
-        return sorted(pc.unique(pc.shift_right(addrs, pa.scalar(32, pa.uint64()))).to_pylist())
+        return self._cols[name].take(pa.array(self._perm[start:stop])).to_pylist()
+
+    def fragments(self, start: int, stop: int) -> list[int]:
+        """The Lance fragment ids holding rows ``[start, stop)``."""
+        import numpy as np
+
+        if stop <= start:
+            return []
+        return [int(f) for f in np.unique(self._addr[self._perm[start:stop]] >> np.uint64(32))]
 
     def source_range(self, source: str) -> tuple[int, int]:
         """Row indices ``[start, stop)`` of ``source``'s rows (empty when it has none)."""
@@ -84,36 +128,27 @@ class Snapshot:
     def sources(self) -> Iterator[str]:
         return iter(self._ranges)
 
-    def paths(self, source: str) -> list[str]:
-        """The distinct paths of ``source``'s rows."""
-        import pyarrow.compute as pc
-
-        start, stop = self.source_range(source)
-        if stop <= start:
-            return []
-        col = self._cols["path"].slice(start, stop - start)
-        return [p for p in pc.unique(col.dictionary_decode() if hasattr(col, "dictionary_decode") else col)
-                .to_pylist() if p]
-
     def count(self, source: str) -> int:
         start, stop = self.source_range(source)
         return stop - start
 
-    def ids(self, source: str, batch: int = 8192) -> Iterator[str]:
+    def paths(self, source: str) -> list[str]:
+        """The distinct paths of ``source``'s rows."""
         start, stop = self.source_range(source)
-        for a in range(start, stop, batch):
-            yield from self._cols["id"].slice(a, min(batch, stop - a)).to_pylist()
+        seen: dict[str, None] = {}
+        for a in range(start, stop, 65536):
+            for p in self.column("path", a, min(stop, a + 65536)):
+                if p:
+                    seen.setdefault(p)
+        return list(seen)
 
     def rows_digest(self, source: str, batch: int = 8192) -> str:
         """RowsDigest of ``source``'s rows, read in batches."""
         d = RowsDigest()
         start, stop = self.source_range(source)
         for a in range(start, stop, batch):
-            n = min(batch, stop - a)
-            ids = self._cols["id"].slice(a, n).to_pylist()
-            hashes = self._cols["content_hash"].slice(a, n).to_pylist()
-            paths = self._cols["path"].slice(a, n).to_pylist()
-            for rid, h, p in zip(ids, hashes, paths):
+            b = min(stop, a + batch)
+            for rid, h, p in zip(self.column("id", a, b), self.column("content_hash", a, b), self.column("path", a, b)):
                 d.add(rid, h, p)
         return d.value()
 
