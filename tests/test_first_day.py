@@ -112,6 +112,29 @@ def test_bank_rm_of_an_unknown_id_names_the_chunk_ids(built, capsys, monkeypatch
     assert code == 0 and json.loads(out)["removed_rows"] == 1
 
 
+def test_bank_rm_of_an_unknown_source_exits_1_and_removes_nothing(built, capsys, monkeypatch):
+    """`--source` of a path no document came from is refused like an unknown id (it used to
+    exit 0 having removed nothing), naming the sources that look like it; a removed source can
+    be named again (the re-run that finishes an interrupted removal)."""
+    for given, hint in (("quorra.md", "sources like it: corpus/quorra.md"),
+                        ("corpus/nobody.md", "regrad docs ls"), ("./corpus/felix.md", "corpus/felix.md")):
+        code, out, err = run_cli(["bank", "rm", "--source", given, "--json"], capsys, monkeypatch)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (given, out, err)
+        assert f"no document from source {given!r}" in err and hint in err and "nothing was removed" in err, err
+    code, _, err = run_cli(["bank", "rm", "corpus/quorra.md#0", "--source", "nowhere.md"], capsys, monkeypatch)
+    assert code == 1 and "'nowhere.md'" in err, err
+    code, _, err = run_cli(["bank", "rm", "--source", "nowhere.md", "--keep-documents"], capsys, monkeypatch)
+    assert code == 1 and "'nowhere.md'" in err, err
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    assert (json.loads(out)["rows"], json.loads(out)["documents"]) == (2, 2)  # nothing removed
+    assert not (built / "ws" / "tombstones.json").exists()
+    for _ in range(2):  # removed, then named again: accepted both times
+        code, out, err = run_cli(["bank", "rm", "--source", "corpus/felix.md", "--json"], capsys, monkeypatch)
+        assert code == 0, err
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    assert (json.loads(out)["rows"], json.loads(out)["documents"]) == (1, 1)
+
+
 def _cli_in_subprocess(args: list[str], cwd: Path) -> tuple[int, str, list[str]]:
     """(exit status, stderr, the heavy modules imported) of `regrad ARGS` in a fresh interpreter."""
     import subprocess

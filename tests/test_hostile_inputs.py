@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import pytest
 from reliability_helpers import run_cli
 
 QUESTION = "What is topic 1 about?"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +210,14 @@ def test_a_damaged_table_is_one_line_in_every_command(base, tmp_path, capsys, mo
                  ["query", QUESTION, "--mode", "context"], ["bank", "stats"], ["bank", "verify"],
                  ["bank", "compact"], ["bank", "rm", "d1.txt"], ["bank", "rm", "d2.txt", "--keep-documents"]):
         _check([*args, *ws], capsys, monkeypatch, expect_fail=False)
-    # The damaged documents table is named in one line, not Lance's stack.
+    # The damaged documents table is named in one line, not Lance's stack: by a query that reads
+    # the texts, and by ingest, which reads every row before it writes (exit 1, not a pyarrow error).
     if damage == "documents-data-missing":
         err = _check(["query", QUESTION, "--mode", "context", *ws], capsys, monkeypatch)
         assert "documents table" in err, err
+    if damage.startswith("documents"):
+        err = _check(["ingest", case / "corpus", *ws], capsys, monkeypatch)
+        assert "documents table" in err and "Traceback" not in err, err
 
 
 # A hostile corpus ---------------------------------------------------------------------------------
@@ -231,3 +238,140 @@ def test_a_hostile_corpus_is_skipped_or_refused_in_one_line(base, tmp_path, caps
     assert code in (0, 1, 2), err
     for args in (["build-bank"], ["query", QUESTION], ["bank", "verify"]):
         _check([*args, *ws], capsys, monkeypatch, expect_fail=False)
+
+
+# Hostile dataset files for `regrad eval` --------------------------------------------------------
+def _write_dataset(path: Path, how: str) -> Path:
+    import gzip
+
+    ok = json.dumps({"question": "What is topic 1 about?", "answers": ["alpha"]})
+    if how == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" + bytes(range(256)) * 4)
+    elif how == "not-utf8":
+        path.write_bytes(ok.encode() + b"\n" + b'{"question": "\xff\xfe", "answers": ["a"]}\n')
+    elif how == "huge-line":
+        with open(path, "wb") as fh:  # 17 MB without a newline
+            for _ in range(17):
+                fh.write(b"x" * 2**20)
+    elif how == "deep":
+        path.write_text('{"question": "q", "answers": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    elif how.startswith("type-"):
+        bad = {"type-question": {"question": 5, "answers": ["a"]},
+               "type-answers": {"question": "q", "answers": {"a": 1}},
+               "type-no-answers": {"question": "q", "answers": []},
+               "type-documents": {"question": "q", "answers": ["a"], "documents": [{"x": 1}]},
+               "type-id": {"id": ["x"], "question": "q", "answers": ["a"]},
+               "type-kind": {"question": "q", "answers": ["a"], "kind": "essay"},
+               "type-long-question": {"question": "q" * 5000, "answers": ["a"]},
+               "type-record": ["q", "a"]}[how]
+        path.write_text(ok + "\n" + json.dumps(bad) + "\n")
+    elif how == "gzip-bomb":  # 64 MB decompressed, one endless line, from a few KB
+        path = path.with_suffix(".jsonl.gz")
+        member = gzip.compress(b"a" * 2**20)  # gzip members may follow one another
+        path.write_bytes(member * 64)
+    elif how == "not-gzip":
+        path = path.with_suffix(".jsonl.gz")
+        path.write_bytes(b"this is not gzip data")
+    return path
+
+
+DATASET_ATTACKS = ["binary", "not-utf8", "huge-line", "deep", "type-question", "type-answers", "type-no-answers",
+                   "type-documents", "type-id", "type-kind", "type-long-question", "type-record", "gzip-bomb",
+                   "not-gzip"]
+
+
+@pytest.mark.parametrize("how", DATASET_ATTACKS)
+def test_a_hostile_eval_dataset_is_one_line(tmp_path, capsys, monkeypatch, how):
+    """`regrad eval --dataset jsonl:FILE` on a hostile file: exit 1, one line naming the file
+    (and the line where there is one), before any model loads."""
+    data = _write_dataset(tmp_path / "questions.jsonl", how)
+    err = _check(["eval", "--dataset", f"jsonl:{data}", "--model", "fake:llama", "--embedder", "fake:hash-32",
+                  "--systems", "closed-book", "--out", tmp_path / "out", "--cache", tmp_path / "cache"],
+                 capsys, monkeypatch)
+    assert data.name in err, err
+    if how.startswith("type-"):
+        assert f"{data.name}:2" in err, err  # the first line is fine: the second is named
+
+
+_DATASET_CHILD = r"""
+import gzip, json, resource, sys
+sys.path[:0] = [sys.argv[2]]
+from regrad_cli.errors import DatasetError
+from regrad_cli.learning.datasets import load_dataset
+
+def status(key):
+    return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":")][0]
+
+limit = status("VmSize") + int(sys.argv[3]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    load_dataset(sys.argv[1])
+    print("loaded")
+except DatasetError as exc:
+    print(json.dumps({"error": str(exc), "peak_mb": status("VmHWM") / 2**20}))
+"""
+
+
+@pytest.mark.parametrize("shape", ["records", "documents"])
+def test_a_dataset_bomb_stops_at_the_limits_with_bounded_memory(tmp_path, shape):
+    """A .jsonl.gz of 1.5 GB decompressed (valid records, tiny or with 1 KB documents) is
+    refused at the item or size limit in a child whose address space is capped 600 MB above its
+    start: without the limits, its questions alone would need several GB."""
+    import gzip
+
+    path = tmp_path / "bomb.jsonl.gz"
+    doc = "x" * (1000 if shape == "documents" else 0)
+    line = (json.dumps({"question": "q?", "answers": ["a"], "documents": [doc]}) + "\n").encode()
+    member = gzip.compress(line * (2**20 // len(line)))  # gzip members may follow one another
+    path.write_bytes(member * 1536)
+    r = subprocess.run([sys.executable, "-c", _DATASET_CHILD, f"jsonl:{path}", str(REPO), "600"],
+                       capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    expected = "more than 250000 questions" if shape == "records" else "larger than 128 MB decompressed"
+    assert expected in out["error"], out
+
+
+# A hostile --init checkpoint for `regrad meta-train` -----------------------------------------------
+INIT_ATTACKS = ["truncated-tensors", "header-bomb", "deep-json", "json-list", "not-utf8", "bad-spec", "no-tensors",
+                "missing-dir", "a-file", "empty-dir", "other-model", "other-shapes"]
+
+
+@pytest.mark.parametrize("how", INIT_ATTACKS)
+def test_a_hostile_init_checkpoint_is_one_line_in_meta_train(base, tmp_path, capsys, monkeypatch, how):
+    case = _copy(base, tmp_path)
+    ck = tmp_path / "init"
+    if how == "missing-dir":
+        pass
+    elif how == "a-file":
+        ck.write_text("not a checkpoint")
+    elif how == "empty-dir":
+        ck.mkdir()
+    elif how == "other-model":  # a whole learner, of another model family (other names and shapes)
+        from regrad_cli.learner.persistence import save_learner
+        from regrad_cli.workspace.config import Workspace
+        from regrad_cli.workspace.engine import Engine
+
+        other = Workspace.open(tmp_path / "other-ws", overrides={"model.id": "fake:gpt2", "embedder.id": "fake:hash-32",
+                                                                 "lora.rank": 2})
+        save_learner(Engine.load(other, checkpoint="init").learner, ck)
+    elif how == "other-shapes":  # the model's module names, other tensor shapes, a matching content id
+        import torch
+
+        from regrad_cli.learner.lora import Learner
+        from regrad_cli.learner.persistence import save_learner
+
+        learner = Learner.load(case / "ck")
+        key = next(iter(learner.phi.keys()))
+        learner.phi[key] = torch.nn.Parameter(torch.zeros(learner.phi[key].shape[0], 7))
+        save_learner(learner, ck)
+    else:
+        shutil.copytree(case / "ck", ck)
+        _damage_checkpoint(ck, how)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"What is topic {i} about?", "answers": ["alpha"],
+                                         "documents": [f"Document {i} is about topic {i}."]}) + "\n" for i in range(4)))
+    err = _check(["meta-train", "--train", f"jsonl:{train}", "--init", ck, "--model", "fake:llama",
+                  "--steps", "1", "--meta-batch", "1", "--k", "1", "--out", tmp_path / "run",
+                  "--workspace", case / "ws"], capsys, monkeypatch)
+    assert any(w in err for w in ("init", "checkpoint", "does not fit")), err

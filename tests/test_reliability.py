@@ -645,21 +645,27 @@ def test_cli_build_bank_disk_full_keeps_a_clean_bank(where, template, tmp_path, 
     assert cli_verify(ws, capsys, monkeypatch)["rows"] == 2
 
 
-def test_cli_ingest_write_failure_keeps_previous_documents(built, fake_models, capsys, monkeypatch):
-    import lancedb.merge
+@pytest.mark.parametrize("where", ["fragments", "commit"])
+def test_cli_ingest_write_failure_keeps_previous_documents(built, fake_models, capsys, monkeypatch, where):
+    """The disk fills while ingest writes a file's fragments, or at the commit that publishes
+    them: one line, exit 1, the documents table exactly as before."""
+    import lance
+    import lance.fragment
 
     ws, corpus = built
     before = doc_rows(ws)
     write_corpus(corpus, 5, start=50)
-    real = lancedb.merge.LanceMergeInsertBuilder.execute
 
-    def full(self, *a, **k):
+    def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lancedb.merge.LanceMergeInsertBuilder, "execute", full)
-    code, out, err = run_cli(["ingest", corpus, "-w", ws.root], capsys, monkeypatch)
+    with monkeypatch.context() as m:
+        if where == "fragments":
+            m.setattr(lance.fragment, "write_fragments", full)
+        else:
+            m.setattr(lance.LanceDataset, "commit", staticmethod(full))
+        code, out, err = run_cli(["ingest", corpus, "-w", ws.root], capsys, monkeypatch)
     assert code == 1 and "No space left on device" in one_error_line(err)
-    monkeypatch.setattr(lancedb.merge.LanceMergeInsertBuilder, "execute", real)
     assert sorted(map(str, doc_rows(ws))) == sorted(map(str, before))
 
 

@@ -263,12 +263,25 @@ class Learner(nn.Module):
         return sum(self.phi[_key(n)].numel() for n in self.names)
 
     # Attaching to a model ---------------------------------------------------------------
+    def check_fits(self, model: nn.Module) -> None:
+        """RegradError unless ``model`` has this learner's target modules, with its tensor shapes
+        (a learner loaded from a checkpoint made for another model does not)."""
+        try:
+            expected = target_shapes(model, self.spec)
+        except RegradError as exc:
+            raise RegradError(f"the learner does not fit this model (was it trained for another model?): {exc}") from None
+        if expected != dict(self.layout):
+            raise RegradError("the learner does not fit this model: its LoRA tensors have other names or shapes "
+                              "(was it trained for another model?)")
+
     def attach(self, model: nn.Module) -> "Learner":
-        """Wrap the target modules of ``model`` with LoRA side paths using phi.
+        """Wrap the target modules of ``model`` with LoRA side paths using phi, once
+        :meth:`check_fits` says they match.
 
         Only the module tree changes; every base parameter object stays the same tensor."""
         if self._wrappers:
             raise RegradError("learner is already attached to a model")
+        self.check_fits(model)
         modules = dict(model.named_modules())
         for mod_name in module_names(self.spec, model):
             base = modules[mod_name]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import itertools
 import json
+import zlib
 from importlib.resources import files
 from pathlib import Path
 
@@ -81,8 +83,15 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
     fmt, path, split = parse_spec(spec)
     try:
         items = _LOADERS[fmt](path, pubmedqa_long) if fmt == "pubmedqa" else _LOADERS[fmt](path)
-    except (OSError, ValueError, KeyError, TypeError, SyntaxError) as exc:
-        raise DatasetError(f"cannot read {fmt} dataset {path}: {exc}") from exc
+    except DatasetError:
+        raise
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DatasetError(f"cannot read {fmt} dataset {path}: cannot decompress it ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"cannot read {fmt} dataset {path}: not UTF-8 text (byte {exc.start})") from None
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError, IndexError, AttributeError) as exc:
+        raise DatasetError(f"cannot read {fmt} dataset {path}: {type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:300]}") from None
     except (RecursionError, MemoryError):  # a value nested too deeply for json or literal_eval
         raise DatasetError(f"cannot read {fmt} dataset {path}: a value is nested too deeply") from None
     if split == "train":
@@ -94,41 +103,115 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
     return items
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+# A dataset file is untrusted: what is read of it is bounded before it is parsed, so memory
+# follows these limits (a few hundred MB at most), not the file. The bundled and supported
+# datasets are far below them (NQ-Open oracle: 3.2 MB, 3 610 questions).
+MAX_DATASET_BYTES = 128 * 2**20  # decompressed, per file
+MAX_LINE_BYTES = 16 * 2**20
+MAX_ITEMS = 250_000  # per file
+MAX_QUESTION_CHARS = 4000  # as `regrad serve` takes
+MAX_ANSWER_CHARS = 4000
+MAX_ANSWERS = 100
+KINDS = ("qa", "yesno", "cloze")
+
+
+def _too_large(path: Path) -> DatasetError:
+    return DatasetError(f"dataset {path} is larger than {MAX_DATASET_BYTES // 2**20} MB"
+                        f"{' decompressed' if path.name.endswith('.gz') else ''}: split it into smaller files")
+
+
+def _lines(path: Path):
+    """(line number, text) of every non-blank line of ``path`` (gzip when it ends in .gz), read
+    in bounded pieces: a line over MAX_LINE_BYTES or a file over MAX_DATASET_BYTES (counted
+    decompressed, as a gzip bomb is) is a DatasetError before it is held."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    total = 0
+    with opener(path, "rb") as fh:
+        for line_no in itertools.count(1):
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            total += len(raw)
+            if total > MAX_DATASET_BYTES:
+                raise _too_large(path)
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetError(f"{path}:{line_no}: a line longer than {MAX_LINE_BYTES // 2**20} MB")
+            if raw.strip():
+                try:
+                    yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DatasetError(f"{path}:{line_no}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_json(path: Path):
+    """A whole-file JSON dataset, its size checked before it is read."""
+    if path.stat().st_size > MAX_DATASET_BYTES:
+        raise _too_large(path)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _item(items: list, where: str, item_id, question, answers, documents, kind: str = "qa",
+          meta: dict | None = None) -> None:
+    """Append one checked QAItem: the types and sizes every consumer relies on, or a
+    DatasetError naming ``where`` (file:line or file[key])."""
+    if len(items) >= MAX_ITEMS:
+        raise DatasetError(f"{where}: more than {MAX_ITEMS} questions in one file: split it")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or str(item_id) == "":
+        raise DatasetError(f'{where}: "id" must be a non-empty string or an integer')
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f'{where}: "question" must be a non-empty string')
+    if len(question) > MAX_QUESTION_CHARS:
+        raise DatasetError(f'{where}: "question" is longer than {MAX_QUESTION_CHARS} characters')
+    answers = answers if isinstance(answers, list) else [answers]
+    if not answers or len(answers) > MAX_ANSWERS or not all(
+            isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+        raise DatasetError(f'{where}: "answers" must be 1 to {MAX_ANSWERS} strings (or numbers)')
+    answers = [str(a) for a in answers]
+    if any(len(a) > MAX_ANSWER_CHARS for a in answers):
+        raise DatasetError(f'{where}: an answer is longer than {MAX_ANSWER_CHARS} characters')
+    documents = documents if isinstance(documents, list) else [documents]
+    if not all(isinstance(d, str) for d in documents):
+        raise DatasetError(f'{where}: "documents" must be a string or a list of strings')
+    if kind not in KINDS:
+        raise DatasetError(f'{where}: "kind" must be one of {", ".join(KINDS)}')
+    items.append(QAItem(str(item_id), question, answers, documents, kind, meta or {}))
 
 
 def _load_nq(path: Path) -> list[QAItem]:
-    items = []
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    items: list[QAItem] = []
+    for line_no, line in _lines(path):
+        where = f"{path}:{line_no}"
+        try:
             rec = json.loads(line)
             ctx = rec["ctxs"][0]
             text = f"{ctx.get('title', '')}\n{ctx['text']}".strip()
-            qid = "nq-" + hashlib.sha1(rec["question"].encode()).hexdigest()[:12]
-            items.append(QAItem(qid, rec["question"], list(rec["answers"]), [text], "qa",
-                                {"title": ctx.get("title", "")}))
+            qid = "nq-" + hashlib.sha1(str(rec["question"]).encode()).hexdigest()[:12]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise DatasetError(f"{where}: malformed NQ-Open record ({type(exc).__name__}: {exc})") from None
+        _item(items, where, qid, rec["question"], rec.get("answers"), [text], "qa", {"title": ctx.get("title", "")})
     return items
 
 
 def _load_pubmedqa(path: Path, long_answer: bool = False) -> list[QAItem]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items = []
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a PubMedQA file is one object keyed by PMID")
+    items: list[QAItem] = []
     for pmid, rec in data.items():
-        contexts = rec["CONTEXTS"]
-        if isinstance(contexts, str):
-            contexts = ast.literal_eval(contexts)
-        doc = " ".join(contexts)
-        answers = [rec["final_decision"]]
-        if long_answer and rec.get("LONG_ANSWER"):
-            answers = [rec["LONG_ANSWER"]]
-        items.append(QAItem(f"pubmedqa-{pmid}", rec["QUESTION"] + " Answer yes, no or maybe.",
-                            answers, [doc], "qa" if long_answer else "yesno",
-                            {"long_answer": rec.get("LONG_ANSWER", "")}))
+        where = f"{path}[{pmid}]"
+        try:
+            contexts = rec["CONTEXTS"]
+            if isinstance(contexts, str):
+                contexts = ast.literal_eval(contexts)
+            doc = " ".join(contexts)
+            question = rec["QUESTION"] + " Answer yes, no or maybe."
+            answers = [rec["final_decision"]]
+            if long_answer and rec.get("LONG_ANSWER"):
+                answers = [rec["LONG_ANSWER"]]
+        except (ValueError, KeyError, TypeError, SyntaxError, AttributeError) as exc:
+            raise DatasetError(f"{where}: malformed PubMedQA record ({type(exc).__name__}: {exc})") from None
+        _item(items, where, f"pubmedqa-{pmid}", question, answers, [doc], "qa" if long_answer else "yesno",
+              {"long_answer": rec.get("LONG_ANSWER", "")})
     return items
 
 
@@ -139,37 +222,45 @@ def _as_list(value) -> list:
 
 
 def _load_fictional(path: Path) -> list[QAItem]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items = []
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: a fictional-knowledge file is a list of records")
+    items: list[QAItem] = []
     for d_idx, rec in enumerate(data):
-        doc = rec["train_context"]
-        for level in ("mem", "gen", "hard_gen"):
-            inputs = _as_list(rec.get(f"{level}_input", []))
-            targets = _as_list(rec.get(f"{level}_target", []))
-            for p_idx, (prompt, target) in enumerate(zip(inputs, targets)):
-                # Split by document, so that a dev probe's document was never trained on.
-                items.append(QAItem(f"fictional-{d_idx}-{level}-{p_idx}", prompt, [target], [doc],
-                                    "cloze", {"level": level, "doc": d_idx}))
+        where = f"{path}[{d_idx}]"
+        try:
+            doc = rec["train_context"]
+            probes = []
+            for level in ("mem", "gen", "hard_gen"):
+                inputs = _as_list(rec.get(f"{level}_input", []))
+                targets = _as_list(rec.get(f"{level}_target", []))
+                probes += [(level, p_idx, prompt, target)
+                           for p_idx, (prompt, target) in enumerate(zip(inputs, targets))]
+        except (ValueError, KeyError, TypeError, SyntaxError, AttributeError) as exc:
+            raise DatasetError(f"{where}: malformed fictional-knowledge record ({type(exc).__name__}: {exc})") from None
+        for level, p_idx, prompt, target in probes:
+            # Split by document, so that a dev probe's document was never trained on.
+            _item(items, where, f"fictional-{d_idx}-{level}-{p_idx}", prompt, [target], [doc],
+                  "cloze", {"level": level, "doc": d_idx})
     return items
 
 
 def _load_jsonl(path: Path) -> list[QAItem]:
-    items = []
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                answers = rec["answers"] if isinstance(rec["answers"], list) else [rec["answers"]]
-                docs = rec.get("documents") or []
-                docs = docs if isinstance(docs, list) else [docs]
-                items.append(QAItem(str(rec.get("id", f"{path.name}:{line_no}")), rec["question"],
-                                    [str(a) for a in answers], [str(d) for d in docs],
-                                    rec.get("kind", "qa"), {k: v for k, v in rec.items()
-                                                            if k not in ("question", "answers", "documents")}))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DatasetError(f"{path}:{line_no}: malformed record ({exc})") from exc
+    items: list[QAItem] = []
+    for line_no, line in _lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise DatasetError(f"{where}: malformed record ({exc})") from None
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: a record must be a JSON object, not {type(rec).__name__}")
+        if "question" not in rec or "answers" not in rec:
+            raise DatasetError(f'{where}: malformed record (needs "question" and "answers")')
+        _item(items, where, rec["id"] if rec.get("id") is not None else f"{path.name}:{line_no}",
+              rec["question"], rec["answers"],
+              rec.get("documents") or [], rec.get("kind", "qa"),
+              {k: v for k, v in rec.items() if k not in ("question", "answers", "documents")})
     return items
 
 

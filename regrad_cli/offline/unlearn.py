@@ -28,9 +28,13 @@ from regrad_cli.workspace.tombstones import Tombstones
 log = logging.getLogger("regrad")
 
 
-def _check_named(ws, store, banks, ids: set, tombs) -> None:
-    """RegradError for a named id that no document, bank row or earlier removal has (see
-    ``_unknown_error``); before anything is removed, under the locks."""
+def _check_named(ws, store, banks, ids: set, srcs: set, tombs) -> None:
+    """RegradError for a named id or source that no document, bank row or earlier removal has
+    (see ``_raise_unknown``); before anything is removed, under the locks."""
+    if srcs:
+        have = set(store.sources()) if store is not None and store.exists else set()
+        missing = {s for s in srcs - have if not any(b.doc_ids(where_sources=[s]) for b in banks)}
+        _raise_unknown_source(ws, missing, have, tombs)
     if not ids:
         return
     all_ids: set[str] = set()
@@ -41,29 +45,60 @@ def _check_named(ws, store, banks, ids: set, tombs) -> None:
     _raise_unknown(ws, ids, all_ids, tombs)
 
 
-def _check_named_early(ws, locations, opts, ids: set, tombs, with_documents: bool) -> None:
+def _check_named_early(ws, locations, opts, ids: set, srcs: set, tombs, with_documents: bool) -> None:
     """``_check_named`` before lancedb (seconds to import) or a model is loaded: the ids are
     read with pylance alone (``DocumentStore.ids``, ``GradientBank.read_doc_ids``), so a typo
     fails at once. Where something cannot be read that way (a bank on an object store, a damaged
-    table) it says nothing, and ``_check_named`` decides under the locks, as before."""
+    table) it says nothing, and ``_check_named`` decides under the locks, as before.
+
+    It takes no lock: it only reads, and each read sees one committed version (Lance publishes a
+    version in one manifest write). A writer running meanwhile can only make it refuse an id
+    that is being ingested at that moment (rerun), or accept one that a concurrent `bank rm` is
+    removing; the check under the locks then decides, and re-removing is harmless. A purge that
+    deletes files under the read is a read error, and then this check steps aside."""
     from bank_format import BankFormatError, GradientBank, is_remote
 
     from regrad_cli.workspace.documents import DocumentStore
 
-    if not ids or not (locations or with_documents) or any(is_remote(str(loc)) for loc in locations):
+    if not (ids or srcs) or not (locations or with_documents) or any(is_remote(str(loc)) for loc in locations):
         return
     if not all(GradientBank.exists(loc) for loc in locations):
         return  # a --bank that is not there: remove_documents says so
     all_ids: set[str] = set()
+    sources: set[str] = set()
     try:
         if with_documents:
-            all_ids |= DocumentStore(ws).ids()
-        for loc in locations:
+            all_ids |= DocumentStore(ws).ids() if ids else set()
+            sources |= DocumentStore(ws).source_names() if srcs else set()
+        for loc in locations if ids else ():
             all_ids |= GradientBank.read_doc_ids(loc, opts)
     except (RegradError, BankFormatError, OSError) as exc:
         log.debug("early id check skipped: %s", exc)
         return
+    if srcs and not locations:  # the banks' sources are read under the locks (no bank here)
+        _raise_unknown_source(ws, srcs - sources, sources, tombs)
     _raise_unknown(ws, ids, all_ids, tombs)
+
+
+def _raise_unknown_source(ws, missing: set, have: set, tombs) -> None:
+    """RegradError for a named source that has no document, no bank row and no earlier removal,
+    naming the sources that look like it (sources are paths relative to the folder's parent,
+    as `regrad docs ls` shows them)."""
+    unknown = sorted(missing - (tombs.sources() if tombs is not None else set()))
+    if not unknown:
+        return
+    given = unknown[0]
+    name = given.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    like = sorted(s for s in have if name and name in s)
+    where = ws.root if ws is not None else "the bank"
+    msg = f"no document from source {given!r} in {where}"
+    if len(unknown) > 1:
+        msg += f" (nor from {len(unknown) - 1} more of the sources given)"
+    if like:
+        msg += f"; sources like it: {', '.join(like[:8])}{', ...' if len(like) > 8 else ''}"
+    else:
+        msg += "; `regrad docs ls` lists the sources (paths as ingest recorded them)"
+    raise RegradError(msg + "; nothing was removed")
 
 
 def _raise_unknown(ws, ids: set, all_ids: set, tombs) -> None:
@@ -154,7 +189,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     p_ids, p_srcs = tombs.pending() if tombs is not None else (set(), set())
     if not ids and not srcs and not p_ids and not p_srcs:
         raise RegradError("name DOC_ID... or --source PATH")
-    _check_named_early(ws, locations, opts, ids, tombs, with_documents=ws is not None and not keep_documents)
+    _check_named_early(ws, locations, opts, ids, srcs, tombs, with_documents=ws is not None and not keep_documents)
     banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in locations) if b is not None]
     if bank is not None and not banks:
         raise NoBankError(f"no bank at {bank}")
@@ -169,7 +204,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
             stack.enter_context(b.locked())
         if tombs is not None:  # again, under the lock: what an interrupted run left
             p_ids, p_srcs = tombs.pending()
-        _check_named(ws, store, banks, ids, tombs)
+        _check_named(ws, store, banks, ids, srcs, tombs)
         # 1. resolve and tombstone first
         if srcs:
             if store is not None and store.exists:

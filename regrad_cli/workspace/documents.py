@@ -18,9 +18,11 @@ The schema metadata holds ``regrad.documents_format`` and ``regrad.embedder`` (a
 ``{"id": ..., "dim": ...}``): the embedder fingerprint lives in the table itself, so it can never
 disagree with the vectors it describes.
 
-Writes go through :meth:`DocumentStore.replace_sources`, one ``merge_insert`` per call: Lance
-commits it as a single new table version, so a crash during a write leaves the previous version
-(and everything in it) intact. Every writer of a workspace's documents (ingest, ``bank rm``)
+Ingest writes with :meth:`DocumentStore.write_fragments` (new rows as uncommitted Lance data
+files, a batch at a time) and :meth:`DocumentStore.commit_rows` (those fragments and the deletion
+of the rows they replace, in one commit); :meth:`DocumentStore.replace_sources` does the same for
+rows given at once, with one ``merge_insert``. Either way Lance publishes a single new table
+version, so a crash during a write leaves the previous version (and everything in it) intact. Every writer of a workspace's documents (ingest, ``bank rm``)
 holds :func:`workspace_lock`; Lance maintenance (purge, quoting, the committed-table check) is
 ``bank_format.lance_ops``, shared with the gradient bank.
 """
@@ -247,7 +249,6 @@ class DocumentStore:
         return query.limit(None).to_arrow()
 
     @_readable
-    @_readable
     def ids(self) -> set[str]:
         """Every document id, read with pylance alone (no lancedb import: ``bank rm`` tells an
         unknown id from them in a fraction of the time lancedb takes to load)."""
@@ -257,6 +258,17 @@ class DocumentStore:
         import lance
 
         return set(lance.dataset(str(uri)).to_table(columns=["id"]).column("id").to_pylist())
+
+    @_readable
+    def source_names(self) -> set[str]:
+        """Every source, read with pylance alone (as :meth:`ids`)."""
+        uri = self.db_path / f"{TABLE_NAME}.lance"
+        if not _committed(uri):
+            return set()
+        import lance
+        import pyarrow.compute as pc
+
+        return set(pc.unique(lance.dataset(str(uri)).to_table(columns=["source"]).column("source")).to_pylist())
 
     def all(self, columns: list[str] | None = None) -> list[dict]:
         """Every row as a dict (pass ``columns`` to skip the embeddings)."""
@@ -408,6 +420,120 @@ class DocumentStore:
             )
         except (OSError, ValueError, RuntimeError) as exc:
             raise IngestError(f"cannot write the documents table in {self.db_path}: {exc}") from exc
+
+    # Streaming writes (ingest): fragments written as rows come, published by one commit -------
+    @property
+    def _uri(self) -> str:
+        return str(self.db_path / f"{TABLE_NAME}.lance")
+
+    @_readable
+    def light_rows(self, convert=None, batch_rows: int = 65536) -> list | None:
+        """Every row's ``LIGHT_COLUMNS`` and Lance row address (``_rowaddr``), read with pylance
+        in record batches, each passed through ``convert`` as it comes (so the table is never
+        held in its plain form); None when nothing was ingested yet."""
+        if self.table() is None:
+            return None
+        import lance
+
+        batches = lance.dataset(self._uri).to_batches(columns=LIGHT_COLUMNS, with_row_address=True,
+                                                      batch_size=batch_rows)
+        return [convert(b) if convert is not None else b for b in batches]
+
+    def write_fragments(self, rows: list[dict]) -> list:
+        """Write ``rows`` as new Lance data files and return their fragment metadata, for
+        :meth:`commit_rows`. Nothing is visible to readers until that commit; files of a run
+        that never commits stay unreferenced and are never read."""
+        import lance
+        import lance.fragment
+
+        if not rows:
+            return []
+        self.table(required=True)
+        self.check_links()
+        try:
+            ds = lance.dataset(self._uri)
+            data = _rows_table(rows, ds.schema)
+            return lance.fragment.write_fragments(data, ds, schema=ds.schema, mode="append")
+        except RegradError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IngestError(f"cannot write the documents table in {self.db_path}: {exc}") from exc
+
+    def commit_rows(self, fragments: list, delete: dict[int, tuple[set, set]]) -> None:
+        """Publish ``fragments`` (from :meth:`write_fragments`) and delete rows in one Lance
+        commit, so that readers see all of it or none of it. ``delete`` maps a fragment id to the
+        (sources, ids) whose rows go from that fragment. The caller holds :func:`workspace_lock`."""
+        import lance
+
+        if not fragments and not delete:
+            return
+        self.check_links()
+        try:
+            ds = lance.dataset(self._uri)
+            updated, removed = [], []
+            for fid in sorted(delete):
+                sources, ids = delete[fid]
+                frag = ds.get_fragment(fid)
+                if frag is None or not (sources or ids):
+                    continue
+                pred = " OR ".join([f"({_in_filter('source', b)})" for b in _batches(sorted(sources))]
+                                   + [f"({_in_filter('id', b)})" for b in _batches(sorted(ids))])
+                matched = frag.count_rows(pred)
+                if not matched:
+                    continue
+                if matched == frag.count_rows():
+                    removed.append(fid)
+                    continue
+                left = frag.delete(pred)
+                if left is None:  # never for a partial match; refuse rather than guess
+                    raise IngestError(f"cannot delete from fragment {fid} of the documents table in {self.db_path}")
+                updated.append(left)
+            op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
+                                             new_fragments=list(fragments))
+            lance.LanceDataset.commit(self._uri, op, read_version=ds.version)
+        except RegradError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IngestError(f"cannot write the documents table in {self.db_path}: {exc}") from exc
+        self._table = None  # lancedb's handle would not see the new version
+
+    def copy_rows(self, addrs: list[int]) -> list:
+        """Write the rows at these row addresses again, unchanged, as new uncommitted fragments
+        (the unchanged rows of a changed file, which its commit deletes with the rest)."""
+        import lance
+        import lance.fragment
+
+        if not addrs:
+            return []
+        self.check_links()
+        try:
+            ds = lance.dataset(self._uri)
+            data = ds._take_rows(list(addrs), ignore_deletions=True)
+            if data.num_rows != len(addrs):
+                raise IngestError(f"the documents table in {self.db_path} lost rows while ingest ran")
+            return lance.fragment.write_fragments(data.select(ds.schema.names).cast(ds.schema), ds,
+                                                  schema=ds.schema, mode="append")
+        except RegradError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IngestError(f"cannot write the documents table in {self.db_path}: {exc}") from exc
+
+    def take_embeddings(self, addrs: list[int]):
+        """The stored vectors at these row addresses (a float32 array), or None where they
+        cannot all be read (the caller embeds the texts again)."""
+        import lance
+        import numpy as np
+
+        if not addrs:
+            return np.zeros((0, 0), dtype=np.float32)
+        try:
+            t = lance.dataset(self._uri)._take_rows(list(addrs), columns=["embedding"], ignore_deletions=True)
+        except (OSError, ValueError, RuntimeError):
+            return None
+        if t.num_rows != len(addrs):
+            return None
+        col = t.column("embedding").combine_chunks()
+        return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(addrs), -1)
 
     @_readable
     def delete_sources(self, sources: Iterable[str]) -> int:

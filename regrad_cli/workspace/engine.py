@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from regrad_cli import __version__
 from regrad_cli.errors import RegradError
-from regrad_cli.learner.lora import Learner, target_shapes
+from regrad_cli.learner.lora import Learner
 from regrad_cli.lm.models import LoadedModel, load_language_model
 from regrad_cli.workspace.checkpoints import resolve_learner
 from regrad_cli.workspace.config import BUNDLED_MODEL, Workspace
@@ -40,15 +40,9 @@ class Engine:
                                  dtype=dtype or (mcfg.dtype if mcfg else "float32"))
         learner = resolve_learner(ws, lm.model, model_id, checkpoint)
         try:
-            expected = target_shapes(lm.model, learner.spec)
+            learner.check_fits(lm.model)
         except RegradError as exc:
-            raise RegradError(f"learner checkpoint does not fit model {model_id} (was it trained for "
-                              f"another model?): {exc}") from None
-        if expected != dict(learner.layout):
-            raise RegradError(
-                f"learner checkpoint does not fit model {model_id}: its LoRA tensors have other "
-                "names or shapes (was it trained for another model?)"
-            )
+            raise RegradError(f"learner checkpoint does not fit model {model_id}: {exc}") from None
         learner.to(next(lm.model.parameters()).device)
         learner.attach(lm.model)
         return cls(lm, learner, model_id)

@@ -3,6 +3,13 @@
 Every reader treats its file as untrusted: sizes are checked while reading (a compressed file
 counts its decompressed bytes, read in bounded blocks, so a gzip bomb stops at the per-file
 limit), lines are split in linear time, and anything unreadable becomes a ``_Skip`` with a reason.
+
+``iter_docs`` yields a file's documents one at a time: a JSONL file is never held whole (as
+text, records or documents), so ingest memory follows the largest record, not the file. A
+``_Skip`` can come after some documents were yielded (a JSONL file found too large half way):
+the caller then drops what it made of them. Skipped records and warnings are listed one by one up
+to ``MAX_NOTES`` per file, then counted in one line (a file of a million bad lines is not a
+million lines of report).
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ class _Skip(Exception):
     """A file (or record) that cannot be ingested; the message is the reason."""
 
 
-@dataclass
+# Skipped records (and, separately, warnings) listed one by one per file; the rest are counted.
+MAX_NOTES = 100
+
+
+@dataclass(slots=True)
 class _Doc:
     base_id: str
     suffix_always: bool  # text files: "#k" even for one chunk
@@ -39,6 +50,32 @@ class _Doc:
     text: str
     metadata: dict
     where: str  # for messages
+
+
+class _Notes:
+    """A file's record-level skips and warnings, at most ``MAX_NOTES`` of each listed."""
+
+    def __init__(self, display: str, summary: IngestSummary):
+        self.display, self.summary = display, summary
+        self.skips = self.warns = 0
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skips += 1
+        if self.skips <= MAX_NOTES:
+            self.summary.skip(where, reason)
+
+    def warn(self, text: str) -> None:
+        self.warns += 1
+        if self.warns <= MAX_NOTES:
+            self.summary.warnings.append(text)
+
+    def close(self) -> None:
+        if self.skips > MAX_NOTES:
+            self.summary.skip(self.display, f"{self.skips - MAX_NOTES} more records skipped "
+                                            f"(the first {MAX_NOTES} are listed)")
+        if self.warns > MAX_NOTES:
+            self.summary.warnings.append(f"{self.display}: {self.warns - MAX_NOTES} more warnings "
+                                         f"(the first {MAX_NOTES} are listed)")
 
 
 def _mb(n_bytes: float) -> str:
@@ -74,21 +111,25 @@ def _read_limited(fh, limit: int, what: str) -> bytes:
 _TITLE_RE = re.compile(r"\A\s*#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
 
-def _text_docs(f: _File, limit: int, warnings: list[str]) -> list[_Doc]:
+def _text_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
     with _open_stream(f.path, gz=False) as fh:
         head = fh.read(BINARY_SNIFF_BYTES)
         if _is_binary(head):
             raise _Skip("binary")
         data = head + _read_limited(fh, limit - len(head), "file")
+    warnings: list[str] = []
     text = _decode(data, f.display, warnings)
+    del data
+    for w in warnings:
+        notes.warn(w)
     if not text.strip():
         raise _Skip("empty")
     title = Path(f.path).stem
     if f.path.lower().endswith((".md", ".markdown")):
-        m = _TITLE_RE.match(text)
+        m = _TITLE_RE.match(text[:BINARY_SNIFF_BYTES])
         if m:
             title = m.group(1).strip()
-    return [_Doc(f.source, True, title, text, {}, f.display)]
+    yield _Doc(f.source, True, title, text, {}, f.display)
 
 
 def _json_limit(exc: Exception) -> str:
@@ -119,13 +160,19 @@ def _record_doc(rec: Any, f: _File, n: int, where: str) -> _Doc:
     return _Doc(base, False, title, text, meta, where)
 
 
-def _json_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
+def _json_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
+    # One JSON value is parsed whole (no streaming JSON parser in the standard library): its
+    # objects cost a few times the file's size, which --max-file-mb bounds.
     with _open_stream(f.path, gz=False) as fh:
         head = fh.read(BINARY_SNIFF_BYTES)
         if _is_binary(head):
             raise _Skip("binary")
         data = head + _read_limited(fh, limit - len(head), "file")
-    text = _decode(data, f.display, summary.warnings)
+    warnings: list[str] = []
+    text = _decode(data, f.display, warnings)
+    del data
+    for w in warnings:
+        notes.warn(w)
     if not text.strip():
         raise _Skip("empty")
     try:
@@ -134,6 +181,7 @@ def _json_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
         raise _Skip(f"invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except (ValueError, RecursionError) as exc:  # nested too deep, or an integer too long
         raise _Skip(f"invalid JSON ({_json_limit(exc)})") from None
+    del text
     if isinstance(obj, dict) and isinstance(obj.get("documents"), list):
         records = obj["documents"]
     elif isinstance(obj, dict) and "text" in obj:
@@ -142,27 +190,31 @@ def _json_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
         records = obj
     else:
         raise _Skip('no documents (expected a record with "text", a list of records, or {"documents": [...]})')
-    docs = []
-    for i, rec in enumerate(records, start=1):
-        where = f"{f.display}[{i}]"
+    del obj
+    found = False
+    for i in range(len(records)):
+        where = f"{f.display}[{i + 1}]"
         try:
-            docs.append(_record_doc(rec, f, i, where))
+            doc = _record_doc(records[i], f, i + 1, where)
         except _Skip as exc:
-            summary.skip(where, str(exc))
-    if not docs:
+            notes.skip(where, str(exc))
+            continue
+        records[i] = None  # the document holds what is needed of it
+        found = True
+        yield doc
+    if not found:
         raise _Skip("no valid records")
-    return docs
 
 
-def _jsonl_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
+def _jsonl_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
     gz = f.path.lower().endswith(".gz")
-    docs: list[_Doc] = []
+    found = False
     try:
         with _open_stream(f.path, gz=gz) as fh:
             head = fh.read(BINARY_SNIFF_BYTES)
             if _is_binary(head):
                 raise _Skip("binary")
-            # Streamed line by line: the whole file is never held as one string.
+            # Streamed line by line: the whole file is never held, as text or as documents.
             for lineno, raw in enumerate(_lines(head, fh, limit, gz), start=1):
                 if not raw.strip():
                     continue
@@ -170,27 +222,30 @@ def _jsonl_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    summary.warnings.append(
-                        f"{where}: not valid UTF-8 (byte {exc.start}); undecodable bytes replaced"
-                    )
+                    notes.warn(f"{where}: not valid UTF-8 (byte {exc.start}); undecodable bytes replaced")
                     line = raw.decode("utf-8", errors="replace")
+                del raw
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    summary.skip(where, f"invalid JSON ({exc.msg}, column {exc.colno})")
+                    notes.skip(where, f"invalid JSON ({exc.msg}, column {exc.colno})")
                     continue
                 except (ValueError, RecursionError) as exc:
-                    summary.skip(where, f"invalid JSON ({_json_limit(exc)})")
+                    notes.skip(where, f"invalid JSON ({_json_limit(exc)})")
                     continue
+                del line
                 try:
-                    docs.append(_record_doc(rec, f, lineno, where))
+                    doc = _record_doc(rec, f, lineno, where)
                 except _Skip as exc:
-                    summary.skip(where, str(exc))
+                    notes.skip(where, str(exc))
+                    continue
+                del rec
+                found = True
+                yield doc
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise _Skip(f"cannot decompress ({exc})") from None
-    if not docs:
+    if not found:
         raise _Skip("empty" if not head else "no valid records")
-    return docs
 
 
 def _lines(head: bytes, fh, limit: int, gz: bool, block: int = READ_BLOCK) -> Iterator[bytes]:
@@ -224,15 +279,23 @@ def _lines(head: bytes, fh, limit: int, gz: bool, block: int = READ_BLOCK) -> It
         yield bytes(pending)
 
 
-def _read_docs(f: _File, limit: int, summary: IngestSummary) -> list[_Doc]:
+def iter_docs(f: _File, limit: int, summary: IngestSummary) -> Iterator[_Doc]:
+    """The documents of ``f``, one at a time; ``_Skip`` (a whole file that cannot be ingested)
+    may come before the first or after some. Record-level skips and warnings go to ``summary``."""
     size = os.stat(f.path).st_size
     if size > limit:
         raise _Skip(f"too large ({_mb(size)} MB > {_mb(limit)} MB)")
     if size == 0:
         raise _Skip("empty")
     name = f.path.lower()
+    notes = _Notes(f.display, summary)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _jsonl_docs(f, limit, summary)
-    if name.endswith(".json"):
-        return _json_docs(f, limit, summary)
-    return _text_docs(f, limit, summary.warnings)
+        reader = _jsonl_docs(f, limit, notes)
+    elif name.endswith(".json"):
+        reader = _json_docs(f, limit, notes)
+    else:
+        reader = _text_docs(f, limit, notes)
+    try:
+        yield from reader
+    finally:
+        notes.close()
