@@ -1,7 +1,7 @@
 """Peak memory of `regrad ingest` on hostile file shapes, against the same process's baseline.
 
 Each shape is one file under the default `--max-file-mb` (20): 600 000 tiny JSONL records
-(11.4 MB), one 19 MB JSONL record, a 19 MB text file of one line without a newline, a 19 MB
+(12.6 MB), one 19 MB JSONL record, a 19 MB text file of one line without a newline, a 19 MB
 JSONL file of one line that is not JSON (skipped), a 19 MB Markdown file of many paragraphs, and
 600 000 JSONL lines that are not records (skipped, the reasons capped). Each is ingested into a
 fresh workspace by a fresh child process that first loads the models (the tokenizer and the
@@ -41,7 +41,7 @@ def write_shape(name: str, path: Path, scale: float) -> Path:
         n = int(600_000 * scale)
         with open(out, "w", encoding="utf-8") as fh:
             for i in range(n):
-                # 19 bytes a line: 600 000 lines are 11.4 MB.
+                # 21 bytes a line: 600 000 lines are 12.6 MB.
                 fh.write(f'{{"text": "n{i:07d}"}}\n' if name == "tiny-records" else f'["n{i:010d}"]\n')
         return out
     text = (WORDS * (size // len(WORDS) + 1))

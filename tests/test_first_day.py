@@ -220,6 +220,21 @@ def test_status_and_docs_ls(built, capsys, monkeypatch):
     assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
 
 
+def test_status_says_when_an_untrained_learner_stands_in_for_the_shipped_one(tmp_path, capsys, monkeypatch):
+    """With another model than the bundled one, [learner] checkpoint = "bundled" means an
+    untrained learner (none ships for it): `status` says so instead of "bundled (told when
+    loaded)", which read as if the shipped learner were in use."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
+    assert code == 0, err
+    code, out, _ = run_cli(["status"], capsys, monkeypatch)
+    flat = re.sub(r"[│┃|\s]+", " ", out)
+    assert code == 0 and "bundled: none ships for fake:llama, so an untrained learner" in flat, out
+
+
 def test_settings_that_do_not_load_are_never_saved(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "corpus")

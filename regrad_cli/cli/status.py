@@ -34,7 +34,7 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
         ("unlearned (bank rm)", s["unlearned"]),
         ("default mode", s["default_mode"]),
         ("model", s["model"]), ("embedder", s["embedder"]),
-        ("learner checkpoint", f"{s['learner']['checkpoint']} ({(s['learner']['checkpoint_id'] or 'told when loaded')[:16]})"),
+        ("learner checkpoint", _learner_line(s)),
         ("bank", f"{bank.get('path')} ({bank.get('codec')}, format {bank.get('format_version')})" if bank else "none"),
     ]
     for k, v in rows:
@@ -64,3 +64,18 @@ def ls_cmd(
     if not docs:
         typer.echo("no documents" + (f" under {safe_text(source)}" if source else "") + " (`regrad ingest PATH` adds some)",
                    err=True)
+
+
+def _learner_line(s: dict) -> str:
+    """The learner a query will use: the shipped checkpoint exists for the bundled model only,
+    so with another model 'bundled' means an untrained learner (as the guide says)."""
+    from regrad_cli.lm.models import BUNDLED_MODEL
+
+    choice, cid = s["learner"]["checkpoint"], s["learner"]["checkpoint_id"]
+    if choice == "bundled" and s["model"] != BUNDLED_MODEL:
+        return f"bundled: none ships for {s['model']}, so an untrained learner (`regrad meta-train` trains one)"
+    if cid is None:
+        return f"{choice} (untrained: its id is told when the model loads)" if choice == "init" else \
+            f"{choice} (its id is told when the model loads)"
+    return f"{choice} ({cid[:16]})"
+

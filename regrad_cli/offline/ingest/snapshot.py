@@ -24,8 +24,11 @@ def _encode(batch):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    cols = [pc.dictionary_encode(c) if n in _ENCODED and not pa.types.is_dictionary(c.type) else c
-            for n, c in zip(batch.schema.names, batch.columns)]
+    cols = []
+    for n, c in zip(batch.schema.names, batch.columns):
+        if n in _ENCODED and (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)):
+            c = pc.dictionary_encode(pc.fill_null(c, ""))  # a null (a table from elsewhere) reads as ""
+        cols.append(c)
     return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
 
 
