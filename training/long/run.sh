@@ -6,8 +6,7 @@
 # The pool is sized so that every document's factors stay in the factor cache (about 12 GB in
 # bfloat16, about 5.5 GB in row-scaled float8 with the MLP input stored once; 7 GiB of cache): a
 # cached document costs no pass, a missing one a forward+backward (with every document missing,
-# as with NQ-Open's 1362 passages, a question cost ~8 s instead of ~1). Steps 1-20 ran with a
-# bfloat16 cache.
+# as with NQ-Open's 1362 passages, every draw pays that pass). Steps 1-20 ran with a bfloat16 cache.
 # Run from the repository root; the same command continues the run from training/long/state.pt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
