@@ -3,8 +3,9 @@
 # started from the pilot training/km-cached/last, on synthetic (seed 2, 300 entities) and
 # fictional-knowledge training questions, with a locality KL on Wikipedia text (NQ-Open *training*
 # passages, training/long/locality.txt; `regrad eval` measures drift on the bundled general text).
-# The pool is sized so that every document's factors stay in the factor cache (about 12 GB in
-# bfloat16, about 5.5 GB in row-scaled float8 with the MLP input stored once; 7 GiB of cache): a
+# The pool is sized so that every document's factors stay in the factor cache (row-scaled float8,
+# the MLP input stored once: 5.1 GiB for 475 of the 505 documents at step 168, log.json; about
+# twice that in bfloat16; 7 GiB of cache): a
 # cached document costs no pass, a missing one a forward+backward (with every document missing,
 # as with NQ-Open's 1362 passages, every draw pays that pass). Steps 1-20 ran with a bfloat16 cache.
 # Run from the repository root; the same command continues the run from training/long/state.pt.
