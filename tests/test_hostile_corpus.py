@@ -270,3 +270,21 @@ def test_damaged_tombstones_stop_ingest_build_and_rm_with_a_regrad_error(tmp_pat
                 lambda: remove_documents(ws.root, None, ["corpus/doc000.txt#0"])):
         with pytest.raises(RegradError, match="tombstones.json is damaged"):
             run()
+
+
+def test_a_heading_made_to_backtrack_costs_no_time(tmp_path):
+    """A Markdown file whose first line is "# # # ..." (2 MB): the title pattern backtracks
+    quadratically in the heading's length, so the reader only looks at the first characters
+    (8 000 characters took 2.5 s, 2 MB would take days). Measured in CPU time, not wall time."""
+    import time
+
+    from regrad_cli.offline.ingest.discovery import _File
+    from regrad_cli.offline.ingest.readers import iter_docs
+    from regrad_cli.offline.ingest.summary import IngestSummary
+
+    path = tmp_path / "heading.md"
+    path.write_text("# " + "# " * 1_000_000 + "x\n\nBody text.", encoding="utf-8")
+    t = time.process_time()
+    (doc,) = iter_docs(_File(str(path), "heading.md", "heading.md", True), 5 * 10**6, IngestSummary())
+    assert time.process_time() - t < 5
+    assert len(doc.title) < 1024 and doc.text.endswith("Body text.")
