@@ -35,3 +35,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "ut
     """Write ``text`` to ``path`` atomically (``atomic_path``)."""
     with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_text(text, encoding=encoding)
+
+
+def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
+    """The file's bytes, or None when it holds more than ``limit`` bytes (never more than
+    ``limit + 1`` bytes are read). OSError propagates: the caller words the message."""
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    return None if len(raw) > limit else raw

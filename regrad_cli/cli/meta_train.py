@@ -114,12 +114,13 @@ def _locality_text(path: Path) -> str:
     """The --locality-text file: a bounded UTF-8 read with one clear error for anything else."""
     from regrad_cli.errors import OptionError
 
+    from regrad_cli.files import read_at_most
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(LOCALITY_TEXT_MAX_BYTES + 1)
+        raw = read_at_most(path, LOCALITY_TEXT_MAX_BYTES)
     except OSError as exc:
         raise OptionError(f"--locality-text {path}: cannot read it ({exc.strerror or exc})") from None
-    if len(raw) > LOCALITY_TEXT_MAX_BYTES:
+    if raw is None:
         raise OptionError(f"--locality-text {path}: larger than {LOCALITY_TEXT_MAX_BYTES // 2**20} MiB")
     try:
         text = raw.decode("utf-8")

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from regrad_cli.errors import RegradError
-from regrad_cli.files import atomic_path
+from regrad_cli.files import atomic_path, read_at_most
 from regrad_cli.versions import Migrations, Version
 
 CHECKPOINT_TENSORS = "learner.safetensors"
@@ -109,11 +109,10 @@ def read_config(path: Path) -> dict:
     """A checkpoint's learner.json as a dict; RegradError (one line) when it is missing, too large,
     not JSON, nested too deeply for the parser, or not an object."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        raw = read_at_most(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise RegradError(f"cannot read learner checkpoint config {path}: {exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
+    if raw is None:
         raise RegradError(f"learner checkpoint config {path} is larger than {MAX_CONFIG_BYTES >> 20} MB: refused")
     try:
         meta = json.loads(raw)

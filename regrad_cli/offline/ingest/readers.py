@@ -114,7 +114,8 @@ _TITLE_RE = re.compile(r"\A\s*#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 TITLE_SCAN_CHARS = 1024
 
 
-def _text_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
+def _read_whole_text(f: _File, limit: int, notes: _Notes) -> str:
+    """A plain (not compressed) file's text, at most ``limit`` bytes: skipped when binary or empty."""
     with _open_stream(f.path, gz=False) as fh:
         head = fh.read(BINARY_SNIFF_BYTES)
         if _is_binary(head):
@@ -127,6 +128,11 @@ def _text_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
         notes.warn(w)
     if not text.strip():
         raise _Skip("empty")
+    return text
+
+
+def _text_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
+    text = _read_whole_text(f, limit, notes)
     title = Path(f.path).stem
     if f.path.lower().endswith((".md", ".markdown")):
         m = _TITLE_RE.match(text[:TITLE_SCAN_CHARS])
@@ -166,18 +172,7 @@ def _record_doc(rec: Any, f: _File, n: int, where: str) -> _Doc:
 def _json_docs(f: _File, limit: int, notes: _Notes) -> Iterator[_Doc]:
     # One JSON value is parsed whole (no streaming JSON parser in the standard library): its
     # objects cost a few times the file's size, which --max-file-mb bounds.
-    with _open_stream(f.path, gz=False) as fh:
-        head = fh.read(BINARY_SNIFF_BYTES)
-        if _is_binary(head):
-            raise _Skip("binary")
-        data = head + _read_limited(fh, limit - len(head), "file")
-    warnings: list[str] = []
-    text = _decode(data, f.display, warnings)
-    del data
-    for w in warnings:
-        notes.warn(w)
-    if not text.strip():
-        raise _Skip("empty")
+    text = _read_whole_text(f, limit, notes)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
