@@ -220,13 +220,17 @@ def test_every_hostile_shape_at_a_twentieth_in_one_ingest(tmp_path):
     assert m["above_baseline_mb"] < BOUND_MB, m
 
 
+# At full size here: the two record shapes issue 32 measured (3.0 and 3.9 GB before streaming).
+# The other shapes run at a twentieth above (same code paths: the window and the fragment batch
+# do not depend on the file's length), and at full size in benchmarks/ingest_memory.py, whose
+# committed record (every shape, and the unchanged second ingest) docs/reliability.md cites:
+# about 3 more minutes of CI that would test nothing new.
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", ["tiny-records", "one-record"])
 def test_hostile_shapes_ingest_in_bounded_memory(tmp_path, shape):
-    """Full size (600 000 tiny records in 12.6 MB, 19 MB single record, line and paragraphs):
-    ingested or skipped with a reason, peak RSS under BOUND_MB above the baseline, under
-    RLIMIT_AS; the tiny records are ingested a second time, unchanged, under the same bound."""
-    runs = _measure(tmp_path, shape, 1.0, AS_HEADROOM_MB, again=shape == "tiny-records")
+    """Full size (600 000 tiny records in 12.6 MB; one 19 MB JSONL record): ingested, peak RSS
+    under BOUND_MB above the baseline, under RLIMIT_AS."""
+    runs = _measure(tmp_path, shape, 1.0, AS_HEADROOM_MB)
     for m in runs:
         _check(shape, m, scale=1.0)
         assert m["above_baseline_mb"] < BOUND_MB, m
