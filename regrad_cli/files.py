@@ -37,9 +37,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "ut
         tmp.write_text(text, encoding=encoding)
 
 
-def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
-    """The file's bytes, or None when it holds more than ``limit`` bytes (never more than
-    ``limit + 1`` bytes are read). OSError propagates: the caller words the message."""
-    with open(path, "rb") as fh:
-        raw = fh.read(limit + 1)
-    return None if len(raw) > limit else raw
+def read_at_most(path: str | os.PathLike, limit: int, what: str, error: type[Exception]) -> bytes:
+    """The file's bytes, never more than ``limit + 1`` of them read: ``error`` (one line starting
+    with ``what``) when it cannot be read or holds more than ``limit`` bytes."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{what}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise error(f"{what}: larger than {limit / 2**20:g} MiB, refused")
+    return raw

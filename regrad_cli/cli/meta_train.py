@@ -113,15 +113,9 @@ LOCALITY_TEXT_MAX_BYTES = 16 * 2**20
 def _locality_text(path: Path) -> str:
     """The --locality-text file: a bounded UTF-8 read with one clear error for anything else."""
     from regrad_cli.errors import OptionError
-
     from regrad_cli.files import read_at_most
 
-    try:
-        raw = read_at_most(path, LOCALITY_TEXT_MAX_BYTES)
-    except OSError as exc:
-        raise OptionError(f"--locality-text {path}: cannot read it ({exc.strerror or exc})") from None
-    if raw is None:
-        raise OptionError(f"--locality-text {path}: larger than {LOCALITY_TEXT_MAX_BYTES // 2**20} MiB")
+    raw = read_at_most(path, LOCALITY_TEXT_MAX_BYTES, f"--locality-text {path}", OptionError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -108,12 +108,7 @@ MAX_CONFIG_BYTES = 16 << 20
 def read_config(path: Path) -> dict:
     """A checkpoint's learner.json as a dict; RegradError (one line) when it is missing, too large,
     not JSON, nested too deeply for the parser, or not an object."""
-    try:
-        raw = read_at_most(path, MAX_CONFIG_BYTES)
-    except OSError as exc:
-        raise RegradError(f"cannot read learner checkpoint config {path}: {exc}") from None
-    if raw is None:
-        raise RegradError(f"learner checkpoint config {path} is larger than {MAX_CONFIG_BYTES >> 20} MB: refused")
+    raw = read_at_most(path, MAX_CONFIG_BYTES, f"learner checkpoint config {path}", RegradError)
     try:
         meta = json.loads(raw)
     except RecursionError:

@@ -18,6 +18,7 @@ import json
 import zlib
 from importlib.resources import files
 from pathlib import Path
+from typing import Any, Iterator
 
 from regrad_cli.errors import DatasetError
 from regrad_cli.learning.qa import QAItem
@@ -177,12 +178,21 @@ def _item(items: list, where: str, item_id, question, answers, documents, kind: 
     items.append(QAItem(str(item_id), question, answers, documents, kind, meta or {}))
 
 
-def _load_nq(path: Path) -> list[QAItem]:
-    items: list[QAItem] = []
+def _json_lines(path: Path, kind: str) -> Iterator[tuple[str, int, Any]]:
+    """(where, line number, parsed value) for each non-blank line of a JSON-lines file."""
     for line_no, line in _lines(path):
         where = f"{path}:{line_no}"
         try:
             rec = json.loads(line)
+        except ValueError as exc:
+            raise DatasetError(f"{where}: malformed {kind}record ({exc})") from None
+        yield where, line_no, rec
+
+
+def _load_nq(path: Path) -> list[QAItem]:
+    items: list[QAItem] = []
+    for where, _, rec in _json_lines(path, "NQ-Open "):
+        try:
             ctx = rec["ctxs"][0]
             text = f"{ctx.get('title', '')}\n{ctx['text']}".strip()
             qid = "nq-" + hashlib.sha1(str(rec["question"]).encode()).hexdigest()[:12]
@@ -247,12 +257,7 @@ def _load_fictional(path: Path) -> list[QAItem]:
 
 def _load_jsonl(path: Path) -> list[QAItem]:
     items: list[QAItem] = []
-    for line_no, line in _lines(path):
-        where = f"{path}:{line_no}"
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise DatasetError(f"{where}: malformed record ({exc})") from None
+    for where, line_no, rec in _json_lines(path, ""):
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: a record must be a JSON object, not {type(rec).__name__}")
         if "question" not in rec or "answers" not in rec:
