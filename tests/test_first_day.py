@@ -220,6 +220,20 @@ def test_status_and_docs_ls(built, capsys, monkeypatch):
     assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
 
 
+def test_docs_ls_refuses_a_source_as_typed_rather_than_as_recorded(built, capsys, monkeypatch):
+    """`docs ls --source ./corpus/quorra.md` (or `quorra.md`) listed nothing with exit 0 and
+    told the user to ingest what was already ingested; like `bank rm --source`, it now exits 1
+    naming the recorded sources like it (the guide: "those are refused, naming the sources")."""
+    for given in ("./corpus/quorra.md", "quorra.md"):
+        code, out, err = run_cli(["docs", "ls", "--source", given], capsys, monkeypatch)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (given, code, err)
+        assert "sources like it: corpus/quorra.md" in err and "ingest" not in err, err
+    code, _, err = run_cli(["docs", "ls", "--source", "elsewhere"], capsys, monkeypatch)
+    assert code == 1 and "`regrad docs ls` lists the sources" in err
+    code, out, _ = run_cli(["docs", "ls", "--source", "corpus/", "--json"], capsys, monkeypatch)
+    assert code == 0 and len(json.loads(out)["documents"]) == 2  # a folder: everything under it
+
+
 def test_status_says_when_an_untrained_learner_stands_in_for_the_shipped_one(tmp_path, capsys, monkeypatch):
     """With another model than the bundled one, [learner] checkpoint = "bundled" means an
     untrained learner (none ships for it): `status` says so instead of "bundled (told when
@@ -247,6 +261,22 @@ def test_settings_that_do_not_load_are_never_saved(tmp_path, capsys, monkeypatch
     assert code == 1 and "HF_HUB_OFFLINE" in err and "local directory" in err and not toml.exists()
     code, _, err = run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)
     assert code == 0 and 'id = "fake:llama"' in toml.read_text()
+
+
+def test_a_bad_model_for_an_existing_workspace_is_refused_before_anything_loads(built, capsys, monkeypatch):
+    """On an existing workspace `--model`/`--embedder` apply to one run; a missing directory or
+    an uncached hub id was found only after the workspace's embedder had loaded (7 s of CPU on
+    a first-day replay): now the same fail-fast check as a new workspace's, and nothing saved."""
+    log = _loads(monkeypatch, built)
+    toml = built / "ws" / "regrad.toml"
+    before = toml.read_text()
+    for args, words in ((["--model", str(built / "no" / "such" / "dir")], "--model"),
+                        (["--embedder", "no-org/no-such-embedder"], "HF_HUB_OFFLINE")):
+        code, _, err = run_cli(["ingest", "corpus", *args], capsys, monkeypatch)
+        assert code == 1 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert "no such directory" in run_cli(["ingest", "corpus", "--model", "./nowhere"], capsys, monkeypatch)[2]
+    assert toml.read_text() == before
+    assert not log.exists(), log.read_text()
 
 
 def test_every_mode_answers_the_documented_keys(built, capsys, monkeypatch):
@@ -293,8 +323,12 @@ def test_no_development_machine_paths_in_the_repository():
 
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    found = subprocess.run(["git", "grep", "-n", "-I", "-e", "/work/", "-e", "/root/", "--", ".",
-                            ":!tests/test_first_day.py"], cwd=REPO, capture_output=True, text=True).stdout
+    # The patterns are assembled here so that this file does not contain them: a plain grep of the
+    # repository for them then finds nothing at all, this test included.
+    patterns = [f"/{top}/" for top in ("work", "root", "home")]
+    args = [arg for p in patterns for arg in ("-e", p)]
+    found = subprocess.run(["git", "grep", "-n", "-I", *args, "--", "."], cwd=REPO, capture_output=True,
+                           text=True).stdout
     assert found == "", found[:2000]
 
 

@@ -87,18 +87,14 @@ def _raise_unknown_source(ws, missing: set, have: set, tombs) -> None:
     unknown = sorted(missing - (tombs.sources() if tombs is not None else set()))
     if not unknown:
         return
+    from regrad_cli.workspace.documents import unknown_source_hint
+
     given = unknown[0]
-    name = given.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    like = sorted(s for s in have if name and name in s)
     where = ws.root if ws is not None else "the bank"
     msg = f"no document from source {given!r} in {where}"
     if len(unknown) > 1:
         msg += f" (nor from {len(unknown) - 1} more of the sources given)"
-    if like:
-        msg += f"; sources like it: {', '.join(like[:8])}{', ...' if len(like) > 8 else ''}"
-    else:
-        msg += "; `regrad docs ls` lists the sources (paths as ingest recorded them)"
-    raise RegradError(msg + "; nothing was removed")
+    raise RegradError(f"{msg}; {unknown_source_hint(given, have)}; nothing was removed")
 
 
 def _raise_unknown(ws, ids: set, all_ids: set, tombs) -> None:

@@ -38,7 +38,13 @@ def list_documents(ws, source: str | None = None) -> list[dict]:
     rows = store.all(columns=["id", "source", "chunk", "n_tokens"])
     if source is not None:
         want = source.rstrip("/")
+        have = {r["source"] for r in rows}
         rows = [r for r in rows if r["source"] == want or r["source"].startswith(want + "/")]
+        if not rows and have:  # a path as typed, not as recorded: refused as `bank rm --source` is
+            from regrad_cli.errors import RegradError
+            from regrad_cli.workspace.documents import unknown_source_hint
+
+            raise RegradError(f"no document from source {source!r} in {ws.root}; {unknown_source_hint(source, have)}")
     docs: dict[tuple[str, str], dict] = {}
     for r in sorted(rows, key=lambda r: (r["source"], document_id_base(r["id"]), r["chunk"] or 0)):
         d = docs.setdefault((r["source"], document_id_base(r["id"])),
