@@ -4,6 +4,7 @@ nothing to do, state that never goes silently stale, `status` and `docs ls`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,32 @@ def test_commands_with_nothing_to_do_load_no_model(built, capsys, monkeypatch):
     code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
     s = json.loads(out)
     assert (s["pending"], s["stale"], s["next"]) == (1, 1, "regrad build-bank")
+
+
+def test_nothing_to_do_loads_no_model_with_an_untrained_learner_too(tmp_path, capsys, monkeypatch):
+    """A workspace of a model without a shipped learner (the guide's `fake:` try-out, or any
+    Hugging Face model) uses an untrained learner whose id needs the model: an up-to-date
+    `build-bank` loaded it and printed "built 0, skipped 5". The first load records the id
+    under a key of what the learner is made from; a changed key means a load again."""
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    assert run_cli(["ingest", "corpus", *FAKE], capsys, monkeypatch)[0] == 0
+    code, out, err = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["built"] == 2, err
+    log = _loads(monkeypatch, tmp_path)
+    code, out, _ = run_cli(["build-bank"], capsys, monkeypatch)
+    assert code == 0 and out.startswith("up to date"), out
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    s = json.loads(out)
+    assert s["learner"]["checkpoint_id"] and s["bank"]["learner_checkpoint_id"] == s["learner"]["checkpoint_id"]
+    assert (s["rows"], s["pending"], s["next"]) == (2, 0, None)
+    code, out, _ = run_cli(["status"], capsys, monkeypatch)  # the table folds the bank's path, whole
+    assert code == 0 and s["bank"]["path"].replace(" ", "") in "".join(re.sub(r"[│|]", "", out).split())
+    assert not log.exists(), log.read_text()
+    toml = tmp_path / "ws" / "regrad.toml"
+    toml.write_text(toml.read_text().replace("seed = 0", "seed = 1"))  # another untrained learner
+    code, out, _ = run_cli(["build-bank", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["built"] == 2 and "model fake:llama" in log.read_text()
 
 
 def test_bank_rm_of_an_unknown_id_names_the_chunk_ids(built, capsys, monkeypatch):

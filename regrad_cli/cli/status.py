@@ -25,6 +25,8 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
     from rich.text import Text
 
     t = Table(show_header=False, title=Text(f"regrad workspace {safe_text(s['workspace'])}"))
+    t.add_column()
+    t.add_column(overflow="fold")  # paths are folded onto the next line, never cut short with '…'
     bank = s["bank"] or {}
     rows = [
         ("documents (files and records)", s["documents"]), ("chunks", s["chunks"]),

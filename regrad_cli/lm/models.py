@@ -393,6 +393,32 @@ def check_source(model_id: str, what: str = "model") -> None:
                              f"({exc}); {hint}, or set HF_HUB_OFFLINE=1 to use only the cache") from None
 
 
+def model_config_digest(model_id: str) -> str | None:
+    """sha256 of a model's config.json (what its tensor shapes follow), read without loading the
+    model; a registered scheme's id (``fake:llama``) stands for itself. None when it cannot be
+    read cheaply: the bundled model (its directory is made on first load) or a hub id that is not
+    in the local cache."""
+    if _scheme(model_id, MODEL_SCHEMES)[0] is not None:
+        return hashlib.sha256(str(model_id).encode("utf-8")).hexdigest()
+    if model_id == BUNDLED_MODEL:
+        return None
+    path = Path(str(model_id)).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model_id), "config.json")
+        except Exception:  # noqa: BLE001 - an id the hub library rejects: not cheaply known
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def load_checked(model_id: str, embedder_id: str, embedder_batch_size: int = 32) -> dict:
     """A model's tokenizer and an embedder, loaded to prove that both ids work (both fail-fast
     checks first): what a new workspace does before its regrad.toml names them. Returns
