@@ -247,6 +247,22 @@ def test_status_and_docs_ls(built, capsys, monkeypatch):
     assert out.splitlines()[0].startswith("corpus/felix.md\t1 chunk(s)") and "corpus/quorra.md#0" in out
 
 
+def test_the_guides_two_removals_in_a_row(built, capsys, monkeypatch):
+    """docs/guide.md shows `bank rm corpus/guild.md#0` and `bank rm --source corpus/guild.md`;
+    run in that order the second said "no document from source" with exit 1, though that file
+    was just unlearned. A file whose every chunk was unlearned by id counts as removed (as the
+    id does): nothing left to remove, exit 0, and it stays out of later ingests."""
+    code, out, err = run_cli(["bank", "rm", "corpus/quorra.md#0", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["removed_rows"] == 1, err
+    code, out, err = run_cli(["bank", "rm", "--source", "corpus/quorra.md", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["removed_rows"] == 0 and json.loads(out)["removed_documents"] == 0, err
+    code, out, err = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
+    summary = json.loads(out)
+    assert code == 0 and summary["added"] == 0 and "unlearned" in json.dumps(summary["skipped"]), out
+    code, _, err = run_cli(["bank", "rm", "--source", "corpus/quorra"], capsys, monkeypatch)
+    assert code == 1 and "nothing was removed" in err  # not a file that was removed
+
+
 def test_docs_ls_refuses_a_source_as_typed_rather_than_as_recorded(built, capsys, monkeypatch):
     """`docs ls --source ./corpus/quorra.md` (or `quorra.md`) listed nothing with exit 0 and
     told the user to ingest what was already ingested; like `bank rm --source`, it now exits 1
@@ -419,3 +435,38 @@ def test_questions_on_stdin_get_plain_answers_unless_json(built, capsys, monkeyp
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["question"] for r in rows] == qs
     assert [" ".join(r["answer"].split()) for r in rows] == plain
+
+
+def test_the_guide_runs_word_for_word(tmp_path, capsys, monkeypatch):
+    """Every command of docs/guide.md's shell blocks, literally and in order, in a fresh folder
+    (the reviewer's check of issue 31). Two departures, both cheap stand-ins: ./.regrad is made
+    first with the guide's own try-out models (`fake:llama`, `fake:hash-32`), and `regrad eval`
+    (which makes its own workspace, of the bundled models by default) gets them as options.
+    `regrad serve` and its curl line are left to tests/test_serve.py and test_openai_compat.py."""
+    import shlex
+    import subprocess
+
+    from conftest import REPO
+    from regrad_cli.workspace.config import Workspace
+
+    guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
+    (tmp_path / "my-questions.jsonl").write_text(re.search(r"```json\n(.*?)```", guide, re.S).group(1),
+                                                 encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REGRAD_WORKSPACE")
+    Workspace.open(".regrad", overrides={"model.id": "fake:llama", "embedder.id": "fake:hash-32"})
+    ran = []
+    for block in re.findall(r"```bash\n(.*?)```", guide, re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if not words or words[:2] == ["regrad", "serve"] or words[0] == "curl":
+                continue
+            if words[0] != "regrad":
+                subprocess.run(line, shell=True, check=True, cwd=tmp_path)
+                continue
+            args = words[1:] + (FAKE if words[1] == "eval" else [])
+            code, out, err = run_cli(args, capsys, monkeypatch)
+            assert code == 0, (line, out, err)
+            ran.append(words[1])
+    assert ran == ["ingest", "build-bank", "query", "status", "ingest", "build-bank", "eval", "eval"], ran
+    assert (tmp_path / "results" / "report.md").exists() and (tmp_path / "results" / "results.json").exists()

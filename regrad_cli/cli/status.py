@@ -48,7 +48,7 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
 
 @docs_app.command("ls")
 def ls_cmd(
-    source: Annotated[Optional[str], typer.Option("--source", help="Only the documents of this source path (a file, or a folder: everything under it).")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="Only the documents of this source path, as docs ls shows it (a file, or a folder: everything under it); a path no document came from exits 1, naming the sources like it.")] = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
@@ -79,5 +79,5 @@ def _learner_line(s: dict) -> str:
     if cid is None:
         return f"{choice} (untrained: its id is told when the model loads)" if choice == "init" else \
             f"{choice} (its id is told when the model loads)"
-    return f"{choice} ({cid[:16]})"
+    return f"init (untrained, {cid[:16]})" if choice == "init" else f"{choice} ({cid[:16]})"
 
