@@ -470,3 +470,35 @@ def test_the_guide_runs_word_for_word(tmp_path, capsys, monkeypatch):
             ran.append(words[1])
     assert ran == ["ingest", "build-bank", "query", "status", "ingest", "build-bank", "eval", "eval"], ran
     assert (tmp_path / "results" / "report.md").exists() and (tmp_path / "results" / "results.json").exists()
+
+
+def test_a_hub_id_fails_fast_when_the_name_lookup_hangs(tmp_path, capsys, monkeypatch):
+    """Without a network a resolver may not answer for tens of seconds, and a connection's
+    timeout does not bound the name lookup: the hub probe is given up after its timeout."""
+    import socket
+    import threading
+    import time
+
+    from regrad_cli.lm import models
+
+    release = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror("released")
+
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path / "corpus")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setattr(models, "HUB_PROBE_TIMEOUT_S", 0.5)
+    import regrad_cli.cli  # noqa: F401 - imported before the clock starts
+    start = time.monotonic()
+    try:
+        code, _, err = run_cli(["ingest", "corpus", "--model", "no-org/no-such-model-31", "--embedder", "fake:hash-32"],
+                               capsys, monkeypatch)
+    finally:
+        release.set()
+    assert code == 1 and "cannot be reached (no answer within 0.5 s)" in err and "HF_HUB_OFFLINE=1" in err, err
+    assert time.monotonic() - start < 25  # the lookup hangs for 30 s: the probe was given up
+    assert not (tmp_path / "ws" / "regrad.toml").exists()

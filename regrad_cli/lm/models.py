@@ -381,16 +381,39 @@ def check_source(model_id: str, what: str = "model") -> None:
             "(e.g. one written by `huggingface-cli download`)")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
-    import socket
     from urllib.parse import urlparse
 
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
+    exc = _unreachable(host, port, HUB_PROBE_TIMEOUT_S)
+    if exc is not None:
         raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and {host} cannot be reached "
                              f"({exc}); {hint}, or set HF_HUB_OFFLINE=1 to use only the cache") from None
+
+
+def _unreachable(host: str, port: int, timeout: float) -> OSError | None:
+    """Why ``host:port`` cannot be connected to within about ``timeout`` seconds, or None. The
+    connection's timeout does not bound the name lookup, which a machine without a network may
+    spend tens of seconds on (a resolver that does not answer): the probe runs in a daemon
+    thread and is given up after the timeout."""
+    import socket
+    import threading
+
+    found: list = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            found.append(None)
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=probe, name="regrad-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        return TimeoutError(f"no answer within {timeout:g} s")
+    return found[0]
 
 
 def model_config_digest(model_id: str) -> str | None:
