@@ -256,6 +256,8 @@ def test_the_guides_two_removals_in_a_row(built, capsys, monkeypatch):
     assert code == 0 and json.loads(out)["removed_rows"] == 1, err
     code, out, err = run_cli(["bank", "rm", "--source", "corpus/quorra.md", "--json"], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["removed_rows"] == 0 and json.loads(out)["removed_documents"] == 0, err
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    assert json.loads(out)["unlearned"] == 1  # one chunk, however many times it was named
     code, out, err = run_cli(["ingest", "corpus", "--json"], capsys, monkeypatch)
     summary = json.loads(out)
     assert code == 0 and summary["added"] == 0 and "unlearned" in json.dumps(summary["skipped"]), out

@@ -33,7 +33,7 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
         ("gradient rows", s["rows"]),
         ("pending (no gradient for the current text)", s["pending"]),
         ("stale (rows of removed or changed documents)", s["stale"]),
-        ("unlearned (bank rm)", s["unlearned"]),
+        ("unlearned chunks (bank rm)", s["unlearned"]),
         ("default mode", s["default_mode"]),
         ("model", s["model"]), ("embedder", s["embedder"]),
         ("learner checkpoint", _learner_line(s)),

@@ -84,7 +84,9 @@ def workspace_status(ws) -> dict:
         "rows": bank.count() if bank is not None else 0,
         "pending": fresh["pending"],
         "stale": fresh["stale"],
-        "unlearned": len(tomb["ids"]) + len(tomb["sources"]),  # documents and sources `bank rm` removed
+        # Chunks `bank rm` removed: a removal by --source records every chunk id too, so a file
+        # is counted by its chunks however it was removed (not once more for its source).
+        "unlearned": len(tomb["ids"]),
         "default_mode": ws.config.query.mode,
         "model": ws.config.model.id,
         "embedder": (emb or {}).get("id") or ws.config.embedder.id,
