@@ -30,7 +30,8 @@ class Regrad:
 
     ``path``: the workspace directory (default: $REGRAD_WORKSPACE or ./.regrad). ``model`` and
     ``embedder`` name the models of a *new* workspace (checked by loading them before its
-    regrad.toml is written); an existing workspace keeps its own. ``create=False`` refuses a
+    regrad.toml is written); for an existing one they apply to this object only, as the CLI's
+    --model/--embedder do for one run (checked at once, never saved). ``create=False`` refuses a
     directory that is not a workspace yet. ``checkpoint`` and ``device`` are as the CLI's
     ``--checkpoint`` and ``--device``."""
 

@@ -25,13 +25,15 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
     from rich.text import Text
 
     t = Table(show_header=False, title=Text(f"regrad workspace {safe_text(s['workspace'])}"))
+    t.add_column()
+    t.add_column(overflow="fold")  # paths are folded onto the next line, never cut short with '…'
     bank = s["bank"] or {}
     rows = [
         ("documents (files and records)", s["documents"]), ("chunks", s["chunks"]),
         ("gradient rows", s["rows"]),
         ("pending (no gradient for the current text)", s["pending"]),
         ("stale (rows of removed or changed documents)", s["stale"]),
-        ("unlearned (bank rm)", s["unlearned"]),
+        ("unlearned chunks (bank rm)", s["unlearned"]),
         ("default mode", s["default_mode"]),
         ("model", s["model"]), ("embedder", s["embedder"]),
         ("learner checkpoint", _learner_line(s)),
@@ -46,7 +48,7 @@ def status_cmd(workspace: WorkspaceOpt = None, json_out: JsonOpt = False):
 
 @docs_app.command("ls")
 def ls_cmd(
-    source: Annotated[Optional[str], typer.Option("--source", help="Only the documents of this source path (a file, or a folder: everything under it).")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="Only the documents of this source path, as docs ls shows it (a file, or a folder: everything under it); a path no document came from exits 1, naming the sources like it.")] = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
@@ -77,5 +79,5 @@ def _learner_line(s: dict) -> str:
     if cid is None:
         return f"{choice} (untrained: its id is told when the model loads)" if choice == "init" else \
             f"{choice} (its id is told when the model loads)"
-    return f"{choice} ({cid[:16]})"
+    return f"init (untrained, {cid[:16]})" if choice == "init" else f"{choice} ({cid[:16]})"
 

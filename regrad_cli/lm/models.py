@@ -381,16 +381,65 @@ def check_source(model_id: str, what: str = "model") -> None:
             "(e.g. one written by `huggingface-cli download`)")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
-    import socket
     from urllib.parse import urlparse
 
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
+    exc = _unreachable(host, port, HUB_PROBE_TIMEOUT_S)
+    if exc is not None:
         raise ModelLoadError(f"{flag} {text}: not in the local Hugging Face cache and {host} cannot be reached "
                              f"({exc}); {hint}, or set HF_HUB_OFFLINE=1 to use only the cache") from None
+
+
+def _unreachable(host: str, port: int, timeout: float) -> OSError | None:
+    """Why ``host:port`` cannot be connected to within about ``timeout`` seconds, or None. The
+    connection's timeout does not bound the name lookup, which a machine without a network may
+    spend tens of seconds on (a resolver that does not answer): the probe runs in a daemon
+    thread and is given up after the timeout."""
+    import socket
+    import threading
+
+    found: list = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            found.append(None)
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=probe, name="regrad-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        return TimeoutError(f"no answer within {timeout:g} s")
+    return found[0]
+
+
+def model_config_digest(model_id: str) -> str | None:
+    """sha256 of a model's config.json (what its tensor shapes follow), read without loading the
+    model; a registered scheme's id (``fake:llama``) stands for itself. None when it cannot be
+    read cheaply: the bundled model (its directory is made on first load) or a hub id that is not
+    in the local cache."""
+    if _scheme(model_id, MODEL_SCHEMES)[0] is not None:
+        return hashlib.sha256(str(model_id).encode("utf-8")).hexdigest()
+    if model_id == BUNDLED_MODEL:
+        return None
+    path = Path(str(model_id)).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model_id), "config.json")
+        except Exception:  # noqa: BLE001 - an id the hub library rejects: not cheaply known
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def load_checked(model_id: str, embedder_id: str, embedder_batch_size: int = 32) -> dict:

@@ -84,21 +84,24 @@ def _raise_unknown_source(ws, missing: set, have: set, tombs) -> None:
     """RegradError for a named source that has no document, no bank row and no earlier removal,
     naming the sources that look like it (sources are paths relative to the folder's parent,
     as `regrad docs ls` shows them)."""
-    unknown = sorted(missing - (tombs.sources() if tombs is not None else set()))
+    known: set = set()
+    if tombs is not None:
+        from regrad_cli.workspace.status import document_id_base
+
+        # A file whose every chunk was unlearned by id (`bank rm corpus/a.md#0`) counts as
+        # removed, as the id itself does: naming its source again is "nothing left to remove".
+        known = tombs.sources() | {document_id_base(i) for i in tombs.ids()}
+    unknown = sorted(missing - known)
     if not unknown:
         return
+    from regrad_cli.workspace.documents import unknown_source_hint
+
     given = unknown[0]
-    name = given.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    like = sorted(s for s in have if name and name in s)
     where = ws.root if ws is not None else "the bank"
     msg = f"no document from source {given!r} in {where}"
     if len(unknown) > 1:
         msg += f" (nor from {len(unknown) - 1} more of the sources given)"
-    if like:
-        msg += f"; sources like it: {', '.join(like[:8])}{', ...' if len(like) > 8 else ''}"
-    else:
-        msg += "; `regrad docs ls` lists the sources (paths as ingest recorded them)"
-    raise RegradError(msg + "; nothing was removed")
+    raise RegradError(f"{msg}; {unknown_source_hint(given, have)}; nothing was removed")
 
 
 def _raise_unknown(ws, ids: set, all_ids: set, tombs) -> None:

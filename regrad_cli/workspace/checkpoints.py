@@ -65,7 +65,10 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
         log.info("no shipped checkpoint for %s: using the untrained init", model_id)
         choice = "init"
     if choice == "init":
-        return init_learner(model, lcfg)
+        learner = init_learner(model, lcfg)
+        if ws_or_none is not None and checkpoint is None and model_id == ws_or_none.config.model.id:
+            _remember_init_id(ws_or_none, learner.checkpoint_id())
+        return learner
     path = checkpoint_dir(choice)  # a meta-train output directory means its best/
     if not (path / "learner.json").exists():
         raise RegradError(f"no learner checkpoint at {path} (expected learner.json and learner.safetensors)")
@@ -94,7 +97,61 @@ def current_checkpoint_id(ws, required: bool = True) -> str | None:
 
             cid = Learner.load(path).checkpoint_id()
         return cid
+    if path is None:  # an untrained learner: the id an earlier load of the same model recorded
+        cid = _recorded_init_id(ws)
+        if cid is not None:
+            return cid
     if required:
         raise NoBankError(f"cannot tell which bank under {ws.banks_location} is current (learner checkpoint "
                           f"{choice!r} has no files to read); pass --bank DIR or URI")
     return None
+
+
+# An untrained learner's id depends on the model's tensor shapes, so it is only known once the
+# model has loaded. The first load records it in the workspace, under a key of everything the
+# learner is made from, so that `status`, an up-to-date `build-bank` and `bank` commands of a
+# workspace of another model (no shipped learner) load no model either. A key that no longer
+# matches (another model, config.json, [lora] or regrad version) is ignored: the model loads.
+INIT_ID_FILE = "learner-init.json"
+
+
+def _init_key(ws) -> str | None:
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from regrad_cli import __version__
+    from regrad_cli.lm.models import model_config_digest
+
+    digest = model_config_digest(ws.config.model.id)
+    if digest is None:
+        return None
+    blob = json.dumps({"model": ws.config.model.id, "config": digest, "dtype": ws.config.model.dtype,
+                       "lora": asdict(ws.config.lora), "regrad": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _remember_init_id(ws, cid: str) -> None:
+    import json
+
+    from regrad_cli.files import atomic_write_text
+
+    key = _init_key(ws)
+    if key is None or _recorded_init_id(ws) == cid:
+        return
+    try:
+        atomic_write_text(ws.root / INIT_ID_FILE, json.dumps({"key": key, "checkpoint_id": cid}) + "\n")
+    except OSError as exc:  # a read-only workspace: only the shortcut is lost
+        log.debug("cannot record the untrained learner's id: %s", exc)
+
+
+def _recorded_init_id(ws) -> str | None:
+    import json
+
+    try:
+        rec = json.loads((ws.root / INIT_ID_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("checkpoint_id"), str):
+        return None
+    return rec["checkpoint_id"] if rec.get("key") == _init_key(ws) else None

@@ -415,6 +415,7 @@ class Workspace:
             if overrides:
                 _apply_overrides(config, overrides)
                 config.validate(f"{cfg_path} with the command-line options")
+                _check_sources(overrides)
             return cls(root, config)
         if not create:
             raise ConfigError(
@@ -437,6 +438,17 @@ class Workspace:
             atomic_write_text(self.config_path, tomli_w.dumps(self.config.to_dict()))
         except OSError as exc:
             raise ConfigError(f"cannot write workspace config {self.config_path}: {exc}") from exc
+
+
+def _check_sources(overrides: dict) -> None:
+    """A --model or --embedder given for an existing workspace (this run only) gets the same
+    fail-fast check as a new workspace's: a missing directory or an unreachable hub id is one
+    line at once, not an error after the other model has loaded."""
+    from regrad_cli.lm.models import check_source
+
+    for key, what in (("model.id", "model"), ("embedder.id", "embedder")):
+        if overrides.get(key):
+            check_source(str(overrides[key]), what)
 
 
 def _apply_overrides(config: RegradConfig, overrides: dict) -> None:

@@ -595,3 +595,15 @@ class DocumentStore:
 def is_within(path: str, root: str) -> bool:
     """True when ``path`` is ``root`` or lies under it (string test: both absolute, normalised)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def unknown_source_hint(given: str, have: Iterable[str]) -> str:
+    """What to say about a source path no document came from: the recorded sources that contain
+    its last part (``guild.md`` or ``./corpus/guild.md`` for ``corpus/guild.md``), else where to
+    find them. Sources are paths relative to the ingested folder's parent, as `regrad docs ls`
+    shows them; `docs ls --source` and `bank rm --source` both say this."""
+    name = given.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    like = sorted(s for s in have if name and name in s)
+    if like:
+        return f"sources like it: {', '.join(like[:8])}{', ...' if len(like) > 8 else ''}"
+    return "`regrad docs ls` lists the sources (paths as ingest recorded them)"

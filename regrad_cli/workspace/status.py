@@ -38,7 +38,13 @@ def list_documents(ws, source: str | None = None) -> list[dict]:
     rows = store.all(columns=["id", "source", "chunk", "n_tokens"])
     if source is not None:
         want = source.rstrip("/")
+        have = {r["source"] for r in rows}
         rows = [r for r in rows if r["source"] == want or r["source"].startswith(want + "/")]
+        if not rows and have:  # a path as typed, not as recorded: refused as `bank rm --source` is
+            from regrad_cli.errors import RegradError
+            from regrad_cli.workspace.documents import unknown_source_hint
+
+            raise RegradError(f"no document from source {source!r} in {ws.root}; {unknown_source_hint(source, have)}")
     docs: dict[tuple[str, str], dict] = {}
     for r in sorted(rows, key=lambda r: (r["source"], document_id_base(r["id"]), r["chunk"] or 0)):
         d = docs.setdefault((r["source"], document_id_base(r["id"])),
@@ -78,7 +84,9 @@ def workspace_status(ws) -> dict:
         "rows": bank.count() if bank is not None else 0,
         "pending": fresh["pending"],
         "stale": fresh["stale"],
-        "unlearned": len(tomb["ids"]) + len(tomb["sources"]),  # documents and sources `bank rm` removed
+        # Chunks `bank rm` removed: a removal by --source records every chunk id too, so a file
+        # is counted by its chunks however it was removed (not once more for its source).
+        "unlearned": len(tomb["ids"]),
         "default_mode": ws.config.query.mode,
         "model": ws.config.model.id,
         "embedder": (emb or {}).get("id") or ws.config.embedder.id,
