@@ -97,21 +97,22 @@ def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for prompts with passages were most of a meta-step's time and memory. With a ``prefix``
     (``prefix.PrefixCache``) that serves the model, the decoder starts at the first adapted layer
     from cached hidden states, and the head runs only where a token is scored (documents too)."""
-    parts = _decoder_and_head(model) if (target_mask is not None or prefix is not None) else None
+    scored = attention_mask if target_mask is None else target_mask
+    # The cache serves only plain-head families (prefix.FAMILIES); it says None for the others.
+    hidden = prefix.last_hidden(model, input_ids, attention_mask) if prefix is not None else None
+    if hidden is not None:
+        return _scored_nll(_decoder_and_head(model)[1], hidden, input_ids, attention_mask, scored)
+    parts = _decoder_and_head(model) if target_mask is not None else None
     if parts is not None:
         dec, head = parts
-        hidden = prefix.last_hidden(model, input_ids, attention_mask) if prefix is not None else None
-        if hidden is None and target_mask is not None:
-            hidden = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        if hidden is not None:
-            return _scored_nll(head, hidden, input_ids, attention_mask,
-                               attention_mask if target_mask is None else target_mask)
+        hidden = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return _scored_nll(head, hidden, input_ids, attention_mask, scored)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     logits = out.logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     targets = input_ids[:, 1:]
-    tmask = (attention_mask if target_mask is None else target_mask)[:, 1:].to(logits.dtype)
+    tmask = scored[:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     nll = nll.view(targets.shape) * tmask
     return nll.sum(1) / tmask.sum(1).clamp_min(1.0)
