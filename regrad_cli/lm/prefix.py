@@ -119,7 +119,8 @@ class PrefixCache:
     def _start(self, dec, style: str, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """[N, T, H] hidden states entering ``first_layer``: cached rows, the missing ones
         computed in one batch (no graph: nothing there depends on phi); zeros at padding."""
-        keys = [ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        host = ids.cpu().numpy()
+        keys = [host[i, :n].tobytes() for i, n in enumerate(lengths)]
         found: dict[bytes, torch.Tensor] = {}
         for k in keys:
             if k in self._rows:
