@@ -6,15 +6,20 @@ A meta-step with meta-batch B and k documents per question does, in two batched 
 gradients) and B outer passes (the answer loss after the step). The baseline runs exactly those
 passes, batch size 1, on the same documents and questions (tokenised beforehand): each a forward
 with the LoRA side path on phi and ``loss.backward()`` into phi. The meta-step is measured second
-order (the default: the inner gradients keep their graph) and first order (``--first-order``).
+order (the default: the inner gradients keep their graph) and first order (``--first-order``),
+and second order with the prefix cache (``--prefix-cache-gb``: the hidden states entering the
+first adapted layer kept per text, warm as in training where texts repeat, so every pass starts
+there; filled in the warm-up).
+``lower_layers_s`` times what the warm prefix cache saves per step: the layers below the first
+adapted one, forward only, over the step's documents and answer prompts (one padded batch each).
 With ``--keymap DIR`` (a learner with a document key map, e.g. ``training/km-cached/last``) a
-fourth variant is the design the long run trains: the key map first order with phi frozen, the
+further variant is the design the long run trains: the key map first order with phi frozen, the
 documents' factors taken from a warm ``FactorCache`` (``--factor-cache-gb``), so a step is the
 map, the combination and the answer pass; its learner is swapped in only for that variant.
 
 Demo questions, each with its gold document plus k-1 other demo documents (seeded); the same
 batch in every repetition; repetitions interleaved (baseline, second order, first order) so load
-drift hits all three alike; one warm-up of each excluded. ``ratio_vs_fwd_bwd`` = median second-
+drift hits all of them alike; one warm-up of each excluded. ``ratio_vs_fwd_bwd`` = median second-
 order meta-step time / median baseline time.
 """
 
@@ -55,6 +60,9 @@ def main() -> None:
     from regrad_cli.lm.generation import teacher_forced_batch
     from regrad_cli.lm.tokens import encode_documents, per_sample_nll
     from regrad_cli.learning.metatrain import BatchEntry, MetaTrainConfig, build_pool, documents_for, outer_loss
+    import torch
+
+    from regrad_cli.lm.prefix import FAMILIES, PrefixCache, run_layers
     from regrad_cli.lm.prompting import prompt_ids
 
     B = args.meta_batch or (2 if args.quick else 4)
@@ -102,10 +110,23 @@ def main() -> None:
         zero()
         return t["s"]
 
-    def meta(cfg) -> tuple[float, float, float]:
+    prefix = PrefixCache(4 * 2**30, learner.first_layer(model))
+    step_docs = encode_documents(tok, [d for e in batch for d in e.documents], cfg2.max_doc_tokens)
+    step_qa = teacher_forced_batch(tok, [prompt_ids(tok, e.item.question, (), e.item.kind, cfg2.max_passage_tokens)
+                                         for e in batch], [e.item.answers[0] for e in batch])
+
+    def lower_layers() -> float:
+        """What the warm prefix cache saves per step: the layers below the first adapted one."""
+        dec, style = model.model, FAMILIES[model.config.model_type]
+        with torch.no_grad(), timer() as t:
+            for ids, mask in ((step_docs.input_ids, step_docs.attention_mask), step_qa[:2]):
+                run_layers(dec, style, dec.embed_tokens(ids), mask, range(prefix.first_layer))
+        return t["s"]
+
+    def meta(cfg, prefix_cache=None) -> tuple[float, float, float]:
         zero()
         with PeakRSS() as mem, timer() as t:
-            loss, _ = outer_loss(model, tok, learner, batch, cfg)
+            loss, _ = outer_loss(model, tok, learner, batch, cfg, prefix_cache=prefix_cache)
             loss.backward()
         zero()
         return t["s"], mem.peak_mb, float(loss.detach())
@@ -146,9 +167,11 @@ def main() -> None:
     baseline()
     meta(cfg1)
     meta(cfg2)
+    meta(cfg2, prefix)  # fills the prefix cache: every later pass over these texts is a hit
+    lower_layers()
     if km is not None:
         keymap_step()  # fills the factor cache: every later draw of these documents is a hit
-    t_base, t_so, t_fo, m_so, m_fo, t_km, m_km = [], [], [], [], [], [], []
+    t_base, t_so, t_fo, m_so, m_fo, t_km, m_km, t_pc, m_pc, t_low = [], [], [], [], [], [], [], [], [], []
     for r in range(reps):
         log(f"repetition {r + 1}/{reps}")
         t_base.append(baseline())
@@ -158,18 +181,23 @@ def main() -> None:
         s, m, loss1 = meta(cfg1)
         t_fo.append(s)
         m_fo.append(m)
+        s, m, loss_pc = meta(cfg2, prefix)
+        t_pc.append(s)
+        m_pc.append(m)
+        t_low.append(lower_layers())
         if km is not None:
             s, m, loss_km = keymap_step()
             t_km.append(s)
             m_km.append(m)
     info = checkpoint_info(engine)
 
-    base, so, fo = median(t_base), median(t_so), median(t_fo)
+    base, so, fo, pc, low = median(t_base), median(t_so), median(t_fo), median(t_pc), median(t_low)
     kms = median(t_km) if t_km else None
     passes = (args.k + 1) * B
     rows = [[f"baseline: {passes} single fwd+bwd passes", base, 1.0, None, None],
             ["meta-step, second order", so, so / base, max(m_so), max(m_so) - base_rss],
-            ["meta-step, first order", fo, fo / base, max(m_fo), max(m_fo) - base_rss]]
+            ["meta-step, first order", fo, fo / base, max(m_fo), max(m_fo) - base_rss],
+            ["meta-step, second order, prefix cached", pc, pc / base, max(m_pc), max(m_pc) - base_rss]]
     if kms is not None:
         rows.append(["key map, phi frozen, factors cached", kms, kms / base, max(m_km), max(m_km) - base_rss])
     print_table(
@@ -179,8 +207,10 @@ def main() -> None:
         rows,
     )
     print(f"\nper pass in the baseline: {base / passes:.3f} s; outer loss {loss2:.3f} (second order), "
-          f"{loss1:.3f} (first order)")
-    print(f"per training question: second order {so / B:.3f} s, first order {fo / B:.3f} s"
+          f"{loss1:.3f} (first order), {loss_pc:.3f} (second order, prefix cached)")
+    print(f"per training question: second order {so / B:.3f} s, first order {fo / B:.3f} s, "
+          f"second order prefix cached {pc / B:.3f} s ({so / pc:.2f}x cheaper); layers below "
+          f"{prefix.first_layer}: {low:.2f} s a step ({low / so:.0%} of the second-order step)"
           + (f", key map cached {kms / B:.3f} s; second order / first order {so / fo:.2f}x, "
              f"second order / key map cached {so / kms:.2f}x" if kms is not None else ""))
 
@@ -191,14 +221,24 @@ def main() -> None:
         "ratio_vs_fwd_bwd_first_order": fo / base,
         "meta_step_s": so,
         "meta_step_first_order_s": fo,
+        "meta_step_prefix_cached_s": pc,
+        "ratio_vs_fwd_bwd_prefix_cached": pc / base,
+        "lower_layers_s": low,
+        "lower_layers_share_of_second_order": low / so,
+        "outer_loss": {"second_order": loss2, "first_order": loss1, "second_order_prefix_cached": loss_pc},
+        "prefix_cache": {"rows": len(prefix), "mib": prefix.bytes / 2**20, "first_layer": prefix.first_layer,
+                         "hits": prefix.hits, "misses": prefix.misses},
         "baseline_s": base,
         "baseline_passes": passes,
-        "runs_s": {"baseline": t_base, "second_order": t_so, "first_order": t_fo, "keymap_cached": t_km},
-        "peak_rss_mb": {"second_order": max(m_so), "first_order": max(m_fo), "process_before": base_rss,
+        "runs_s": {"baseline": t_base, "second_order": t_so, "first_order": t_fo,
+                   "second_order_prefix_cached": t_pc, "lower_layers": t_low, "keymap_cached": t_km},
+        "peak_rss_mb": {"second_order": max(m_so), "first_order": max(m_fo),
+                        "second_order_prefix_cached": max(m_pc), "process_before": base_rss,
                         **({"keymap_cached": max(m_km)} if m_km else {})},
         "seconds_per_question": {"second_order": so / B, "first_order": fo / B,
+                                 "second_order_prefix_cached": pc / B,
                                  **({"keymap_cached": kms / B} if kms is not None else {})},
-        "speedup_vs_second_order": {"first_order": so / fo,
+        "speedup_vs_second_order": {"first_order": so / fo, "second_order_prefix_cached": so / pc,
                                     **({"keymap_cached": so / kms} if kms is not None else {})},
         "keymap_learner": args.keymap,
         "meta_batch": B,

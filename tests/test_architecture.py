@@ -225,7 +225,7 @@ def test_a_cycle_is_listed():
 # functions"). An entry that is no longer long is an error too: the list stays true.
 MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS = {
-    "regrad_cli/cli/meta_train.py:meta_train_cmd": "42 lines of option declarations (one Annotated "
+    "regrad_cli/cli/meta_train.py:meta_train_cmd": "43 lines of option declarations (one Annotated "
                                                    "typer.Option per MetaTrainConfig field); the body is a thin edge",
 }
 

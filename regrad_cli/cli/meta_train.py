@@ -45,6 +45,7 @@ def meta_train_cmd(
     freeze_phi: Annotated[bool, typer.Option("--freeze-phi", help="Keep phi fixed; train only alpha, the temperature and the key map.")] = META["freeze_phi"],
     factor_cache_gb: Annotated[float, typer.Option("--factor-cache-gb", help="With --freeze-phi and a key map: keep documents' factors (bfloat16) up to this many GiB and reuse them; 0 recomputes them every draw.")] = META["factor_cache_gb"],
     factor_cache_dtype: Annotated[str, typer.Option("--factor-cache-dtype", help="How cached factors are stored: bfloat16, float8 (each token's row scaled; half the memory) or float32 (exact).")] = META["factor_cache_dtype"],
+    prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", help="Keep each training text's hidden states below the first adapted layer (float32, exact) up to this many GiB and start every pass there (llama-style families); 0: off.")] = META["prefix_cache_gb"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
@@ -77,6 +78,7 @@ def meta_train_cmd(
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
         transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb, factor_cache_dtype=factor_cache_dtype,
+        prefix_cache_gb=prefix_cache_gb,
     )
     general = (_locality_text(locality_text) if locality_text
                else (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8"))

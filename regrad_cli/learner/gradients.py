@@ -27,13 +27,15 @@ def grouped_gradients(
     *,
     base: dict[str, torch.Tensor] | None = None,
     create_graph: bool = False,
+    prefix=None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gradients of the documents' losses with respect to phi, summed within groups.
 
     Returns ({name: tensor [n_groups, *shape]}, per-document losses [N]). ``group[i]`` is the
     group of document i (default: one group per document, i.e. per-document gradients).
     ``base`` is the adapter point (default phi); with ``create_graph`` the result stays
-    differentiable with respect to it (second-order meta-training). Weighting and combining
+    differentiable with respect to it (second-order meta-training). ``prefix`` (a
+    ``PrefixCache``) starts the passes at the first adapted layer. Weighting and combining
     documents' gradients is ``adapt.combine``'s job, not this function's.
     """
     n = docs.input_ids.shape[0]
@@ -43,7 +45,7 @@ def grouped_gradients(
     n_groups = n_groups if n_groups is not None else max(group) + 1
     device = next(model.parameters()).device
     if learner.transform is not None:
-        return _transformed_gradients(model, learner, docs, group, n_groups, base, create_graph)
+        return _transformed_gradients(model, learner, docs, group, n_groups, base, create_graph, prefix)
     idx = torch.tensor(list(group), device=device)
     if base is None:
         base = {k: v.detach() for k, v in learner.phi_dict().items()}
@@ -57,7 +59,7 @@ def grouped_gradients(
             stacks[name] = rep
         per_doc = {name: s.index_select(0, idx) for name, s in stacks.items()}
     with torch.enable_grad(), learner.using(per_doc):
-        losses = per_sample_nll(model, docs.input_ids.to(device), docs.attention_mask.to(device))
+        losses = per_sample_nll(model, docs.input_ids.to(device), docs.attention_mask.to(device), prefix=prefix)
         total = losses.sum()
         grads = torch.autograd.grad(
             total, [stacks[n] for n in learner.names], create_graph=create_graph
@@ -66,7 +68,7 @@ def grouped_gradients(
 
 
 def _transformed_gradients(model, learner: Learner, docs: EncodedDocs, group, n_groups: int, base,
-                           create_graph: bool):
+                           create_graph: bool, prefix=None):
     """``grouped_gradients`` for a learner with a document key map (learner.transform): one
     ordinary forward+backward captures each module's factors, the map turns them into the
     stored gradient. Differentiable in the map only (first order in phi by construction)."""
@@ -78,7 +80,7 @@ def _transformed_gradients(model, learner: Learner, docs: EncodedDocs, group, n_
                           "(--first-order): its gradients are not differentiable in phi")
     device = next(model.parameters()).device
     ids, mask = docs.input_ids.to(device), docs.attention_mask.to(device)
-    factors, losses = capture_factors(model, learner, lambda: per_sample_nll(model, ids, mask), base)
+    factors, losses = capture_factors(model, learner, lambda: per_sample_nll(model, ids, mask, prefix=prefix), base)
     per_doc = learner.transform.gradients(factors, learner.spec.scale, learner.names)
     if list(group) == list(range(n_groups)):
         return per_doc, losses

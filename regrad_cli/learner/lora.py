@@ -296,6 +296,10 @@ class Learner(nn.Module):
         self.use(None)
         return self
 
+    def first_layer(self, model: nn.Module) -> int:
+        """The lowest decoder layer with a side path: nothing below it depends on phi."""
+        return targets.first_block(model, module_names(self.spec, model))
+
     def detach_from(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
         for mod_name, wrapper in self._wrappers.items():

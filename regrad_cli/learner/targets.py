@@ -155,3 +155,16 @@ def find_targets(model: nn.Module, layers: list[int], modules: list[str],
     for n in names:
         in_out_features(_unwrap(named[n]))  # refuses a target that is not Linear or Conv1D
     return names
+
+
+def first_block(model: nn.Module, names: list[str]) -> int:
+    """Index of the lowest decoder block holding one of ``names`` (full module names): every
+    block below it runs without a side path. 0 when a name lies outside the blocks."""
+    prefix = decoder_blocks(model) + "."
+    found = []
+    for name in names:
+        head = name[len(prefix):].split(".")[0] if name.startswith(prefix) else ""
+        if not head.isdigit():
+            return 0
+        found.append(int(head))
+    return min(found) if found else 0

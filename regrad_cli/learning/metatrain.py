@@ -119,6 +119,9 @@ class MetaTrainConfig:
     factor_cache_gb: float = 0.0
     # How the factor cache stores factors: bfloat16, float8 (row-scaled, half the memory) or float32.
     factor_cache_dtype: str = "bfloat16"
+    # Keep each training text's hidden states below the first adapted layer (float32, exact) up to
+    # this many GiB and start every pass there (lm/prefix.py: llama-style families). 0: off.
+    prefix_cache_gb: float = 0.0
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
 
@@ -266,7 +269,7 @@ def _codec_roundtrip(g: torch.Tensor, codec: str, group_size: int) -> torch.Tens
 
 def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[BatchEntry],
                cfg: MetaTrainConfig, general_ids: torch.Tensor | None = None, *,
-               share: float = 1.0, general_share: float = 1.0, factor_cache=None):
+               share: float = 1.0, general_share: float = 1.0, factor_cache=None, prefix_cache=None):
     """Answer-only cross-entropy after one inner step per question (differentiable in phi, alpha, T).
 
     ``batch`` holds one ``BatchEntry`` per question. Every
@@ -276,14 +279,18 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[BatchEntry],
     over the rows of ``general_ids``. When a meta-batch is split over processes, ``share`` and
     ``general_share`` are this shard's fractions of the questions and of the general-text rows: the
     shards' losses, and so their gradients, then sum exactly to the whole batch's.
+    ``prefix_cache`` (``lm.prefix.PrefixCache``) starts the document and answer passes at the
+    first adapted layer: the same losses and gradients (tests/test_prefix_cache.py).
     """
     texts = [d for entry in batch for d in entry.documents]
     enc = encode_documents(tokenizer, texts, cfg.max_doc_tokens)
     phi = learner.phi_dict()
     if factor_cache is not None:
-        grads, doc_losses = factor_cache.gradients(model, learner, texts, enc, lambda i, m: per_sample_nll(model, i, m), phi)
+        grads, doc_losses = factor_cache.gradients(model, learner, texts, enc,
+                                                   lambda i, m: per_sample_nll(model, i, m, prefix=prefix_cache), phi)
     else:
-        grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order)
+        grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order,
+                                              prefix=prefix_cache)
     if cfg.first_order and learner.transform is None:
         # (A key map's gradients are differentiable in the map only: they stay attached.)
         grads = {n: g.detach() for n, g in grads.items()}
@@ -305,7 +312,8 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[BatchEntry],
     answers = [e.item.answers[0] for e in batch]
     # Each question's own adapted weights (batched step): a length group applies its rows' slice.
     nll = answer_nll(model, tokenizer, prompts, answers,
-                     per_group=lambda rows: learner.using({n: t[rows] for n, t in adapted.items()}))
+                     per_group=lambda rows: learner.using({n: t[rows] for n, t in adapted.items()}),
+                     prefix=prefix_cache)
     loss = nll.mean() * share
     kl = torch.zeros(())
     if cfg.locality > 0 and general_ids is not None and len(general_ids):
@@ -563,7 +571,7 @@ class MetaRun:
             self.general_all = torch.tensor(chunks) if chunks else None
 
     def _check_key_map(self) -> None:
-        """The key-map options against the learner; the factor cache when asked for."""
+        """The key-map options against the learner; the factor and prefix caches when asked for."""
         cfg, learner = self.cfg, self.learner
         if cfg.transform_lr > 0 and learner.transform is None:
             raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
@@ -578,6 +586,11 @@ class MetaRun:
             from regrad_cli.learner.transform import FactorCache
 
             self.factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30), dtype=cfg.factor_cache_dtype)
+        self.prefix_cache = None
+        if cfg.prefix_cache_gb > 0:
+            from regrad_cli.lm.prefix import PrefixCache
+
+            self.prefix_cache = PrefixCache(int(cfg.prefix_cache_gb * 2**30), learner.first_layer(self.model))
 
     def _make_optimiser(self) -> None:
         """AdamW over what learns (phi unless frozen; alpha and, for combine=score, the
@@ -642,7 +655,8 @@ class MetaRun:
         step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
         general_ids, general_share = self.general_rows(step)
         loss, info = outer_loss(self.model, self.tokenizer, self.learner, batch[lo:hi], step_cfg, general_ids,
-                                share=share, general_share=general_share, factor_cache=self.factor_cache)
+                                share=share, general_share=general_share, factor_cache=self.factor_cache,
+                                prefix_cache=self.prefix_cache)
         loss.backward()
         # Sum before clipping: every rank then clips the same whole-batch gradient.
         dist.sum_grads(self.params)
@@ -665,7 +679,7 @@ class MetaRun:
 
     def _record(self, step: int, loss: float, info: dict, grad_norm: float) -> dict:
         """The step's log record: into the history, the log and ``progress``."""
-        learner, cache = self.learner, self.factor_cache
+        learner, cache, prefix = self.learner, self.factor_cache, self.prefix_cache
         alphas = torch.stack([learner.alpha(n).detach().mean() for n in learner.names])
         rec = {"step": step, "loss": loss, **info, "grad_norm": grad_norm,
                "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
@@ -674,6 +688,9 @@ class MetaRun:
         if cache is not None:
             rec["factor_cache"] = {"docs": len(cache), "hits": cache.hits,
                                    "misses": cache.misses, "gib": round(cache.bytes / 2**30, 3)}
+        if prefix is not None:
+            rec["prefix_cache"] = {"rows": len(prefix), "hits": prefix.hits, "misses": prefix.misses,
+                                   "gib": round(prefix.bytes / 2**30, 3)}
         self.history["train"].append(rec)
         if self.dist.main:
             log.info("step %d/%d: %s", step, self.steps, json.dumps(rec))

@@ -271,13 +271,14 @@ def length_groups(lengths: Sequence[int], *, min_fill: float = 0.6) -> list[list
     return groups
 
 
-def answer_nll(model, tokenizer, prompts, answers, *, per_group=None) -> torch.Tensor:
+def answer_nll(model, tokenizer, prompts, answers, *, per_group=None, prefix=None) -> torch.Tensor:
     """Mean NLL per answer token, per row [N] (differentiable if grad is enabled).
 
     With ``per_group`` (a function of a group's row indices returning a context manager, e.g.
     one that applies those rows' per-sample adapters), rows of very different lengths run in
     separate padded batches inside it: each row's loss is its own, so the values equal one
-    batch's (tested), without padding 50-token prompts to the 800 of prompts with passages."""
+    batch's (tested), without padding 50-token prompts to the 800 of prompts with passages.
+    ``prefix`` (a ``PrefixCache``) starts the passes at the first adapted layer."""
     from contextlib import nullcontext
 
     from regrad_cli.lm.tokens import per_sample_nll
@@ -285,13 +286,13 @@ def answer_nll(model, tokenizer, prompts, answers, *, per_group=None) -> torch.T
     device = next(model.parameters()).device
     if per_group is None:
         ids, mask, tmask = teacher_forced_batch(tokenizer, prompts, answers)
-        return per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device))
+        return per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device), prefix=prefix)
     lengths = [len(p) + len(answer_ids(tokenizer, a)) for p, a in zip(prompts, answers)]
     parts, order = [], []
     for group in length_groups(lengths):
         ids, mask, tmask = teacher_forced_batch(tokenizer, [prompts[i] for i in group], [answers[i] for i in group])
         with per_group(group) or nullcontext():
-            parts.append(per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device)))
+            parts.append(per_sample_nll(model, ids.to(device), mask.to(device), tmask.to(device), prefix=prefix))
         order.extend(group)
     nll = torch.cat(parts)
     return nll[torch.argsort(torch.tensor(order, device=nll.device))]

@@ -87,31 +87,45 @@ def _decoder_and_head(model):
 
 
 def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   target_mask: torch.Tensor | None = None, *, prefix=None) -> torch.Tensor:
     """Mean next-token NLL per sample [N] over positions where target_mask (default: attention)
     is 1 on the *predicted* token.
 
     With a ``target_mask`` (an answer after a prompt) on a model whose logits are a plain head
     over the decoder's last hidden states, the head runs only at the scored positions: the same
     losses and gradients (tested) without the [N, T, vocab] logits of every prompt token, which
-    for prompts with passages were most of a meta-step's time and memory."""
+    for prompts with passages were most of a meta-step's time and memory. With a ``prefix``
+    (``prefix.PrefixCache``) that serves the model, the decoder starts at the first adapted layer
+    from cached hidden states, and the head runs only where a token is scored (documents too)."""
+    scored = attention_mask if target_mask is None else target_mask
+    # The cache serves only plain-head families (prefix.FAMILIES); it says None for the others.
+    hidden = prefix.last_hidden(model, input_ids, attention_mask) if prefix is not None else None
+    if hidden is not None:
+        return _scored_nll(_decoder_and_head(model)[1], hidden, input_ids, attention_mask, scored)
     parts = _decoder_and_head(model) if target_mask is not None else None
     if parts is not None:
         dec, head = parts
         hidden = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-        logits = head(hidden[:, :-1][scored])
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        flat = F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
-        nll = flat.new_zeros(scored.shape).masked_scatter(scored, flat)
-        return nll.sum(1) / scored.sum(1).clamp_min(1).to(nll.dtype)
+        return _scored_nll(head, hidden, input_ids, attention_mask, scored)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     logits = out.logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     targets = input_ids[:, 1:]
-    tmask = (attention_mask if target_mask is None else target_mask)[:, 1:].to(logits.dtype)
+    tmask = scored[:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     nll = nll.view(targets.shape) * tmask
     return nll.sum(1) / tmask.sum(1).clamp_min(1.0)
+
+
+def _scored_nll(head, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean NLL from the decoder's last hidden states, the head run only at the
+    positions whose next token is scored."""
+    scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    logits = head(hidden[:, :-1][scored])
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    flat = F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
+    nll = flat.new_zeros(scored.shape).masked_scatter(scored, flat)
+    return nll.sum(1) / scored.sum(1).clamp_min(1).to(nll.dtype)
