@@ -1,8 +1,10 @@
-"""Writing a file so that readers see the old content or the new, never part of it."""
+"""Writing a file so that readers see the old content or the new, never part of it; reading a
+small state file of a workspace or checkpoint with a bound (``read_bounded``)."""
 
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -35,3 +37,37 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "ut
     """Write ``text`` to ``path`` atomically (``atomic_path``)."""
     with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_text(text, encoding=encoding)
+
+
+class UnsafeFileError(OSError):
+    """A small state file that is not a regular file, or larger than its bound (``read_bounded``)."""
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (a link is followed), at most ``limit`` of them.
+
+    A workspace or checkpoint may come from someone else: its ``tombstones.json`` or
+    ``workspace-id`` can be a link to ``/dev/zero`` (read forever: memory grows until the process
+    dies), a FIFO (blocks for ever) or a sparse file of terabytes. So the file must be regular
+    (checked on the open descriptor, opened without blocking) and is read in pieces up to
+    ``limit``; anything else raises ``UnsafeFileError`` (an ``OSError``, which callers already
+    report as an unreadable file). A missing file raises ``FileNotFoundError`` as ``open`` does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{path} is not a regular file (a device, FIFO or directory): refused")
+        if st.st_size > limit:
+            raise UnsafeFileError(f"{path} is larger than {limit >> 20} MiB: refused")
+        parts, n = [], 0
+        while True:
+            part = os.read(fd, min(1 << 20, limit + 1 - n))
+            if not part:
+                return b"".join(parts)
+            parts.append(part)
+            n += len(part)
+            if n > limit:  # grew while being read
+                raise UnsafeFileError(f"{path} is larger than {limit >> 20} MiB: refused")
+    finally:
+        os.close(fd)
