@@ -23,9 +23,16 @@ class Version:
 
     @classmethod
     def parse(cls, text, where: str = "version") -> "Version":
-        m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*", str(text))
+        try:
+            shown = str(text)
+        except ValueError:  # an int past Python's 4300-digit limit for str(): not a version
+            shown = "(an integer of thousands of digits)"
+        # At most 9 digits a part: int() of a longer run can be slow or raise ValueError (4300
+        # digits), and no format of regrad's will ever need more.
+        m = re.fullmatch(r"\s*(\d{1,9})(?:\.(\d{1,9}))?\s*", shown[:64])
         if m is None:
-            raise RegradError(f"{where}: format version {text!r} is not MAJOR.MINOR")
+            short = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise RegradError(f"{where}: format version {short!r} is not MAJOR.MINOR")
         return cls(int(m.group(1)), int(m.group(2) or 0))
 
     def __str__(self) -> str:

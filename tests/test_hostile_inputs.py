@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reliability_helpers import run_cli
@@ -116,10 +117,20 @@ def _damage_checkpoint(ck: Path, how: str) -> None:
         config.write_text(json.dumps(meta))
     elif how == "no-tensors":
         tensors.unlink()
+    elif how in ("format-digits", "id-int", "spec-types"):  # an id no longer matching: dropped
+        meta = json.loads(config.read_text())
+        meta.pop("checkpoint_id")
+        if how == "format-digits":  # int() of over 4300 digits raises ValueError
+            meta["format"] = "regrad-learner/1." + "9" * 5000
+        elif how == "id-int":  # subscripted in the mismatch message
+            meta["checkpoint_id"] = 5
+        else:  # a string where a number goes failed in the maths
+            meta["spec"]["lora_alpha"] = "nan"
+        config.write_text(json.dumps(meta))
 
 
 CHECKPOINT_DAMAGE = ["truncated-tensors", "header-bomb", "empty-tensors", "deep-json", "json-list",
-                     "not-utf8", "bad-names", "bad-spec", "no-tensors"]
+                     "not-utf8", "bad-names", "bad-spec", "no-tensors", "format-digits", "id-int", "spec-types"]
 
 
 @pytest.mark.parametrize("how", CHECKPOINT_DAMAGE)
@@ -137,6 +148,65 @@ def test_a_damaged_checkpoint_is_one_line_everywhere(base, tmp_path, capsys, mon
     _damage_checkpoint(case / "ck", how)
     for args in (["query", QUESTION], ["build-bank"], ["bank", "stats"], ["bank", "compact"]):
         _check([*args, *ws], capsys, monkeypatch, expect_fail=args[0] != "bank")
+
+
+def _sparse_tensors(path: Path, values: int) -> None:
+    """``path`` rewritten as a sparse safetensors file with a well-formed header whose first
+    tensor holds ``values`` float32 values (the rest keep their shapes; every byte reads zero)."""
+    import struct
+
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    header.pop("__metadata__", None)
+    first, offset, out = sorted(header)[0], 0, {}
+    for name in sorted(header):
+        shape = [4, values // 4] if name == first else header[name]["shape"]
+        size = 4 * (int(np.prod(shape)) if shape else 1)
+        out[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(out).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+
+
+def test_a_sparse_checkpoint_is_refused_before_it_is_read(base, tmp_path, capsys, monkeypatch):
+    """A learner.safetensors of 4 GB that is all holes, with a well-formed header: it was read
+    whole (4 GB of memory, or "out of memory" under a limit) before its shapes were found not to
+    fit. Loaded for a model, a tensors file larger than a learner of its spec can be on that
+    model is now refused unread. Run with the address space capped 1 GiB above the start."""
+    import resource
+
+    case = _copy(base, tmp_path)
+    ck = tmp_path / "sparse-ck"
+    shutil.copytree(case / "ck", ck)
+    _sparse_tensors(ck / "learner.safetensors", 1 << 30)
+    ws = ["--workspace", case / "ws"]
+    size = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:")][0]
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    for args in (["query", QUESTION, "--checkpoint", ck], ["build-bank", "--checkpoint", ck],
+                 ["learner", "energy", "--checkpoint", ck, "--docs", "2"]):
+        resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), old[1]))
+        try:
+            err = _check([*args, *ws], capsys, monkeypatch)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, old)
+        assert "refused before reading it" in err, (args, err)
+
+
+def test_a_state_whose_version_has_thousands_of_digits_is_one_error(tmp_path):
+    """`meta-train --resume` read a state.pt whose format version has 5000 digits with a
+    ValueError traceback (int() of over 4300 digits): it is one RegradError now."""
+    import torch
+
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learning.train_state import STATE_FORMAT, read_state
+
+    path = tmp_path / "state.pt"
+    torch.save({"format": f"{STATE_FORMAT}/1." + "9" * 5000}, path)
+    with pytest.raises(RegradError, match="is not MAJOR.MINOR"):
+        read_state(path)
 
 
 # Hostile configurations ---------------------------------------------------------------------------
@@ -186,6 +256,43 @@ def test_a_config_that_is_not_toml_or_not_utf8(base, tmp_path, capsys, monkeypat
         cfg.write_bytes(content)
         for args in (["query", QUESTION], ["bank", "stats"], ["ingest", case / "corpus"]):
             _check([*args, "--workspace", case / "ws"], capsys, monkeypatch)
+
+
+TOML_DIGITS = "9" * 5000  # past Python's 4300-digit limit: int() raises a plain ValueError
+
+
+@pytest.mark.parametrize("name", ["format-version-digits", "integer-digits", "device-mps", "fake-embedder-dim"])
+def test_a_config_that_passed_the_schema_or_the_parser_badly_is_one_line(base, tmp_path, capsys, monkeypatch, name):
+    """Values that got past the parser or the schema and failed later with a traceback (a
+    version or integer of 5000 digits, the MPS device on a machine without it) or with memory
+    (a fake embedder of 999 999 999 dimensions): one line, before any work."""
+    case = _copy(base, tmp_path)
+    cfg = case / "ws" / "regrad.toml"
+    text = cfg.read_text()
+    text = {"format-version-digits": text.replace('format_version = "1.2"', f'format_version = "1.{TOML_DIGITS}"'),
+            "integer-digits": text.replace("seed = 0", f"seed = {TOML_DIGITS}"),
+            "device-mps": text.replace('device = "cpu"', 'device = "mps"'),
+            "fake-embedder-dim": text.replace('id = "fake:hash-32"', 'id = "fake:hash-999999999"')}[name]
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    (case / "corpus" / "new.txt").write_text("A new document about epsilon.")
+    ws = ["--workspace", case / "ws"]
+    commands = {"format-version-digits": [["ingest", case / "corpus"], ["query", QUESTION], ["build-bank"], ["bank", "stats"]],
+                "integer-digits": [["ingest", case / "corpus"], ["query", QUESTION], ["build-bank"], ["bank", "stats"]],
+                "device-mps": [["query", QUESTION], ["learner", "energy", "--docs", "2"]],  # they load the model
+                "fake-embedder-dim": [["ingest", case / "corpus"]]}[name]
+    if name == "fake-embedder-dim":  # only the config copied: an ingested workspace refuses another embedder
+        shutil.rmtree(case / "ws" / "db")
+        shutil.rmtree(case / "ws" / "banks")
+    expected = {"format-version-digits": "is not MAJOR.MINOR", "integer-digits": "more than 4300 digits",
+                "device-mps": "MPS is not available", "fake-embedder-dim": "from 1 to 4096"}[name]
+    for args in commands:
+        if name == "fake-embedder-dim":  # the files are read (progress lines) before the embedder loads
+            code, out, err = run_cli([*args, *ws], capsys, monkeypatch)
+            assert code == 1 and err.strip().splitlines()[-1].startswith("Error:"), (args, err)
+        else:
+            err = _check([*args, *ws], capsys, monkeypatch)
+        assert expected in err, (args, err)
 
 
 # Damaged tables -----------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ a bank with one line naming the link; reading it stays allowed.
 from __future__ import annotations
 
 import json
-
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +158,131 @@ def test_a_planted_temporary_link_is_never_written_through(tmp_path):
     os.symlink(victim, target.with_name(f"regrad.toml.{os.getpid()}.tmp"))
     atomic_write_text(target, "x = 1\n")
     assert victim.read_text() == "keep me" and target.read_text() == "x = 1\n"
+
+
+def _workspace_with_bank(tmp_path: Path, capsys, monkeypatch, name: str) -> tuple[Path, Path]:
+    """A fake-model workspace with two documents and its bank: (workspace, corpus). Workspaces
+    made in one test share the corpus, so their document ids are the same."""
+    ws, corpus = tmp_path / name, tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "a.txt").write_text("alpha document text")
+    (corpus / "b.txt").write_text("beta document text")
+    for args in (["ingest", corpus, "--workspace", ws, "--model", "fake:llama", "--embedder", "fake:hash-32"],
+                 ["build-bank", "--workspace", ws]):
+        code, out, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, (args, err)
+    return ws, corpus
+
+
+def test_a_linked_banks_folder_is_refused_by_every_writer(tmp_path, capsys, monkeypatch):
+    """A copied workspace whose ``banks`` is a link to another workspace's ``banks``: `bank
+    compact`, `bank rm` and `build-bank` went through it and purged and rewrote the other
+    workspace's bank (20 of its files gone). Every writer now refuses it in one line; reading
+    through it stays allowed."""
+    victim, _ = _workspace_with_bank(tmp_path, capsys, monkeypatch, "victim")
+    ws, corpus = _workspace_with_bank(tmp_path, capsys, monkeypatch, "ws")
+    (corpus / "c.txt").write_text("gamma document text")  # work for build-bank to do
+    code, out, err = run_cli(["ingest", corpus, "--workspace", ws], capsys, monkeypatch)
+    assert code == 0, err
+    import shutil
+
+    shutil.rmtree(ws / "banks")
+    os.symlink(victim / "banks", ws / "banks")
+    before = {str(p): p.read_bytes() for p in (victim / "banks").rglob("*") if p.is_file()}
+    code, out, err = run_cli(["docs", "ls", "--workspace", ws, "--json"], capsys, monkeypatch)
+    doc_id = json.loads(out)["documents"][0]["chunks"][0]
+    for args in (["bank", "compact"], ["bank", "rm", doc_id, "--keep-documents"], ["bank", "rm", doc_id],
+                 ["build-bank"], ["ingest", corpus, "--prune"]):
+        if args[0] == "ingest":
+            (corpus / "b.txt").unlink()  # a prune deletes the file's rows from every bank
+        code, out, err = run_cli([*args, "--workspace", ws], capsys, monkeypatch)
+        assert code == 1, (args, out, err)
+        assert "symbolic link" in err and str(ws / "banks") in err, (args, err)
+        assert err.strip().splitlines()[-1].startswith("Error:"), (args, err)
+        after = {str(p): p.read_bytes() for p in (victim / "banks").rglob("*") if p.is_file()}
+        assert after == before, (args, sorted(set(before) ^ set(after)))
+    code, out, err = run_cli(["bank", "stats", "--json", "--workspace", ws], capsys, monkeypatch)
+    assert code == 0 and '"rows": 2' in out, (out, err)
+
+
+@contextmanager
+def _address_space(extra_bytes: int):
+    """This process's address space capped ``extra_bytes`` above its current size, then restored:
+    a file read until memory runs out fails fast (MemoryError) instead of filling the machine."""
+    import resource
+
+    size = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:")][0]
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra_bytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+@pytest.mark.parametrize("name", ["tombstones.json", "ingest-digests.json", "workspace-id", "regrad.toml"])
+def test_workspace_files_linked_to_a_device_are_not_read_forever(tmp_path, capsys, monkeypatch, name):
+    """A copied workspace whose small state files are links to /dev/zero (or FIFOs): each was
+    read whole, so memory grew until the process died (3 GB in the attack, then "out of
+    memory"). Now they are read only when they are regular files, and with a bound."""
+    ws, corpus = _workspace_with_bank(tmp_path, capsys, monkeypatch, "ws")
+    (corpus / "c.txt").write_text("gamma document text")
+    if name == "workspace-id":  # read only for a bank location outside the workspace
+        cfg = ws / "regrad.toml"
+        cfg.write_text(cfg.read_text().replace('uri = ""', f'uri = "{tmp_path / "shared"}"'))
+    path = ws / name
+    path.unlink(missing_ok=True)
+    os.symlink("/dev/zero", path)
+    commands = {"tombstones.json": [["ingest", corpus], ["build-bank"], ["bank", "rm", "--source", str(corpus / "a.txt")]],
+                "ingest-digests.json": [["ingest", corpus]],
+                "workspace-id": [["build-bank"], ["status"]],
+                "regrad.toml": [["status"]]}[name]
+    for args in commands:
+        with _address_space(1 << 30):
+            code, out, err = run_cli([*args, "--workspace", ws], capsys, monkeypatch)
+        assert "out of memory" not in err, (args, err)
+        if name == "ingest-digests.json":  # only a shortcut: ignored, and the ingest goes on
+            assert code == 0, (args, err)
+            continue
+        assert code == 1 and err.strip().splitlines()[-1].startswith("Error:"), (args, err)
+        assert str(path) in err, (args, err)
+    if name == "regrad.toml":  # a FIFO blocked the open until a writer came (here: one that sends nothing)
+        import threading
+
+        path.unlink()
+        os.mkfifo(path)
+        writer = threading.Thread(target=lambda: open(path, "wb").close(), daemon=True)
+        writer.start()
+        code, out, err = run_cli(["status", "--workspace", ws], capsys, monkeypatch)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go, whatever happened
+        writer.join(10)
+        os.close(fd)
+        assert code == 1 and "not a regular file" in err, err
+
+
+def test_hard_links_in_a_bank_leave_the_other_names_alone(tmp_path):
+    """Hard links (allowed in a bank) to another bank's data files and manifest, planted in
+    ``data/`` and ``_versions/`` and in place of a referenced data file: compaction, purge and
+    deletes remove only the bank's own names, never the other bank's files or bytes."""
+    before = _victim(tmp_path)
+    victim_table = tmp_path / "victim" / "bank" / "gradients.lance"
+    bank_dir = tmp_path / "bank"
+    b = GradientBank.create(bank_dir, _meta())
+    b.append(_rows("d", 3))
+    b.append(_rows("e", 2))
+    table = bank_dir / "gradients.lance"
+    theirs = sorted((victim_table / "data").iterdir())
+    os.link(theirs[0], table / "data" / "planted.lance")
+    os.link(sorted((victim_table / "_versions").iterdir())[0], table / "_versions" / "planted.manifest")
+    own = sorted((table / "data").iterdir())[0]
+    own.unlink()
+    os.link(theirs[1], own)  # a referenced file's name now points at the other bank's bytes
+    bank = GradientBank.open(bank_dir)
+    for attempt in (lambda: bank.delete(["d1"]), bank.compact, bank.purge):
+        try:
+            attempt()
+        except BankFormatError:
+            pass  # the swapped file may be refused as damaged: only the other bank matters here
+    _unchanged(before)
+    assert all(p.exists() for p in map(Path, before))
+    assert GradientBank.open(tmp_path / "victim" / "bank", read_only=True).count() == 6

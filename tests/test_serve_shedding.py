@@ -150,3 +150,45 @@ def test_the_protocol_sheds_a_stalled_request(phase):
     finally:
         release.set()
         server.stop(30)
+
+
+def test_a_client_that_never_reads_its_answers_is_dropped():
+    """In process: a client that pipelines requests and never reads the answers held its
+    connection (and descriptor) forever: the answers waited in the server's send buffer, no
+    deadline covered them, and a shed connection was only closed, which waits for them. 300 such
+    clients under `ulimit -n 256` kept /healthz unreachable (EMFILE on every accept). The
+    connection is now aborted once its answer has waited unsent for the body deadline."""
+    import threading
+
+    from regrad_cli.online.serve import BackgroundServer, BatchWorker, ServeSettings
+    from regrad_cli.online.shedding import _Shedding
+
+    release = threading.Event()
+    settings = ServeSettings(header_timeout_s=0.5, body_timeout_s=0.5)
+    worker = BatchWorker(lambda: release.wait(30), settings)
+    server = BackgroundServer(worker)
+    server.thread.start()
+    try:
+        while not server.server.started:
+            time.sleep(0.02)
+        shed_before = _Shedding.shed_count
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", settings.port))
+        s.setblocking(False)
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"  # tens of KB per answer
+        for _ in range(5000):
+            try:
+                s.send(request)
+            except BlockingIOError:
+                break
+        connections = server.server.server_state.connections
+        deadline = time.monotonic() + 15
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not connections, "the connection of a client that never reads is still held"
+        assert _Shedding.shed_count > shed_before
+        s.close()
+    finally:
+        release.set()
+        server.stop(30)

@@ -374,9 +374,11 @@ class Learner(nn.Module):
         return save_learner(self, directory, extra)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Learner":
-        """Read a checkpoint of any known format version (regrad_cli.learner.persistence)."""
-        return load_learner(directory, cls, LearnerSpec)
+    def load(cls, directory: str | Path, model: nn.Module | None = None) -> "Learner":
+        """Read a checkpoint of any known format version (regrad_cli.learner.persistence); with
+        ``model``, a tensors file larger than a learner of its spec on that model is refused unread."""
+        expect = None if model is None else (lambda spec: sum(math.prod(s) for s in target_shapes(model, spec).values()))
+        return load_learner(directory, cls, LearnerSpec, expect_values=expect)
 
 
 def module_names(spec: LearnerSpec, model: nn.Module) -> list[str]:

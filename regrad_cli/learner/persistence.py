@@ -61,15 +61,22 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     return cid
 
 
-def load_learner(directory: str | Path, cls, spec_cls):
+def load_learner(directory: str | Path, cls, spec_cls, expect_values=None):
     """The learner saved in ``directory``, made as ``cls(spec_cls(**spec), shapes)`` (``Learner.load``
-    passes lora.Learner and lora.LearnerSpec), checked against its recorded content id."""
+    passes lora.Learner and lora.LearnerSpec), checked against its recorded content id.
+
+    ``expect_values(spec)``, when given (the learner is loaded for a model), is how many values
+    phi holds for that spec on the model: a tensors file larger than such a learner can be (phi,
+    per-element step sizes and a key map, in float32) is refused before it is read. A sparse file
+    of terabytes with a well-formed header was otherwise read whole, then found not to fit."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = read_config(directory / CHECKPOINT_CONFIG)
+    if expect_values is not None:
+        _check_size(directory, meta, spec_cls, expect_values)
     try:
         tensors = load_file(str(directory / CHECKPOINT_TENSORS))
     except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, damaged header
@@ -78,6 +85,7 @@ def load_learner(directory: str | Path, cls, spec_cls):
     meta, tensors = upgrade(meta, tensors, directory)
     try:
         spec = spec_cls(**meta["spec"])
+        _check_spec(spec, directory)
         shapes = {n: tuple(tensors["phi." + n].shape) for n in meta["names"]}
         learner = cls(spec, shapes)
         with torch.no_grad():
@@ -96,13 +104,64 @@ def load_learner(directory: str | Path, cls, spec_cls):
     if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
         raise RegradError(
             f"learner checkpoint {directory} is corrupt: content id {learner.checkpoint_id()[:16]} "
-            f"!= recorded {meta['checkpoint_id'][:16]}"
+            f"!= recorded {str(meta['checkpoint_id'])[:16]}"  # any JSON value: never subscript it as given
         )
     return learner
 
 
+def _check_spec(spec, directory: Path) -> None:
+    """RegradError unless every field of a checkpoint's spec has its type: learner.json may come
+    from someone else, and a string where a number goes failed only later, in the maths (a
+    TypeError traceback from ``lora_alpha / rank``)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {
+        "rank": (isinstance(spec.rank, int) and not isinstance(spec.rank, bool) and 1 <= spec.rank <= MAX_RANK,
+                 f"an integer from 1 to {MAX_RANK}"),
+        "lora_alpha": (number(spec.lora_alpha) and spec.lora_alpha > 0, "a finite number above 0"),
+        "layers": (isinstance(spec.layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec.layers),
+                   "a list of layer indices"),
+        "modules": (strings(spec.modules), "a list of module names"),
+        "per_element_alpha": (isinstance(spec.per_element_alpha, bool), "true or false"),
+        "target_patterns": (strings(spec.target_patterns), "a list of patterns"),
+    }
+    for name, (ok, what) in checks.items():
+        if not ok:
+            shown = repr(getattr(spec, name))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise RegradError(f"learner checkpoint {directory} is malformed: spec.{name} = {shown} is not {what}")
+
+
+def _check_size(directory: Path, meta: dict, spec_cls, expect_values) -> None:
+    """RegradError when learner.safetensors is larger than a learner of its spec can be on the
+    model (``load_learner``). A spec that cannot be read is left to the full load to report."""
+    try:
+        spec = spec_cls(**meta["spec"])
+    except (KeyError, TypeError):
+        return
+    _check_spec(spec, directory)
+    try:
+        values = int(expect_values(spec))
+    except (RegradError, KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return  # the spec does not fit the model: check_fits says so after the (bounded) load
+    bound = 3 * 4 * values + MAX_CONFIG_BYTES  # phi, per-element step sizes, a key map; a header
+    try:
+        size = (directory / CHECKPOINT_TENSORS).stat().st_size
+    except OSError:
+        return  # missing: the load says so
+    if size > bound:
+        raise RegradError(f"learner checkpoint {directory / CHECKPOINT_TENSORS} holds {size} bytes, more than a "
+                          f"learner of its spec can on this model ({bound}): refused before reading it")
+
+
 # learner.json holds a spec, names and a few records: far below this.
 MAX_CONFIG_BYTES = 16 << 20
+# Far above any LoRA rank regrad makes ([lora] rank is at most 256): a bound for hostile specs.
+MAX_RANK = 4096
 
 
 def read_config(path: Path) -> dict:

@@ -115,12 +115,19 @@ class HashEncoder:
         return out
 
 
+MAX_FAKE_DIM = 4096
+
+
 def load_fake_encoder(name: str) -> HashEncoder:
     """``fake:hash-<dim>`` (default dimension 32)."""
     from regrad_cli.errors import ModelLoadError
 
     _note_load(f"embedder fake:{name}")
     kind, _, dim = (name or "hash-32").partition("-")
-    if kind != "hash" or not (dim or "32").isdigit():
-        raise ModelLoadError(f"unknown fake embedder {name!r} (use fake:hash-32, or another dimension)")
-    return HashEncoder(int(dim or 32))
+    dim = dim or "32"
+    # Bounded like a real embedder's width: a config naming fake:hash-999999999 must not make
+    # every chunk's vector gigabytes.
+    if kind != "hash" or not (dim.isdigit() and len(dim) <= 4 and 1 <= int(dim) <= MAX_FAKE_DIM):
+        raise ModelLoadError(f"unknown fake embedder {name[:40]!r} (use fake:hash-32, or another dimension "
+                             f"from 1 to {MAX_FAKE_DIM})")
+    return HashEncoder(int(dim))

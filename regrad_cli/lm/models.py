@@ -238,6 +238,25 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
+def check_device(device: str) -> None:
+    """ModelLoadError (one line) unless ``device`` ([model] device, --device) exists here: torch
+    raises a RuntimeError deep in ``model.to`` for an MPS device on Linux or a CUDA index past the
+    last GPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        index = device.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} requested but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError("device 'mps' requested but MPS is not available on this machine (use cpu)")
+
+
 def load_language_model(
     model_id: str = BUNDLED_MODEL,
     *,
@@ -253,8 +272,7 @@ def load_language_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    check_device(device)
     tdtype = _torch_dtype(dtype)
     loader, rest = _scheme(model_id, MODEL_SCHEMES)
     check_source(model_id, "model")

@@ -97,6 +97,9 @@ def locked_build(ws: Workspace, engine: Engine, codec: CodecSpec,
     summary, held under the build lock (refused at once when another build holds it)."""
     from filelock import Timeout
 
+    from regrad_cli.workspace.banks import refuse_linked_banks_dir
+
+    refuse_linked_banks_dir(ws)  # before the lease file is made beside the bank
     location = ws.bank_path(engine.learner.checkpoint_id())
     lock = build_lock(ws, location)
     try:

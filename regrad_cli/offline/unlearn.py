@@ -146,11 +146,12 @@ def prune_sources(ws, store, sources: Iterable[str]) -> tuple[int, int]:
     writer lock; the caller holds the workspace lock), without tombstones: the file may come back."""
     from contextlib import ExitStack
 
-    from regrad_cli.workspace.banks import open_bank, workspace_banks
+    from regrad_cli.workspace.banks import open_bank, refuse_linked_banks_dir, workspace_banks
 
     srcs = set(sources)
     if not srcs:
         return 0, 0
+    refuse_linked_banks_dir(ws)
     opts = ws.bank_storage_options()
     banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in workspace_banks(ws))
              if b is not None]
@@ -173,7 +174,7 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     """
     from contextlib import ExitStack
 
-    from regrad_cli.workspace.banks import open_bank, select_bank, workspace_banks
+    from regrad_cli.workspace.banks import open_bank, refuse_linked_banks_dir, select_bank, workspace_banks
     from regrad_cli.workspace.config import Workspace
     from regrad_cli.workspace.documents import DocumentStore, workspace_lock
     from regrad_cli.errors import NoBankError
@@ -193,6 +194,8 @@ def remove_documents(workspace=None, bank: str | None = None, doc_ids: Iterable[
     if not ids and not srcs and not p_ids and not p_srcs:
         raise RegradError("name DOC_ID... or --source PATH")
     _check_named_early(ws, locations, opts, ids, srcs, tombs, with_documents=ws is not None and not keep_documents)
+    if ws is not None and any(str(loc) != str(bank) for loc in locations):  # the workspace's own banks
+        refuse_linked_banks_dir(ws)
     banks = [b for b in (open_bank(loc, opts, read_only=False, missing_ok=True) for loc in locations) if b is not None]
     if bank is not None and not banks:
         raise NoBankError(f"no bank at {bank}")

@@ -9,12 +9,18 @@ uvicorn's h11 one, adds what a proxy in front would give:
 * **header deadline**: a request's headers must be complete ``header_timeout_s`` after the
   connection opened (or after the previous response on a keep-alive connection);
 * **body deadline**: its body must be complete ``body_timeout_s`` after its headers;
+* **read deadline**: a connection whose answer has waited unsent for ``body_timeout_s`` (the
+  client pipelines requests, or asks for a reply, and never reads it) is dropped, also after
+  the server closed it (a close waits for the unsent bytes);
 * **connection cap**: at most ``max_connections`` connections (never more than the descriptor
   limit allows); a new connection beyond it pushes out the oldest one that has not yet sent a
   complete request (a stalled one), or is closed itself when every connection is busy.
 
-A shed connection is closed without an answer. Time spent computing an answer is never limited:
-the deadlines cover only what the client sends. Warnings from uvicorn and asyncio are
+A shed connection is aborted without an answer: closed at once, its unsent bytes dropped (a
+plain close waits to flush them, which a client that never reads never allows: its descriptor
+stayed held for good). Time
+spent computing an answer is never limited: the deadlines cover only what the client sends and
+whether it reads. Warnings from uvicorn and asyncio are
 rate-limited (``RateLimit``), so no client can fill the server's stderr.
 """
 
@@ -95,11 +101,12 @@ class _Shedding(H11Protocol):
         super().connection_made(transport)
         self._opened = self._phase_start = time.monotonic()
         self._cycle_seen = None
+        self._unsent_since: float | None = None
         self._arm()
         fds = _open_fds() if self.max_fds is not None else None
         if len(self.connections) > self.max_connections or (fds is not None and fds > self.max_fds):
             stalled = [c for c in self.connections
-                       if c is not self and isinstance(c, _Shedding) and c._waiting_for_request()]
+                       if c is not self and isinstance(c, _Shedding) and (c._waiting_for_request() or c._not_reading())]
             victim = min(stalled, key=lambda c: c._phase_start) if stalled else self
             victim._shed("the connection cap was reached")
 
@@ -123,14 +130,32 @@ class _Shedding(H11Protocol):
     def _waiting_for_request(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
 
+    def _not_reading(self) -> bool:
+        """Bytes for the client have waited unsent since the last check or longer."""
+        return getattr(self, "_unsent_since", None) is not None
+
     def _arm(self) -> None:
         period = max(0.05, min(1.0, self.header_timeout / 4, self.body_timeout / 4))
         self._timer = self.loop.call_later(period, self._check)
 
     def _check(self) -> None:
-        if self.transport.is_closing():
+        now = time.monotonic()
+        try:
+            unsent = self.transport.get_write_buffer_size()
+        except (AttributeError, NotImplementedError, RuntimeError):
+            unsent = 0
+        if not unsent:
+            self._unsent_since = None
+        elif self._unsent_since is None:
+            self._unsent_since = now
+        elif now - self._unsent_since > self.body_timeout:
+            self._shed(f"the client read none of its answer for {self.body_timeout:g} s")
             return
-        waited = time.monotonic() - self._phase_start
+        if self.transport.is_closing():
+            if unsent:  # closed after its answer: held until the bytes go, so keep watching
+                self._arm()
+            return
+        waited = now - self._phase_start
         if self._waiting_for_request():
             if waited > self.header_timeout:
                 self._shed(f"no complete request headers within {self.header_timeout:g} s")
@@ -143,8 +168,7 @@ class _Shedding(H11Protocol):
     def _shed(self, why: str) -> None:
         _Shedding.shed_count += 1
         log.debug("closing %s: %s", self.client, why)
-        if not self.transport.is_closing():
-            self.transport.close()
+        self.transport.abort()  # close() would wait for unsent bytes a non-reading client never takes
 
 
 class RateLimit(logging.Filter):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from regrad_cli.errors import ConfigError, NoBankError
+from regrad_cli.errors import ConfigError, NoBankError, RegradError
 from regrad_cli.workspace.checkpoints import current_checkpoint_id
 
 if TYPE_CHECKING:
@@ -33,7 +33,26 @@ class BankChoice:
     explicit: bool = False  # named with --bank
 
     def open(self, read_only: bool = True):
+        if not read_only and not self.explicit and self.workspace is not None:
+            refuse_linked_banks_dir(self.workspace)
         return open_bank(self.location, self.storage_options, read_only=read_only)
+
+
+def refuse_linked_banks_dir(ws) -> None:
+    """RegradError when the workspace keeps its banks in WORKSPACE/banks and that folder is a
+    symbolic link: every write and cleanup would reach whatever it points at (a copied workspace
+    whose ``banks -> /other/workspace/banks`` made `bank compact`, `bank rm` and `build-bank`
+    rewrite and purge the other workspace's bank). Reading through it stays allowed, as for a
+    bank holding a link (bank_format.links); ``--bank`` and ``[bank] uri`` are the user's own."""
+    import os
+
+    banks = Path(ws.banks_dir)
+    if ws.banks_location != banks or not banks.is_symlink():
+        return
+    raise RegradError(
+        f"the workspace's bank folder {banks} is a symbolic link -> {os.readlink(banks)}: refused to "
+        f"write or delete there (a copied workspace can point it at another workspace's banks); "
+        f"move the banks into the workspace, or set [bank] uri to keep them elsewhere")
 
 
 def workspace_banks(ws) -> list["Path | str"]:
@@ -129,5 +148,7 @@ def open_bank(location, storage_options: dict, *, read_only: bool = True, expect
 def open_checkpoint_bank(ws, engine, embedder_fp: dict, *, read_only: bool):
     """The workspace's bank for ``engine``'s learner checkpoint, opened against the contract
     (``expected_fingerprints``); None when that bank does not exist yet."""
+    if not read_only:
+        refuse_linked_banks_dir(ws)
     return open_bank(ws.bank_path(engine.learner.checkpoint_id()), ws.bank_storage_options(), read_only=read_only,
                      expect=expected_fingerprints(engine, embedder_fp), missing_ok=True)

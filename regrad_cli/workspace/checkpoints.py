@@ -61,7 +61,7 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
     if choice == BUNDLED_CHECKPOINT:
         path = bundled_checkpoint_dir()
         if model_id == BUNDLED_MODEL and (path / "learner.json").exists():
-            return Learner.load(path)
+            return Learner.load(path, model)
         log.info("no shipped checkpoint for %s: using the untrained init", model_id)
         choice = "init"
     if choice == "init":
@@ -72,7 +72,7 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
     path = checkpoint_dir(choice)  # a meta-train output directory means its best/
     if not (path / "learner.json").exists():
         raise RegradError(f"no learner checkpoint at {path} (expected learner.json and learner.safetensors)")
-    return Learner.load(path)
+    return Learner.load(path, model)
 
 
 def current_checkpoint_id(ws, required: bool = True) -> str | None:

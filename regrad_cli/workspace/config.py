@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
-from regrad_cli.files import atomic_write_text
+from regrad_cli.files import UnsafeFileError, atomic_write_text, read_bounded
 from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
@@ -330,7 +330,7 @@ class Workspace:
 
         path = self.root / "workspace-id"
         try:
-            wid = path.read_text(encoding="ascii").strip()
+            wid = read_bounded(path, 4096).decode("ascii").strip()  # a link to /dev/zero: refused
         except (OSError, UnicodeDecodeError):
             wid = ""
         if re.fullmatch(r"[0-9a-f]{16}", wid):
@@ -345,7 +345,10 @@ class Workspace:
             try:
                 os.link(tmp, path)  # fails if another process made it first: use theirs
             except FileExistsError:
-                wid = path.read_text(encoding="ascii").strip()
+                try:
+                    wid = read_bounded(path, 4096).decode("ascii").strip()
+                except (OSError, UnicodeDecodeError):
+                    wid = ""
             finally:
                 tmp.unlink()
         except OSError as exc:
@@ -402,13 +405,16 @@ class Workspace:
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         if cfg_path.exists():
             try:
-                with open(cfg_path, "rb") as fh:
-                    raw = fh.read(MAX_CONFIG_BYTES + 1)
-                if len(raw) > MAX_CONFIG_BYTES:
-                    raise ConfigError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES >> 10} KiB: refused")
+                try:
+                    raw = read_bounded(cfg_path, MAX_CONFIG_BYTES)  # not a FIFO or device either
+                except UnsafeFileError as exc:
+                    if exc.too_large:
+                        raise ConfigError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES >> 10} KiB: refused") from None
+                    raise
                 data = tomllib.loads(raw.decode("utf-8"))
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read {cfg_path}: {exc}") from None
+            except (OSError, ValueError) as exc:  # not UTF-8, not TOML, an int of over 4300 digits
+                why = "a number has more than 4300 digits" if "integer string conversion" in str(exc) else exc
+                raise ConfigError(f"cannot read {cfg_path}: {why}") from None
             except RecursionError:
                 raise ConfigError(f"cannot read {cfg_path}: nested too deeply") from None
             config = RegradConfig.from_dict(data, source=str(cfg_path))

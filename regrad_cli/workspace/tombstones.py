@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from regrad_cli.errors import RegradError
-from regrad_cli.files import atomic_write_text
+from regrad_cli.files import atomic_write_text, read_bounded
 from regrad_cli.versions import Migrations, Version
 
 # tombstones.json's "format": 1 for 1.0 (the first format), "MAJOR.MINOR" after it. A newer major is
@@ -17,6 +17,8 @@ from regrad_cli.versions import Migrations, Version
 # in memory (none yet: 1.0 is the first).
 TOMBSTONES_VERSION = Version(1, 0)
 TOMBSTONES_MIGRATIONS = Migrations("tombstones")
+# About a million removed ids: a larger file (or a link to a device) is refused, not read.
+MAX_BYTES = 128 << 20
 
 
 class Tombstones:
@@ -35,7 +37,7 @@ class Tombstones:
 
     def load(self) -> dict:
         try:
-            raw = self.path.read_bytes()
+            raw = read_bounded(self.path, MAX_BYTES)
         except FileNotFoundError:
             return {"format": TOMBSTONES_VERSION.tag(), "ids": {}, "sources": {}}
         except OSError as exc:

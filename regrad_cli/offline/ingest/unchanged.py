@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from regrad_cli.files import read_bounded
+
 log = logging.getLogger("regrad.ingest")
 
 
@@ -55,12 +57,14 @@ class UnchangedSources:
     source of truth."""
 
     NAME = "ingest-digests.json"
+    MAX_BYTES = 256 << 20  # a few hundred bytes a source: far more files than one ingest holds
 
     def __init__(self, ws, settings: tuple):
         self.path = Path(ws.root) / self.NAME
         self.settings = list(settings)
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            # Bounded: a link to /dev/zero in a copied workspace must not be read forever.
+            data = json.loads(read_bounded(self.path, self.MAX_BYTES).decode("utf-8"))
             self.entries = data["sources"] if data.get("settings") == self.settings else {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self.entries = {}
