@@ -244,6 +244,10 @@ def test_workspace_files_linked_to_a_device_are_not_read_forever(tmp_path, capsy
         if name == "ingest-digests.json":  # only a shortcut: ignored, and the ingest goes on
             assert code == 0, (args, err)
             continue
+        if name == "tombstones.json" and args == ["build-bank"] and code == 0:
+            # An up-to-date bank needs no tombstones (nothing to build): it answers without reading them.
+            assert "up to date" in out + err, (out, err)
+            continue
         assert code == 1 and err.strip().splitlines()[-1].startswith("Error:"), (args, err)
         assert str(path) in err, (args, err)
     if name == "regrad.toml":  # a FIFO blocked the open until a writer came (here: one that sends nothing)

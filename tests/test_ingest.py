@@ -426,15 +426,19 @@ def test_cli_all_bad_exits_1(tmp_path, fake_models, capsys, monkeypatch):
     assert err.startswith("Error: nothing could be ingested") and err.count("\n") == 1
 
 
-def test_cli_embedder_mismatch_is_one_line(corpus, fake_models, capsys, monkeypatch):
+def test_cli_embedder_mismatch_is_one_line(corpus, fake_models, capsys, monkeypatch, tmp_path):
     code, _, _ = run_cli(["ingest", corpus], capsys, monkeypatch)
     assert code == 0
     import regrad_cli.lm.models as models
 
-    monkeypatch.setattr(models, "Embedder", lambda *a, **k: CountingEmbedder(name="some/other-model"))
-    code, out, err = run_cli(["ingest", corpus, "--embedder", "some/other-model"], capsys, monkeypatch)
+    # Another embedder that exists (a local directory: a hub id not in the cache is refused before
+    # anything loads, tests/test_first_day.py), ingested into a workspace made with fake-embedder.
+    other = tmp_path / "other-model"
+    other.mkdir()
+    monkeypatch.setattr(models, "Embedder", lambda *a, **k: CountingEmbedder(name=str(other)))
+    code, out, err = run_cli(["ingest", corpus, "--embedder", str(other)], capsys, monkeypatch)
     assert code == 1 and out == ""
-    assert err.count("\n") == 1 and "fake-embedder" in err and "some/other-model" in err
+    assert err.count("\n") == 1 and "fake-embedder" in err and "other-model" in err
 
 
 def test_cli_chunk_options_are_written_on_first_use(corpus, fake_models, capsys, monkeypatch):
