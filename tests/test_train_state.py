@@ -175,6 +175,7 @@ def _damaged_states(tmp_path):
         "no keys": ({"step": 1}, "is not a meta-training state"),
         "bad step": ({**good, "step": "two"}, "is damaged: 'step'"),
         "code": (None, "cannot read"),
+        "code saved by torch": ({"step": _Hostile()}, "which regrad never unpickles"),
     }
     for name, (obj, says) in cases.items():
         path = tmp_path / name.replace(" ", "-") / "state.pt"

@@ -88,11 +88,18 @@ def read_state(path: str | Path) -> dict:
     """The state in ``path``, brought to ``STATE_VERSION``; one RegradError line for a file that
     is unreadable, damaged, not a state, or of a newer major format."""
     where = str(path)
+    import warnings
+
     try:
         # weights_only: a run directory may come from someone else; never unpickle code from it.
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns (2 lines) before refusing some pickles
+            warnings.simplefilter("ignore")
+            data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - a damaged file raises RuntimeError, EOFError, UnpicklingError...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "Weights only load failed" in str(exc):
+            # torch's own message goes on to explain how to load it anyway (running its code).
+            first = "it holds Python objects beyond tensors and plain data, which regrad never unpickles"
         raise RegradError(f"cannot read {where} ({first[:300]}): it is damaged or not a meta-training state; "
                           "restore it from git or a backup, or start the run again without --resume "
                           "into an empty --out") from None
