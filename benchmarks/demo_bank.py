@@ -28,6 +28,10 @@ def regrad(args: list[str], env: dict) -> str:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--codec", default=None, help="build-bank --codec (default: the workspace default)")
+    p.add_argument("--checkpoint", default=None,
+                   help="build-bank --checkpoint: another learner (e.g. a `regrad learner snapshot` of a run); "
+                        "a key-map learner's bank stores only the tensors its step uses")
+    p.add_argument("--name", default=None, help="result file name (default: demo_bank[_CODEC])")
     args = p.parse_args()
     setup(args)
     with temp_dir("regrad-bench-demo-bank-") as tmp:
@@ -39,9 +43,10 @@ def main() -> None:
         regrad(["ingest", str(DEMO_CORPUS), "--json"], env)
         log("regrad build-bank")
         with timer() as t:
-            build = json.loads(regrad(["build-bank", "--json"] + (["--codec", args.codec] if args.codec else []), env))
+            build = json.loads(regrad(["build-bank", "--json"] + (["--codec", args.codec] if args.codec else [])
+                                      + (["--checkpoint", args.checkpoint] if args.checkpoint else []), env))
         log("regrad bank stats --json")
-        stats = json.loads(regrad(["bank", "stats", "--json"], env))
+        stats = json.loads(regrad(["bank", "stats", "--json", "--bank", build["bank"]], env))
     print(json.dumps({k: stats.get(k) for k in ("rows", "bytes_per_doc", "fp32_bytes_per_doc", "ratio_vs_fp32",
                                                 "ratio_vs_fp32_stored", "codec", "format_version", "layout")}, indent=2))
     emit({
@@ -51,7 +56,8 @@ def main() -> None:
         "bank_stats": {k: v for k, v in stats.items() if k != "path"},
         "build_bank": {k: v for k, v in build.items() if k != "bank"},
         "build_wall_s": t["s"],
-    }, args.out, args, name="demo_bank" + (f"_{args.codec}" if args.codec else ""))
+        "checkpoint": args.checkpoint,
+    }, args.out, args, name=args.name or "demo_bank" + (f"_{args.codec}" if args.codec else ""))
 
 
 if __name__ == "__main__":
