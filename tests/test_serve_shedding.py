@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -119,49 +120,13 @@ def test_stalled_connections_are_shed_and_healthz_answers(tmp_path, capsys, monk
     assert len(err) < 16_384, f"stderr grew to {len(err)} bytes: {err[-2000:]!r}"
 
 
-@pytest.mark.parametrize("phase", ["headers", "body"])
-def test_the_protocol_sheds_a_stalled_request(phase):
-    """In process: the header and body deadlines of the protocol regrad serve runs."""
-    import httpx
-
-    from regrad_cli.online.serve import BackgroundServer, BatchWorker, ServeSettings
-
-    import threading
-
-    release = threading.Event()  # the worker stays "loading": /healthz answers 503, an answer
-    settings = ServeSettings(header_timeout_s=0.5, body_timeout_s=0.5)
-    worker = BatchWorker(lambda: release.wait(30), settings)
-    server = BackgroundServer(worker)
-    server.thread.start()
-    try:
-        while not server.server.started:
-            time.sleep(0.02)
-        port = settings.port
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        if phase == "headers":
-            s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\n")
-        else:
-            s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-        s.settimeout(10)
-        assert s.recv(1) == b""  # closed by the server, not by our timeout (which would raise)
-        s.close()
-        with httpx.Client(base_url=server.url, timeout=10) as c:
-            assert c.get("/healthz").status_code == 503  # still answering (loading)
-    finally:
-        release.set()
-        server.stop(30)
-
-
-def test_a_client_that_never_reads_its_answers_is_dropped():
-    """In process: a client that pipelines requests and never reads the answers held its
-    connection (and descriptor) forever: the answers waited in the server's send buffer, no
-    deadline covered them, and a shed connection was only closed, which waits for them. 300 such
-    clients under `ulimit -n 256` kept /healthz unreachable (EMFILE on every accept). The
-    connection is now aborted once its answer has waited unsent for the body deadline."""
+@contextmanager
+def _loading_server():
+    """A real uvicorn server in this process, its worker still "loading" (/healthz answers 503),
+    with header and body deadlines of 0.5 s: (server, settings)."""
     import threading
 
     from regrad_cli.online.serve import BackgroundServer, BatchWorker, ServeSettings
-    from regrad_cli.online.shedding import _Shedding
 
     release = threading.Event()
     settings = ServeSettings(header_timeout_s=0.5, body_timeout_s=0.5)
@@ -171,6 +136,39 @@ def test_a_client_that_never_reads_its_answers_is_dropped():
     try:
         while not server.server.started:
             time.sleep(0.02)
+        yield server, settings
+    finally:
+        release.set()
+        server.stop(30)
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_the_protocol_sheds_a_stalled_request(phase):
+    """In process: the header and body deadlines of the protocol regrad serve runs."""
+    import httpx
+
+    with _loading_server() as (server, settings):
+        s = socket.create_connection(("127.0.0.1", settings.port), timeout=10)
+        if phase == "headers":
+            s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\n")
+        else:
+            s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        s.settimeout(10)
+        assert s.recv(1) == b""  # closed by the server, not by our timeout (which would raise)
+        s.close()
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            assert c.get("/healthz").status_code == 503  # still answering (loading)
+
+
+def test_a_client_that_never_reads_its_answers_is_dropped():
+    """In process: a client that pipelines requests and never reads the answers held its
+    connection (and descriptor) forever: the answers waited in the server's send buffer, no
+    deadline covered them, and a shed connection was only closed, which waits for them. 300 such
+    clients under `ulimit -n 256` kept /healthz unreachable (EMFILE on every accept). The
+    connection is now aborted once its answer has waited unsent for the body deadline."""
+    from regrad_cli.online.shedding import _Shedding
+
+    with _loading_server() as (server, settings):
         shed_before = _Shedding.shed_count
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -189,6 +187,3 @@ def test_a_client_that_never_reads_its_answers_is_dropped():
         assert not connections, "the connection of a client that never reads is still held"
         assert _Shedding.shed_count > shed_before
         s.close()
-    finally:
-        release.set()
-        server.stop(30)
