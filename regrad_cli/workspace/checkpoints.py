@@ -148,9 +148,11 @@ def _remember_init_id(ws, cid: str) -> None:
 def _recorded_init_id(ws) -> str | None:
     import json
 
-    try:
-        rec = json.loads((ws.root / INIT_ID_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from regrad_cli.files import read_bounded
+
+    try:  # a copied workspace's file: regular and small, or ignored (the model loads instead)
+        rec = json.loads(read_bounded(ws.root / INIT_ID_FILE, 4096).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("checkpoint_id"), str):
         return None
