@@ -89,6 +89,18 @@ def test_a_file_streams_in_fragments_and_is_committed_whole(tmp_path, small_batc
     assert _table(ws) == {**new, "corpus/a.txt#0": "A small neighbour."}
 
 
+def _ingested_big_file(tmp_path):
+    """A workspace with one ingested file of 8 records (several fragments with small_batches):
+    (workspace, corpus folder, {id: text})."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    old = {f"r{i}": f"Old record {i}." for i in range(8)}
+    _records(corpus / "big.jsonl", old)
+    ws = _ws(tmp_path)
+    _ingest(ws, [corpus])
+    return ws, corpus, old
+
+
 def test_a_file_skipped_half_way_leaves_its_old_rows(tmp_path, small_batches, monkeypatch):
     """A file found unreadable after some of its documents were written as fragments (a .jsonl.gz
     over the limit half way, say): none of its new rows are committed, its old ones stay, the
@@ -96,12 +108,7 @@ def test_a_file_skipped_half_way_leaves_its_old_rows(tmp_path, small_batches, mo
     import regrad_cli.offline.ingest as ingest_mod
     from regrad_cli.offline.ingest.readers import _Skip
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    old = {f"r{i}": f"Old record {i}." for i in range(8)}
-    _records(corpus / "big.jsonl", old)
-    ws = _ws(tmp_path)
-    _ingest(ws, [corpus])
+    ws, corpus, old = _ingested_big_file(tmp_path)
     _records(corpus / "big.jsonl", {k: v.replace("Old", "New") for k, v in old.items()})
     (corpus / "z.txt").write_text("A file after it.", encoding="utf-8")
     (ws.root / "ingest-digests.json").unlink()  # no shortcut: the file is streamed
@@ -125,12 +132,7 @@ def test_an_ingest_killed_half_way_through_a_file_loses_nothing(tmp_path, small_
     is as it was, and a rerun completes."""
     import regrad_cli.offline.ingest as ingest_mod
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    old = {f"r{i}": f"Old record {i}." for i in range(8)}
-    _records(corpus / "big.jsonl", old)
-    ws = _ws(tmp_path)
-    _ingest(ws, [corpus])
+    ws, corpus, old = _ingested_big_file(tmp_path)
     before = _table(ws)
     new = {k: v.replace("Old", "New") for k, v in old.items()}
     _records(corpus / "big.jsonl", new)
