@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from regrad_cli.errors import ConfigError, RegradError
-from regrad_cli.files import UnsafeFileError, atomic_write_text, read_bounded
+from regrad_cli.files import atomic_write_text, read_at_most, read_bounded
 from regrad_cli.lm.models import BUNDLED_EMBEDDER, BUNDLED_MODEL
 from regrad_cli.versions import Migrations, Version
 
@@ -404,13 +404,8 @@ class Workspace:
         cfg_path = root / cls.CONFIG_NAME
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         if cfg_path.exists():
+            raw = read_at_most(cfg_path, MAX_CONFIG_BYTES, str(cfg_path), ConfigError)  # not a FIFO or device either
             try:
-                try:
-                    raw = read_bounded(cfg_path, MAX_CONFIG_BYTES)  # not a FIFO or device either
-                except UnsafeFileError as exc:
-                    if exc.too_large:
-                        raise ConfigError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES >> 10} KiB: refused") from None
-                    raise
                 data = tomllib.loads(raw.decode("utf-8"))
             except (OSError, ValueError) as exc:  # not UTF-8, not TOML, an int of over 4300 digits
                 why = "a number has more than 4300 digits" if "integer string conversion" in str(exc) else exc
