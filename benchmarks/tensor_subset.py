@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--settings",
                    default="full:int4/g64,1e-4:fp32,1e-4n:fp32,1e-4n:int4s/g64,1e-4n:int4s/g128",
                    help="comma-separated STORED:CODEC settings, each compared with the full fp32 "
-                        "layout (always measured first). STORED is 'full' or an energy-share "
+                        "layout (always measured first). STORED is 'full', 'B' (every LoRA B tensor, no A) or an energy-share "
                         "threshold; a trailing 'n' (e.g. 1e-4n) stores rows normalised over the "
                         "whole gradient (bank key row_norm, format 1.2) instead of leaving the "
                         "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP, "
@@ -126,8 +126,8 @@ def main() -> None:
             raise SystemExit(f"unknown compute dtype @{dt} in --settings (use @bf16)")
         where, _, codec_text = item.partition(":")
         row_norm = where.endswith("n") and where != "full"
-        threshold = None if where == "full" else float(where.rstrip("n"))
-        label = "full" if threshold is None else f"share>{threshold:g}" + (" row-norm" if row_norm else "")
+        threshold = None if where == "full" else where.rstrip("n") if where.rstrip("n") == "B" else float(where.rstrip("n"))
+        label = ("full" if threshold is None else "B only" if threshold == "B" else f"share>{threshold:g}") + (" row-norm" if row_norm else "")
         settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32"), "bfloat16" if dt else "float32"))
     settings = list(dict.fromkeys(settings))
 
@@ -182,6 +182,8 @@ def main() -> None:
                 "em": 100 * float(np.mean([exact_match(pr, q.answers) for pr, q in zip(preds, questions)]))}
 
     def stored(threshold: float | None) -> list[str]:
+        if threshold == "B":
+            return [n for n in names if n.endswith(".B")]
         keep = [n for n in names if threshold is None or energy[n] > threshold]
         return keep or list(names)
 
