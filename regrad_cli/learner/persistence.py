@@ -13,7 +13,10 @@ A checkpoint directory holds
 Versions: 1.0 (the first; the tag was written "regrad-learner/1"), 1.1 (``spec.target_patterns``
 when set; ``combine.log_temp`` always present), 1.2 (optional ``transform.<module>.K`` [r, in] and
 ``transform.<module>.V`` [r, out]: a document key map, regrad_cli.learner.transform; part of the
-content id when present). A reader refuses a newer major, reads a newer
+content id when present), 1.3 (optional ``doc_loss`` in learner.json, one of
+``doc_loss.DOC_LOSSES``, absent meaning ``plain`` and hashed into the content id only when it is
+not; optional ``transform.<module>.u`` [in] and ``transform.<module>.b`` [] with a key map: its
+learned per-token weights, stored only when enabled). A reader refuses a newer major, reads a newer
 minor, and brings an older file to LEARNER_VERSION in memory through LEARNER_MIGRATIONS; files
 are never rewritten (the shipped checkpoint is read-only). safetensors holds no code, so loading
 a checkpoint cannot run any.
@@ -32,7 +35,7 @@ from regrad_cli.versions import Migrations, Version
 CHECKPOINT_TENSORS = "learner.safetensors"
 CHECKPOINT_CONFIG = "learner.json"
 CHECKPOINT_FORMAT = "regrad-learner"
-LEARNER_VERSION = Version(1, 2)
+LEARNER_VERSION = Version(1, 3)
 LEARNER_MIGRATIONS = Migrations("learner checkpoint")
 # Keys of learner.json that are the format's own; everything else is the learner's ``meta``.
 _OWN_KEYS = ("format", "checkpoint_id", "spec", "names")
@@ -59,6 +62,41 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
         save_file(tensors, str(tmp_t))
         tmp_c.write_text(json.dumps(meta, indent=2))
     return cid
+
+
+def set_doc_loss(directory: str | Path, name: str) -> dict:
+    """Give the checkpoint in ``directory`` the document loss ``name`` (doc_loss.py): learner.json
+    gets ``doc_loss`` and the new content id, written atomically (the tensors are untouched; a
+    format 1.0 checkpoint, whose tensors the loader migrates, is saved whole in the current
+    format). An energy record (``stored_tensors``) measured with the old loss is removed. Returns
+    what changed."""
+    from regrad_cli.files import atomic_write_text
+    from regrad_cli.learner.doc_loss import check_doc_loss
+    from regrad_cli.learner.energy import META_KEY
+    from regrad_cli.learner.lora import Learner
+
+    check_doc_loss(name)
+    directory = Path(directory)
+    learner = Learner.load(directory)
+    previous, previous_id = learner.doc_loss, learner.checkpoint_id()
+    result = {"checkpoint": str(directory), "previous": previous, "previous_id": previous_id, "doc_loss": name,
+              "checkpoint_id": previous_id, "changed": previous != name, "energy_dropped": False}
+    if previous == name:
+        return result
+    learner.doc_loss = name
+    result["checkpoint_id"] = cid = learner.checkpoint_id()
+    result["energy_dropped"] = learner.meta.pop(META_KEY, None) is not None
+    meta = read_config(directory / CHECKPOINT_CONFIG)
+    if meta.get("format") in ID_STABLE_FORMATS:
+        meta.pop(META_KEY, None)
+        meta.update({"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid, "doc_loss": name})
+        try:
+            atomic_write_text(directory / CHECKPOINT_CONFIG, json.dumps(meta, indent=2))
+        except OSError as exc:
+            raise RegradError(f"cannot write {directory / CHECKPOINT_CONFIG}: {exc}") from exc
+    else:
+        save_learner(learner, directory)
+    return result
 
 
 def load_learner(directory: str | Path, cls, spec_cls, expect_values=None):
@@ -101,12 +139,25 @@ def load_learner(directory: str | Path, cls, spec_cls, expect_values=None):
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
     learner.meta = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    _check_doc_loss(learner.meta, directory)
     if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
         raise RegradError(
             f"learner checkpoint {directory} is corrupt: content id {learner.checkpoint_id()[:16]} "
             f"!= recorded {str(meta['checkpoint_id'])[:16]}"  # any JSON value: never subscript it as given
         )
     return learner
+
+
+def _check_doc_loss(meta: dict, directory: Path) -> None:
+    """RegradError unless the recorded document loss (if any) is one this regrad computes: a
+    gradient of another loss would silently be the wrong one."""
+    from regrad_cli.learner.doc_loss import DOC_LOSSES
+
+    if "doc_loss" in meta and meta["doc_loss"] not in DOC_LOSSES:
+        shown = repr(meta["doc_loss"])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise RegradError(f"learner checkpoint {directory} takes document gradients of the loss {shown}, which this "
+                          f"regrad does not know (it knows {', '.join(DOC_LOSSES)}): upgrade regrad")
 
 
 def _check_spec(spec, directory: Path) -> None:
@@ -179,9 +230,9 @@ def read_config(path: Path) -> dict:
     return meta
 
 
-# Formats whose upgrade to LEARNER_VERSION leaves the content id as recorded (m002 adds nothing;
+# Formats whose upgrade to LEARNER_VERSION leaves the content id as recorded (m002, m003 add nothing;
 # m001 adds the temperature, which the id covers, so 1.0 files are not among them).
-ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2")
+ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2", f"{CHECKPOINT_FORMAT}/1.3")
 
 
 def recorded_checkpoint_id(directory: str | Path) -> str | None:
@@ -249,4 +300,12 @@ def m001_combine_temperature(data: dict) -> dict:
 def m002_document_transform(data: dict) -> dict:
     """Format 1.2 may hold a document key map (``transform.<module>.K`` and ``.V``); an older
     checkpoint has none, which is the paper's plain document gradient: nothing to change."""
+    return data
+
+
+@LEARNER_MIGRATIONS.register(Version(1, 3))
+def m003_document_loss_and_token_weights(data: dict) -> dict:
+    """Format 1.3 may record ``doc_loss`` and hold a key map's per-token weights
+    (``transform.<module>.u`` and ``.b``); an older checkpoint has neither: the plain loss and an
+    unweighted map, which is what it computed. Nothing to change."""
     return data

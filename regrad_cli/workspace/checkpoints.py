@@ -75,6 +75,23 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
     return Learner.load(path, model)
 
 
+def current_doc_loss(ws) -> str | None:
+    """The document loss of the workspace's learner (learner/doc_loss.py), read from its
+    learner.json without torch: 'plain' for an untrained learner or a checkpoint that records
+    none; None when its files cannot be read (the load then says why)."""
+    choice = ws.config.learner.checkpoint
+    if choice == "init" or (choice == BUNDLED_CHECKPOINT and ws.config.model.id != BUNDLED_MODEL):
+        return "plain"
+    from regrad_cli.learner.persistence import read_config
+
+    try:
+        meta = read_config(checkpoint_dir(choice) / "learner.json")
+    except RegradError:
+        return None
+    loss = meta.get("doc_loss", "plain")
+    return loss if isinstance(loss, str) else None
+
+
 def current_checkpoint_id(ws, required: bool = True) -> str | None:
     """The id of the workspace's learner checkpoint, read from its files (no model is loaded).
 
