@@ -217,12 +217,14 @@ class LossRows:
 
         device = next(model.parameters()).device
         ids, mask = self.input_ids.to(device), self.attention_mask.to(device)
-        scale = torch.tensor(self.scale, dtype=torch.float32, device=device)
+        scale = torch.tensor(self.scale, dtype=torch.float64, device=device)
         if self.teacher_logp is None:
-            return per_sample_nll(model, ids, mask, prefix=prefix, weights=self.weights.to(device)) * scale
+            loss = per_sample_nll(model, ids, mask, prefix=prefix, weights=self.weights.to(device))
+            return loss * scale.to(loss.dtype)
         tmask = self.target_mask.to(device)
         logq = torch.log_softmax(scored_logits(model, ids, mask, tmask, prefix=prefix), -1)
-        logp = self.teacher_logp.to(device)
+        logp = self.teacher_logp.to(device, logq.dtype)
+        scale = scale.to(logq.dtype)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # [n scored]
         inner = tmask[:, 1:].bool() & mask[:, 1:].bool()
         per_row = kl.new_zeros(inner.shape).masked_scatter(inner, kl).sum(1)

@@ -144,7 +144,7 @@ def _scored_nll(head, hidden: torch.Tensor, input_ids: torch.Tensor, attention_m
 
 def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
                   *, prefix=None) -> torch.Tensor:
-    """The logits [n, vocab] (float32) that predict the tokens where ``target_mask`` [N, T] is 1
+    """The logits [n, vocab] (half precision upcast) that predict the tokens where ``target_mask`` [N, T] is 1
     (and the attention mask too), in row-major order. The head runs only there where the family
     allows it (as in ``per_sample_nll``); other families slice the full logits."""
     scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
@@ -156,15 +156,15 @@ def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         logits = parts[1](hidden[:, :-1][scored])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][scored]
-    return logits.float()
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _weighted_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
                   prefix=None) -> torch.Tensor:
     """``per_sample_nll`` with per-token weights on the predicted tokens."""
-    w = weights.to(torch.float32) * attention_mask.to(torch.float32)
-    scored = w > 0
+    scored = (weights > 0) & attention_mask.bool()
     logits = scored_logits(model, input_ids, attention_mask, scored, prefix=prefix)
+    w = weights.to(logits.dtype) * scored.to(logits.dtype)
     inner = scored[:, 1:]
     flat = F.cross_entropy(logits, input_ids[:, 1:][inner], reduction="none") * w[:, 1:][inner]
     nll = flat.new_zeros(inner.shape).masked_scatter(inner, flat)
