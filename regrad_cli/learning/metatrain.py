@@ -590,14 +590,14 @@ class MetaRun:
     def _check_key_map(self) -> None:
         """The key-map options against the learner; the factor and prefix caches when asked for."""
         cfg, learner = self.cfg, self.learner
-        if cfg.transform_lr > 0 and learner.transform is None:
-            raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
-                              "made by `regrad learner fit-keymap` (--init DIR)")
         if cfg.token_weights:
             if learner.transform is None or cfg.transform_lr <= 0:
                 raise RegradError("--token-weights learns per-token weights inside the document key map: it needs a "
                                   "learner with a key map (--init DIR) and --transform-lr above 0")
             learner.transform.enable_token_weights()
+        if cfg.transform_lr > 0 and learner.transform is None:
+            raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
+                              "made by `regrad learner fit-keymap` (--init DIR)")
         if learner.transform is not None and not cfg.first_order:
             raise RegradError("a learner with a document key map is meta-trained first order: pass --first-order")
         self.factor_cache = None
