@@ -194,6 +194,24 @@ def test_second_order_through_a_reweighted_loss():
 
 
 @pytest.mark.parametrize("kind", ["salient", "augmented", "distill"])
+def test_prefix_cache_gives_the_same_gradients_under_each_loss(kind):
+    """The prefix cache (meta-training's --prefix-cache-gb) starts each loss row at the first
+    adapted layer: the same gradients, cold and warm."""
+    from regrad_cli.lm.prefix import PrefixCache
+
+    model, learner, tok = _setup()
+    learner.doc_loss = kind
+    enc = encode_documents(tok, [DOC, OTHER], 64)
+    want, want_loss = grouped_gradients(model, learner, enc)
+    cache = PrefixCache(1 << 30, learner.first_layer(model))
+    for _ in range(2):
+        got, loss = grouped_gradients(model, learner, enc, prefix=cache)
+        _close(got, want, rtol=1e-9)
+        torch.testing.assert_close(loss, want_loss)
+    assert cache.hits > 0
+
+
+@pytest.mark.parametrize("kind", ["salient", "augmented", "distill"])
 def test_key_map_path_and_factor_cache_take_the_learners_loss(kind):
     """The identity key map gives the plain gradient of the learner's loss, whether the factors
     are captured afresh (over the loss's rows, summed per document) or taken from the cache,

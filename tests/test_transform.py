@@ -368,7 +368,7 @@ def test_token_weights_are_stored_only_when_enabled(tmp_path):
         KeyMap.from_tensors(tensors)
 
 
-def test_meta_train_token_weights_with_phi_frozen_and_the_factor_cache(tmp_path):
+def test_meta_train_token_weights_with_phi_frozen_and_the_factor_cache(tmp_path, capsys, monkeypatch):
     """--token-weights: the scorers start at w = 1 and learn from the answer loss through cached
     factors (phi frozen); they need a key map and --transform-lr."""
     import json
@@ -387,11 +387,19 @@ def test_meta_train_token_weights_with_phi_frozen_and_the_factor_cache(tmp_path)
         meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "no")}), model, FakeTokenizer(), FakeEmbedder(),
                    learner=learner.attach(model))
     learner.transform = KeyMap.identity(learner)
-    meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "tw")}), model, FakeTokenizer(), FakeEmbedder(),
-               learner=learner)
+    learner.save(tmp_path / "init")
+    meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "tw"), "init_checkpoint": str(tmp_path / "init")}),
+               make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder())
     trained = Learner.load(tmp_path / "tw" / "last")
     assert trained.transform.token_weights
-    moved = [float(t.abs().max()) for n, t in trained.transform.tensors().items() if n.endswith((".u", ".b"))]
+    moved = [float(t.detach().abs().max()) for n, t in trained.transform.tensors().items() if n.endswith((".u", ".b"))]
     assert max(moved) > 0  # from u = b = 0
     log = json.loads((tmp_path / "tw" / "log.json").read_text())["train"]
     assert log[-1]["factor_cache"]["hits"] > 0
+    # A snapshot of the run (its --init has no weights; the state has them) is the same learner.
+    from reliability_helpers import run_cli
+
+    code, _, err = run_cli(["learner", "snapshot", tmp_path / "tw", "--out", tmp_path / "snap"], capsys, monkeypatch)
+    assert code == 0, err
+    snap = Learner.load(tmp_path / "snap")
+    assert snap.checkpoint_id() == trained.checkpoint_id()
