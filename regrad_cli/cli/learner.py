@@ -223,7 +223,7 @@ def doc_loss_cmd(
         raise RegradError(f"{path} holds no learner checkpoint (learner.json)")
     if name is not None and path.resolve() == bundled_checkpoint_dir().resolve():
         raise RegradError("the shipped checkpoint is part of the package: copy its directory and set the loss on the copy")
-    from regrad_cli.learner.persistence import set_doc_loss
+    from regrad_cli.workspace.checkpoints import set_doc_loss
 
     if name is None:
         from regrad_cli.learner.lora import Learner

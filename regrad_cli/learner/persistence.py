@@ -64,41 +64,6 @@ def save_learner(learner, directory: str | Path, extra: dict | None = None) -> s
     return cid
 
 
-def set_doc_loss(directory: str | Path, name: str) -> dict:
-    """Give the checkpoint in ``directory`` the document loss ``name`` (doc_loss.py): learner.json
-    gets ``doc_loss`` and the new content id, written atomically (the tensors are untouched; a
-    format 1.0 checkpoint, whose tensors the loader migrates, is saved whole in the current
-    format). An energy record (``stored_tensors``) measured with the old loss is removed. Returns
-    what changed."""
-    from regrad_cli.files import atomic_write_text
-    from regrad_cli.learner.doc_loss import check_doc_loss
-    from regrad_cli.learner.energy import META_KEY
-    from regrad_cli.learner.lora import Learner
-
-    check_doc_loss(name)
-    directory = Path(directory)
-    learner = Learner.load(directory)
-    previous, previous_id = learner.doc_loss, learner.checkpoint_id()
-    result = {"checkpoint": str(directory), "previous": previous, "previous_id": previous_id, "doc_loss": name,
-              "checkpoint_id": previous_id, "changed": previous != name, "energy_dropped": False}
-    if previous == name:
-        return result
-    learner.doc_loss = name
-    result["checkpoint_id"] = cid = learner.checkpoint_id()
-    result["energy_dropped"] = learner.meta.pop(META_KEY, None) is not None
-    meta = read_config(directory / CHECKPOINT_CONFIG)
-    if meta.get("format") in ID_STABLE_FORMATS:
-        meta.pop(META_KEY, None)
-        meta.update({"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid, "doc_loss": name})
-        try:
-            atomic_write_text(directory / CHECKPOINT_CONFIG, json.dumps(meta, indent=2))
-        except OSError as exc:
-            raise RegradError(f"cannot write {directory / CHECKPOINT_CONFIG}: {exc}") from exc
-    else:
-        save_learner(learner, directory)
-    return result
-
-
 def load_learner(directory: str | Path, cls, spec_cls, expect_values=None):
     """The learner saved in ``directory``, made as ``cls(spec_cls(**spec), shapes)`` (``Learner.load``
     passes lora.Learner and lora.LearnerSpec), checked against its recorded content id.
