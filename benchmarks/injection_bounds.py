@@ -5,15 +5,20 @@ For each dev question the adapter becomes phi' = phi - gamma * c * u / ||u||, u 
 (the learner's own step sizes times a direction g), c = the mean norm of the plain document step
 alpha (.) g_doc / ||g_doc|| (so gamma = 1 is the usual step size of every method). Directions g:
 
-- ``doc``        the gold document's next-token gradient (the paper's; what banks store today);
-- ``salient``    the same loss on salient target tokens only (numbers, capitalised words);
+- ``doc``        the gold document's gradient under the learner's own document loss, what its
+                 bank stores (the paper's next-token loss for every learner that records none);
+- ``doc-LOSS``   the same under document loss LOSS (``regrad_cli/learner/doc_loss.py``: plain,
+                 salient, augmented, distill), computed by the product (``grouped_gradients``
+                 with the learner's ``doc_loss`` set): what a bank of such a learner would store;
+- ``probe-kd``   the name this script gave context distillation: now ``doc-distill`` (probes
+                 built from the document alone, target = the model with the document in
+                 context); result files written before are from the script's own earlier copy;
+- ``salient``    exploratory, not a product loss: the next-token loss on salient target tokens
+                 only (a token whose text starts with a digit or a capital), every other token
+                 weighted 0 (``doc-salient`` weights salient spans 4x and keeps the rest);
 - ``qa``         the gold question -> answer loss itself: what one step can do at best;
 - ``qa-doc``     the sum of the QA gradients of every question about the same document (one
                  stored step per document, built from the questions: an upper bound too);
-- ``probe-kd``   context distillation from the document alone: probe prompts made from the
-                 document (its title in generic question templates; its sentences as cloze
-                 prefixes), target = the teacher's next-token distribution over its own greedy
-                 answer where the teacher is the same model with the document in context;
 - ``doc`` with ``--checkpoint DIR`` of a learner with a document key map (``regrad learner
                  fit-keymap``): what that learner's bank stores, the transformed gradient;
 - ``nstep-N``    PRAG-style: N Adam steps (lr 1e-3) of the document's next-token loss, the
@@ -38,10 +43,6 @@ from pathlib import Path
 from _common import emit, log, parser, print_table, setup
 
 GAMMAS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
-PROBE_TEMPLATES = [
-    "What is {e}?", "Where is {e}?", "When was {e} founded?", "Who founded {e}?", "Who created {e}?",
-    "In which year did {e} begin?", "What is {e} known for?", "Who leads {e}?",
-]
 _SALIENT = re.compile(r"^\s*([0-9]|[A-Z])")
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default="bundled", help="'bundled', 'init' or a checkpoint directory")
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "fictional"])
     p.add_argument("--n", type=int, default=60, help="dev questions")
-    p.add_argument("--methods", default="none,rag,doc,salient,qa,qa-doc,probe-kd,nstep-1,nstep-4,nstep-16")
+    p.add_argument("--methods", default="none,rag,doc,doc-salient,doc-augmented,doc-distill,qa,qa-doc,nstep-1,nstep-4,nstep-16")
     p.add_argument("--tensors", default="AB,B")
     p.add_argument("--max-doc-tokens", type=int, default=384)
     p.add_argument("--fictional", type=Path,
@@ -80,7 +81,7 @@ def main() -> None:
     from regrad_cli.learner.gradients import grouped_gradients
     from regrad_cli.learning.scores import f1_score
     from regrad_cli.lm.generation import answer_nll, generate
-    from regrad_cli.lm.prompting import answer_ids, prompt_ids
+    from regrad_cli.lm.prompting import prompt_ids
     from regrad_cli.lm.tokens import encode_documents, per_sample_nll
 
     engine = load_engine(None if args.checkpoint == "bundled" else args.checkpoint)
@@ -116,39 +117,6 @@ def main() -> None:
             flags[0] = 0
             tmask = torch.tensor([flags]) * enc.attention_mask
         return per_sample_nll(model, enc.input_ids, enc.attention_mask, tmask).sum()
-
-    def probes(text: str) -> list[tuple[list[int], list[int]]]:
-        """(student prompt ids, teacher prompt ids) built from the document alone."""
-        out = []
-        m = re.match(r"\s*#\s*(.+)", text)
-        body = text[m.end():] if m else text
-        if m:
-            ent = m.group(1).strip()
-            for t in PROBE_TEMPLATES:
-                q = t.format(e=ent)
-                out.append((prompt_ids(tok, q), prompt_ids(tok, q, [text])))
-        for s in re.split(r"(?<=[.!?])\s+", body.strip()):
-            words = s.split()
-            cut = [i for i, w in enumerate(words) if i > 2 and _SALIENT.match(w)]
-            if not cut:
-                continue
-            prefix = " ".join(words[: cut[-1]])
-            out.append((prompt_ids(tok, prefix, kind="cloze"), prompt_ids(tok, prefix, [text], kind="cloze")))
-        return out[:24]
-
-    def kd_loss(text: str):
-        pr = probes(text)
-        with torch.no_grad(), learner.using(phi):
-            outs = generate(model, tok, [t for _, t in pr], 8, stop=True)
-        total = 0.0
-        for (s_ids, t_ids), ans in zip(pr, outs):
-            a = answer_ids(tok, ans)[:8] if ans else [tok.eos_token_id]
-            with torch.no_grad(), learner.using(phi):
-                tl = model(input_ids=torch.tensor([t_ids + a])).logits[0, len(t_ids) - 1: -1].float()
-            sl = model(input_ids=torch.tensor([s_ids + a])).logits[0, len(s_ids) - 1: -1].float()
-            pt = tl.log_softmax(-1)
-            total = total + (pt.exp() * (pt - sl.log_softmax(-1))).sum(-1).mean()
-        return total
 
     def nstep(text: str, n: int, which: str) -> dict:
         cur = {k: v.clone().requires_grad_(which == "AB" or k.endswith(".B")) for k, v in phi.items()}
@@ -197,11 +165,17 @@ def main() -> None:
         return preds, [f1_score(p, g) for p, g in zip(preds, golds)]
 
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-    def doc_gradient(text: str) -> dict:
-        """What build-bank stores for the document: grouped_gradients (a learner with a key map
-        gives its transformed gradient, any other the paper's next-token gradient)."""
-        enc = encode_documents(tok, [text], args.max_doc_tokens)
-        g, _ = grouped_gradients(model, learner, enc)
+    def doc_gradient(text: str, loss: str | None = None) -> dict:
+        """What build-bank stores for the document: grouped_gradients under the learner's document
+        loss, or under ``loss`` (a learner with a key map gives its transformed gradient)."""
+        saved = dict(learner.meta)
+        if loss is not None:
+            learner.doc_loss = loss
+        try:
+            enc = encode_documents(tok, [text], args.max_doc_tokens)
+            g, _ = grouped_gradients(model, learner, enc)
+        finally:
+            learner.meta = saved
         return {n: t[0].detach() for n, t in g.items()}
 
     plain = [doc_gradient(d) for d in docs]
@@ -235,7 +209,7 @@ def main() -> None:
         rows.append([key, res["gamma"], round(res["nll"], 3), round(res["f1"], 3)])
         log(f"{key}: gamma {res['gamma']} nll {res['nll']:.3f} f1 {res['f1']:.3f}")
 
-    wanted = args.methods.split(",")
+    wanted = ["doc-distill" if m == "probe-kd" else m for m in args.methods.split(",")]
     tensor_sets = args.tensors.split(",")
     for m in wanted:
         t0 = time.time()
@@ -259,8 +233,8 @@ def main() -> None:
                 for i, j in enumerate(doc_of):
                     sums[j] = qa[i] if j not in sums else {k: sums[j][k] + qa[i][k] for k in names}
                 per_q = [sums[j] for j in doc_of]
-            elif m == "probe-kd":
-                per_doc = [grad_of(lambda d=d: kd_loss(d)) for d in docs]
+            elif m.startswith("doc-"):
+                per_doc = [doc_gradient(d, m.removeprefix("doc-")) for d in docs]
                 per_q = [per_doc[j] for j in doc_of]
             elif m.startswith("nstep-"):
                 n = int(m.split("-")[1])

@@ -230,7 +230,7 @@ def test_factor_cache_memory_float8_and_shared_inputs():
     for c in caches.values():
         c.gradients(model, learner, texts, enc, nll)
     assert caches["float8"].bytes < 0.6 * caches["bfloat16"].bytes
-    per, _, size = caches["bfloat16"]._docs[texts[1]]
+    per, _, size = caches["bfloat16"]._docs[("plain", texts[1])]  # entries are per (document loss, text)
     inputs = {id(x[0]) for x, _ in per.values()}
     mods = [m for m in per if m.endswith(("gate_proj", "up_proj"))]
     assert mods and len(inputs) < len(per)  # gate and up share their stored input
@@ -238,3 +238,168 @@ def test_factor_cache_memory_float8_and_shared_inputs():
     assert size < naive
     with pytest.raises(RegradError, match="unknown factor cache dtype"):
         FactorCache(1, dtype="int3")
+
+
+# Learned per-token weights (KeyMap.enable_token_weights) -----------------------------------------
+def _weighted_map(learner, u_scale=0.0, b=0.0, seed=0):
+    km = KeyMap.identity(learner).to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(km.K.values()) + list(km.V.values()):
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    km.enable_token_weights()
+    with torch.no_grad():
+        for k in km.score_u:
+            km.score_u[k].copy_(u_scale * torch.randn(km.score_u[k].shape, generator=gen, dtype=torch.float64))
+            km.score_b[k].fill_(b)
+    return km
+
+
+def _without_weights(km):
+    import copy
+
+    plain = copy.deepcopy(km)
+    plain.score_u.clear()
+    plain.score_b.clear()
+    assert not plain.token_weights
+    return plain
+
+
+def test_token_weights_at_zero_are_the_unweighted_map():
+    model, learner, tok = _setup()
+    docs = encode_documents(tok, TEXTS)
+    learner.transform = _weighted_map(learner)
+    assert learner.transform.token_weights
+    weighted, _ = grouped_gradients(model, learner, docs)
+    factors, _ = capture_factors(model, learner, lambda: per_sample_nll(model, docs.input_ids, docs.attention_mask))
+    x = next(iter(factors.values()))[0]
+    assert torch.equal(learner.transform.weights_of(next(iter(factors)), x), torch.ones(*x.shape[:2], 1, dtype=x.dtype))
+    learner.transform = _without_weights(learner.transform)
+    unweighted, _ = grouped_gradients(model, learner, docs)
+    for n in learner.names:
+        assert torch.equal(weighted[n], unweighted[n]), n
+
+
+def test_token_weights_multiply_each_tokens_delta():
+    """With u = 0 and b != 0 every weight is 2 sigmoid(b): the gradient scales by it; with u != 0
+    the result is the unweighted map applied to Delta scaled token by token."""
+    model, learner, tok = _setup()
+    docs = encode_documents(tok, TEXTS[:2])
+    learner.transform = _weighted_map(learner, b=0.7)
+    scaled, _ = grouped_gradients(model, learner, docs)
+    with torch.no_grad():
+        for k in learner.transform.score_b:
+            learner.transform.score_b[k].zero_()
+    base, _ = grouped_gradients(model, learner, docs)
+    w = 2 * torch.sigmoid(torch.tensor(0.7, dtype=torch.float64))
+    for n in learner.names:
+        torch.testing.assert_close(scaled[n], w * base[n])
+    learner.transform = _weighted_map(learner, u_scale=0.3, seed=2)
+    got, _ = grouped_gradients(model, learner, docs)
+    factors, _ = capture_factors(model, learner, lambda: per_sample_nll(model, docs.input_ids, docs.attention_mask))
+    km = learner.transform
+    by_hand = {m: (x, d * (2 * torch.sigmoid(x @ km.score_u[m.replace(".", "__")])).unsqueeze(-1))
+               for m, (x, d) in factors.items()}
+    want = _without_weights(km).gradients(by_hand, learner.spec.scale, learner.names)
+    for n in learner.names:
+        torch.testing.assert_close(got[n], want[n])
+
+
+def test_meta_gradient_of_the_token_weights_matches_finite_differences():
+    model, learner, tok = _setup()
+    km = _weighted_map(learner, u_scale=0.5, b=0.3, seed=1)
+    learner.transform = km
+    docs = encode_documents(tok, TEXTS[:2])
+    params = list(km.score_u.values()) + list(km.score_b.values())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(_outer(model, learner, tok, docs), params)
+    assert all(float(g.abs().max()) > 0 for g in grads)
+    gen = torch.Generator().manual_seed(4)
+    eps = 3e-2  # as for K and V above: far above the tiny model's float32 noise on the loss
+    for p, g in zip(params, grads):
+        idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in p.shape)
+        with torch.no_grad():
+            old = p[idx].item()
+            p[idx] = old + eps
+            up = _outer(model, learner, tok, docs).item()
+            p[idx] = old - eps
+            down = _outer(model, learner, tok, docs).item()
+            p[idx] = old
+        assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=2e-3, abs=2e-3 * float(g.abs().max()))
+    dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = sum(float(d.pow(2).sum()) for d in dirs) ** 0.5
+    with torch.no_grad():
+        for p, d in zip(params, dirs):
+            p.add_(eps * d / norm)
+        up = _outer(model, learner, tok, docs).item()
+        for p, d in zip(params, dirs):
+            p.sub_(2 * eps * d / norm)
+        down = _outer(model, learner, tok, docs).item()
+        for p, d in zip(params, dirs):
+            p.add_(eps * d / norm)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, dirs)) / norm
+    assert analytic == pytest.approx((up - down) / (2 * eps), rel=2e-2)
+
+
+def test_token_weights_are_stored_only_when_enabled(tmp_path):
+    model, learner, tok = _setup(torch.float32)
+    learner.transform = KeyMap.identity(learner)
+    plain_id = learner.checkpoint_id()
+    plain_names = set(learner.transform.tensors())
+    learner.save(tmp_path / "plain")
+    back = Learner.load(tmp_path / "plain")
+    assert not back.transform.token_weights and back.checkpoint_id() == plain_id
+    assert not any(k.startswith("transform.score_") for k in back.state_dict())  # state.pt keys as before
+    learner.transform.enable_token_weights()
+    assert set(learner.transform.tensors()) - plain_names == {f"transform.{m}.{s}" for m in learner.transform.modules_
+                                                              for s in ("u", "b")}
+    with torch.no_grad():
+        next(iter(learner.transform.score_u.values())).add_(0.5)
+    weighted_id = learner.checkpoint_id()
+    assert weighted_id != plain_id
+    learner.save(tmp_path / "weighted")
+    back = Learner.load(tmp_path / "weighted")
+    assert back.transform.token_weights and back.checkpoint_id() == weighted_id
+    for n, t in learner.transform.tensors().items():
+        assert torch.equal(back.transform.tensors()[n], t.detach())
+    # Half a scorer is refused.
+    tensors = {n: t for n, t in learner.transform.tensors().items() if not n.endswith(".b")}
+    with pytest.raises(RegradError, match="missing"):
+        KeyMap.from_tensors(tensors)
+
+
+def test_meta_train_token_weights_with_phi_frozen_and_the_factor_cache(tmp_path, capsys, monkeypatch):
+    """--token-weights: the scorers start at w = 1 and learn from the answer loss through cached
+    factors (phi frozen); they need a key map and --transform-lr."""
+    import json
+
+    from conftest import FakeEmbedder
+    from regrad_cli.learning.metatrain import MetaTrainConfig, meta_train
+    from test_metatrain import _write_jsonl
+
+    model = make_tiny_llama(seed=0)
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    learner = Learner.for_model(model).init_(seed=0, b_std=0.05, alpha_init=0.5)
+    kw = dict(train=[f"jsonl:{data}"], k=2, steps=3, meta_batch=2, eval_every=10, max_doc_tokens=48,
+              first_order=True, transform_lr=5e-2, freeze_phi=True, factor_cache_gb=1.0, energy_docs=0,
+              token_weights=True)
+    with pytest.raises(RegradError, match="token-weights"):
+        meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "no")}), model, FakeTokenizer(), FakeEmbedder(),
+                   learner=learner.attach(model))
+    learner.transform = KeyMap.identity(learner)
+    learner.save(tmp_path / "init")
+    meta_train(MetaTrainConfig(**{**kw, "out": str(tmp_path / "tw"), "init_checkpoint": str(tmp_path / "init")}),
+               make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder())
+    trained = Learner.load(tmp_path / "tw" / "last")
+    assert trained.transform.token_weights
+    moved = [float(t.detach().abs().max()) for n, t in trained.transform.tensors().items() if n.endswith((".u", ".b"))]
+    assert max(moved) > 0  # from u = b = 0
+    log = json.loads((tmp_path / "tw" / "log.json").read_text())["train"]
+    assert log[-1]["factor_cache"]["hits"] > 0
+    # A snapshot of the run (its --init has no weights; the state has them) is the same learner.
+    from reliability_helpers import run_cli
+
+    code, _, err = run_cli(["learner", "snapshot", tmp_path / "tw", "--out", tmp_path / "snap"], capsys, monkeypatch)
+    assert code == 0, err
+    snap = Learner.load(tmp_path / "snap")
+    assert snap.checkpoint_id() == trained.checkpoint_id()

@@ -56,8 +56,9 @@ def test_the_recorded_histories():
     # The lists are the history of each format: append, never edit or reorder.
     assert CONFIG_MIGRATIONS.names == ["m001_lora_modules_by_family", "m002_query_combine_from_learner",
                                       "m003_query_mode"]
-    assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature", "m002_document_transform"]
-    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.2", "1.2")
+    assert LEARNER_MIGRATIONS.names == ["m001_combine_temperature", "m002_document_transform",
+                                       "m003_document_loss_and_token_weights"]
+    assert (str(CONFIG_VERSION), str(LEARNER_VERSION)) == ("1.2", "1.3")
     from regrad_cli.learning.train_state import STATE_MIGRATIONS, STATE_VERSION
 
     assert STATE_MIGRATIONS.names == ["m001_versioned"] and str(STATE_VERSION) == "1.0"

@@ -8,7 +8,7 @@ import typer
 
 from regrad_cli.cli.common import DeviceOpt, JsonOpt, WorkspaceOpt, print_json
 
-learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of each LoRA tensor); fit its document key map.",
+learner_app = typer.Typer(help="Inspect a learner checkpoint (energy share of each LoRA tensor, document loss); fit its document key map.",
                           no_args_is_help=True)
 
 
@@ -44,8 +44,10 @@ def energy_cmd(
         return
     rec, sub = result["record"], result["subset"]
     ranked = sorted(rec["energy"].items(), key=lambda kv: -kv[1])
+    loss = engine.learner.doc_loss
     typer.echo(f"learner {result['checkpoint_id'][:16]}: energy over {rec['n_docs']} documents "
-               f"(max {rec['max_tokens']} tokens, norm {rec['norm']})")
+               f"(max {rec['max_tokens']} tokens, norm {rec['norm']}"
+               f"{'' if loss == 'plain' else ', document loss ' + loss})")
     for name, share in ranked[:5]:
         typer.echo(f"  {share:9.3%}  {name}")
     if len(ranked) > 5:
@@ -175,6 +177,8 @@ def snapshot_cmd(
     learner = Learner.load(init)
     if not state["phi"]["stored"] and phi_sha256(learner) != state["phi"]["sha256"]:
         raise RegradError(f"{init} is not the checkpoint this run started from (its frozen phi differs)")
+    if learner.transform is not None and any(k.startswith("transform.score_") for k in state["learner"]):
+        learner.transform.enable_token_weights()  # a --token-weights run: its weights are in the state
     tensors = learner.state_dict()
     unknown = sorted(set(state["learner"]) - set(tensors))
     if unknown:
@@ -188,6 +192,8 @@ def snapshot_cmd(
     learner.meta = {k: v for k, v in learner.meta.items() if k not in ("stored_tensors", "trained")}
     learner.meta["combine"] = config.get("combine", learner.meta.get("combine"))
     learner.meta["norm"] = config.get("norm", learner.meta.get("norm"))
+    if config.get("doc_loss"):
+        learner.doc_loss = config["doc_loss"]
     learner.meta["trained"] = {"step": state["step"], "config": config, "snapshot_of": str(run)}
     cid = learner.save(target)
     result = {"out": str(target), "checkpoint_id": cid, "step": state["step"], "run": str(run)}
@@ -195,3 +201,47 @@ def snapshot_cmd(
         print_json(result)
         return
     typer.echo(f"learner of {run} at step {state['step']}: {cid[:16]} in {target}")
+
+
+@learner_app.command("doc-loss")
+def doc_loss_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="A learner checkpoint directory (its learner.json is rewritten).")],
+    name: Annotated[Optional[str], typer.Argument(help="plain, salient, augmented or distill; leave out to show the current one.")] = None,
+    json_out: JsonOpt = False,
+):
+    """Show or set the loss a learner's document gradients are taken of (a new loss is a new checkpoint id)."""
+    from pathlib import Path
+
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learner.doc_loss import DOC_LOSSES
+    from regrad_cli.workspace.checkpoints import bundled_checkpoint_dir
+
+    if name is not None and name not in DOC_LOSSES:
+        raise RegradError(f"unknown document loss {name!r} (use {', '.join(DOC_LOSSES)})")
+    path = Path(checkpoint).expanduser()
+    if not (path / "learner.json").is_file():
+        raise RegradError(f"{path} holds no learner checkpoint (learner.json)")
+    if name is not None and path.resolve() == bundled_checkpoint_dir().resolve():
+        raise RegradError("the shipped checkpoint is part of the package: copy its directory and set the loss on the copy")
+    from regrad_cli.workspace.checkpoints import set_doc_loss
+
+    if name is None:
+        from regrad_cli.learner.lora import Learner
+
+        learner = Learner.load(path)
+        result = {"checkpoint": str(path), "checkpoint_id": learner.checkpoint_id(), "doc_loss": learner.doc_loss}
+    else:
+        result = set_doc_loss(path, name)
+    if json_out:
+        print_json(result)
+        return
+    if name is None:
+        typer.echo(f"learner {result['checkpoint_id'][:16]} in {path}: document loss {result['doc_loss']}")
+    elif not result["changed"]:
+        typer.echo(f"learner {result['checkpoint_id'][:16]} in {path} already takes the {name} document loss")
+    else:
+        typer.echo(f"learner {result['previous_id'][:16]} -> {result['checkpoint_id'][:16]} in {path}: document "
+                   f"loss {result['previous']} -> {name}; banks built with the old id are stale (build-bank rebuilds)")
+        if result["energy_dropped"]:
+            typer.echo("its energy record (measured with the old loss) was removed: bank rows store every tensor "
+                       "until `regrad learner energy --write` measures it again", err=True)

@@ -46,6 +46,8 @@ def meta_train_cmd(
     factor_cache_gb: Annotated[float, typer.Option("--factor-cache-gb", help="With --freeze-phi and a key map: keep documents' factors (bfloat16) up to this many GiB and reuse them; 0 recomputes them every draw.")] = META["factor_cache_gb"],
     factor_cache_dtype: Annotated[str, typer.Option("--factor-cache-dtype", help="How cached factors are stored: bfloat16, float8 (each token's row scaled; half the memory) or float32 (exact).")] = META["factor_cache_dtype"],
     prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", help="Keep each training text's hidden states below the first adapted layer (float32, exact) up to this many GiB and start every pass there (llama-style families); 0: off.")] = META["prefix_cache_gb"],
+    doc_loss: Annotated[Optional[str], typer.Option("--doc-loss", help="Loss of the document gradients, built from the document alone: plain (the paper's next-token loss), salient, augmented or distill (first order only); recorded in the trained learner (default: the --init learner's, else plain).")] = None,
+    token_weights: Annotated[bool, typer.Option("--token-weights", help="Learn per-token weights inside the document key map (start at weight 1; trained with --transform-lr; needs --init of a learner with a key map).")] = META["token_weights"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
@@ -59,6 +61,12 @@ def meta_train_cmd(
         from regrad_cli.errors import OptionError
 
         raise OptionError(f"--factor-cache-dtype {factor_cache_dtype!r}: use one of {', '.join(FACTOR_CACHE_DTYPES)}")
+    if doc_loss is not None:
+        from regrad_cli.errors import OptionError
+        from regrad_cli.learner.doc_loss import DOC_LOSSES
+
+        if doc_loss not in DOC_LOSSES:
+            raise OptionError(f"--doc-loss {doc_loss!r}: use one of {', '.join(DOC_LOSSES)}")
     from importlib.resources import files
 
     from regrad_cli.learning import distributed
@@ -78,7 +86,7 @@ def meta_train_cmd(
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
         transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb, factor_cache_dtype=factor_cache_dtype,
-        prefix_cache_gb=prefix_cache_gb,
+        prefix_cache_gb=prefix_cache_gb, doc_loss=doc_loss, token_weights=token_weights,
     )
     general = (_locality_text(locality_text) if locality_text
                else (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8"))

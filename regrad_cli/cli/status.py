@@ -76,8 +76,10 @@ def _learner_line(s: dict) -> str:
     choice, cid = s["learner"]["checkpoint"], s["learner"]["checkpoint_id"]
     if choice == "bundled" and s["model"] != BUNDLED_MODEL:
         return f"bundled: none ships for {s['model']}, so an untrained learner (`regrad meta-train` trains one)"
+    loss = s["learner"].get("doc_loss")
+    other = f", document loss {loss}" if loss not in (None, "plain") else ""
     if cid is None:
         return f"{choice} (untrained: its id is told when the model loads)" if choice == "init" else \
-            f"{choice} (its id is told when the model loads)"
-    return f"init (untrained, {cid[:16]})" if choice == "init" else f"{choice} ({cid[:16]})"
+            f"{choice} (its id is told when the model loads{other})"
+    return f"init (untrained, {cid[:16]})" if choice == "init" else f"{choice} ({cid[:16]}{other})"
 

@@ -1,4 +1,5 @@
-"""Document gradients: g_d = d/d phi of the mean next-token loss of document d.
+"""Document gradients: g_d = d/d phi of the mean next-token loss of document d (or of the
+learner's other document loss, doc_loss.py).
 
 Many documents go through one forward and one backward pass and still get separate gradients:
 each sample i runs on its own copy phi_i of the adapter (a [N, ...] stack), the losses are summed,
@@ -35,8 +36,10 @@ def grouped_gradients(
     group of document i (default: one group per document, i.e. per-document gradients).
     ``base`` is the adapter point (default phi); with ``create_graph`` the result stays
     differentiable with respect to it (second-order meta-training). ``prefix`` (a
-    ``PrefixCache``) starts the passes at the first adapted layer. Weighting and combining
-    documents' gradients is ``adapt.combine``'s job, not this function's.
+    ``PrefixCache``) starts the passes at the first adapted layer. The loss is the learner's
+    document loss (``learner.doc_loss``, doc_loss.py): a loss other than 'plain' is built from
+    the texts ``docs`` were encoded from. Weighting and combining documents' gradients is
+    ``adapt.combine``'s job, not this function's.
     """
     n = docs.input_ids.shape[0]
     if group is None:
@@ -44,9 +47,22 @@ def grouped_gradients(
         n_groups = n
     n_groups = n_groups if n_groups is not None else max(group) + 1
     device = next(model.parameters()).device
+    rows = _loss_rows(model, learner, docs, base, create_graph)
     if learner.transform is not None:
-        return _transformed_gradients(model, learner, docs, group, n_groups, base, create_graph, prefix)
+        return _transformed_gradients(model, learner, docs, group, n_groups, base, create_graph, prefix, rows)
+    if rows is not None:
+        # Several rows per document: each row runs on its document's group's copy of phi.
+        idx = torch.tensor([group[d] for d in rows.doc], device=device)
+        grads, row_losses = _stacked_gradients(learner, idx, n_groups, base, create_graph,
+                                               lambda: rows.losses(model, prefix))
+        return grads, rows.per_document(row_losses, n)
     idx = torch.tensor(list(group), device=device)
+    return _stacked_gradients(learner, idx, n_groups, base, create_graph, lambda: per_sample_nll(
+        model, docs.input_ids.to(device), docs.attention_mask.to(device), prefix=prefix))
+
+
+def _stacked_gradients(learner: Learner, idx: torch.Tensor, n_groups: int, base, create_graph: bool, loss_fn):
+    """d(sum of ``loss_fn()``)/d(phi_g) for every group g, sample i running on copy idx[i]."""
     if base is None:
         base = {k: v.detach() for k, v in learner.phi_dict().items()}
     with torch.enable_grad():
@@ -59,7 +75,7 @@ def grouped_gradients(
             stacks[name] = rep
         per_doc = {name: s.index_select(0, idx) for name, s in stacks.items()}
     with torch.enable_grad(), learner.using(per_doc):
-        losses = per_sample_nll(model, docs.input_ids.to(device), docs.attention_mask.to(device), prefix=prefix)
+        losses = loss_fn()
         total = losses.sum()
         grads = torch.autograd.grad(
             total, [stacks[n] for n in learner.names], create_graph=create_graph
@@ -67,11 +83,31 @@ def grouped_gradients(
     return dict(zip(learner.names, grads)), losses.detach()
 
 
+def _loss_rows(model, learner: Learner, docs: EncodedDocs, base, create_graph: bool):
+    """The loss rows of the learner's document loss (doc_loss.build_rows), None for 'plain'."""
+    kind = learner.doc_loss
+    if kind == "plain":
+        return None
+    from regrad_cli.errors import RegradError
+    from regrad_cli.learner.doc_loss import build_rows
+
+    if create_graph and kind == "distill":
+        raise RegradError("the distill document loss is first order only (its teacher carries no gradient): "
+                          "meta-train with --first-order")
+    if docs.texts is None or docs.tokenizer is None:
+        raise RegradError(f"the {kind} document loss is built from the documents' texts: encode them with "
+                          "encode_documents")
+    return build_rows(kind, docs.tokenizer, docs.texts, docs.max_tokens or docs.input_ids.shape[1],
+                      model=model, learner=learner, base=base)
+
+
 def _transformed_gradients(model, learner: Learner, docs: EncodedDocs, group, n_groups: int, base,
-                           create_graph: bool, prefix=None):
+                           create_graph: bool, prefix=None, rows=None):
     """``grouped_gradients`` for a learner with a document key map (learner.transform): one
     ordinary forward+backward captures each module's factors, the map turns them into the
-    stored gradient. Differentiable in the map only (first order in phi by construction)."""
+    stored gradient. Differentiable in the map only (first order in phi by construction).
+    With loss ``rows`` (a document loss other than 'plain') each row's transformed gradient is
+    added to its document's group: the map is linear in the rows' factors."""
     from regrad_cli.errors import RegradError
     from regrad_cli.learner.transform import capture_factors
 
@@ -79,6 +115,12 @@ def _transformed_gradients(model, learner: Learner, docs: EncodedDocs, group, n_
         raise RegradError("a learner with a document key map is meta-trained first order "
                           "(--first-order): its gradients are not differentiable in phi")
     device = next(model.parameters()).device
+    if rows is not None:
+        factors, row_losses = capture_factors(model, learner, lambda: rows.losses(model, prefix), base)
+        per_row = learner.transform.gradients(factors, learner.spec.scale, learner.names)
+        idx = torch.tensor([group[d] for d in rows.doc], device=device)
+        return ({k: torch.zeros(n_groups, *g.shape[1:], dtype=g.dtype, device=g.device).index_add(0, idx, g)
+                 for k, g in per_row.items()}, rows.per_document(row_losses, docs.input_ids.shape[0]))
     ids, mask = docs.input_ids.to(device), docs.attention_mask.to(device)
     factors, losses = capture_factors(model, learner, lambda: per_sample_nll(model, ids, mask, prefix=prefix), base)
     per_doc = learner.transform.gradients(factors, learner.spec.scale, learner.names)

@@ -248,6 +248,18 @@ class Learner(nn.Module):
         """The gradient normalisation the learner was meta-trained with (see adapt.normalise)."""
         return self.meta.get("norm", "none")
 
+    @property
+    def doc_loss(self) -> str:
+        """The loss a document's gradient is taken of (learner/doc_loss.py): ``meta['doc_loss']``,
+        absent for every learner made before it could be chosen, which is 'plain'."""
+        return self.meta.get("doc_loss", "plain")
+
+    @doc_loss.setter
+    def doc_loss(self, name: str) -> None:
+        from regrad_cli.learner.doc_loss import check_doc_loss
+
+        self.meta["doc_loss"] = check_doc_loss(name)
+
     def phi_dict(self) -> dict[str, torch.Tensor]:
         return {n: self.phi[_key(n)] for n in self.names}
 
@@ -351,7 +363,8 @@ class Learner(nn.Module):
 
     # Identity and persistence ------------------------------------------------------------
     def checkpoint_id(self) -> str:
-        """Content id: sha256 over the spec and every tensor of phi and alpha."""
+        """Content id: sha256 over the spec and every tensor of phi and alpha (and the document
+        loss and the key map, when the learner has them)."""
         h = hashlib.sha256()
         h.update(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
         for n in self.names:
@@ -359,6 +372,10 @@ class Learner(nn.Module):
             hash_tensor(h, self.phi[_key(n)])
             hash_tensor(h, self.log_alpha[_key(n)])
         hash_tensor(h, self.log_temp)
+        if self.doc_loss != "plain":
+            # Only another loss is hashed: every plain learner keeps its id, and a bank built
+            # with one loss is stale (rebuilt) for a learner with another.
+            h.update(f"doc_loss:{self.doc_loss}".encode())
         if self.transform is not None:
             # Only a learner with a transform hashes it: every plain learner keeps its id.
             for n, t in sorted(self.transform.tensors().items()):

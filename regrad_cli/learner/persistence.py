@@ -13,7 +13,10 @@ A checkpoint directory holds
 Versions: 1.0 (the first; the tag was written "regrad-learner/1"), 1.1 (``spec.target_patterns``
 when set; ``combine.log_temp`` always present), 1.2 (optional ``transform.<module>.K`` [r, in] and
 ``transform.<module>.V`` [r, out]: a document key map, regrad_cli.learner.transform; part of the
-content id when present). A reader refuses a newer major, reads a newer
+content id when present), 1.3 (optional ``doc_loss`` in learner.json, one of
+``doc_loss.DOC_LOSSES``, absent meaning ``plain`` and hashed into the content id only when it is
+not; optional ``transform.<module>.u`` [in] and ``transform.<module>.b`` [] with a key map: its
+learned per-token weights, stored only when enabled). A reader refuses a newer major, reads a newer
 minor, and brings an older file to LEARNER_VERSION in memory through LEARNER_MIGRATIONS; files
 are never rewritten (the shipped checkpoint is read-only). safetensors holds no code, so loading
 a checkpoint cannot run any.
@@ -32,7 +35,7 @@ from regrad_cli.versions import Migrations, Version
 CHECKPOINT_TENSORS = "learner.safetensors"
 CHECKPOINT_CONFIG = "learner.json"
 CHECKPOINT_FORMAT = "regrad-learner"
-LEARNER_VERSION = Version(1, 2)
+LEARNER_VERSION = Version(1, 3)
 LEARNER_MIGRATIONS = Migrations("learner checkpoint")
 # Keys of learner.json that are the format's own; everything else is the learner's ``meta``.
 _OWN_KEYS = ("format", "checkpoint_id", "spec", "names")
@@ -101,12 +104,25 @@ def load_learner(directory: str | Path, cls, spec_cls, expect_values=None):
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise RegradError(f"learner checkpoint {directory} is malformed ({type(exc).__name__}: {exc})") from exc
     learner.meta = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    _check_doc_loss(learner.meta, directory)
     if meta.get("checkpoint_id") and meta["checkpoint_id"] != learner.checkpoint_id():
         raise RegradError(
             f"learner checkpoint {directory} is corrupt: content id {learner.checkpoint_id()[:16]} "
             f"!= recorded {str(meta['checkpoint_id'])[:16]}"  # any JSON value: never subscript it as given
         )
     return learner
+
+
+def _check_doc_loss(meta: dict, directory: Path) -> None:
+    """RegradError unless the recorded document loss (if any) is one this regrad computes: a
+    gradient of another loss would silently be the wrong one."""
+    from regrad_cli.learner.doc_loss import DOC_LOSSES
+
+    if "doc_loss" in meta and meta["doc_loss"] not in DOC_LOSSES:
+        shown = repr(meta["doc_loss"])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise RegradError(f"learner checkpoint {directory} takes document gradients of the loss {shown}, which this "
+                          f"regrad does not know (it knows {', '.join(DOC_LOSSES)}): upgrade regrad")
 
 
 def _check_spec(spec, directory: Path) -> None:
@@ -179,9 +195,9 @@ def read_config(path: Path) -> dict:
     return meta
 
 
-# Formats whose upgrade to LEARNER_VERSION leaves the content id as recorded (m002 adds nothing;
+# Formats whose upgrade to LEARNER_VERSION leaves the content id as recorded (m002, m003 add nothing;
 # m001 adds the temperature, which the id covers, so 1.0 files are not among them).
-ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2")
+ID_STABLE_FORMATS = (f"{CHECKPOINT_FORMAT}/1.1", f"{CHECKPOINT_FORMAT}/1.2", f"{CHECKPOINT_FORMAT}/1.3")
 
 
 def recorded_checkpoint_id(directory: str | Path) -> str | None:
@@ -249,4 +265,12 @@ def m001_combine_temperature(data: dict) -> dict:
 def m002_document_transform(data: dict) -> dict:
     """Format 1.2 may hold a document key map (``transform.<module>.K`` and ``.V``); an older
     checkpoint has none, which is the paper's plain document gradient: nothing to change."""
+    return data
+
+
+@LEARNER_MIGRATIONS.register(Version(1, 3))
+def m003_document_loss_and_token_weights(data: dict) -> dict:
+    """Format 1.3 may record ``doc_loss`` and hold a key map's per-token weights
+    (``transform.<module>.u`` and ``.b``); an older checkpoint has neither: the plain loss and an
+    unweighted map, which is what it computed. Nothing to change."""
     return data

@@ -16,6 +16,17 @@ side its own projections, per adapted module:
 The result has the plain gradient's shapes, so a bank stores it and a query applies it unchanged.
 With K = A and V = B^T it IS the plain gradient (``KeyMap.identity``; tested).
 
+Optional learned per-token weights (CaMeLS-style, first order; ``KeyMap.enable_token_weights``):
+per module a scorer w_t = 2 sigmoid(u . x_t + b) of the token's module input multiplies each
+document token's loss gradient before the sum,
+
+    g_B = s * (w * Delta)^T X K^T        g_A = s * V (w * Delta)^T X
+
+initialised at u = 0, b = 0, where w = 1 and the map is exactly the unweighted one (tested). They
+are stored as ``transform.<module>.u`` [in] and ``transform.<module>.b`` [] only when enabled; a
+map without them loads and hashes as before. They need only X and Delta, so they train with phi
+frozen and the factor cache.
+
 - The factors X, Delta come from one ordinary forward+backward of the document loss with hooks,
   detached: the transform's meta-gradient (outer answer loss -> K, V) needs no double backward.
 - ``GradientMatch`` fits K and V in closed form (ridge least squares, exact): over training
@@ -28,7 +39,7 @@ With K = A and V = B^T it IS the plain gradient (``KeyMap.identity``; tested).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,12 +57,41 @@ def _key(name: str) -> str:
 class KeyMap(nn.Module):
     """K [r, in] and V [r, out] for every adapted module (names without the .A/.B suffix)."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int, int]]):
-        """``shapes[module] = (r, in, out)``."""
+    def __init__(self, shapes: Mapping[str, tuple[int, int, int]], token_weights: bool = False):
+        """``shapes[module] = (r, in, out)``; ``token_weights``: with the per-token scorers (u, b)
+        at zero (every weight 1)."""
         super().__init__()
         self.modules_ = list(shapes)
         self.K = nn.ParameterDict({_key(m): nn.Parameter(torch.zeros(r, i)) for m, (r, i, o) in shapes.items()})
         self.V = nn.ParameterDict({_key(m): nn.Parameter(torch.zeros(r, o)) for m, (r, i, o) in shapes.items()})
+        # Registered after K and V and empty unless enabled: a map without token weights has the
+        # same parameters, in the same order, as before they existed (optimiser states resume).
+        self.score_u = nn.ParameterDict()
+        self.score_b = nn.ParameterDict()
+        if token_weights:
+            self.enable_token_weights()
+
+    @property
+    def token_weights(self) -> bool:
+        """True when the map weighs each document token (score_u, score_b)."""
+        return len(self.score_u) > 0
+
+    def enable_token_weights(self) -> "KeyMap":
+        """Add the per-token scorers at u = 0, b = 0 (w = 1: the map computes what it did)."""
+        if not self.token_weights:
+            for m in self.modules_:
+                k = self.K[_key(m)]
+                self.score_u[_key(m)] = nn.Parameter(torch.zeros(k.shape[1], dtype=k.dtype, device=k.device))
+                self.score_b[_key(m)] = nn.Parameter(torch.zeros((), dtype=k.dtype, device=k.device))
+        return self
+
+    def weights_of(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weights [N, T, 1] of ``module`` for its inputs x [N, T, in]; None without
+        token weights."""
+        if not self.token_weights:
+            return None
+        k = _key(module)
+        return 2.0 * torch.sigmoid(x @ self.score_u[k].to(x.dtype) + self.score_b[k].to(x.dtype)).unsqueeze(-1)
 
     @classmethod
     def identity(cls, learner) -> "KeyMap":
@@ -80,6 +120,9 @@ class KeyMap(nn.Module):
         for m in self.modules_:
             out[f"{TENSOR_PREFIX}{m}.K"] = self.K[_key(m)]
             out[f"{TENSOR_PREFIX}{m}.V"] = self.V[_key(m)]
+            if self.token_weights:
+                out[f"{TENSOR_PREFIX}{m}.u"] = self.score_u[_key(m)]
+                out[f"{TENSOR_PREFIX}{m}.b"] = self.score_b[_key(m)]
         return out
 
     @classmethod
@@ -96,11 +139,24 @@ class KeyMap(nn.Module):
             if k.dim() != 2 or v.dim() != 2 or k.shape[0] != v.shape[0]:
                 raise RegradError(f"key map tensors of {m} have inconsistent shapes")
             shapes[m] = (k.shape[0], k.shape[1], v.shape[1])
-        km = cls(shapes)
+        weighted = {m for m in mods if f"{TENSOR_PREFIX}{m}.u" in tensors or f"{TENSOR_PREFIX}{m}.b" in tensors}
+        if weighted and weighted != set(mods):
+            raise RegradError(f"key map token weights missing for module(s) {sorted(set(mods) - weighted)[:3]}")
+        for m in weighted:
+            try:
+                u, b = tensors[f"{TENSOR_PREFIX}{m}.u"], tensors[f"{TENSOR_PREFIX}{m}.b"]
+            except KeyError as exc:
+                raise RegradError(f"key map tensor {exc} missing") from None
+            if tuple(u.shape) != (shapes[m][1],) or b.dim() != 0:
+                raise RegradError(f"key map token weights of {m} have inconsistent shapes")
+        km = cls(shapes, token_weights=bool(weighted))
         with torch.no_grad():
             for m in mods:
                 km.K[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.K"])
                 km.V[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.V"])
+                if weighted:
+                    km.score_u[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.u"])
+                    km.score_b[_key(m)].copy_(tensors[f"{TENSOR_PREFIX}{m}.b"])
         return km
 
     def check_fits(self, learner) -> None:
@@ -117,11 +173,17 @@ class KeyMap(nn.Module):
     def gradients(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float,
                   names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Transformed per-document gradients {name: [N, ...]} from factors {module: (X [N, T, in],
-        Delta [N, T, out])}; differentiable in K and V only (the factors are detached)."""
+        Delta [N, T, out])}; differentiable in K, V (and the token weights' u, b) only (the factors
+        are detached)."""
         out = {}
+        weighted: dict[str, torch.Tensor] = {}
         for name in names:
             mod, _, part = name.rpartition(".")
             x, d = factors[mod]
+            if self.token_weights:
+                if mod not in weighted:
+                    weighted[mod] = d * self.weights_of(mod, x).to(d.dtype)
+                d = weighted[mod]
             if part == "B":
                 # s * Delta^T (X K^T): [N, out, r]
                 out[name] = scale * torch.bmm(d.transpose(1, 2), x @ self.K[_key(mod)].t())
@@ -166,6 +228,51 @@ def capture_factors(model, learner, loss_fn: Callable[[], torch.Tensor],
             raise RegradError(f"module {m} sees flattened inputs: the key map needs [N, T, d]")
         out[m] = (x, d.to(x.dtype))
     return out, loss.detach()
+
+
+def document_factors(model, learner, docs, indices: Sequence[int], loss_fn_for: Callable | None = None,
+                     base: Mapping[str, torch.Tensor] | None = None, *, prefix=None) -> list[tuple[dict, float]]:
+    """Each of documents ``indices`` of ``docs`` (EncodedDocs, right-padded): its factors {module:
+    (X [T_d, in], Delta [T_d, out])} over its own tokens and its loss, from one capture pass of
+    the learner's document loss. The plain loss runs ``loss_fn_for(input_ids, attention_mask)``
+    (default ``per_sample_nll``) on the documents' rows; another loss (doc_loss.py) on its own
+    rows, whose factors are concatenated along the tokens per document (the key map is linear in
+    them: the sum of the rows' transformed gradients). Modules reading one input share one X."""
+    from regrad_cli.lm.tokens import per_sample_nll
+
+    device = next(model.parameters()).device
+    kind = learner.doc_loss
+    indices = list(indices)
+    if kind == "plain":
+        idx = torch.tensor(indices)
+        width = int(max(docs.n_tokens[i] for i in indices))
+        ids, mask = docs.input_ids[idx, :width].to(device), docs.attention_mask[idx, :width].to(device)
+        fn = loss_fn_for or (lambda i, m: per_sample_nll(model, i, m, prefix=prefix))
+        factors, losses = capture_factors(model, learner, lambda: fn(ids, mask), base)
+        row_of = [[(j, int(docs.n_tokens[i]))] for j, i in enumerate(indices)]
+        doc_losses = [float(v) for v in losses]
+    else:
+        from regrad_cli.learner.doc_loss import build_rows
+
+        rows = build_rows(kind, docs.tokenizer, [docs.texts[i] for i in indices],
+                          docs.max_tokens or docs.input_ids.shape[1], model=model, learner=learner, base=base)
+        factors, row_losses = capture_factors(model, learner, lambda: rows.losses(model, prefix), base)
+        row_of = [[(r, rows.n_tokens[r]) for r, d in enumerate(rows.doc) if d == j] for j in range(len(indices))]
+        doc_losses = [float(v) for v in rows.per_document(row_losses, len(indices))]
+    out = []
+    for j in range(len(indices)):
+        shared: dict[int, torch.Tensor] = {}
+        per = {}
+        for m, (x, d) in factors.items():
+            if x.data_ptr() not in shared:
+                shared[x.data_ptr()] = _join([x[r, :n] for r, n in row_of[j]])
+            per[m] = (shared[x.data_ptr()], _join([d[r, :n] for r, n in row_of[j]]))
+        out.append((per, doc_losses[j]))
+    return out
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class GradientMatch:
@@ -253,7 +360,7 @@ class FactorCache:
                 raise RegradError(f"unknown factor cache dtype {dtype!r} (use {', '.join(self.DTYPES)})")
             dtype = self.DTYPES[dtype]
         self.max_bytes, self.dtype = int(max_bytes), dtype
-        self._docs: "OrderedDict[str, tuple[dict, float, int]]" = OrderedDict()
+        self._docs: "OrderedDict[tuple[str, str], tuple[dict, float, int]]" = OrderedDict()  # (loss, text)
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -284,7 +391,7 @@ class FactorCache:
                         size += t.numel() * t.element_size()
         return size
 
-    def _put(self, text: str, factors: dict, loss: float) -> None:
+    def _put(self, text, factors: dict, loss: float) -> None:
         size = self._size(factors)
         if size > self.max_bytes:
             return
@@ -294,42 +401,42 @@ class FactorCache:
         self._docs[text] = (factors, loss, size)
         self.bytes += size
 
-    def gradients(self, model, learner, texts: list[str], docs, loss_fn_for: Callable,
-                  base: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def gradients(self, model, learner, texts: list[str], docs, loss_fn_for: Callable | None = None,
+                  base: Mapping[str, torch.Tensor] | None = None, *,
+                  prefix=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-document transformed gradients {name: [N, ...]} and losses [N] of ``texts``
         (encoded as ``docs``: EncodedDocs, right-padded), differentiable in the map only.
-        ``loss_fn_for(input_ids, attention_mask)`` gives per-sample losses under ``model``."""
-        missing = [i for i, t in enumerate(texts) if t not in self._docs]
+        ``loss_fn_for(input_ids, attention_mask)`` gives per-sample losses under ``model`` for the
+        plain document loss (default: ``per_sample_nll`` with ``prefix``); another document loss
+        (``learner.doc_loss``) builds its own rows (``document_factors``). Entries are kept per
+        (document loss, text): factors of one loss are never served for another."""
+        kind = learner.doc_loss
+        keys = [(kind, t) for t in texts]
+        missing = [i for i, k in enumerate(keys) if k not in self._docs]
         first = {}
         for i in missing:
-            first.setdefault(texts[i], i)
+            first.setdefault(keys[i], i)
         rows = list(first.values())
         self.hits += len(texts) - len(rows)  # every draw but the one computation of each new text
         self.misses += len(rows)
         fresh = {}
-        device = next(model.parameters()).device
         # Missing documents in small groups: each document's factors and loss are its own (the
         # loss is per sample), so grouping changes nothing but the peak memory of the graph.
         for lo in range(0, len(rows), self.capture_batch):
             group = rows[lo:lo + self.capture_batch]
-            idx = torch.tensor(group)
-            width = int(max(docs.n_tokens[i] for i in group))
-            ids, mask = docs.input_ids[idx, :width], docs.attention_mask[idx, :width]
-            factors, losses = capture_factors(model, learner, lambda: loss_fn_for(ids.to(device), mask.to(device)), base)
-            for j, i in enumerate(group):
-                n = int(docs.n_tokens[i])
+            for i, (factors, loss) in zip(group, document_factors(model, learner, docs, group, loss_fn_for, base,
+                                                                  prefix=prefix)):
                 shared: dict[int, tuple] = {}  # one stored copy of an input several modules read
                 per = {}
                 for m, (x, d) in factors.items():
-                    key = x.data_ptr()
-                    if key not in shared:
-                        shared[key] = self._pack(x[j, :n])
-                    per[m] = (shared[key], self._pack(d[j, :n]))
-                fresh[texts[i]] = (per, float(losses[j]))
-                self._put(texts[i], per, float(losses[j]))
+                    if id(x) not in shared:
+                        shared[id(x)] = self._pack(x)
+                    per[m] = (shared[id(x)], self._pack(d))
+                fresh[keys[i]] = (per, loss)
+                self._put(keys[i], per, loss)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in learner.names}
         losses_out = []
-        for t in texts:
+        for t in keys:
             if t in fresh:
                 per, loss = fresh[t]
             else:

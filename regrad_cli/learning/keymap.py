@@ -3,7 +3,7 @@
 For every training document whose questions are known, the target is the sum of the gradients of
 its questions' answer losses (prompt -> gold answer, at phi): the one step per document that
 ``benchmarks/injection_bounds.py`` measures as the bound of a stored step. The document's own
-factors come from one forward+backward of its next-token loss. ``GradientMatch`` keeps only the
+factors come from one forward+backward of its document loss (the learner's, doc_loss.py). ``GradientMatch`` keeps only the
 normal equations, so memory does not grow with the number of documents, and the solution is exact
 (ridge least squares). Evaluation and demo questions are never used: pass training sets only.
 """
@@ -18,11 +18,11 @@ from typing import Callable, Sequence
 import torch
 
 from regrad_cli.errors import RegradError
-from regrad_cli.learner.transform import GradientMatch, KeyMap, capture_factors
+from regrad_cli.learner.transform import GradientMatch, KeyMap, document_factors
 from regrad_cli.learning.qa import QAItem
 from regrad_cli.lm.generation import answer_nll
 from regrad_cli.lm.prompting import prompt_ids
-from regrad_cli.lm.tokens import encode_documents, per_sample_nll
+from regrad_cli.lm.tokens import encode_documents
 
 log = logging.getLogger("regrad")
 
@@ -62,7 +62,9 @@ def fit_keymap(model, tokenizer, learner, items: Sequence[QAItem], *, max_docs: 
         for j, (text, questions) in enumerate(by_doc.items()):
             target = answer_gradient(model, learner, tokenizer, questions)
             enc = encode_documents(tokenizer, [text], max_doc_tokens)
-            factors, _ = capture_factors(model, learner, lambda: per_sample_nll(model, enc.input_ids, enc.attention_mask))
+            # The document's factors under the learner's document loss (doc_loss.py), over its tokens.
+            (per, _), = document_factors(model, learner, enc, [0])
+            factors = {m: (x.unsqueeze(0), d.unsqueeze(0)) for m, (x, d) in per.items()}
             with torch.no_grad():
                 plain = identity.gradients(factors, scale, learner.names)
             norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in plain.values()))

@@ -124,6 +124,12 @@ class MetaTrainConfig:
     prefix_cache_gb: float = 0.0
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
+    # The document loss the inner step's gradients are taken of (learner/doc_loss.py), recorded
+    # in the trained learner; None: the learner's own (plain for a new one).
+    doc_loss: str | None = None
+    # Learned per-token weights in the document key map (transform.KeyMap.enable_token_weights),
+    # trained with --transform-lr; they start at w = 1 (the map as it was).
+    token_weights: bool = False
 
 
 # Data ------------------------------------------------------------------------------------------
@@ -287,7 +293,8 @@ def outer_loss(model, tokenizer, learner: Learner, batch: Sequence[BatchEntry],
     phi = learner.phi_dict()
     if factor_cache is not None:
         grads, doc_losses = factor_cache.gradients(model, learner, texts, enc,
-                                                   lambda i, m: per_sample_nll(model, i, m, prefix=prefix_cache), phi)
+                                                   lambda i, m: per_sample_nll(model, i, m, prefix=prefix_cache), phi,
+                                                   prefix=prefix_cache)
     else:
         grads, doc_losses = grouped_gradients(model, learner, enc, base=phi, create_graph=not cfg.first_order,
                                               prefix=prefix_cache)
@@ -512,6 +519,7 @@ class MetaRun:
             read_state(self.state_path) if resume and dist.main and self.state_path.exists() else None)
         torch.manual_seed(cfg.seed)
         self.learner = learner if learner is not None else self._new_learner(lora_cfg)
+        self._set_doc_loss()
         self._load_data()
         self._check_key_map()
         self._make_optimiser()
@@ -570,9 +578,23 @@ class MetaRun:
             chunks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)]
             self.general_all = torch.tensor(chunks) if chunks else None
 
+    def _set_doc_loss(self) -> None:
+        """The run's document loss (--doc-loss, else the learner's own), recorded in the learner;
+        a loss the run cannot train with is refused before any data loads."""
+        cfg, learner = self.cfg, self.learner
+        learner.doc_loss = cfg.doc_loss or learner.doc_loss
+        if learner.doc_loss == "distill" and not cfg.first_order:
+            raise RegradError("the distill document loss is first order only (its teacher carries no gradient): "
+                              "pass --first-order")
+
     def _check_key_map(self) -> None:
         """The key-map options against the learner; the factor and prefix caches when asked for."""
         cfg, learner = self.cfg, self.learner
+        if cfg.token_weights:
+            if learner.transform is None or cfg.transform_lr <= 0:
+                raise RegradError("--token-weights learns per-token weights inside the document key map: it needs a "
+                                  "learner with a key map (--init DIR) and --transform-lr above 0")
+            learner.transform.enable_token_weights()
         if cfg.transform_lr > 0 and learner.transform is None:
             raise RegradError("--transform-lr trains a document key map, and this learner has none: start from one "
                               "made by `regrad learner fit-keymap` (--init DIR)")
@@ -620,6 +642,9 @@ class MetaRun:
     def resume(self, state: dict) -> None:
         """Continue from ``state`` (``train_state.read_state``): learner, optimiser, schedule,
         step, best dev score and log."""
+        recorded = (state["history"].get("config") or {}).get("doc_loss")
+        if recorded and self.cfg.doc_loss and recorded != self.cfg.doc_loss:
+            raise RegradError(f"{self.state_path} continues a run with --doc-loss {recorded}: resume with the same loss")
         apply_state(state, self.learner, self.opt, self.sched, str(self.state_path))
         self.start_step, self.best_f1, self.history = state["step"], state["best_f1"], state["history"]
         if self.dist.main:

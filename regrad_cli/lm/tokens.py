@@ -54,6 +54,11 @@ class EncodedDocs:
     input_ids: torch.Tensor  # [N, T], right-padded
     attention_mask: torch.Tensor  # [N, T]
     n_tokens: list[int]  # real tokens per document, start token included
+    # What the rows were encoded from: a document loss other than the plain next-token loss
+    # (learner/doc_loss.py) builds its own rows from the texts (encode_documents sets these).
+    texts: list[str] | None = None
+    tokenizer: object = None
+    max_tokens: int | None = None
 
 
 def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> EncodedDocs:
@@ -70,7 +75,7 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> 
             ids = (ids + [tokenizer.eos_token_id])[:2] if ids else [tokenizer.eos_token_id] * 2
         rows.append(ids)
     input_ids, mask = pad_rows(rows, pad_id(tokenizer))
-    return EncodedDocs(input_ids, mask, [len(r) for r in rows])
+    return EncodedDocs(input_ids, mask, [len(r) for r in rows], list(texts), tokenizer, max_tokens)
 
 
 # Model types whose causal-LM logits are exactly ``lm_head(decoder(...).last_hidden_state)``
@@ -87,7 +92,8 @@ def _decoder_and_head(model):
 
 
 def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor | None = None, *, prefix=None) -> torch.Tensor:
+                   target_mask: torch.Tensor | None = None, *, prefix=None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token NLL per sample [N] over positions where target_mask (default: attention)
     is 1 on the *predicted* token.
 
@@ -96,7 +102,12 @@ def per_sample_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     losses and gradients (tested) without the [N, T, vocab] logits of every prompt token, which
     for prompts with passages were most of a meta-step's time and memory. With a ``prefix``
     (``prefix.PrefixCache``) that serves the model, the decoder starts at the first adapted layer
-    from cached hidden states, and the head runs only where a token is scored (documents too)."""
+    from cached hidden states, and the head runs only where a token is scored (documents too).
+
+    ``weights`` [N, T] (float, on the *predicted* token; 0 where nothing is scored) make it a
+    weighted mean: sum_t w_t nll_t / sum_t w_t per sample (document losses, learner/doc_loss.py)."""
+    if weights is not None:
+        return _weighted_nll(model, input_ids, attention_mask, weights, prefix)
     scored = attention_mask if target_mask is None else target_mask
     # The cache serves only plain-head families (prefix.FAMILIES); it says None for the others.
     hidden = prefix.last_hidden(model, input_ids, attention_mask) if prefix is not None else None
@@ -129,3 +140,32 @@ def _scored_nll(head, hidden: torch.Tensor, input_ids: torch.Tensor, attention_m
     flat = F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
     nll = flat.new_zeros(scored.shape).masked_scatter(scored, flat)
     return nll.sum(1) / scored.sum(1).clamp_min(1).to(nll.dtype)
+
+
+def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                  *, prefix=None) -> torch.Tensor:
+    """The logits [n, vocab] (half precision upcast) that predict the tokens where ``target_mask`` [N, T] is 1
+    (and the attention mask too), in row-major order. The head runs only there where the family
+    allows it (as in ``per_sample_nll``); other families slice the full logits."""
+    scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    hidden = prefix.last_hidden(model, input_ids, attention_mask) if prefix is not None else None
+    parts = _decoder_and_head(model)
+    if hidden is None and parts is not None:
+        hidden = parts[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if hidden is not None:
+        logits = parts[1](hidden[:, :-1][scored])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][scored]
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _weighted_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
+                  prefix=None) -> torch.Tensor:
+    """``per_sample_nll`` with per-token weights on the predicted tokens."""
+    scored = (weights > 0) & attention_mask.bool()
+    logits = scored_logits(model, input_ids, attention_mask, scored, prefix=prefix)
+    w = weights.to(logits.dtype) * scored.to(logits.dtype)
+    inner = scored[:, 1:]
+    flat = F.cross_entropy(logits, input_ids[:, 1:][inner], reduction="none") * w[:, 1:][inner]
+    nll = flat.new_zeros(inner.shape).masked_scatter(inner, flat)
+    return nll.sum(1) / w[:, 1:].sum(1).clamp_min(1e-12)

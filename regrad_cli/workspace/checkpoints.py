@@ -75,6 +75,62 @@ def resolve_learner(ws_or_none: Workspace | None, model, model_id: str, checkpoi
     return Learner.load(path, model)
 
 
+def current_doc_loss(ws) -> str | None:
+    """The document loss of the workspace's learner (learner/doc_loss.py), read from its
+    learner.json without torch: 'plain' for an untrained learner or a checkpoint that records
+    none; None when its files cannot be read (the load then says why)."""
+    choice = ws.config.learner.checkpoint
+    if choice == "init" or (choice == BUNDLED_CHECKPOINT and ws.config.model.id != BUNDLED_MODEL):
+        return "plain"
+    from regrad_cli.learner.persistence import read_config
+
+    try:
+        meta = read_config(checkpoint_dir(choice) / "learner.json")
+    except RegradError:
+        return None
+    loss = meta.get("doc_loss", "plain")
+    return loss if isinstance(loss, str) else None
+
+
+def set_doc_loss(directory: str | Path, name: str) -> dict:
+    """Give the checkpoint in ``directory`` the document loss ``name`` (doc_loss.py): learner.json
+    gets ``doc_loss`` and the new content id, written atomically (the tensors are untouched; a
+    format 1.0 checkpoint, whose tensors the loader migrates, is saved whole in the current
+    format). An energy record (``stored_tensors``) measured with the old loss is removed. Returns
+    what changed."""
+    import json
+
+    from regrad_cli.files import atomic_write_text
+    from regrad_cli.learner.doc_loss import check_doc_loss
+    from regrad_cli.learner.energy import META_KEY
+    from regrad_cli.learner.lora import Learner
+    from regrad_cli.learner.persistence import (CHECKPOINT_CONFIG, CHECKPOINT_FORMAT, ID_STABLE_FORMATS,
+                                                LEARNER_VERSION, read_config, save_learner)
+
+    check_doc_loss(name)
+    directory = Path(directory)
+    learner = Learner.load(directory)
+    previous, previous_id = learner.doc_loss, learner.checkpoint_id()
+    result = {"checkpoint": str(directory), "previous": previous, "previous_id": previous_id, "doc_loss": name,
+              "checkpoint_id": previous_id, "changed": previous != name, "energy_dropped": False}
+    if previous == name:
+        return result
+    learner.doc_loss = name
+    result["checkpoint_id"] = cid = learner.checkpoint_id()
+    result["energy_dropped"] = learner.meta.pop(META_KEY, None) is not None
+    meta = read_config(directory / CHECKPOINT_CONFIG)
+    if meta.get("format") in ID_STABLE_FORMATS:
+        meta.pop(META_KEY, None)
+        meta.update({"format": f"{CHECKPOINT_FORMAT}/{LEARNER_VERSION}", "checkpoint_id": cid, "doc_loss": name})
+        try:
+            atomic_write_text(directory / CHECKPOINT_CONFIG, json.dumps(meta, indent=2))
+        except OSError as exc:
+            raise RegradError(f"cannot write {directory / CHECKPOINT_CONFIG}: {exc}") from exc
+    else:
+        save_learner(learner, directory)
+    return result
+
+
 def current_checkpoint_id(ws, required: bool = True) -> str | None:
     """The id of the workspace's learner checkpoint, read from its files (no model is loaded).
 

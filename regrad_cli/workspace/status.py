@@ -57,6 +57,7 @@ def list_documents(ws, source: str | None = None) -> list[dict]:
 def workspace_status(ws) -> dict:
     """Counts and fingerprints of a workspace, read without loading any model."""
     from regrad_cli.workspace.banks import current_checkpoint_id, open_bank, workspace_banks
+    from regrad_cli.workspace.checkpoints import current_doc_loss
     from regrad_cli.workspace.documents import DocumentStore
     from regrad_cli.workspace.tombstones import Tombstones
 
@@ -90,7 +91,8 @@ def workspace_status(ws) -> dict:
         "default_mode": ws.config.query.mode,
         "model": ws.config.model.id,
         "embedder": (emb or {}).get("id") or ws.config.embedder.id,
-        "learner": {"checkpoint": ws.config.learner.checkpoint, "checkpoint_id": cid},
+        "learner": {"checkpoint": ws.config.learner.checkpoint, "checkpoint_id": cid,
+                    "doc_loss": current_doc_loss(ws)},
         "bank": None if bank is None else {
             "path": str(bank.path), "codec": bank.meta.codec.name, "format_version": bank.meta.format_version,
             "learner_checkpoint_id": bank.meta.learner.get("checkpoint_id"),

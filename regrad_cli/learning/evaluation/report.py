@@ -52,7 +52,8 @@ def render_report(results: dict) -> str:
     lines += [f"- command: `{' '.join(results['command'])}`",
               f"- model: {fp['model'].get('id')} (weights {str(fp['model'].get('weights_sha256'))[:20]}…), "
               f"learner {fp['learner']['checkpoint_id'][:16]} (combine {results['learner']['combine']}"
-              f"{', untrained init' if not results['learner']['trained'] else ''}), embedder {fp['embedder'].get('id')}",
+              f"{', untrained init' if not results['learner']['trained'] else ''}"
+              f"{_doc_loss_note(results['learner'])}), embedder {fp['embedder'].get('id')}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k != "platform"),
               f"- top-k {cfg['top_k']}, gamma {cfg['gamma']}, retriever {cfg['retriever']}, retrieval pool "
               f"{cfg['pool']}{' + ' + ', '.join(cfg['corpus']) if cfg['corpus'] else ''}, greedy "
@@ -234,3 +235,10 @@ def draw_plots(ds: dict, directory: Path) -> list[str]:
             plt.close(fig)
             paths.append(str(p))
     return paths
+
+
+def _doc_loss_note(learner: dict) -> str:
+    """', document loss NAME' for a learner whose document loss is not the plain one (results
+    written before the loss could be chosen have none: plain)."""
+    loss = learner.get("doc_loss", "plain")
+    return "" if loss == "plain" else f", document loss {loss}"
