@@ -59,6 +59,18 @@ def test_a_learned_map_changes_the_gradient_and_refuses_second_order():
         grouped_gradients(model, learner, docs, create_graph=True)
 
 
+def _central_difference(p, idx, eps: float, loss) -> float:
+    """(loss(p[idx] + eps) - loss(p[idx] - eps)) / (2 eps), p[idx] restored afterwards."""
+    with torch.no_grad():
+        old = p[idx].item()
+        p[idx] = old + eps
+        up = loss()
+        p[idx] = old - eps
+        down = loss()
+        p[idx] = old
+    return (up - down) / (2 * eps)
+
+
 def _outer(model, learner, tok, docs):
     """The meta-training outer loss of one question after one step on the documents' gradients."""
     grads, _ = grouped_gradients(model, learner, docs)
@@ -87,14 +99,7 @@ def test_meta_gradient_of_the_map_matches_finite_differences():
             # of 3e-2 keeps the central difference far above that noise (its own error is
             # O(eps^2), measured below 1e-4 relative here).
             eps = 3e-2
-            with torch.no_grad():
-                old = p[idx].item()
-                p[idx] = old + eps
-                up = _outer(model, learner, tok, docs).item()
-                p[idx] = old - eps
-                down = _outer(model, learner, tok, docs).item()
-                p[idx] = old
-            fd = (up - down) / (2 * eps)
+            fd = _central_difference(p, idx, eps, lambda: _outer(model, learner, tok, docs).item())
             assert g[idx].item() == pytest.approx(fd, rel=2e-3, abs=2e-3 * float(g.abs().max()))
             checked += 1
     assert checked == 2 * len(params)
@@ -318,14 +323,8 @@ def test_meta_gradient_of_the_token_weights_matches_finite_differences():
     eps = 3e-2  # as for K and V above: far above the tiny model's float32 noise on the loss
     for p, g in zip(params, grads):
         idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in p.shape)
-        with torch.no_grad():
-            old = p[idx].item()
-            p[idx] = old + eps
-            up = _outer(model, learner, tok, docs).item()
-            p[idx] = old - eps
-            down = _outer(model, learner, tok, docs).item()
-            p[idx] = old
-        assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=2e-3, abs=2e-3 * float(g.abs().max()))
+        fd = _central_difference(p, idx, eps, lambda: _outer(model, learner, tok, docs).item())
+        assert g[idx].item() == pytest.approx(fd, rel=2e-3, abs=2e-3 * float(g.abs().max()))
     dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     norm = sum(float(d.pow(2).sum()) for d in dirs) ** 0.5
     with torch.no_grad():
