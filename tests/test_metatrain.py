@@ -7,6 +7,7 @@ import pytest
 import numpy as np
 import torch
 
+from regrad_cli.errors import DatasetError
 from regrad_cli.learning.datasets import QAItem, load_dataset
 from regrad_cli.learner.lora import Learner
 from regrad_cli.learning.metatrain import BatchEntry, MetaTrainConfig, build_pool, documents_for, meta_train, outer_loss
@@ -156,6 +157,51 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # The tensors a bank stores were measured at the end of training and recorded.
     rec = json.loads((tmp_path / "a" / "best" / "learner.json").read_text())["stored_tensors"]
     assert set(rec["energy"]) == set(straight.names) and abs(sum(rec["energy"].values()) - 1) < 1e-6
+
+
+@pytest.mark.slow
+def test_resume_with_other_options_records_the_change_and_restarts_selection(tmp_path):
+    """A long run resumed with another mix keeps the record of what changed at which step, and a
+    changed dev check restarts the best-by-dev selection (scores on two dev sets do not compare)."""
+    model = make_tiny_llama(seed=0)
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    base = dict(dev=[f"jsonl:{data}"], out=str(tmp_path / "run"), k=2, meta_batch=2, eval_every=2,
+                dev_limit=4, max_new_tokens=4, max_doc_tokens=48, b_std=0.05)
+    meta_train(MetaTrainConfig(train=[f"jsonl:{data}"], steps=2, **base), model, FakeTokenizer(), FakeEmbedder())
+    log1 = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert "config_changes" not in log1 and log1["config"]["mix_weights"] is None
+    cfg2 = MetaTrainConfig(train=[f"jsonl:{data}", f"jsonl:{data}@all:3"], mix_weights=[1.0, 3.0],
+                           steps=4, **{**base, "dev_limit": 2})
+    meta_train(cfg2, make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder(), resume=True)
+    log2 = json.loads((tmp_path / "run" / "log.json").read_text())
+    (change,) = log2["config_changes"]
+    assert change["step"] == 2
+    assert change["changed"]["mix_weights"] == [None, [1.0, 3.0]]
+    assert change["changed"]["train"] == [[f"jsonl:{data}"], [f"jsonl:{data}", f"jsonl:{data}@all:3"]]
+    assert change["changed"]["dev_limit"] == [4, 2] and change["changed"]["steps"] == [2, 4]
+    assert set(change["pools"]) == set(cfg2.train) and change["pools"][f"jsonl:{data}@all:3"]["questions"] == 3
+    assert log2["config"]["mix_weights"] == [1.0, 3.0] and [r["step"] for r in log2["train"]] == [1, 2, 3, 4]
+    # The dev check changed, so the best checkpoint is the first check after the change (step 4),
+    # not step 2's under the old check.
+    best = json.loads((tmp_path / "run" / "best" / "learner.json").read_text())
+    assert best["trained"]["step"] == 4
+
+
+def test_a_split_subset_is_fixed_whatever_the_file_order(tmp_path):
+    rows = [{"id": f"item-{i}", "question": f"q{i}?", "answers": [f"a{i}"], "documents": [f"doc {i}."]} for i in range(40)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    train = load_dataset(f"jsonl:{a}@train")
+    sub_a, sub_b = load_dataset(f"jsonl:{a}@train:5"), load_dataset(f"jsonl:{b}@train:5")
+    assert len(sub_a) == 5 and {i.id for i in sub_a} == {i.id for i in sub_b}
+    assert {i.id for i in sub_a} <= {i.id for i in train}
+    # In the file's order, and the whole split when N is larger than it.
+    assert [i.id for i in sub_a] == [i.id for i in train if i.id in {j.id for j in sub_a}]
+    assert [i.id for i in load_dataset(f"jsonl:{a}@train:1000")] == [i.id for i in train]
+    for bad in ("@train:0", "@train:x", "@dev:-1"):
+        with pytest.raises(DatasetError, match="positive whole number"):
+            load_dataset(f"jsonl:{a}{bad}")
 
 
 def test_shared_dataset_adapters_parse():

@@ -16,7 +16,7 @@ CPT = defaults_of("regrad_cli.learning.cpt:CPTConfig")
 
 
 def eval_cmd(
-    dataset: Annotated[list[str], typer.Option("--dataset", help="FORMAT:PATH[@train|dev|all] with FORMAT nq-open, pubmedqa, fictional, jsonl or auto; 'demo' (the bundled demo questions and corpus) or synthetic:SEED[:N] (repeatable).")],
+    dataset: Annotated[list[str], typer.Option("--dataset", help="FORMAT:PATH[@train|dev|all[:N]] (N: a fixed subset of N items) with FORMAT nq-open, pubmedqa, fictional, jsonl or auto; 'demo' (the bundled demo questions and corpus) or synthetic:SEED[:N] (repeatable).")],
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N questions of each dataset.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Documents retrieved per question.")] = EVAL["top_k"],
     systems: Annotated[Optional[str], typer.Option("--systems", help="Comma-separated: closed-book, closed-book+phi, rag, rag+phi, cpt, cpt+rag, regrad, regrad+context, oracle, shifted, random (default: all).")] = None,

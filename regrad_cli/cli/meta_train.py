@@ -14,7 +14,7 @@ META = defaults_of("regrad_cli.learning.metatrain:MetaTrainConfig")
 
 
 def meta_train_cmd(
-    train: Annotated[list[str], typer.Option("--train", help="Training data FORMAT:PATH[@train|dev|all] (repeatable).")],
+    train: Annotated[list[str], typer.Option("--train", help="Training data FORMAT:PATH[@train|dev|all[:N]] (N: a fixed subset of N items; repeatable).")],
     dev: Annotated[Optional[list[str]], typer.Option("--dev", help="Dev data FORMAT:PATH[@split] (repeatable).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory for checkpoints, log and plot.")] = Path(META["out"]),
     k: Annotated[int, typer.Option("--k", help="Documents per inner step (supporting + retrieved distractors).")] = META["k"],

@@ -5,7 +5,9 @@ Formats: ``demo`` (the bundled demo questions, regrad_cli/data/demo, no path), `
 ori_pqal.json), ``fictional`` (fictional-knowledge json, cloze probes), ``jsonl`` (generic:
 question, answers, documents) and ``auto`` (guessed from the file). SPLIT is ``train``, ``dev`` or
 ``all`` (default): a fixed split by a hash of the item id, so train and dev never overlap whatever
-the file order.
+the file order. ``@SPLIT:N`` keeps N of the split's items, the same N whatever the file order (those
+whose id hashes lowest, the split's own order of items kept): a fixed subset, e.g. one sized to
+meta-training's factor cache.
 """
 
 from __future__ import annotations
@@ -28,21 +30,32 @@ DEV_FRACTION_PERCENT = 20
 
 
 def parse_spec(spec: str) -> tuple[str, Path, str]:
+    fmt, path, split, _ = parse_spec_limit(spec)
+    return fmt, path, split
+
+
+def parse_spec_limit(spec: str) -> tuple[str, Path, str, int | None]:
+    """``FORMAT:PATH[@SPLIT[:N]]`` -> (format, path, split, N or None)."""
     fmt, sep, rest = spec.partition(":")
     if not sep or fmt not in FORMATS:
         raise DatasetError(f"dataset spec {spec!r} must be FORMAT:PATH with FORMAT one of {', '.join(FORMATS)} "
                            "(or demo, or synthetic:SEED[:N])")
-    split = "all"
+    split, limit = "all", None
     if "@" in rest:
         path_part, _, maybe = rest.rpartition("@")
-        if maybe in ("train", "dev", "all"):
-            rest, split = path_part, maybe
+        name, colon, count = maybe.partition(":")
+        if name in ("train", "dev", "all"):
+            rest, split = path_part, name
+            if colon:
+                if not (count.isdigit() and int(count) > 0):
+                    raise DatasetError(f"dataset spec {spec!r}: @{name}:N needs a positive whole number N, not {count!r}")
+                limit = int(count)
     path = Path(rest).expanduser()
     if not path.exists():
         raise DatasetError(f"dataset file {path} does not exist")
     if fmt == "auto":
         fmt = guess_format(path)
-    return fmt, path, split
+    return fmt, path, split, limit
 
 
 def guess_format(path: Path) -> str:
@@ -60,6 +73,11 @@ def guess_format(path: Path) -> str:
 
 def in_dev(item_id: str) -> bool:
     return int(hashlib.sha256(item_id.encode()).hexdigest(), 16) % 100 < DEV_FRACTION_PERCENT
+
+
+def _id_hash(item_id: str) -> str:
+    # Another hash than the split's, so a subset of a split is not biased by the split itself.
+    return hashlib.sha256(b"subset:" + item_id.encode()).hexdigest()
 
 
 def demo_questions() -> Path:
@@ -81,7 +99,7 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
         # Generated, not read: synthetic:SEED[:N] (synthetic.py). Train and dev use other seeds.
         from regrad_cli.learning import synthetic
         return synthetic.generate(*synthetic.parse(spec[len("synthetic:"):]))
-    fmt, path, split = parse_spec(spec)
+    fmt, path, split, limit = parse_spec_limit(spec)
     try:
         items = _LOADERS[fmt](path, pubmedqa_long) if fmt == "pubmedqa" else _LOADERS[fmt](path)
     except DatasetError:
@@ -99,6 +117,9 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
         items = [it for it in items if not in_dev(split_key(it))]
     elif split == "dev":
         items = [it for it in items if in_dev(split_key(it))]
+    if limit is not None and limit < len(items):
+        keep = set(sorted(range(len(items)), key=lambda i: (_id_hash(items[i].id), i))[:limit])
+        items = [it for i, it in enumerate(items) if i in keep]
     if not items:
         raise DatasetError(f"{spec}: no items")
     return items

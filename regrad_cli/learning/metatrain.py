@@ -647,8 +647,33 @@ class MetaRun:
             raise RegradError(f"{self.state_path} continues a run with --doc-loss {recorded}: resume with the same loss")
         apply_state(state, self.learner, self.opt, self.sched, str(self.state_path))
         self.start_step, self.best_f1, self.history = state["step"], state["best_f1"], state["history"]
+        self._record_config_change()
         if self.dist.main:
             log.info("resumed from step %d", self.start_step)
+
+    # Options a resumed run may change without touching what the state holds, and those whose change
+    # makes earlier dev scores incomparable (the best-by-dev selection then starts again).
+    _DEV_OPTIONS = ("dev", "dev_limit", "k", "max_new_tokens", "select_modes", "seed")
+
+    def _record_config_change(self) -> None:
+        """A run resumed with other options (another training mix, a larger factor cache) keeps the
+        record: ``history["config"]`` becomes this session's options and ``history["config_changes"]``
+        lists, per resumed step, each option that changed (old, new) and the pools then in use."""
+        old, new = self.history.get("config") or {}, asdict(self.cfg)
+        changed = {k: [old.get(k), v] for k, v in new.items() if k in old and old[k] != v}
+        if not changed:
+            return
+        self.history.setdefault("config_changes", []).append(
+            {"step": self.start_step, "changed": changed, "pools": self.pool_stats})
+        self.history["config"], self.history["pools"] = new, self.pool_stats
+        if self.dist.main:
+            log.warning("resumed at step %d with other options: %s", self.start_step,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if any(k in changed for k in self._DEV_OPTIONS):
+            # Scores on another dev set are not comparable: the next dev check becomes the best.
+            self.best_f1 = -1.0
+            if self.dist.main:
+                log.warning("the dev check changed: best-by-dev selection starts again at the next check")
 
     # Training -------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -5,7 +5,8 @@ file from someone else cannot run code). Format ``regrad-metatrain-state/1.0``:
 
 * ``format``: ``"regrad-metatrain-state/MAJOR.MINOR"``;
 * ``step`` (meta-steps done), ``best_f1`` (best dev selection score so far, -1.0 for none) and
-  ``history`` (``{"config", "pools", "train": [...], "dev": [...]}``, what log.json holds);
+  ``history`` (``{"config", "pools", "train": [...], "dev": [...]}`` and, once a run was resumed with
+  other options, ``"config_changes"``: what log.json holds);
 * ``learner``: the learner's tensors under ``Learner.state_dict`` names, float32. A run that keeps
   phi frozen (``--freeze-phi``) leaves the ``phi.*`` tensors out: they are the run's starting phi
   (the ``--init`` checkpoint's, or the seeded init), which a resumed run rebuilds;
