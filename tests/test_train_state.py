@@ -257,3 +257,42 @@ def test_snapshot_writes_the_learner_of_a_live_run(tmp_path, capsys, monkeypatch
     (tmp_path / "a" / "state.pt").write_bytes(b"\x80\x04garbage")
     code, _, err = run_cli(["learner", "snapshot", tmp_path / "a", "--out", tmp_path / "s3"], capsys, monkeypatch)
     assert code == 1 and "cannot read" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_step_with_the_state_saved_and_resume_finishes(tmp_path):
+    """`regrad meta-train` sent SIGTERM (a scheduler's stop, `timeout`, a session's end) finishes
+    its step, saves state.pt and exits 143 without a last/ checkpoint; --resume then finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "regrad_cli", "-v", "meta-train", "--model", "fake:llama", "--train", "synthetic:1:4",
+           "--out", str(out), "--k", "2", "--meta-batch", "2", "--eval-every", "100000", "--save-every-s", "100000",
+           "--max-doc-tokens", "48"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--steps", "100000"], stderr=subprocess.PIPE, text=True, env=env,
+                            stdout=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "step 2/100000" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=600)[1]
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped after step" in err and "--resume continues" in err
+    from regrad_cli.learning.train_state import read_state
+    state = read_state(out / "state.pt")
+    stopped = state["step"]
+    assert 2 <= stopped < 100000 and [r["step"] for r in state["history"]["train"]] == list(range(1, stopped + 1))
+    assert json.loads((out / "log.json").read_text())["train"][-1]["step"] == stopped
+    assert not (out / "last").exists()
+    done = subprocess.run([*cmd, "--steps", str(stopped + 1), "--resume"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "last" / "learner.json").exists()
+    assert json.loads((out / "log.json").read_text())["train"][-1]["step"] == stopped + 1

@@ -108,12 +108,18 @@ def meta_train_cmd(
     if not dist.main:
         return
     summary["model"] = lm.fingerprint
+    world = f" on {dist.world} processes" if dist.enabled else ""
     if json_out:
         print_json(summary)
+    elif "stopped_at" in summary:
+        typer.echo(f"stopped after step {summary['stopped_at']} of {summary['steps']}: state saved in {out}/state.pt; "
+                   f"the same command with --resume continues it ({summary['wall_s']:.0f} s{world})")
     else:
-        world = f" on {dist.world} processes" if dist.enabled else ""
         typer.echo(f"best dev F1 {summary['best_dev_f1']:.3f}; checkpoints in {out}/best and {out}/last "
                    f"({summary['wall_s']:.0f} s{world})")
+    if "stopped_at" in summary:
+        # Stopped by a signal, cleanly: the shell's status for it (130 SIGINT, 143 SIGTERM).
+        raise typer.Exit(130 if summary.get("stopped_by") == "SIGINT" else 143)
 
 
 FACTOR_CACHE_DTYPES = ("bfloat16", "float8", "float32")  # transform.FactorCache.DTYPES, without importing torch

@@ -25,6 +25,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
@@ -684,16 +686,34 @@ class MetaRun:
         self.t0 = self.last_save = time.time()
         if self.start_step == 0 and self.devs:
             self.dev_check(0)
-        for step in range(self.start_step, self.steps):
-            self.train_step(step)
-            done = step + 1
-            at_check = done % cfg.eval_every == 0 or done == self.steps
-            if self.devs and at_check:
-                self.dev_check(done)
-            by_time = cfg.save_every_s > 0 and time.time() - self.last_save >= cfg.save_every_s
-            if self.dist.main and (at_check or by_time):
-                self.save(done)
+        with _StopRequest() as stop:
+            for step in range(self.start_step, self.steps):
+                self.train_step(step)
+                done = step + 1
+                at_check = done % cfg.eval_every == 0 or done == self.steps
+                if self.devs and at_check:
+                    self.dev_check(done)
+                by_time = cfg.save_every_s > 0 and time.time() - self.last_save >= cfg.save_every_s
+                # Every process stops after the same step: rank 0's signal decides.
+                stopping = done < self.steps and (
+                    self.dist.broadcast_object(stop.requested) if self.dist.enabled else stop.requested)
+                if self.dist.main and (at_check or by_time or stopping):
+                    self.save(done)
+                if stopping:
+                    return self.stopped(done, stop.signal_name)
         return self.finish()
+
+    def stopped(self, step: int, why: str | None) -> dict:
+        """A run stopped by SIGTERM/SIGINT after ``step``: its state is saved (``--resume``
+        continues it), no last/ checkpoint is written (the run is not finished)."""
+        self.dist.barrier()
+        if self.dist.main:
+            log.warning("stopped after step %d (%s): state saved to %s; the same command with --resume continues",
+                        step, why or "signal", self.state_path)
+        train = self.history["train"]
+        return {"steps": self.steps, "stopped_at": step, "stopped_by": why, "best_dev_f1": self.best_f1, "out": str(self.out),
+                "world_size": self.dist.world, "wall_s": round(time.time() - self.t0, 1),
+                "last": train[-1] if train else None}
 
     def train_step(self, step: int) -> dict:
         """One meta-step on ``draw_batch(step)`` (this process's shard of it); returns its record."""
@@ -800,6 +820,35 @@ class MetaRun:
         train = self.history["train"]
         return {"steps": self.steps, "best_dev_f1": self.best_f1, "out": str(out), "world_size": dist.world,
                 "wall_s": round(time.time() - self.t0, 1), "last": train[-1] if train else None}
+
+
+class _StopRequest:
+    """SIGTERM or SIGINT during meta-training asks for a stop after the current step (state saved,
+    nothing lost); a second one stops at once, as without this. Only the main thread can take
+    signals: elsewhere (a library call from a worker thread) this does nothing."""
+
+    def __init__(self) -> None:
+        self.requested, self.signal_name, self._old = False, None, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            # The second request: the previous handler (KeyboardInterrupt, or termination).
+            old = self._old.get(signum)
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+        log.warning("%s: stopping after this step (state saved); send it again to stop at once", self.signal_name)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def _record_energy(model, tokenizer, learner: Learner, out: Path, texts: list[str], cfg: MetaTrainConfig) -> None:
