@@ -60,8 +60,9 @@ def phi_sha256(learner) -> str:
 
 def write_state(path: str | Path, *, learner, opt, sched, step: int, best_f1: float, history: dict,
                 store_phi: bool = True, init: str | None = None) -> None:
-    """Write ``path`` in the current format, atomically (a reader sees the old state or the new)."""
-    tensors = learner.state_dict()
+    """Write ``path`` in the current format, atomically (a reader sees the old state or the new).
+    Every tensor is written from host memory: a state saved by a GPU run reads on any machine."""
+    tensors = {k: _host(v) for k, v in learner.state_dict().items()}
     if not store_phi:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("phi.")}
     state = {
@@ -80,9 +81,13 @@ def write_state(path: str | Path, *, learner, opt, sched, step: int, best_f1: fl
 def _compact_moments(opt_state: dict) -> dict:
     state = {}
     for idx, entry in opt_state["state"].items():
-        state[idx] = {k: v.to(torch.bfloat16) if k in MOMENT_KEYS and v.numel() >= MOMENTS_MIN_VALUES else v
+        state[idx] = {k: _host(v.to(torch.bfloat16) if k in MOMENT_KEYS and v.numel() >= MOMENTS_MIN_VALUES else v)
                       for k, v in entry.items()}
     return {**opt_state, "state": state}
+
+
+def _host(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def read_state(path: str | Path) -> dict:
