@@ -259,6 +259,19 @@ def test_snapshot_writes_the_learner_of_a_live_run(tmp_path, capsys, monkeypatch
     assert code == 1 and "cannot read" in err and "Traceback" not in err
 
 
+def test_stop_after_saves_the_state_and_resume_continues(tmp_path):
+    """meta_train(stop_after=N) (`--stop-after N`): N steps of this session, then stopped as
+    SIGTERM stops it: state.pt saved, no last/; --resume continues for N more."""
+    cfg = MetaTrainConfig(train=[f"jsonl:{_data(tmp_path)}"], out=str(tmp_path / "run"), k=2, steps=5, meta_batch=2,
+                          eval_every=100, save_every_s=0, max_doc_tokens=48, b_std=0.05, energy_docs=0)
+    summary = meta_train(cfg, make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder(), stop_after=2)
+    assert summary["stopped_at"] == 2 and summary["stopped_by"] == "--stop-after"
+    assert read_state(tmp_path / "run" / "state.pt")["step"] == 2 and not (tmp_path / "run" / "last").exists()
+    summary = meta_train(cfg, make_tiny_llama(seed=0), FakeTokenizer(), FakeEmbedder(), resume=True, stop_after=2)
+    assert summary["stopped_at"] == 4
+    assert [r["step"] for r in json.loads((tmp_path / "run" / "log.json").read_text())["train"]] == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_the_state_saved_and_resume_finishes(tmp_path):
     """`regrad meta-train` sent SIGTERM (a scheduler's stop, `timeout`, a session's end) finishes

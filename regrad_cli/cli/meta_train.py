@@ -51,18 +51,20 @@ def meta_train_cmd(
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
     init_checkpoint: Annotated[Optional[Path], typer.Option("--init", help="Start from this learner checkpoint.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/state.pt.")] = False,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop after this many steps of this session as SIGTERM does (state.pt and log.json saved, no last/, exit 0); --resume continues.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Language model (default: workspace config).")] = None,
     device: DeviceOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ):
     """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer (data-parallel under torchrun)."""
-    if factor_cache_dtype not in FACTOR_CACHE_DTYPES:
-        from regrad_cli.errors import OptionError
+    from regrad_cli.errors import OptionError
 
+    if factor_cache_dtype not in FACTOR_CACHE_DTYPES:
         raise OptionError(f"--factor-cache-dtype {factor_cache_dtype!r}: use one of {', '.join(FACTOR_CACHE_DTYPES)}")
+    if stop_after is not None and stop_after < 1:
+        raise OptionError(f"--stop-after {stop_after}: give a number of steps, 1 or more")
     if doc_loss is not None:
-        from regrad_cli.errors import OptionError
         from regrad_cli.learner.doc_loss import DOC_LOSSES
 
         if doc_loss not in DOC_LOSSES:
@@ -101,7 +103,8 @@ def meta_train_cmd(
                        device=lm_device if device else "cpu")
         with progress_bar("meta-train", total=steps, enabled=not json_out and dist.main) as update:
             summary = meta_train(cfg, lm.model, lm.tokenizer, emb, resume=resume, general_text=general,
-                                 dist=dist, lora_cfg=ws.config.lora if ws else None, progress=lambda s, n, r: update(
+                                 dist=dist, lora_cfg=ws.config.lora if ws else None, stop_after=stop_after,
+                                 progress=lambda s, n, r: update(
                                      s, n, f"loss {r['loss']:.3f} alpha {r['alpha_mean']:.3g}"))
     finally:
         distributed.shutdown()
@@ -117,7 +120,7 @@ def meta_train_cmd(
     else:
         typer.echo(f"best dev F1 {summary['best_dev_f1']:.3f}; checkpoints in {out}/best and {out}/last "
                    f"({summary['wall_s']:.0f} s{world})")
-    if "stopped_at" in summary:
+    if "stopped_at" in summary and summary.get("stopped_by") != "--stop-after":
         # Stopped by a signal, cleanly: the shell's status for it (130 SIGINT, 143 SIGTERM).
         raise typer.Exit(130 if summary.get("stopped_by") == "SIGINT" else 143)
 

@@ -472,6 +472,7 @@ def meta_train(
     general_text: str | None = None,
     dist: Dist | None = None,
     lora_cfg=None,
+    stop_after: int | None = None,
 ) -> dict:
     """Run meta-training; returns a summary. Writes into cfg.out:
     ``best/`` and ``last/`` learner checkpoints, ``state.pt`` (resume), ``log.json``, ``curves.png``.
@@ -479,13 +480,14 @@ def meta_train(
     Under torchrun (``dist``, default: the job this process joined, see distributed.py) every
     process runs this function on its shard of each meta-batch; only rank 0 writes files and
     calls ``progress``. ``cfg.meta_batch`` stays the global batch, so the run equals the
-    single-process one up to float rounding."""
+    single-process one up to float rounding. ``stop_after`` N: stop after N steps of this call
+    as SIGTERM stops (state.pt and log.json saved, no ``last/``; ``--resume`` continues)."""
     run = MetaRun(cfg, model, tokenizer, embedder, dist=dist or distributed.current(), progress=progress,
                   general_text=general_text)
     state = run.setup(learner, lora_cfg, resume)
     if state is not None:
         run.resume(state)
-    return run.train()
+    return run.train(stop_after)
 
 
 class MetaRun:
@@ -678,9 +680,11 @@ class MetaRun:
                 log.warning("the dev check changed: best-by-dev selection starts again at the next check")
 
     # Training -------------------------------------------------------------------------------
-    def train(self) -> dict:
-        """The loop: a dev check before the first step of a new run, then every step."""
+    def train(self, stop_after: int | None = None) -> dict:
+        """The loop: a dev check before the first step of a new run, then every step.
+        ``stop_after``: stop after that many steps of this session, as on SIGTERM (state saved)."""
         cfg = self.cfg
+        stop_at = self.start_step + stop_after if stop_after else None
         # Identical by construction (same seed, same checkpoint); the broadcast makes it certain.
         self.dist.broadcast_(self.learner.parameters())
         self.t0 = self.last_save = time.time()
@@ -695,12 +699,12 @@ class MetaRun:
                     self.dev_check(done)
                 by_time = cfg.save_every_s > 0 and time.time() - self.last_save >= cfg.save_every_s
                 # Every process stops after the same step: rank 0's signal decides.
-                stopping = done < self.steps and (
-                    self.dist.broadcast_object(stop.requested) if self.dist.enabled else stop.requested)
+                signalled = self.dist.broadcast_object(stop.requested) if self.dist.enabled else stop.requested
+                stopping = done < self.steps and (signalled or done == stop_at)
                 if self.dist.main and (at_check or by_time or stopping):
                     self.save(done)
                 if stopping:
-                    return self.stopped(done, stop.signal_name)
+                    return self.stopped(done, stop.signal_name if signalled else "--stop-after")
         return self.finish()
 
     def stopped(self, step: int, why: str | None) -> dict:
