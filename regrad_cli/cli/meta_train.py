@@ -46,6 +46,7 @@ def meta_train_cmd(
     factor_cache_gb: Annotated[float, typer.Option("--factor-cache-gb", help="With --freeze-phi and a key map: keep documents' factors (bfloat16) up to this many GiB and reuse them; 0 recomputes them every draw.")] = META["factor_cache_gb"],
     factor_cache_dtype: Annotated[str, typer.Option("--factor-cache-dtype", help="How cached factors are stored: bfloat16, float8 (each token's row scaled; half the memory) or float32 (exact).")] = META["factor_cache_dtype"],
     prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", help="Keep each training text's hidden states below the first adapted layer (float32, exact) up to this many GiB and start every pass there (llama-style families); 0: off.")] = META["prefix_cache_gb"],
+    precision: Annotated[str, typer.Option("--precision", help="Model passes of each step and of the dev checks: float32, bfloat16 (autocast; the learner, AdamW and the loss stay float32) or auto (bfloat16 where the device has native bf16 products, e.g. a CUDA GPU).")] = META["precision"],
     doc_loss: Annotated[Optional[str], typer.Option("--doc-loss", help="Loss of the document gradients, built from the document alone: plain (the paper's next-token loss), salient, augmented or distill (first order only); recorded in the trained learner (default: the --init learner's, else plain).")] = None,
     token_weights: Annotated[bool, typer.Option("--token-weights", help="Learn per-token weights inside the document key map (start at weight 1; trained with --transform-lr; needs --init of a learner with a key map).")] = META["token_weights"],
     mix: Annotated[Optional[str], typer.Option("--mix", help="Sampling weights of the --train sets, comma-separated.")] = None,
@@ -59,9 +60,12 @@ def meta_train_cmd(
 ):
     """Meta-train the learner (phi, alpha) so that retrieved gradients make the model answer (data-parallel under torchrun)."""
     from regrad_cli.errors import OptionError
+    from regrad_cli.learner.gradients import COMPUTE_DTYPES
 
     if factor_cache_dtype not in FACTOR_CACHE_DTYPES:
         raise OptionError(f"--factor-cache-dtype {factor_cache_dtype!r}: use one of {', '.join(FACTOR_CACHE_DTYPES)}")
+    if precision not in COMPUTE_DTYPES:
+        raise OptionError(f"--precision {precision!r}: use one of {', '.join(COMPUTE_DTYPES)}")
     if stop_after is not None and stop_after < 1:
         raise OptionError(f"--stop-after {stop_after}: give a number of steps, 1 or more")
     if doc_loss is not None:
@@ -88,7 +92,7 @@ def meta_train_cmd(
         alpha_init=alpha_init, init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         mix_weights=[float(x) for x in mix.split(",")] if mix else None,
         transform_lr=transform_lr, freeze_phi=freeze_phi, factor_cache_gb=factor_cache_gb, factor_cache_dtype=factor_cache_dtype,
-        prefix_cache_gb=prefix_cache_gb, doc_loss=doc_loss, token_weights=token_weights,
+        prefix_cache_gb=prefix_cache_gb, doc_loss=doc_loss, token_weights=token_weights, precision=precision,
     )
     general = (_locality_text(locality_text) if locality_text
                else (files("regrad_cli") / "data" / "general_text.txt").read_text(encoding="utf-8"))

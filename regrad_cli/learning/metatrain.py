@@ -45,7 +45,7 @@ from regrad_cli.learning.distributed import Dist
 from regrad_cli.errors import RegradError
 from regrad_cli.files import atomic_write_text
 from regrad_cli.lm.generation import answer_nll
-from regrad_cli.learner.gradients import encode_documents, grouped_gradients
+from regrad_cli.learner.gradients import compute_context, encode_documents, grouped_gradients, resolve_compute_dtype
 from regrad_cli.learner.lora import Learner
 from regrad_cli.learning.scores import exact_match, f1_score, yes_no_accuracy
 from regrad_cli.learning.train_state import STATE_FILE, apply_state, read_state, write_state
@@ -124,6 +124,10 @@ class MetaTrainConfig:
     # Keep each training text's hidden states below the first adapted layer (float32, exact) up to
     # this many GiB and start every pass there (lm/prefix.py: llama-style families). 0: off.
     prefix_cache_gb: float = 0.0
+    # Precision of the model passes of a meta-step and of the dev checks: "float32", "bfloat16"
+    # (autocast; phi, alpha, the map, AdamW and the loss stay float32) or "auto" (bfloat16 where
+    # the device has native bf16 products, gradients.fast_bf16; else float32).
+    precision: str = "float32"
     # Dev checkpoint selection: mean F1 of these pipeline modes.
     select_modes: list[str] = field(default_factory=lambda: ["param", "param+context"])
     # The document loss the inner step's gradients are taken of (learner/doc_loss.py), recorded
@@ -370,7 +374,8 @@ def _dev_corpus(model, tokenizer, learner: Learner, pool: Pool, cfg: MetaTrainCo
             g, _ = grouped_gradients(model, learner, enc)
             g = fake_quantise({n: v.detach() for n, v in g.items()}, cfg.codec, cfg.group_size)
             for j, d in enumerate(part):
-                rows[d] = {n: v[j].cpu().numpy() for n, v in g.items()}
+                # float(): a key map's gradients come out of bf16 autocast in bf16 (numpy has none).
+                rows[d] = {n: v[j].float().cpu().numpy() for n, v in g.items()}
         return rows
 
     return MemoryCorpus(ids, list(pool.corpus), pool.doc_emb, {}, compute), {t: i for i, t in text_of.items()}
@@ -523,6 +528,11 @@ class MetaRun:
             read_state(self.state_path) if resume and dist.main and self.state_path.exists() else None)
         torch.manual_seed(cfg.seed)
         self.learner = learner if learner is not None else self._new_learner(lora_cfg)
+        # 'float32' or 'bfloat16' ('auto' decided for this device; a model loaded in another dtype
+        # computes in its own, named so): every model pass of a step and a dev check runs in it.
+        self.precision = resolve_compute_dtype(cfg.precision, self.model)
+        if dist.main:
+            log.info("precision: %s", self.precision)
         self._set_doc_loss()
         self._load_data()
         self._check_key_map()
@@ -613,10 +623,18 @@ class MetaRun:
 
             self.factor_cache = FactorCache(int(cfg.factor_cache_gb * 2**30), dtype=cfg.factor_cache_dtype)
         self.prefix_cache = None
-        if cfg.prefix_cache_gb > 0:
+        if cfg.prefix_cache_gb > 0 and self._autocast():
+            # PrefixCache.last_hidden answers None under autocast (its exactness is float32's):
+            # every pass would run in full anyway, so the cache is not built.
+            log.warning("--prefix-cache-gb is off under bfloat16 autocast (the prefix cache serves float32 passes)")
+        elif cfg.prefix_cache_gb > 0:
             from regrad_cli.lm.prefix import PrefixCache
 
             self.prefix_cache = PrefixCache(int(cfg.prefix_cache_gb * 2**30), learner.first_layer(self.model))
+
+    def _autocast(self) -> bool:
+        """True when the model passes run under bf16 autocast (``gradients.compute_context``)."""
+        return self.precision == "bfloat16" and next(self.model.parameters()).dtype == torch.float32
 
     def _make_optimiser(self) -> None:
         """AdamW over what learns (phi unless frozen; alpha and, for combine=score, the
@@ -664,7 +682,10 @@ class MetaRun:
         record: ``history["config"]`` becomes this session's options and ``history["config_changes"]``
         lists, per resumed step, each option that changed (old, new) and the pools then in use."""
         old, new = self.history.get("config") or {}, asdict(self.cfg)
-        changed = {k: [old.get(k), v] for k, v in new.items() if k in old and old[k] != v}
+        # An option the recorded config lacks did not exist when it was written: that run ran
+        # with its default (a run continued with --precision bfloat16 records the switch).
+        before = {**asdict(MetaTrainConfig()), **old} if old else {}
+        changed = {k: [before[k], v] for k, v in new.items() if k in before and before[k] != v}
         if not changed:
             return
         self.history.setdefault("config_changes", []).append(
@@ -716,7 +737,7 @@ class MetaRun:
                         step, why or "signal", self.state_path)
         train = self.history["train"]
         return {"steps": self.steps, "stopped_at": step, "stopped_by": why, "best_dev_f1": self.best_f1, "out": str(self.out),
-                "world_size": self.dist.world, "wall_s": round(time.time() - self.t0, 1),
+                "world_size": self.dist.world, "precision": self.precision, "wall_s": round(time.time() - self.t0, 1),
                 "last": train[-1] if train else None}
 
     def train_step(self, step: int) -> dict:
@@ -728,9 +749,12 @@ class MetaRun:
         self.opt.zero_grad(set_to_none=True)
         step_cfg = cfg if step >= cfg.first_order_steps or cfg.first_order else replace(cfg, first_order=True)
         general_ids, general_share = self.general_rows(step)
-        loss, info = outer_loss(self.model, self.tokenizer, self.learner, batch[lo:hi], step_cfg, general_ids,
-                                share=share, general_share=general_share, factor_cache=self.factor_cache,
-                                prefix_cache=self.prefix_cache)
+        # The forward passes (and the document passes' own backward) under the run's precision; the
+        # outer backward outside it, as autocast is meant to be used (its ops keep the forward's dtypes).
+        with compute_context(self.model, self.precision):
+            loss, info = outer_loss(self.model, self.tokenizer, self.learner, batch[lo:hi], step_cfg, general_ids,
+                                    share=share, general_share=general_share, factor_cache=self.factor_cache,
+                                    prefix_cache=self.prefix_cache)
         loss.backward()
         # Sum before clipping: every rank then clips the same whole-batch gradient.
         dist.sum_grads(self.params)
@@ -759,6 +783,8 @@ class MetaRun:
                "alpha_mean": float(alphas.mean()), "alpha_max": float(alphas.max()),
                "temp": float(learner.log_temp.detach().exp()),
                "lr": self.sched.get_last_lr()[0], "elapsed_s": round(time.time() - self.t0, 1)}
+        if self.precision != "float32":
+            rec["precision"] = self.precision  # which steps of a long run ran in bf16 (a float32 step says nothing)
         if cache is not None:
             rec["factor_cache"] = {"docs": len(cache), "hits": cache.hits,
                                    "misses": cache.misses, "gib": round(cache.bytes / 2**30, 3)}
@@ -776,9 +802,10 @@ class MetaRun:
         """Every dev set through the real pipeline; a better selection score saves ``best/``."""
         cfg, dist = self.cfg, self.dist
         dist.check_in_sync(self.learner.parameters())
-        per_set = {d.pool.name: _evaluate_dev_sharded(self.model, self.tokenizer, self.learner, d, cfg, dist,
-                                                      self.embedder)
-                   for d in self.devs}
+        with compute_context(self.model, self.precision):
+            per_set = {d.pool.name: _evaluate_dev_sharded(self.model, self.tokenizer, self.learner, d, cfg, dist,
+                                                          self.embedder)
+                       for d in self.devs}
         # Modes averaged over the dev sets (the curve and the selection), and each set apart.
         res = {m: {**{k: float(np.mean([r[m][k] for r in per_set.values()])) for k in ("f1", "em", "nll")},
                    "n": int(sum(r[m]["n"] for r in per_set.values()))}
@@ -823,7 +850,8 @@ class MetaRun:
         dist.barrier()
         train = self.history["train"]
         return {"steps": self.steps, "best_dev_f1": self.best_f1, "out": str(out), "world_size": dist.world,
-                "wall_s": round(time.time() - self.t0, 1), "last": train[-1] if train else None}
+                "precision": self.precision, "wall_s": round(time.time() - self.t0, 1),
+                "last": train[-1] if train else None}
 
 
 class _StopRequest:
