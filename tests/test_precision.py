@@ -1,7 +1,8 @@
-"""meta-train --precision (bf16 autocast of a step's model passes).
+"""meta-train --precision (bf16 autocast of a step's model passes) and training/gpu_check.py.
 
 CPUs run bf16 autocast too, so the bf16 path is checked here against float32 on the tiny random
-Llama; the CUDA path runs the same code on another device and is not tested here.
+Llama; the CUDA path (training/gpu.sh) runs the same code on another device and is not tested
+here.
 
 Measured on the tiny model (3 steps with the locality KL and a dev check; the plain learner
 second order, and a key map with the float8 factor cache): bf16 moved each step's losses and the
@@ -13,7 +14,11 @@ operand by up to 2^-9 = 2e-3, and a loss averages many such products) and 0.9.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +27,7 @@ from regrad_cli.learner.lora import Learner
 from regrad_cli.learning.metatrain import MetaTrainConfig, meta_train
 from regrad_cli.learning.train_state import read_state
 
-from conftest import FakeEmbedder, FakeTokenizer, make_tiny_llama
+from conftest import REPO, FakeEmbedder, FakeTokenizer, make_tiny_llama
 from test_train_state import _data
 
 LOSS_RTOL = 1e-3
@@ -111,3 +116,62 @@ def test_a_run_continued_in_bfloat16_records_the_switch(tmp_path):
     (change,) = log["config_changes"]
     assert change["step"] == 2 and change["changed"]["precision"] == ["float32", "bfloat16"]
     assert "precision" not in log["train"][1] and log["train"][2]["precision"] == "bfloat16"
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "training" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_compares_tensors_alone_and_together():
+    """Relative L2 of the final values and the cosine of the updates, per tensor and for the
+    whole learner ('*'); tensors below min_values (the one-value step sizes) only within it."""
+    start = {"w": torch.ones(100), "alpha": torch.zeros(())}
+    a = {"w": start["w"] + 0.1, "alpha": torch.tensor(0.01)}
+    b = {"w": start["w"] - 0.1, "alpha": torch.tensor(0.01)}
+    cmp = _gpu_check().compare(start, a, b, min_values=64)
+    assert cmp["judged"] == ["w", "*"]
+    w = cmp["tensors"]["w"]
+    assert w["update_cos"] == pytest.approx(-1.0) and w["rel_l2_final"] == pytest.approx(0.2 / 1.1)
+    assert cmp["tensors"]["alpha"]["update_cos"] == pytest.approx(1.0)
+    assert cmp["tensors"]["*"]["values"] == 101
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gpu_script_refuses_without_cuda():
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(REPO / "training" / "gpu.sh")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU here" in lines[0] and "nothing done" in lines[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_a_tiny_run_on_cpu_in_both_precisions(tmp_path):
+    """training/gpu_check.py as training/gpu.sh runs it, with cpu:bfloat16 in place of
+    cuda:bfloat16 and a tiny fake:llama run in place of training/long: within tolerance, the
+    JSON written; a copy that fails stops the check with exit 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "regrad_cli", "meta-train", "--model", "fake:llama", "--train", "synthetic:1:4",
+           "--k", "2", "--meta-batch", "2", "--max-doc-tokens", "48", "--locality", "1"]
+    made = subprocess.run([*run, "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "100000"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    check = [sys.executable, str(REPO / "training" / "gpu_check.py"), "--state", str(tmp_path / "run" / "state.pt"),
+             "--a", "cpu:float32"]
+    done = subprocess.run([*check, "--b", "cpu:bfloat16", "--out", str(tmp_path / "ok.json"), "--", *run,
+                           "--steps", "100", "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "ok.json").read_text())
+    assert result["ok"] and result["start_step"] == 2 and [s["step"] for s in result["steps"]] == [3, 4, 5]
+    assert result["runs"]["b"]["precision"] == "bfloat16" and "--stop-after" in result["runs"]["b"]["command"]
+    assert 0 < result["worst"]["loss_rel_diff"] <= LOSS_RTOL and result["worst"]["update_cos"] > UPDATE_COS
+    failed = subprocess.run([*check, "--b", "cpu:float16", "--out", str(tmp_path / "bad.json"), "--", *run,
+                             "--steps", "100", "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert failed.returncode == 1 and "gpu_check: FAILED" in failed.stderr
+    assert json.loads((tmp_path / "bad.json").read_text())["ok"] is False
