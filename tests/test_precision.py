@@ -156,7 +156,8 @@ def test_gpu_check_runs_a_tiny_run_on_cpu_in_both_precisions(tmp_path):
     """training/gpu_check.py as training/gpu.sh runs it, with cpu:bfloat16 in place of
     cuda:bfloat16 and a tiny fake:llama run in place of training/long: within tolerance, the
     JSON written; a copy that fails stops the check with exit 1."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: the copies the failing check keeps for inspection stay inside tmp_path.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     run = [sys.executable, "-m", "regrad_cli", "meta-train", "--model", "fake:llama", "--train", "synthetic:1:4",
            "--k", "2", "--meta-batch", "2", "--max-doc-tokens", "48", "--locality", "1"]
     made = subprocess.run([*run, "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "100000"],
@@ -175,3 +176,4 @@ def test_gpu_check_runs_a_tiny_run_on_cpu_in_both_precisions(tmp_path):
                              "--steps", "100", "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert failed.returncode == 1 and "gpu_check: FAILED" in failed.stderr
     assert json.loads((tmp_path / "bad.json").read_text())["ok"] is False
+    assert len(list(tmp_path.glob("regrad-gpu-check-*"))) == 1  # kept: the failed one only
