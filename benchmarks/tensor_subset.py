@@ -66,8 +66,11 @@ def main() -> None:
                         "layout (always measured first). STORED is 'full', 'B' (every LoRA B tensor, no A) or an energy-share "
                         "threshold; a trailing 'n' (e.g. 1e-4n) stores rows normalised over the "
                         "whole gradient (bank key row_norm, format 1.2) instead of leaving the "
-                        "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP, "
-                        "optionally followed by @bf16 (gradients computed under bf16 autocast)")
+                        "query to normalise the stored tensors alone. CODEC is NAME or NAME/gGROUP (NAME a bank_format codec, or simqQ: "
+                        "levels -Q..Q a group, one byte each, zstd, simulated), "
+                        "optionally followed by ~rK (each stored tensor kept as its best rank-K factors, "
+                        "both through the codec: a simulated low-rank layout) and @bf16 (gradients computed "
+                        "under bf16 autocast)")
     p.add_argument("--energy", choices=("record", "corpus"), default="record",
                    help="tensor shares that decide the stored subset: the learner's recorded ones "
                         "(what build-bank uses; default) or measured over this run's corpus")
@@ -119,16 +122,20 @@ def main() -> None:
 
     log(f"gradients of {len(needed)} retrieved documents of {len(texts)} "
         f"(batch {bcfg.batch_size}, max {bcfg.max_doc_tokens} tokens)")
-    settings = [("full", None, False, "fp32", 64, "float32")]
+    settings = [("full", None, False, "fp32", 64, None, "float32")]
     for item in args.settings.split(","):
         item, _, dt = item.strip().partition("@")
+        item, _, rank_text = item.partition("~r")
+        rank = int(rank_text) if rank_text else None
         if dt not in ("", "bf16", "bfloat16"):
             raise SystemExit(f"unknown compute dtype @{dt} in --settings (use @bf16)")
         where, _, codec_text = item.partition(":")
         row_norm = where.endswith("n") and where != "full"
         threshold = None if where == "full" else where.rstrip("n") if where.rstrip("n") == "B" else float(where.rstrip("n"))
         label = ("full" if threshold is None else "B only" if threshold == "B" else f"share>{threshold:g}") + (" row-norm" if row_norm else "")
-        settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32"), "bfloat16" if dt else "float32"))
+        label += f" rank {rank}" if rank else ""
+        settings.append((label, threshold, row_norm, *parse_codec(codec_text or "fp32"), rank,
+                         "bfloat16" if dt else "float32"))
     settings = list(dict.fromkeys(settings))
 
     grads_by_dtype: dict[str, dict] = {}
@@ -187,28 +194,49 @@ def main() -> None:
         keep = [n for n in names if threshold is None or energy[n] > threshold]
         return keep or list(names)
 
-    def coded(keep: list[str], codec: str, group: int, row_norm: bool, grads: dict) -> tuple[dict, float]:
+    def coded(keep: list[str], codec: str, group: int, row_norm: bool, grads: dict,
+              rank: int | None = None) -> tuple[dict, float]:
         """Decoded per-document gradients of the kept tensors and the mean blob bytes; with
-        ``row_norm`` each row is divided by its whole gradient's norm before encoding (build.py)."""
-        layout = [TensorSpec(n, tuple(shapes[n])) for n in keep]
-        spec = CodecSpec(codec, zstd_level=bcfg.zstd_level, group_size=group)
+        ``row_norm`` each row is divided by its whole gradient's norm before encoding (build.py).
+        With ``rank`` k each tensor [m, n] is stored as its best rank-k factors (truncated SVD:
+        U_k S_k [m, k] and V_k^T [k, n], both through the codec) and decoded as their product:
+        a simulation of a low-rank bank layout, which bank_format does not have."""
+        if rank:
+            layout = [TensorSpec(f"{n}.{part}", shape) for n in keep
+                      for part, shape in (("P", (shapes[n][0], rank)), ("Q", (rank, shapes[n][1])))]
+        else:
+            layout = [TensorSpec(n, tuple(shapes[n])) for n in keep]
+        spec = None if codec.startswith("simq") else CodecSpec(codec, zstd_level=bcfg.zstd_level, group_size=group)
         out, sizes = {}, []
         for d, g in grads.items():
             scale = 1.0
             if row_norm:
                 scale = float(torch.rsqrt(sum(g[n].double().pow(2).sum() for n in names) + 1e-12))
-            blob = encode_blob([(g[n] * scale).numpy() for n in keep], layout, spec)
+            arrays = [(g[n] * scale) for n in keep]
+            if rank:
+                factors = []
+                for a in arrays:
+                    u, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)
+                    factors += [(u[:, :rank] * sv[:rank]).float(), vh[:rank].float().contiguous()]
+                arrays = factors
+            if codec.startswith("simq"):
+                blob, dec = _simulated_levels([a.numpy() for a in arrays], int(codec[4:]), group, bcfg.zstd_level)
+            else:
+                blob = encode_blob([a.numpy() for a in arrays], layout, spec)
+                dec = [torch.from_numpy(a) for a in decode_blob(blob, layout)]
             sizes.append(len(blob))
-            out[d] = {n: torch.from_numpy(a) for n, a in zip(keep, decode_blob(blob, layout))}
+            if rank:
+                dec = [dec[2 * i] @ dec[2 * i + 1] for i in range(len(keep))]
+            out[d] = dict(zip(keep, dec))
         return out, float(np.mean(sizes))
 
     results, ref = [], None
     with timer() as t_eval:
-        for label, threshold, row_norm, codec, group, dtype in settings:
+        for label, threshold, row_norm, codec, group, rank, dtype in settings:
             keep = stored(threshold)
             log(f"{label} ({len(keep)} tensors), {codec}/g{group}, {dtype} passes: encode, decode, "
                 f"answer {len(questions)} questions")
-            decoded, size = coded(keep, codec, group, row_norm, grads_by_dtype[dtype])
+            decoded, size = coded(keep, codec, group, row_norm, grads_by_dtype[dtype], rank)
             norm_now = "none" if row_norm else None
             ev = evaluate(decoded, norm_now)
             ref = ref or ev
@@ -216,8 +244,8 @@ def main() -> None:
             changed = sum(a != b for a, b in zip(ev["preds"], ref["preds"]))
             results.append({
                 "subset": label, "threshold": threshold, "row_norm": row_norm, "codec": codec,
-                "compute_dtype": dtype,
-                "group_size": group if codec in ("int4", "int4s", "int8g") else None,
+                "rank": rank, "compute_dtype": dtype,
+                "group_size": group if codec in ("int4", "int4s", "int8g") or codec.startswith("simq") else None,
                 "tensors": len(keep), "values_fraction": n_kept / n_values_full,
                 "energy_dropped": sum(energy[n] for n in names if n not in keep),
                 "bytes_per_doc": size, "ratio_vs_fp32": fp32_full / size,
@@ -281,6 +309,31 @@ def main() -> None:
         "learner": checkpoint_info(engine),
         "seconds": {"gradients": t_grad["s"], "evaluation": t_eval["s"]},
     }, args.out, args, name="tensor_subset_" + ("demo" if args.dataset == "demo" else args.dataset.split(":")[0]))
+
+
+def _simulated_levels(arrays, qmax: int, group: int, zstd_level: int):
+    """A codec bank_format does not have, simulated: per group of ``group`` values an absmax scale
+    (one byte, as int4s's e4m4 code; its rounding left out), values rounded to the 2 qmax + 1
+    levels -qmax..qmax and stored one byte each, zstd entropy-coding the bytes. Returns (the bytes
+    a bank would store, about: zstd of the level bytes + one byte a group + 4 a tensor; the
+    decoded arrays as tensors)."""
+    import numpy as np
+    import torch
+    import zstandard
+
+    codes, scales, out = [], 0, []
+    for a in arrays:
+        flat = a.reshape(-1).astype(np.float64)
+        pad = (-flat.size) % group
+        g = np.pad(flat, (0, pad)).reshape(-1, group)
+        absmax = np.abs(g).max(axis=1, keepdims=True)
+        safe = np.where(absmax > 0, absmax, 1.0)
+        q = np.clip(np.rint(g / safe * qmax), -qmax, qmax).astype(np.int8)
+        codes.append(q.tobytes())
+        scales += 4 + g.shape[0]
+        out.append(torch.from_numpy((q * (safe / qmax)).reshape(-1)[: flat.size].reshape(a.shape).astype(np.float32)))
+    size = len(zstandard.ZstdCompressor(level=zstd_level).compress(b"".join(codes))) + scales
+    return b"\0" * size, out
 
 
 def _step_functions(learner):
