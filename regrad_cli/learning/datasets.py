@@ -29,12 +29,7 @@ FORMATS = ("nq-open", "pubmedqa", "fictional", "jsonl", "auto")
 DEV_FRACTION_PERCENT = 20
 
 
-def parse_spec(spec: str) -> tuple[str, Path, str]:
-    fmt, path, split, _ = parse_spec_limit(spec)
-    return fmt, path, split
-
-
-def parse_spec_limit(spec: str) -> tuple[str, Path, str, int | None]:
+def parse_spec(spec: str) -> tuple[str, Path, str, int | None]:
     """``FORMAT:PATH[@SPLIT[:N]]`` -> (format, path, split, N or None)."""
     fmt, sep, rest = spec.partition(":")
     if not sep or fmt not in FORMATS:
@@ -99,7 +94,7 @@ def load_dataset(spec: str, *, pubmedqa_long: bool = False) -> list[QAItem]:
         # Generated, not read: synthetic:SEED[:N] (synthetic.py). Train and dev use other seeds.
         from regrad_cli.learning import synthetic
         return synthetic.generate(*synthetic.parse(spec[len("synthetic:"):]))
-    fmt, path, split, limit = parse_spec_limit(spec)
+    fmt, path, split, limit = parse_spec(spec)
     try:
         items = _LOADERS[fmt](path, pubmedqa_long) if fmt == "pubmedqa" else _LOADERS[fmt](path)
     except DatasetError:
