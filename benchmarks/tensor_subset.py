@@ -220,11 +220,11 @@ def main() -> None:
                     factors += [(u[:, :rank] * sv[:rank]).float(), vh[:rank].float().contiguous()]
                 arrays = factors
             if codec.startswith("simq"):
-                blob, dec = _simulated_levels([a.numpy() for a in arrays], int(codec[4:]), group, bcfg.zstd_level)
+                size, dec = _simulated_levels([a.numpy() for a in arrays], int(codec[4:]), group, bcfg.zstd_level)
             else:
                 blob = encode_blob([a.numpy() for a in arrays], layout, spec)
-                dec = [torch.from_numpy(a) for a in decode_blob(blob, layout)]
-            sizes.append(len(blob))
+                size, dec = len(blob), [torch.from_numpy(a) for a in decode_blob(blob, layout)]
+            sizes.append(size)
             if rank:
                 dec = [dec[2 * i] @ dec[2 * i + 1] for i in range(len(keep))]
             out[d] = dict(zip(keep, dec))
@@ -314,7 +314,7 @@ def main() -> None:
 def _simulated_levels(arrays, qmax: int, group: int, zstd_level: int):
     """A codec bank_format does not have, simulated: per group of ``group`` values an absmax scale
     (one byte, as int4s's e4m4 code; its rounding left out), values rounded to the 2 qmax + 1
-    levels -qmax..qmax and stored one byte each, zstd entropy-coding the bytes. Returns (the bytes
+    levels -qmax..qmax and stored one byte each, zstd entropy-coding the bytes. Returns (the byte count
     a bank would store, about: zstd of the level bytes + one byte a group + 4 a tensor; the
     decoded arrays as tensors)."""
     import numpy as np
@@ -333,7 +333,7 @@ def _simulated_levels(arrays, qmax: int, group: int, zstd_level: int):
         scales += 4 + g.shape[0]
         out.append(torch.from_numpy((q * (safe / qmax)).reshape(-1)[: flat.size].reshape(a.shape).astype(np.float32)))
     size = len(zstandard.ZstdCompressor(level=zstd_level).compress(b"".join(codes))) + scales
-    return b"\0" * size, out
+    return size, out
 
 
 def _step_functions(learner):
